@@ -1,0 +1,1 @@
+"""Redis access for moemesh: the embedded server launcher and the cache tiers."""

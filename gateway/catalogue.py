@@ -1,0 +1,42 @@
+"""The gateway's view of which models the mesh serves, refreshed from the scheduler."""
+
+from __future__ import annotations
+
+import time
+
+from moemesh.services.core.errors import InvalidRequest, Unavailable
+from moemesh.services.scheduler.client import SchedulerClient
+from moemesh.v1 import models_pb2
+
+REFRESH_SECONDS = 1.0
+
+
+class ModelCatalogue:
+    """Cached ListModels answer; resolves a request's model id (or the default)."""
+
+    def __init__(self, client: SchedulerClient, default_model: str | None, default_embedding_model: str | None) -> None:
+        self.client = client
+        self.defaults = {models_pb2.MODEL_KIND_GENERATION: default_model,
+                         models_pb2.MODEL_KIND_EMBEDDING: default_embedding_model}
+        self._models: list[models_pb2.ModelInfo] = []
+        self._fetched_at = float("-inf")
+
+    async def models(self) -> list[models_pb2.ModelInfo]:
+        if time.monotonic() - self._fetched_at > REFRESH_SECONDS:
+            self._models = list((await self.client.list_models()).models)
+            self._fetched_at = time.monotonic()
+        return self._models
+
+    async def resolve(self, model_id: str, kind: int) -> models_pb2.ModelInfo:
+        """The served model a request names; InvalidRequest naming `model` if none."""
+        models = [m for m in await self.models() if m.kind == kind]
+        wanted = model_id or self.defaults[kind]
+        if not wanted:
+            if not models:
+                raise Unavailable("no model of this kind is being served yet")
+            return models[0]
+        for model in models:
+            if model.id == wanted:
+                return model
+        served = ", ".join(sorted(m.id for m in models)) or "none"
+        raise InvalidRequest("model", f"unknown model {wanted!r}; served: {served}")

@@ -1,0 +1,32 @@
+"""Gateway configuration."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pydantic
+
+from moemesh.services.core.config import ServiceConfig
+
+
+class GatewayConfig(ServiceConfig):
+    """Public endpoints, upstream scheduler and request limits of the gateway."""
+
+    ENV_PREFIX: ClassVar[str] = "MOEMESH_GATEWAY_"
+
+    host: str = "127.0.0.1"
+    port: int = pydantic.Field(default=0, ge=0, le=65535)
+    # HTTP API port; 0 picks a free one, None disables the HTTP API.
+    http_port: int | None = pydantic.Field(default=None, ge=0, le=65535)
+    scheduler: str = pydantic.Field(min_length=3, description="scheduler host:port")
+    # Redis for the caches; None runs without them.
+    redis_url: str | None = None
+    # Model used when a request names none; default: the first the mesh serves.
+    default_model: str | None = None
+    default_embedding_model: str | None = None
+    # Largest request message accepted, bytes (gRPC refuses bigger ones).
+    max_request_bytes: int = pydantic.Field(default=4 * 1024 * 1024, ge=1024)
+    max_stop_sequences: int = pydantic.Field(default=8, ge=0, le=64)
+    max_stop_sequence_bytes: int = pydantic.Field(default=128, ge=1)
+    grace: float = pydantic.Field(default=10.0, ge=0)
+    log_level: str = "info"

@@ -1,0 +1,77 @@
+"""Gateway process entry point: public gRPC (and HTTP) in front of the scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from moemesh.gateway.catalogue import ModelCatalogue
+from moemesh.gateway.config import GatewayConfig
+from moemesh.gateway.http import HttpServer, create_app
+from moemesh.gateway.service import EmbeddingsServicer, GenerationServicer, ModelsServicer
+from moemesh.services.core.config import load_config
+from moemesh.services.core.logs import setup_logging
+from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
+from moemesh.services.scheduler.client import SchedulerClient
+from moemesh.v1 import embeddings_pb2, embeddings_pb2_grpc, generation_pb2, generation_pb2_grpc, models_pb2
+from moemesh.v1 import models_pb2_grpc
+
+log = logging.getLogger("moemesh.gateway")
+
+
+def _service_name(module, name: str) -> str:
+    return module.DESCRIPTOR.services_by_name[name].full_name
+
+
+async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
+    stop = stop_event_on_signals()
+    client = SchedulerClient(config.scheduler)
+    catalogue = ModelCatalogue(client, config.default_model, config.default_embedding_model)
+    server = GrpcServer(config.host, config.port, grace=config.grace, max_message_bytes=config.max_request_bytes)
+    server.add(generation_pb2_grpc.add_GenerationServicer_to_server,
+               GenerationServicer(config, client, catalogue), _service_name(generation_pb2, "Generation"))
+    server.add(embeddings_pb2_grpc.add_EmbeddingsServicer_to_server,
+               EmbeddingsServicer(client, catalogue), _service_name(embeddings_pb2, "Embeddings"))
+    server.add(models_pb2_grpc.add_ModelsServicer_to_server,
+               ModelsServicer(catalogue), _service_name(models_pb2, "Models"))
+    http = HttpServer(create_app(catalogue, client.connected), config.host, config.http_port) \
+        if config.http_port is not None else None
+    client.start()
+    await server.start()
+    if http is not None:
+        http.start()
+    await client.connected.wait()
+    await server.set_serving(True)
+    announce_ready(ready_fd, service="gateway", address=server.address,
+                   http_address=http.address if http else None)
+    await stop.wait()
+    await server.set_serving(False)
+    if http is not None:
+        await http.stop()
+    await server.stop()
+    await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moemesh-gateway", description=__doc__)
+    parser.add_argument("--config", help="JSON config file")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--http-port", type=int)
+    parser.add_argument("--scheduler")
+    parser.add_argument("--redis-url")
+    parser.add_argument("--default-model")
+    parser.add_argument("--ready-fd", type=int, help="write a JSON line here once serving")
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "ready_fd")}
+    config = load_config(GatewayConfig, file=args.config, env=os.environ, flags=flags)
+    setup_logging("gateway", config.log_level)
+    asyncio.run(serve(config, args.ready_fd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The gateway's public gRPC servicers: validate, resolve the model, call the scheduler."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from moemesh.gateway.catalogue import ModelCatalogue
+from moemesh.gateway.config import GatewayConfig
+from moemesh.gateway.validation import validate_embed_inputs, validate_generate
+from moemesh.services.core import tensors
+from moemesh.services.core.errors import error_from_rpc
+from moemesh.services.scheduler.client import SchedulerClient
+from moemesh.v1 import (
+    common_pb2,
+    embeddings_pb2,
+    embeddings_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    worker_pb2,
+)
+
+
+class StreamClock:
+    """Timings of one streamed request, measured at the gateway."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first_token: float | None = None
+
+    def token(self) -> None:
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+
+    def timings(self, completion_tokens: int) -> common_pb2.Timings:
+        end = time.perf_counter()
+        first = self.first_token or end
+        decode_tokens = max(completion_tokens - 1, 1)
+        return common_pb2.Timings(
+            time_to_first_token=first - self.start,
+            total=end - self.start,
+            time_per_output_token=(end - first) / decode_tokens,
+        )
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, config: GatewayConfig, client: SchedulerClient, catalogue: ModelCatalogue) -> None:
+        self.config = config
+        self.client = client
+        self.catalogue = catalogue
+
+    async def Generate(self, request, context) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        clock = StreamClock()
+        model = await self.catalogue.resolve(request.model, models_pb2.MODEL_KIND_GENERATION)
+        validate_generate(request, model, self.config)
+        work = self._work(request, model, context)
+        index = 0
+        async for event in self.client.generate(work):
+            if event.token_ids:
+                clock.token()
+            response = generation_pb2.GenerateResponse(
+                request_id=work.request_id, index=index, text=event.text, token_ids=event.token_ids,
+                logprobs=event.logprobs, model=model.id,
+            )
+            if event.finish_reason:
+                response.finish_reason = event.finish_reason
+                response.usage.CopyFrom(event.usage)
+                response.timings.CopyFrom(clock.timings(event.usage.completion_tokens))
+            if index >= request.resume_from_index:
+                yield response
+            index += 1
+
+    async def Complete(self, request, context) -> generation_pb2.CompleteResponse:
+        result = generation_pb2.CompleteResponse()
+        texts = []
+        async for event in self.Generate(request, context):
+            texts.append(event.text)
+            result.token_ids.extend(event.token_ids)
+            result.logprobs.extend(event.logprobs)
+            result.request_id, result.model = event.request_id, event.model
+            if event.finish_reason:
+                result.finish_reason = event.finish_reason
+                result.usage.CopyFrom(event.usage)
+                result.timings.CopyFrom(event.timings)
+        result.text = "".join(texts)
+        return result
+
+    def _work(self, request, model: models_pb2.ModelInfo, context: grpc.aio.ServicerContext) -> worker_pb2.GenerationWork:
+        remaining = context.time_remaining()
+        return worker_pb2.GenerationWork(
+            request_id=request.request_id or uuid.uuid4().hex,
+            model=model.id,
+            prompt=request.prompt,
+            sampling=request.sampling,
+            deadline_unix=time.time() + remaining if remaining is not None else 0.0,
+            priority=request.priority,
+        )
+
+
+class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
+    def __init__(self, client: SchedulerClient, catalogue: ModelCatalogue) -> None:
+        self.client = client
+        self.catalogue = catalogue
+
+    async def Embed(self, request, context) -> embeddings_pb2.EmbedResponse:
+        model = await self.catalogue.resolve(request.model, models_pb2.MODEL_KIND_EMBEDDING)
+        validate_embed_inputs(list(request.inputs), model)
+        work = worker_pb2.EmbedWork(model=model.id, inputs=request.inputs,
+                                    normalize=request.normalize if request.HasField("normalize") else True)
+        try:
+            result = await self.client.embed(work, timeout=context.time_remaining())
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        vectors = tensors.from_pb(result.vectors)  # [N, D]
+        return embeddings_pb2.EmbedResponse(
+            request_id=request.request_id or uuid.uuid4().hex,
+            model=model.id,
+            dimensions=vectors.shape[1],
+            embeddings=[embeddings_pb2.Embedding(index=i, values=row) for i, row in enumerate(vectors.tolist())],
+            usage=common_pb2.Usage(prompt_tokens=sum(result.token_counts)),
+        )
+
+
+class ModelsServicer(models_pb2_grpc.ModelsServicer):
+    def __init__(self, catalogue: ModelCatalogue) -> None:
+        self.catalogue = catalogue
+
+    async def ListModels(self, request, context) -> models_pb2.ListModelsResponse:
+        return models_pb2.ListModelsResponse(models=await self.catalogue.models())

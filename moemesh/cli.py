@@ -1,0 +1,249 @@
+"""The ``moemesh`` command: run a local mesh and call it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+
+import click
+import grpc
+
+from moemesh.v1 import (
+    common_pb2,
+    embeddings_pb2,
+    embeddings_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def demo_model_dir() -> pathlib.Path:
+    """The small demo MoE checkpoint that ships with moemesh."""
+    return pathlib.Path(__file__).resolve().parent.parent / "worker" / "demo" / "demo-moe"
+
+
+@click.group()
+@click.version_option(package_name="moemesh")
+def main() -> None:
+    """moemesh: serve Mixture-of-Experts language models as a gRPC mesh."""
+
+
+# ---- up ---------------------------------------------------------------------
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+              help="Hugging Face MoE checkpoint directory [default: the bundled demo model]")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="worker processes")
+@click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True,
+              help="gateway gRPC port (0 = any free port)")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="gateway HTTP port (0 = any free port)")
+@click.option("--no-http", is_flag=True, help="do not serve the HTTP API")
+@click.option("--redis-url", envvar="REDIS_URL", help="use this Redis instead of the embedded one [env REDIS_URL]")
+@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
+              help="serve the all-MiniLM-L6-v2 embedding model on each worker")
+@click.option("--device", default="cpu", show_default=True, help='"cpu" or "cuda[:N]"')
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="auto = bf16 on CUDA, fp32 on CPU")
+@click.option("--max-num-seqs", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="sequences per engine step, per worker")
+@click.option("--ready-file", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="once every service is healthy, write their addresses and pids here (JSON)")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="write each service's log to DIR/<service>.log instead of this terminal")
+def up(model_dir, workers, port, http_port, no_http, redis_url, embeddings, device, dtype, max_num_seqs,
+       ready_file, log_dir) -> None:
+    """Start Redis, the scheduler, workers and the gateway on this machine."""
+    from moemesh.supervisor import MeshOptions
+
+    embedding_dir = None
+    if embeddings:
+        from moemesh.worker.embeddings import default_embedding_model_dir
+
+        embedding_dir = default_embedding_model_dir()
+    options = MeshOptions(
+        model_dir=(model_dir or demo_model_dir()).resolve(), workers=workers, port=port,
+        http_port=None if no_http else http_port, redis_url=redis_url, embedding_model_dir=embedding_dir,
+        device=device, dtype=dtype, max_num_seqs=max_num_seqs,
+        threads_per_worker=max(1, (os.cpu_count() or 1) // workers), log_dir=log_dir,
+    )
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    sys.exit(asyncio.run(_run_mesh(options, ready_file)))
+
+
+async def _run_mesh(options, ready_file: pathlib.Path | None) -> int:
+    from moemesh.supervisor import Mesh, ServiceFailed
+
+    mesh = Mesh(options)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        starting = asyncio.create_task(mesh.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            return 130
+        ready = starting.result()
+        if ready_file is not None:
+            tmp = ready_file.with_suffix(ready_file.suffix + ".tmp")
+            tmp.write_text(json.dumps(ready, indent=2))
+            tmp.replace(ready_file)  # readers never see a half-written file
+        _print_banner(ready)
+        exited = asyncio.create_task(mesh.wait_for_exit())
+        await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if exited.done():
+            child = exited.result()
+            click.echo(f"moemesh: {child.name} exited with code {child.process.returncode}; stopping", err=True)
+            return 1
+        exited.cancel()
+        return 0
+    except ServiceFailed as exc:
+        click.echo(f"moemesh: {exc}", err=True)
+        return 1
+    finally:
+        click.echo("moemesh: stopping…", err=True)
+        await mesh.stop()
+        if ready_file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                ready_file.unlink()
+
+
+def _print_banner(ready: dict) -> None:
+    gateway = ready["gateway"]
+    lines = [
+        "moemesh is up.",
+        f"  gateway gRPC   {gateway['address']}",
+        *([f"  gateway HTTP   http://{gateway['http_address']}"] if gateway.get("http_address") else []),
+        f"  scheduler      {ready['scheduler']['address']}",
+        *[f"  worker         {w['address']}  model={w.get('model')}" for w in ready["workers"]],
+        f"  redis          {ready['redis']['url']}",
+        "",
+        "Try:",
+        f"  moemesh generate --target {gateway['address']} \"def fibonacci(n):\"",
+        f"  moemesh embed --target {gateway['address']} \"hello world\"",
+        f"  grpcurl -plaintext {gateway['address']} list",
+        "Press Ctrl-C to stop.",
+    ]
+    click.echo("\n".join(lines), err=True)
+
+
+# ---- clients ----------------------------------------------------------------
+def _channel(target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target)
+
+
+def _fail(exc: grpc.RpcError) -> None:
+    click.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+    sys.exit(1)
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--target", default=DEFAULT_TARGET, show_default=True, help="gateway host:port")
+@click.option("--model", default="", help="model id [default: the gateway's default]")
+@click.option("--chat", is_flag=True, help="send PROMPT as a user chat message")
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float)
+@click.option("--top-k", type=int)
+@click.option("--seed", type=int)
+@click.option("--stop", multiple=True, help="stop sequence (repeatable)")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="deadline, seconds")
+@click.option("--json", "as_json", is_flag=True, help="print each stream event as JSON")
+def generate(prompt, target, model, chat, max_tokens, temperature, top_p, top_k, seed, stop, timeout,
+             as_json) -> None:
+    """Stream a completion of PROMPT from the gateway."""
+    from google.protobuf import json_format
+
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=stop)
+    for name, value in (("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+        if value is not None:
+            setattr(sampling, name, value)
+    if chat:
+        prompt_pb = common_pb2.Prompt(chat=common_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role="user", content=prompt)]))
+    else:
+        prompt_pb = common_pb2.Prompt(text=prompt)
+    request = generation_pb2.GenerateRequest(model=model, prompt=prompt_pb, sampling=sampling)
+    with _channel(target) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        try:
+            last = None
+            for event in stub.Generate(request, timeout=timeout):
+                if as_json:
+                    click.echo(json_format.MessageToJson(event, indent=None))
+                else:
+                    click.echo(event.text, nl=False)
+                last = event
+        except grpc.RpcError as exc:
+            _fail(exc)
+    if last is not None and not as_json:
+        usage = last.usage
+        click.echo(f"\n[{common_pb2.FinishReason.Name(last.finish_reason)} prompt_tokens={usage.prompt_tokens} "
+                   f"completion_tokens={usage.completion_tokens} ttft={last.timings.time_to_first_token * 1000:.1f}ms]",
+                   err=True)
+
+
+@main.command()
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--target", default=DEFAULT_TARGET, show_default=True, help="gateway host:port")
+@click.option("--model", default="", help="embedding model id [default: the gateway's default]")
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def embed(texts, target, model, timeout) -> None:
+    """Print the embedding vector of each TEXT (one JSON object per line)."""
+    with _channel(target) as channel:
+        stub = embeddings_pb2_grpc.EmbeddingsStub(channel)
+        try:
+            reply = stub.Embed(embeddings_pb2.EmbedRequest(model=model, inputs=texts), timeout=timeout)
+        except grpc.RpcError as exc:
+            _fail(exc)
+    for item in reply.embeddings:
+        click.echo(json.dumps({"index": item.index, "model": reply.model, "dimensions": reply.dimensions,
+                               "embedding": [round(v, 6) for v in item.values]}))
+
+
+@main.command()
+@click.option("--target", default=DEFAULT_TARGET, show_default=True, help="gateway host:port")
+def models(target) -> None:
+    """List the models the mesh serves."""
+    from google.protobuf import json_format
+
+    with _channel(target) as channel:
+        try:
+            reply = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            _fail(exc)
+    click.echo(json_format.MessageToJson(reply))
+
+
+@main.command()
+@click.option("--target", default=DEFAULT_TARGET, show_default=True, help="service host:port")
+@click.option("--service", default="", help="service name [default: overall health]")
+def health(target, service) -> None:
+    """Print a service's health (grpc.health.v1); exit 1 unless SERVING."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with _channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        except grpc.RpcError as exc:
+            _fail(exc)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    click.echo(status)
+    sys.exit(0 if status == "SERVING" else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Generated stubs of the moemesh v1 contract (protos/moemesh/v1). Do not edit."""

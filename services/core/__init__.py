@@ -1,0 +1,1 @@
+"""Shared service plumbing: config, logging, errors, gRPC bootstrap, tensor codec."""

@@ -1,0 +1,118 @@
+"""The gateway's client of the scheduler: one multiplexed Dispatch stream.
+
+Requests from many callers share one stream; the reader task hands each
+incoming event to the queue of the request it belongs to. If the stream
+breaks (scheduler restarted), pending requests end with UNAVAILABLE
+(retryable) and the client reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from moemesh.services.core.errors import Unavailable, error_from_code
+from moemesh.v1 import models_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 2.0
+
+
+class SchedulerClient:
+    """Submit work, receive its events, cancel it; embeddings and catalogue calls."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.connected = asyncio.Event()
+        self._pending: dict[str, asyncio.Queue[worker_pb2.RequestEvent]] = {}
+        self._outbox: asyncio.Queue[worker_pb2.ExecuteRequest] | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="dispatch")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.channel.close()
+
+    async def generate(self, work: worker_pb2.GenerationWork) -> AsyncIterator[worker_pb2.RequestEvent]:
+        """Events of one request until it finishes; cancels it if the caller stops early."""
+        if not self.connected.is_set() or self._outbox is None:
+            raise Unavailable("scheduler is not connected")
+        if work.request_id in self._pending:
+            raise Unavailable(f"request {work.request_id!r} is already running")
+        events: asyncio.Queue[worker_pb2.RequestEvent] = asyncio.Queue()
+        self._pending[work.request_id] = events
+        outbox = self._outbox
+        outbox.put_nowait(worker_pb2.ExecuteRequest(add=work))
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if event.HasField("error"):
+                    finished = True
+                    raise error_from_code(event.error.code, event.error.message)
+                finished = event.finish_reason != 0
+                yield event
+                if finished:
+                    return
+        finally:
+            self._pending.pop(work.request_id, None)
+            if not finished:
+                outbox.put_nowait(worker_pb2.ExecuteRequest(
+                    cancel=worker_pb2.Cancel(request_id=work.request_id, reason="client")))
+
+    async def embed(self, work: worker_pb2.EmbedWork, timeout: float | None = None) -> worker_pb2.EmbedResult:
+        return await self.stub.Embed(work, timeout=timeout)
+
+    async def list_models(self, timeout: float = 5.0) -> models_pb2.ListModelsResponse:
+        return await self.stub.ListModels(models_pb2.ListModelsRequest(), timeout=timeout)
+
+    async def list_nodes(self, timeout: float = 5.0) -> scheduler_pb2.ListNodesResponse:
+        return await self.stub.ListNodes(scheduler_pb2.ListNodesRequest(), timeout=timeout)
+
+    # ---- the stream --------------------------------------------------------
+    async def _run(self) -> None:
+        backoff = 0.05
+        while True:
+            outbox: asyncio.Queue[worker_pb2.ExecuteRequest] = asyncio.Queue()
+            self._outbox = outbox
+            call = self.stub.Dispatch(self._requests(outbox), wait_for_ready=True)
+            try:
+                await call.wait_for_connection()
+                self.connected.set()
+                backoff = 0.05
+                async for batch in call:
+                    for event in batch.events:
+                        queue = self._pending.get(event.request_id)
+                        if queue is not None:
+                            queue.put_nowait(event)
+            except grpc.aio.AioRpcError as exc:
+                log.warning("dispatch stream broke", extra={"code": exc.code().name, "backoff": backoff})
+            finally:
+                self.connected.clear()
+                call.cancel()
+                self._fail_pending()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+
+    @staticmethod
+    async def _requests(outbox: asyncio.Queue) -> AsyncIterator[worker_pb2.ExecuteRequest]:
+        while True:
+            yield await outbox.get()
+
+    def _fail_pending(self) -> None:
+        lost = worker_pb2.RequestError(code=grpc.StatusCode.UNAVAILABLE.value[0],
+                                       message="connection to the scheduler was lost; retry")
+        for request_id, queue in self._pending.items():
+            queue.put_nowait(worker_pb2.RequestEvent(request_id=request_id, error=lost))

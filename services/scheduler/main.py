@@ -1,0 +1,69 @@
+"""Scheduler process entry point."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+
+from moemesh.services.core.config import load_config
+from moemesh.services.core.logs import setup_logging
+from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
+from moemesh.services.scheduler.config import SchedulerConfig
+from moemesh.services.scheduler.dispatcher import Dispatcher
+from moemesh.services.scheduler.registry import Registry
+from moemesh.services.scheduler.service import SchedulerServicer
+from moemesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger("moemesh.scheduler")
+
+SCHEDULER_SERVICE = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+async def expire_forever(registry: Registry) -> None:
+    """Evict nodes that missed their heartbeats (checked twice per interval)."""
+    while True:
+        await asyncio.sleep(registry.heartbeat_interval / 2)
+        for node_id in registry.expire():
+            log.warning("node evicted: missed heartbeats", extra={"node_id": node_id})
+
+
+async def serve(config: SchedulerConfig, ready_fd: int | None) -> None:
+    stop = stop_event_on_signals()
+    registry = Registry(config.heartbeat_interval, config.max_missed_heartbeats)
+    dispatcher = Dispatcher(registry)
+    server = GrpcServer(config.host, config.port, grace=config.grace)
+    server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
+               SchedulerServicer(registry, dispatcher, config.cluster_token), SCHEDULER_SERVICE)
+    await server.start()
+    expiry = asyncio.create_task(expire_forever(registry))
+    await server.set_serving(True)
+    announce_ready(ready_fd, service="scheduler", address=server.address)
+    await stop.wait()
+    expiry.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await expiry
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moemesh-scheduler", description=__doc__)
+    parser.add_argument("--config", help="JSON config file")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--heartbeat-interval", type=float)
+    parser.add_argument("--max-missed-heartbeats", type=int)
+    parser.add_argument("--ready-fd", type=int, help="write a JSON line here once serving")
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "ready_fd")}
+    config = load_config(SchedulerConfig, file=args.config, env=os.environ, flags=flags)
+    setup_logging("scheduler", config.log_level)
+    asyncio.run(serve(config, args.ready_fd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The scheduler's gRPC servicer: converts protobuf at the edge, calls the registry and dispatcher."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from moemesh.services.core.errors import InvalidRequest, Unauthenticated
+from moemesh.services.scheduler.dispatcher import Dispatcher, Session
+from moemesh.services.scheduler.registry import Load, Node, Registry, ServedModel
+from moemesh.services.scheduler.router import pick_node
+from moemesh.v1 import models_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_KINDS = {models_pb2.MODEL_KIND_GENERATION: "generation", models_pb2.MODEL_KIND_EMBEDDING: "embedding"}
+_KIND_NUMBERS = {v: k for k, v in _KINDS.items()}
+
+
+def served_model_from_pb(pb: models_pb2.ModelInfo) -> ServedModel:
+    return ServedModel(
+        model_id=pb.id, revision=pb.revision, kind=_KINDS.get(pb.kind, "generation"),
+        architecture=pb.architecture, max_context_tokens=pb.max_context_tokens,
+        max_output_tokens=pb.max_output_tokens, max_batch_inputs=pb.max_batch_inputs, dimensions=pb.dimensions,
+    )
+
+
+def served_model_to_pb(model: ServedModel, ready_replicas: int) -> models_pb2.ModelInfo:
+    return models_pb2.ModelInfo(
+        id=model.model_id, revision=model.revision, kind=_KIND_NUMBERS[model.kind],
+        architecture=model.architecture, max_context_tokens=model.max_context_tokens,
+        max_output_tokens=model.max_output_tokens, max_batch_inputs=model.max_batch_inputs,
+        dimensions=model.dimensions, ready_replicas=ready_replicas,
+    )
+
+
+def node_from_pb(pb: scheduler_pb2.RegisterRequest) -> Node:
+    return Node(
+        node_id=pb.node_id, address=pb.address, models=tuple(served_model_from_pb(m) for m in pb.models),
+        replica_group=pb.replica_group or pb.node_id, rank=pb.rank, world_size=pb.world_size or 1,
+        device=pb.device, max_num_seqs=pb.capacity.max_num_seqs or 1,
+    )
+
+
+def load_from_pb(pb: scheduler_pb2.NodeLoad) -> Load:
+    return Load(
+        running_seqs=pb.running_seqs, waiting_seqs=pb.waiting_seqs, free_kv_blocks=pb.free_kv_blocks,
+        steps_per_second=pb.steps_per_second, seconds_since_progress=pb.seconds_since_progress,
+    )
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    """Registration, heartbeats, dispatch, embeddings and the catalogue."""
+
+    def __init__(self, registry: Registry, dispatcher: Dispatcher, cluster_token: str | None) -> None:
+        self.registry = registry
+        self.dispatcher = dispatcher
+        self.cluster_token = cluster_token
+        self._embed_stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        if self.cluster_token is None:
+            return
+        presented = dict(context.invocation_metadata() or ()).get("authorization", "")
+        if not hmac.compare_digest(presented.encode(), f"Bearer {self.cluster_token}".encode()):
+            raise Unauthenticated("a valid cluster token is required")
+
+    async def Register(self, request, context):
+        self._authenticate(context)
+        if not request.node_id or not request.address:
+            raise InvalidRequest("node_id" if not request.node_id else "address", "is required")
+        node = self.registry.register(node_from_pb(request))
+        self.dispatcher.link(node)
+        log.info("node registered", extra={"node_id": node.node_id, "address": node.address})
+        return scheduler_pb2.RegisterResponse(
+            lease_id=node.lease_id,
+            heartbeat_interval=self.registry.heartbeat_interval,
+            max_missed_heartbeats=self.registry.max_missed,
+        )
+
+    async def Heartbeat(self, request_iterator, context) -> AsyncIterator[scheduler_pb2.HeartbeatReply]:
+        self._authenticate(context)
+        node_id = None
+        try:
+            async for beat in request_iterator:
+                node_id = beat.node_id
+                if not self.registry.heartbeat(beat.node_id, beat.lease_id, load_from_pb(beat.load)):
+                    yield scheduler_pb2.HeartbeatReply(command=scheduler_pb2.HeartbeatReply.COMMAND_REREGISTER)
+                    return
+        finally:
+            # A broken or closed stream evicts the node at once.
+            if node_id is not None:
+                self.registry.evict(node_id)
+
+    async def Deregister(self, request, context):
+        self._authenticate(context)
+        self.registry.deregister(request.node_id, request.lease_id)
+        return scheduler_pb2.DeregisterResponse()
+
+    async def Dispatch(self, request_iterator, context) -> AsyncIterator[worker_pb2.EventBatch]:
+        session = Session()
+        reader = asyncio.create_task(self._read_dispatch(request_iterator, session))
+        try:
+            while True:
+                yield await session.outbox.get()
+        finally:
+            reader.cancel()
+            self.dispatcher.close_session(session)
+
+    async def _read_dispatch(self, request_iterator, session: Session) -> None:
+        async for message in request_iterator:
+            if message.WhichOneof("kind") == "add":
+                self.dispatcher.submit(message.add, session)
+            else:
+                self.dispatcher.cancel(message.cancel.request_id, message.cancel.reason or "client")
+
+    async def Embed(self, request, context):
+        node = pick_node(self.registry.routable(request.model), self.dispatcher.rng)
+        stub = self._embed_stubs.get(node.node_id)
+        if stub is None:
+            stub = worker_pb2_grpc.WorkerStub(self.dispatcher.link(node).channel)
+            self._embed_stubs[node.node_id] = stub
+        return await stub.Embed(request, timeout=context.time_remaining())
+
+    async def ListModels(self, request, context):
+        catalogue = self.registry.catalogue()
+        return models_pb2.ListModelsResponse(
+            models=[served_model_to_pb(model, count) for model, count in catalogue.values()]
+        )
+
+    async def ListNodes(self, request, context):
+        now = self.registry.clock()
+        return scheduler_pb2.ListNodesResponse(nodes=[
+            scheduler_pb2.NodeInfo(
+                node_id=n.node_id, address=n.address, state=n.state.value, replica_group=n.replica_group,
+                rank=n.rank, world_size=n.world_size, model_ids=[m.model_id for m in n.models],
+                load=scheduler_pb2.NodeLoad(running_seqs=n.load.running_seqs, waiting_seqs=n.load.waiting_seqs,
+                                            free_kv_blocks=n.load.free_kv_blocks,
+                                            steps_per_second=n.load.steps_per_second,
+                                            seconds_since_progress=n.load.seconds_since_progress),
+                heartbeat_age=now - n.last_heartbeat,
+            )
+            for n in self.registry.nodes.values()
+        ])
+
+

@@ -1,0 +1,47 @@
+"""Worker configuration."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pathlib
+from typing import Literal
+
+import pydantic
+
+from moemesh.services.core.config import ServiceConfig
+
+
+class WorkerConfig(ServiceConfig):
+    """Everything a worker process needs; built once in ``main()``."""
+
+    ENV_PREFIX: ClassVar[str] = "MOEMESH_WORKER_"
+
+    model_dir: pathlib.Path
+    # Id clients use; default: the checkpoint directory's name.
+    model_id: str | None = None
+    # Embedding model directory; "" disables embeddings on this worker.
+    embedding_model_dir: pathlib.Path | None = None
+    host: str = "127.0.0.1"
+    port: int = pydantic.Field(default=0, ge=0, le=65535)
+    # This worker's address as others should dial it; default host:bound port.
+    advertise_address: str | None = None
+    scheduler: str = pydantic.Field(min_length=3, description="scheduler host:port")
+    node_id: str | None = None
+    replica_group: str | None = None
+    device: str = "cpu"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_num_seqs: int = pydantic.Field(default=16, ge=1, le=4096)
+    max_model_len: int = pydantic.Field(default=2048, ge=16)
+    max_output_tokens: int = pydantic.Field(default=1024, ge=1)
+    num_threads: int = pydantic.Field(default=0, ge=0, description="torch threads; 0 = torch's default")
+    cluster_token: str | None = None
+    drain_grace: float = pydantic.Field(default=30.0, ge=0)
+    log_level: str = "info"
+
+    @pydantic.field_validator("model_dir")
+    @classmethod
+    def _model_dir_exists(cls, value: pathlib.Path) -> pathlib.Path:
+        if not (value / "config.json").is_file():
+            raise ValueError(f"{value} is not a Hugging Face checkpoint directory (no config.json)")
+        return value

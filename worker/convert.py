@@ -1,0 +1,82 @@
+"""Protobuf <-> worker records, at the edge of the worker service."""
+
+from __future__ import annotations
+
+
+from moemesh.v1 import common_pb2, worker_pb2
+from moemesh.worker.requests import GenerationRequest, RequestOutput
+from moemesh.worker.sampling import SamplingParams
+from moemesh.worker.tokenizer import Tokenizer
+
+FINISH_REASONS = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    "length": common_pb2.FINISH_REASON_LENGTH,
+    "stop": common_pb2.FINISH_REASON_STOP,
+    "abort": common_pb2.FINISH_REASON_ABORT,
+    "deadline": common_pb2.FINISH_REASON_DEADLINE,
+    "context": common_pb2.FINISH_REASON_CONTEXT,
+}
+
+
+def sampling_from_pb(pb: common_pb2.SamplingParams, defaults: dict) -> SamplingParams:
+    """Apply the model's generation defaults to unset fields."""
+
+    def pick(name: str, fallback: float | int | None):
+        if pb.HasField(name):
+            return getattr(pb, name)
+        return defaults.get(name, fallback)
+
+    temperature = pick("temperature", 1.0)
+    if not pb.HasField("temperature") and not defaults.get("do_sample", True):
+        temperature = 0.0
+    return SamplingParams(
+        max_tokens=int(pick("max_tokens", 128)),
+        temperature=float(temperature),
+        top_p=float(pick("top_p", 1.0)),
+        top_k=int(pick("top_k", 0) or 0),
+        min_p=float(pick("min_p", 0.0) or 0.0),
+        seed=pb.seed if pb.HasField("seed") else None,
+        stop=tuple(pb.stop),
+        stop_token_ids=tuple(pb.stop_token_ids),
+        ignore_eos=pb.ignore_eos,
+    )
+
+
+def prompt_token_ids(work: worker_pb2.GenerationWork, tokenizer: Tokenizer) -> tuple[int, ...]:
+    """The prompt as token ids: given, or templated and tokenized here."""
+    if work.prompt_token_ids:
+        return tuple(work.prompt_token_ids)
+    kind = work.prompt.WhichOneof("kind")
+    if kind == "chat":
+        messages = [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
+                    for m in work.prompt.chat.messages]
+        return tuple(tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False))
+    return tuple(tokenizer.encode(work.prompt.text, add_bos=True))
+
+
+def request_from_pb(work: worker_pb2.GenerationWork, tokenizer: Tokenizer, defaults: dict) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=work.request_id,
+        prompt_token_ids=prompt_token_ids(work, tokenizer),
+        params=sampling_from_pb(work.sampling, defaults),
+        deadline=work.deadline_unix or None,
+        resume_token_ids=tuple(work.resume_token_ids),
+    )
+
+
+def output_to_pb(output: RequestOutput) -> worker_pb2.RequestEvent:
+    event = worker_pb2.RequestEvent(
+        request_id=output.request_id,
+        text=output.text,
+        token_ids=output.token_ids,
+        finish_reason=FINISH_REASONS[output.finish_reason],
+    )
+    if output.finish_reason is not None:
+        event.usage.CopyFrom(common_pb2.Usage(
+            prompt_tokens=output.prompt_tokens,
+            completion_tokens=output.completion_tokens,
+            cached_tokens=output.cached_tokens,
+        ))
+    return event
+
+

@@ -1,0 +1,170 @@
+"""Worker process entry point: load the model, serve, register, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import socket
+import sys
+import uuid
+
+import grpc
+import torch
+
+from moemesh.services.core.config import load_config
+from moemesh.services.core.logs import setup_logging
+from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
+from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
+from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.config import WorkerConfig
+from moemesh.worker.embeddings import SentenceEmbedder
+from moemesh.worker.engine import Engine
+from moemesh.worker.membership import Membership
+from moemesh.worker.models.registry import build_model
+from moemesh.worker.runner import EngineRunner
+from moemesh.worker.service import WorkerServicer
+from moemesh.worker.tokenizer import Tokenizer
+
+log = logging.getLogger("moemesh.worker")
+
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """'auto' is bf16 on CUDA and fp32 on CPU (no fast bf16 on these CPUs)."""
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[name]
+
+
+class WorkerProcess:
+    """Everything one worker process runs, started and stopped in order."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.checkpoint = open_checkpoint(config.model_dir)
+        self.model_id = config.model_id or self.checkpoint.model_id
+        self.node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        dtype = resolve_dtype(config.dtype, config.device)
+        self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        model = build_model(self.checkpoint, dtype=dtype, device=config.device)
+        self.engine = Engine(model, self.tokenizer, max_num_seqs=config.max_num_seqs,
+                             max_model_len=config.max_model_len)
+        self.runner = EngineRunner(self.engine)
+        self.embedder = (SentenceEmbedder.load(config.embedding_model_dir, device=config.device)
+                         if config.embedding_model_dir else None)
+        self.servicer = WorkerServicer(self.runner, self.tokenizer, self.model_id,
+                                       self.checkpoint.generation_defaults, self.embedder)
+        self.server = GrpcServer(config.host, config.port)
+        self.server.add(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer, WORKER_SERVICE)
+
+    def models(self) -> list[models_pb2.ModelInfo]:
+        served = [models_pb2.ModelInfo(
+            id=self.model_id,
+            revision=self.checkpoint.revision,
+            kind=models_pb2.MODEL_KIND_GENERATION,
+            architecture=self.checkpoint.architecture,
+            max_context_tokens=self.engine.max_model_len,
+            max_output_tokens=min(self.config.max_output_tokens, self.engine.max_model_len - 1),
+        )]
+        if self.embedder is not None:
+            served.append(models_pb2.ModelInfo(
+                id=self.embedder.model_id,
+                revision=self.embedder.revision,
+                kind=models_pb2.MODEL_KIND_EMBEDDING,
+                max_context_tokens=self.embedder.max_context_tokens,
+                max_batch_inputs=self.embedder.max_batch_inputs,
+                dimensions=self.embedder.dimensions,
+            ))
+        return served
+
+    def load(self) -> scheduler_pb2.NodeLoad:
+        stats = self.runner.stats()
+        return scheduler_pb2.NodeLoad(
+            running_seqs=stats.running,
+            waiting_seqs=stats.waiting,
+            free_kv_blocks=len(self.engine.free_slots),
+            steps_per_second=stats.steps_per_second,
+            seconds_since_progress=stats.seconds_since_progress,
+        )
+
+    def registration(self) -> scheduler_pb2.RegisterRequest:
+        return scheduler_pb2.RegisterRequest(
+            node_id=self.node_id,
+            address=self.config.advertise_address or self.server.address,
+            models=self.models(),
+            replica_group=self.config.replica_group or self.node_id,
+            rank=0,
+            world_size=1,
+            device=self.config.device,
+            capacity=scheduler_pb2.Capacity(
+                max_num_seqs=self.config.max_num_seqs,
+                max_num_batched_tokens=self.engine.max_model_len,
+                num_kv_blocks=self.config.max_num_seqs,
+                block_size=self.engine.max_model_len,
+            ),
+        )
+
+    async def run(self, ready_fd: int | None) -> None:
+        stop = stop_event_on_signals()
+        self.runner.start()
+        await self.server.start()
+        metadata = (("authorization", f"Bearer {self.config.cluster_token}"),) if self.config.cluster_token else ()
+        async with grpc.aio.insecure_channel(self.config.scheduler) as channel:
+            membership = Membership(channel, self.registration(), self.load, metadata)
+            membership.start()
+            await membership.registered.wait()
+            await self.server.set_serving(True)
+            announce_ready(ready_fd, service="worker", address=self.server.address, node_id=self.node_id,
+                           model=self.model_id)
+            await stop.wait()
+            await self.drain()
+            await membership.stop(deregister=True)
+        await self.server.stop()
+        await self.runner.stop()
+
+    async def drain(self) -> None:
+        """Refuse new work; give in-flight requests up to drain_grace seconds."""
+        self.servicer.draining = True
+        await self.server.set_serving(False)
+        try:
+            await asyncio.wait_for(self.runner.idle.wait(), self.config.drain_grace)
+        except TimeoutError:
+            pass  # the grace period is over: what is left is aborted with the server
+        log.info("drained", extra={"left_in_flight": self.runner.in_flight})
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="moemesh-worker", description=__doc__)
+    parser.add_argument("--config", help="JSON config file")
+    parser.add_argument("--model-dir")
+    parser.add_argument("--model-id")
+    parser.add_argument("--embedding-model-dir")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--scheduler")
+    parser.add_argument("--device")
+    parser.add_argument("--dtype")
+    parser.add_argument("--max-num-seqs", type=int)
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--num-threads", type=int)
+    parser.add_argument("--ready-fd", type=int, help="write a JSON line here once serving")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "ready_fd")}
+    config = load_config(WorkerConfig, file=args.config, env=os.environ, flags=flags)
+    setup_logging("worker", config.log_level)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    asyncio.run(WorkerProcess(config).run(args.ready_fd))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

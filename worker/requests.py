@@ -1,0 +1,34 @@
+"""Plain request and output records of the worker (protobuf stops at the servicer)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moemesh.worker.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One generation as the engine receives it: token ids and decoding parameters."""
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    # Absolute time.time() after which the request is aborted; None = no deadline.
+    deadline: float | None = None
+    # Tokens an earlier replica already delivered (failover): prefilled, not re-emitted.
+    resume_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    # None while running; else "stop", "length", "abort", "deadline" or "context".
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0

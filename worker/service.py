@@ -1,0 +1,101 @@
+"""The worker's gRPC servicer: converts protobuf and calls the engine runner."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import torch
+
+from moemesh.services.core import tensors
+from moemesh.services.core.errors import InvalidRequest, MeshError, NotFound, Unavailable
+from moemesh.v1 import worker_pb2, worker_pb2_grpc
+from moemesh.worker.convert import output_to_pb, request_from_pb
+from moemesh.worker.embeddings import SentenceEmbedder
+from moemesh.worker.requests import RequestOutput
+from moemesh.worker.runner import EngineRunner
+from moemesh.worker.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    """Execute streams feed the engine; Embed runs the embedding model off the loop."""
+
+    def __init__(
+        self,
+        runner: EngineRunner,
+        tokenizer: Tokenizer,
+        model_id: str,
+        generation_defaults: dict,
+        embedder: SentenceEmbedder | None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.generation_defaults = generation_defaults
+        self.embedder = embedder
+        self.draining = False
+
+    async def Execute(
+        self, request_iterator: AsyncIterator[worker_pb2.ExecuteRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.EventBatch]:
+        outbox: asyncio.Queue[worker_pb2.EventBatch] = asyncio.Queue()
+        mine: set[str] = set()
+
+        def deliver(outputs: list[RequestOutput]) -> None:
+            for output in outputs:
+                if output.finish_reason is not None:
+                    mine.discard(output.request_id)
+            outbox.put_nowait(worker_pb2.EventBatch(events=[output_to_pb(o) for o in outputs]))
+
+        reader = asyncio.create_task(self._read(request_iterator, deliver, mine, outbox))
+        try:
+            while True:
+                batch = await outbox.get()
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            reader.cancel()
+            for request_id in mine:  # the scheduler went away: free their slots
+                self.runner.abort(request_id, "abort")
+
+    async def _read(self, request_iterator, deliver, mine: set[str], outbox: asyncio.Queue) -> None:
+        async for message in request_iterator:
+            if message.WhichOneof("kind") == "cancel":
+                self.runner.abort(message.cancel.request_id, "abort")
+                continue
+            error = self._submit(message.add, deliver)
+            if error is None:
+                mine.add(message.add.request_id)
+            else:
+                outbox.put_nowait(worker_pb2.EventBatch(events=[error]))
+        outbox.put_nowait(None)  # the scheduler closed its side
+
+    def _submit(self, work: worker_pb2.GenerationWork, deliver) -> worker_pb2.RequestEvent | None:
+        """Hand one request to the engine; a refusal becomes that request's error event."""
+        try:
+            if self.draining:
+                raise Unavailable("worker is draining")
+            if work.model and work.model != self.model_id:
+                raise NotFound(f"model {work.model!r} is not served by this worker")
+            request = request_from_pb(work, self.tokenizer, self.generation_defaults)
+            self.runner.submit(request, deliver)
+        except MeshError as exc:
+            return worker_pb2.RequestEvent(
+                request_id=work.request_id,
+                error=worker_pb2.RequestError(code=exc.grpc_code.value[0], message=str(exc)),
+            )
+        return None
+
+    async def Embed(self, request: worker_pb2.EmbedWork, context: grpc.aio.ServicerContext) -> worker_pb2.EmbedResult:
+        embedder = self.embedder
+        if embedder is None or (request.model and request.model != embedder.model_id):
+            raise NotFound(f"embedding model {request.model!r} is not served by this worker")
+        if not request.inputs:
+            raise InvalidRequest("inputs", "at least one input is required")
+        vectors, counts = await asyncio.to_thread(embedder.embed, list(request.inputs), request.normalize)
+        return worker_pb2.EmbedResult(vectors=tensors.to_pb(vectors.to(torch.float32)), token_counts=counts)
