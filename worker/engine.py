@@ -131,7 +131,7 @@ class Engine:
                 request=request,
                 slot=self.free_slots.pop(),
                 seed=request.params.seed if request.params.seed is not None else random.getrandbits(31),
-                detokenizer=IncrementalDetokenizer(self.tokenizer, prefix_ids=[*request.prompt_token_ids, *resumed]),
+                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids=[*request.prompt_token_ids, *resumed]),
                 token_ids=[*request.prompt_token_ids, *resumed],
                 num_generated=len(resumed),
             )

@@ -58,8 +58,7 @@ class WorkerProcess:
                          if config.embedding_model_dir else None)
         self.servicer = WorkerServicer(self.runner, self.tokenizer, self.model_id,
                                        self.checkpoint.generation_defaults, self.embedder)
-        self.server = GrpcServer(config.host, config.port)
-        self.server.add(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer, WORKER_SERVICE)
+        self.server: GrpcServer | None = None  # made in run(): grpc.aio binds to the running loop
 
     def models(self) -> list[models_pb2.ModelInfo]:
         served = [models_pb2.ModelInfo(
@@ -110,6 +109,8 @@ class WorkerProcess:
 
     async def run(self, ready_fd: int | None) -> None:
         stop = stop_event_on_signals()
+        self.server = GrpcServer(self.config.host, self.config.port)
+        self.server.add(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer, WORKER_SERVICE)
         self.runner.start()
         await self.server.start()
         metadata = (("authorization", f"Bearer {self.config.cluster_token}"),) if self.config.cluster_token else ()
