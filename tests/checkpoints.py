@@ -1,0 +1,141 @@
+"""Tiny random checkpoints and tokenizers, built locally for tests (no model hub).
+
+`build_tiny_mixtral` writes a Hugging Face checkpoint directory that looks
+like a published Mixtral one: config.json, generation_config.json, safetensors
+weights (sharded on request), tokenizer.json and tokenizer_config.json with a
+chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: Mixtral's unk, bos, eos
+TOKENIZER_VOCAB_SIZE = 512
+
+# A Mistral-instruct style template, kept small.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A mixture of experts routes each token
+to a few experts, and the router learns which expert is best for which token.
+Enterprise systems call the service for streaming text generation and for embeddings.
+Operators run it on one laptop, on a GPU server, or across a cluster of machines.
+The scheduler admits requests, batches them, and picks a replica for each batch.
+Workers keep a cache of keys and values, sample tokens, and stream text back.
+Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e na\u00efve r\u00e9sum\u00e9 d\u00e9j\u00e0 vu.
+Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2024 3.14159.
+def forward(self, x): return self.w2(silu(self.w1(x)) * self.w3(x))
+"""
+
+
+def corpus_lines(repeats: int = 20) -> list[str]:
+    """The training text, repeated so that BPE finds enough merges."""
+    return CORPUS.splitlines() * repeats
+
+
+def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Path:
+    """Train a byte-level BPE on the local corpus; write tokenizer.json and tokenizer_config.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(models.BPE(unk_token=None))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus_lines(), trainer=trainer)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    tokenizer_config = {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    return out_dir
+
+
+def tiny_mixtral_config(**overrides):
+    """A transformers MixtralConfig small enough for CPU tests."""
+    from transformers import MixtralConfig
+
+    values = dict(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return MixtralConfig(**values)
+
+
+def redraw_weights(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw weights so that logits are clearly peaked.
+
+    The default init (std 0.02) gives nearly flat logits whose argmax flips
+    with any change of float summation order, which would hide real bugs.
+    Matrices get std ~1/sqrt(fan_in) (router a bit more, to make routing
+    decisive), embeddings std 1, norm weights around 1.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif "embed_tokens" in name:
+                param.copy_(noise)
+            elif name.endswith("gate.weight"):
+                param.copy_(noise * 2.0 / math.sqrt(param.shape[-1]))
+            else:
+                param.copy_(noise / math.sqrt(param.shape[-1]))
+
+
+def build_tiny_mixtral(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    max_shard_size: str | None = None,
+    save_dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Path:
+    """Write a tiny random Mixtral checkpoint (config `overrides` apply) with a tokenizer; return its dir."""
+    from transformers import MixtralForCausalLM
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(tiny_mixtral_config(**overrides))
+    redraw_weights(model, seed)
+    model.to(save_dtype)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **save_kwargs)
+    build_tiny_tokenizer(out_dir)
+    return out_dir

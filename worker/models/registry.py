@@ -1,0 +1,40 @@
+"""Which model class serves which checkpoint architecture, and building a loaded model.
+
+`MODEL_REGISTRY` maps the `architectures[0]` name of config.json to a model
+class. A model class provides `from_config(config: dict)`, a
+`checkpoint_mapping` table of `WeightRule`s and `tie_weights()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moemesh.worker.checkpoint import Checkpoint, iter_tensors, load_weights
+from moemesh.worker.models.mixtral import MixtralForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "MixtralForCausalLM": MixtralForCausalLM,
+}
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    """The class serving `architecture`; ValueError naming the supported ones if none does."""
+    try:
+        return MODEL_REGISTRY[architecture]
+    except KeyError:
+        supported = ", ".join(sorted(MODEL_REGISTRY))
+        raise ValueError(f"unsupported model architecture {architecture!r}; supported: {supported}") from None
+
+
+def build_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
+    """Build the checkpoint's model with its weights cast to `dtype` on `device`, ready for inference."""
+    cls = model_class(ckpt.architecture)
+    # Built on the meta device: no memory and no random init for weights that
+    # the checkpoint overwrites anyway.
+    with torch.device("meta"):
+        model = cls.from_config(ckpt.config).to(dtype)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    load_weights(model, iter_tensors(ckpt), cls.checkpoint_mapping)
+    return model.requires_grad_(False).eval()
