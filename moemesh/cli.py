@@ -155,7 +155,7 @@ def _fail(exc: grpc.RpcError) -> None:
 @click.option("--model", default="", help="model id [default: the gateway's default]")
 @click.option("--chat", is_flag=True, help="send PROMPT as a user chat message")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--temperature", type=float, help="0 = greedy [default: the model's generation_config]")
 @click.option("--top-p", type=float)
 @click.option("--top-k", type=int)
 @click.option("--seed", type=int)
@@ -167,8 +167,8 @@ def generate(prompt, target, model, chat, max_tokens, temperature, top_p, top_k,
     """Stream a completion of PROMPT from the gateway."""
     from google.protobuf import json_format
 
-    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=temperature, stop=stop)
-    for name, value in (("top_p", top_p), ("top_k", top_k), ("seed", seed)):
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, stop=stop)
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
         if value is not None:
             setattr(sampling, name, value)
     if chat:

@@ -170,12 +170,18 @@ def test_cli_generate_and_embed(mesh):
     assert len(vector) == 384
 
 
-def test_ctrl_c_stops_every_process_and_frees_every_port(mesh):
+def test_ctrl_c_finishes_in_flight_streams_then_stops_every_process(mesh, channel):
     """Runs last in this module: it stops the shared mesh."""
     pids = mesh.service_pids()
     ports = [int(a.rsplit(":", 1)[1]) for a in [mesh.gateway, mesh.scheduler, *mesh.workers, mesh.http]]
     redis_port = int(mesh.ready["redis"]["url"].rsplit(":", 1)[1].split("/")[0])
+    stream = generation_pb2_grpc.GenerationStub(channel).Generate(
+        greedy_request(max_tokens=200, ignore_eos=True), timeout=120)
+    first = next(stream)  # the request is in flight when Ctrl-C arrives
     assert stop_mesh(mesh, signal.SIGINT) == 0, mesh.logs()
+    rest = list(stream)
+    assert rest and rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH, "in-flight stream was cut"
+    assert len(first.token_ids) + sum(len(e.token_ids) for e in rest) == 200
     assert not [p for p in pids if pid_alive(p)], "a service outlived `moemesh up`"
     for port in [*ports, redis_port]:
         with socket.socket() as sock:
