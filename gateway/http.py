@@ -10,8 +10,8 @@ import socket
 
 import fastapi
 import uvicorn
-
 from moemesh.gateway.catalogue import ModelCatalogue
+
 from moemesh.v1 import models_pb2
 
 _KIND_NAMES = {models_pb2.MODEL_KIND_GENERATION: "generation", models_pb2.MODEL_KIND_EMBEDDING: "embedding"}

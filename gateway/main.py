@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import os
 import sys
 
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
 from moemesh.gateway.http import HttpServer, create_app
 from moemesh.gateway.service import EmbeddingsServicer, GenerationServicer, ModelsServicer
-from moemesh.services.core.config import load_config
-from moemesh.services.core.logs import setup_logging
+from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.scheduler.client import SchedulerClient
-from moemesh.v1 import embeddings_pb2, embeddings_pb2_grpc, generation_pb2, generation_pb2_grpc, models_pb2
-from moemesh.v1 import models_pb2_grpc
+
+from moemesh.v1 import (
+    embeddings_pb2,
+    embeddings_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+)
 
 log = logging.getLogger("moemesh.gateway")
 
@@ -55,22 +59,18 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
     await client.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moemesh-gateway", description=__doc__)
-    parser.add_argument("--config", help="JSON config file")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--http-port", type=int)
     parser.add_argument("--scheduler")
     parser.add_argument("--redis-url")
     parser.add_argument("--default-model")
-    parser.add_argument("--ready-fd", type=int, help="write a JSON line here once serving")
-    args = parser.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "ready_fd")}
-    config = load_config(GatewayConfig, file=args.config, env=os.environ, flags=flags)
-    setup_logging("gateway", config.log_level)
-    asyncio.run(serve(config, args.ready_fd))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return service_main(argv, service="gateway", description=__doc__, config_cls=GatewayConfig,
+                        add_arguments=add_arguments, serve=serve)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import pathlib
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pydantic
-
 from moemesh.services.core.config import ServiceConfig
 
 

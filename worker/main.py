@@ -12,11 +12,8 @@ import uuid
 
 import grpc
 import torch
-
-from moemesh.services.core.config import load_config
-from moemesh.services.core.logs import setup_logging
+from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
-from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.config import WorkerConfig
 from moemesh.worker.embeddings import SentenceEmbedder
@@ -26,6 +23,8 @@ from moemesh.worker.models.registry import build_model
 from moemesh.worker.runner import EngineRunner
 from moemesh.worker.service import WorkerServicer
 from moemesh.worker.tokenizer import Tokenizer
+
+from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("moemesh.worker")
 
@@ -138,9 +137,7 @@ class WorkerProcess:
         log.info("drained", extra={"left_in_flight": self.runner.in_flight})
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="moemesh-worker", description=__doc__)
-    parser.add_argument("--config", help="JSON config file")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-dir")
     parser.add_argument("--model-id")
     parser.add_argument("--embedding-model-dir")
@@ -152,19 +149,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int)
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--num-threads", type=int)
-    parser.add_argument("--ready-fd", type=int, help="write a JSON line here once serving")
-    return parser.parse_args(argv)
+    parser.add_argument("--cluster-token")
+
+
+async def serve(config: WorkerConfig, ready_fd: int | None) -> None:
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    await WorkerProcess(config).run(ready_fd)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "ready_fd")}
-    config = load_config(WorkerConfig, file=args.config, env=os.environ, flags=flags)
-    setup_logging("worker", config.log_level)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    asyncio.run(WorkerProcess(config).run(args.ready_fd))
-    return 0
+    return service_main(argv, service="worker", description=__doc__, config_cls=WorkerConfig,
+                        add_arguments=add_arguments, serve=serve)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 import pydantic
 
+
 class ServiceConfig(pydantic.BaseModel):
     """Base of every service's configuration: frozen, unknown keys rejected."""
 

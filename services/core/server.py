@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from moemesh.services.core.interceptors import ErrorMappingInterceptor
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import pydantic
-
 from moemesh.services.core.config import ServiceConfig
 
 

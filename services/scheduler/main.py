@@ -6,16 +6,15 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import sys
 
-from moemesh.services.core.config import load_config
-from moemesh.services.core.logs import setup_logging
+from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.scheduler.config import SchedulerConfig
 from moemesh.services.scheduler.dispatcher import Dispatcher
 from moemesh.services.scheduler.registry import Registry
 from moemesh.services.scheduler.service import SchedulerServicer
+
 from moemesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("moemesh.scheduler")
@@ -49,20 +48,16 @@ async def serve(config: SchedulerConfig, ready_fd: int | None) -> None:
     await server.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moemesh-scheduler", description=__doc__)
-    parser.add_argument("--config", help="JSON config file")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host")
     parser.add_argument("--port", type=int)
     parser.add_argument("--heartbeat-interval", type=float)
     parser.add_argument("--max-missed-heartbeats", type=int)
-    parser.add_argument("--ready-fd", type=int, help="write a JSON line here once serving")
-    args = parser.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "ready_fd")}
-    config = load_config(SchedulerConfig, file=args.config, env=os.environ, flags=flags)
-    setup_logging("scheduler", config.log_level)
-    asyncio.run(serve(config, args.ready_fd))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return service_main(argv, service="scheduler", description=__doc__, config_cls=SchedulerConfig,
+                        add_arguments=add_arguments, serve=serve)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from moemesh.worker.kv_cache import SlotKVCache
+from torch import nn
 
 
 class RMSNorm(nn.Module):

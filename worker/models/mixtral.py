@@ -12,8 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from moemesh.worker.checkpoint import WeightRule
 from moemesh.worker.kv_cache import SlotKVCache
 from moemesh.worker.models.layers import (
@@ -24,6 +22,7 @@ from moemesh.worker.models.layers import (
     RotaryEmbedding,
     TopKRouter,
 )
+from torch import nn
 
 # Checkpoint name -> parameter. Published Mixtral checkpoints (and
 # transformers' save_pretrained, which converts back on save) store one matrix

@@ -8,10 +8,9 @@ class. A model class provides `from_config(config: dict)`, a
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from moemesh.worker.checkpoint import Checkpoint, iter_tensors, load_weights
 from moemesh.worker.models.mixtral import MixtralForCausalLM
+from torch import nn
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
