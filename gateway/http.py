@@ -9,7 +9,9 @@ import asyncio
 import socket
 
 import fastapi
+import redis.asyncio as aioredis
 import uvicorn
+from moemesh.cache.client import reachable
 from moemesh.gateway.catalogue import ModelCatalogue
 
 from moemesh.v1 import models_pb2
@@ -17,7 +19,7 @@ from moemesh.v1 import models_pb2
 _KIND_NAMES = {models_pb2.MODEL_KIND_GENERATION: "generation", models_pb2.MODEL_KIND_EMBEDDING: "embedding"}
 
 
-def create_app(catalogue: ModelCatalogue, ready: asyncio.Event) -> fastapi.FastAPI:
+def create_app(catalogue: ModelCatalogue, ready: asyncio.Event, redis: aioredis.Redis | None) -> fastapi.FastAPI:
     app = fastapi.FastAPI(title="moemesh gateway", version="v1")
 
     @app.get("/healthz")
@@ -27,11 +29,15 @@ def create_app(catalogue: ModelCatalogue, ready: asyncio.Event) -> fastapi.FastA
 
     @app.get("/readyz")
     async def readyz(response: fastapi.Response) -> dict:
-        """Readiness: connected to the scheduler."""
+        """Readiness: connected to the scheduler. Redis is reported, not required."""
+        if redis is None:
+            cache = "disabled"
+        else:
+            cache = "up" if await reachable(redis) else "unreachable"
         if not ready.is_set():
             response.status_code = 503
-            return {"status": "not ready"}
-        return {"status": "ready"}
+            return {"status": "not ready", "redis": cache}
+        return {"status": "ready", "redis": cache}
 
     @app.get("/v1/models")
     async def list_models() -> dict:

@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from moemesh.cache.client import connect
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
 from moemesh.gateway.http import HttpServer, create_app
@@ -41,7 +42,8 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
                EmbeddingsServicer(client, catalogue), _service_name(embeddings_pb2, "Embeddings"))
     server.add(models_pb2_grpc.add_ModelsServicer_to_server,
                ModelsServicer(catalogue), _service_name(models_pb2, "Models"))
-    http = HttpServer(create_app(catalogue, client.connected), config.host, config.http_port) \
+    redis = connect(config.redis_url) if config.redis_url else None
+    http = HttpServer(create_app(catalogue, client.connected, redis), config.host, config.http_port) \
         if config.http_port is not None else None
     client.start()
     await server.start()
@@ -57,6 +59,8 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
         await http.stop()
     await server.stop()
     await client.close()
+    if redis is not None:
+        await redis.aclose()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

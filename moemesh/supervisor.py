@@ -134,9 +134,12 @@ class Mesh:
         exited = asyncio.create_task(child.process.wait())
         done, _ = await asyncio.wait({reader, exited}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         line = (await reader).strip() if reader in done or exited in done else ""
-        exited.cancel()
         if not line:
-            raise ServiceFailed(f"{name} did not become ready (exit code {child.process.returncode})")
+            # The pipe closed without a line: the child is exiting; give it a moment to report its code.
+            await asyncio.wait({exited}, timeout=2.0)
+            hint = f" (see {self.options.log_dir / (name + '.log')})" if self.options.log_dir else ""
+            raise ServiceFailed(f"{name} did not become ready (exit code {child.process.returncode}){hint}")
+        exited.cancel()
         return line
 
     async def _start_redis(self) -> None:

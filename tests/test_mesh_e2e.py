@@ -23,6 +23,8 @@ from moemesh.v1 import (
     generation_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
 )
 from tests.conftest import DEMO_MODEL, pid_alive, start_mesh, stop_mesh
 
@@ -152,7 +154,8 @@ def test_http_health_and_models(mesh):
 
     base = f"http://{mesh.http}"
     assert httpx.get(f"{base}/healthz", timeout=10).json() == {"status": "ok"}
-    assert httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+    ready = httpx.get(f"{base}/readyz", timeout=10)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "redis": "up"}, ready.text
     ids = [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=10).json()["data"]]
     assert "demo-moe" in ids
 
@@ -188,9 +191,22 @@ def test_ctrl_c_finishes_in_flight_streams_then_stops_every_process(mesh, channe
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still accepts connections"
 
 
-def test_killing_the_supervisor_takes_the_services_down(tmp_path):
-    mesh = start_mesh(tmp_path, "--no-embeddings", "--no-http")
+def test_two_workers_register_and_share_the_traffic_and_die_with_the_supervisor(tmp_path):
+    mesh = start_mesh(tmp_path, "--workers", "2", "--no-embeddings", "--no-http")
     pids = mesh.service_pids()
+    assert len(mesh.workers) == 2 and len(set(mesh.workers)) == 2
+    with grpc.insecure_channel(mesh.gateway) as ch:
+        models = models_pb2_grpc.ModelsStub(ch).ListModels(models_pb2.ListModelsRequest(), timeout=10).models
+        assert [m.ready_replicas for m in models] == [2]
+        stub = generation_pb2_grpc.GenerationStub(ch)
+        calls = [stub.Generate(greedy_request(max_tokens=40, ignore_eos=True), timeout=120) for _ in range(8)]
+        with grpc.insecure_channel(mesh.scheduler) as sch:
+            time.sleep(0.3)  # let both workers report a heartbeat with load
+            nodes = scheduler_pb2_grpc.SchedulerStub(sch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
+        outputs = {"".join(e.text for e in call) for call in calls}
+    assert len(outputs) == 1, "the same greedy request must give the same text on either replica"
+    assert sorted(n.state for n in nodes) == ["ready", "ready"]
+    assert all(n.load.running_seqs > 0 for n in nodes), f"traffic did not reach both workers: {nodes}"
     mesh.process.kill()  # SIGKILL: no chance to clean up; the kernel must stop the children
     mesh.process.wait(10)
     deadline = time.monotonic() + 30
