@@ -200,13 +200,14 @@ def test_two_workers_register_and_share_the_traffic_and_die_with_the_supervisor(
         assert [m.ready_replicas for m in models] == [2]
         stub = generation_pb2_grpc.GenerationStub(ch)
         calls = [stub.Generate(greedy_request(max_tokens=40, ignore_eos=True), timeout=120) for _ in range(8)]
-        with grpc.insecure_channel(mesh.scheduler) as sch:
-            time.sleep(0.3)  # let both workers report a heartbeat with load
-            nodes = scheduler_pb2_grpc.SchedulerStub(sch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
         outputs = {"".join(e.text for e in call) for call in calls}
+    with grpc.insecure_channel(mesh.scheduler) as sch:
+        nodes = scheduler_pb2_grpc.SchedulerStub(sch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
     assert len(outputs) == 1, "the same greedy request must give the same text on either replica"
     assert sorted(n.state for n in nodes) == ["ready", "ready"]
-    assert all(n.load.running_seqs > 0 for n in nodes), f"traffic did not reach both workers: {nodes}"
+    routed = sorted(n.routed_requests for n in nodes)
+    assert sum(routed) == 8 and routed[0] >= 2, f"8 concurrent streams must spread over both replicas: {routed}"
+    assert [n.in_flight for n in nodes] == [0, 0], "finished requests must leave the in-flight count"
     mesh.process.kill()  # SIGKILL: no chance to clean up; the kernel must stop the children
     mesh.process.wait(10)
     deadline = time.monotonic() + 30

@@ -108,7 +108,7 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "state", "replica_group", "rank", "world_size", "model_ids", "load", "heartbeat_age")
+    __slots__ = ("node_id", "address", "state", "replica_group", "rank", "world_size", "model_ids", "load", "heartbeat_age", "routed_requests", "in_flight")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -118,6 +118,8 @@ class NodeInfo(_message.Message):
     MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     state: str
@@ -127,7 +129,9 @@ class NodeInfo(_message.Message):
     model_ids: _containers.RepeatedScalarFieldContainer[str]
     load: NodeLoad
     heartbeat_age: float
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., replica_group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_ids: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., heartbeat_age: _Optional[float] = ...) -> None: ...
+    routed_requests: int
+    in_flight: int
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., replica_group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_ids: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., heartbeat_age: _Optional[float] = ..., routed_requests: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
     __slots__ = ("nodes",)

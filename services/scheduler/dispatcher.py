@@ -67,6 +67,7 @@ class Dispatcher:
             session.send([_error_event(work.request_id, exc.grpc_code, str(exc))])
             return
         node.in_flight += 1
+        node.routed_requests += 1
         self.routes[work.request_id] = Route(session, node.node_id)
         session.request_ids.add(work.request_id)
         self.link(node).send(worker_pb2.ExecuteRequest(add=work))

@@ -61,6 +61,7 @@ class Node:
     load: Load = field(default_factory=Load)
     last_heartbeat: float = field(default_factory=time.monotonic)
     in_flight: int = 0  # requests the scheduler routed here and has not seen finish
+    routed_requests: int = 0  # requests routed here since registration
 
     def serves(self, model_id: str) -> bool:
         return any(m.model_id == model_id for m in self.models)

@@ -143,6 +143,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                                             steps_per_second=n.load.steps_per_second,
                                             seconds_since_progress=n.load.seconds_since_progress),
                 heartbeat_age=now - n.last_heartbeat,
+                routed_requests=n.routed_requests,
+                in_flight=n.in_flight,
             )
             for n in self.registry.nodes.values()
         ])
