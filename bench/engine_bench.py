@@ -1,0 +1,141 @@
+"""Engine throughput against `transformers` generate and the bare model step, in one run.
+
+Builds (once, cached under --workdir) a random Mixtral-architecture
+checkpoint of about 100M parameters (hidden 512, 8 layers, 8 experts, top-2,
+vocab 4096), then measures, on the same weights, dtype and thread count:
+
+  1. `transformers` generate on a padded batch (greedy, fixed new tokens);
+  2. the moemesh engine with the same requests submitted concurrently;
+  3. the bare batched model step (decode forward only, no engine): the ceiling;
+
+and prints tokens/s and the ratios. Usage:
+
+    python bench/engine_bench.py [--concurrency 32] [--prompt-tokens 100] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import time
+
+import torch
+
+from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.engine import Engine
+from moemesh.worker.models.registry import build_model
+from moemesh.worker.requests import GenerationRequest
+from moemesh.worker.sampling import SamplingParams
+from moemesh.worker.tokenizer import Tokenizer
+
+BENCH_CONFIG = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=4096,
+                    max_position_embeddings=1024)
+
+
+def build_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
+    """The ~100M-parameter random checkpoint, built once."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo's tests/ helpers
+    from tests.checkpoints import build_tiny_mixtral
+
+    out = workdir / "mixtral-100m"
+    if not (out / "config.json").exists():
+        build_tiny_mixtral(out, seed=0, **BENCH_CONFIG)
+    return out
+
+
+def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def bench_transformers(ckpt: pathlib.Path, batch: list[list[int]], new_tokens: int, dtype: torch.dtype) -> float:
+    """Tokens/s of transformers generate on a padded batch (equal lengths: no padding waste)."""
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
+    ids = torch.tensor(batch)
+    with torch.inference_mode():
+        model.generate(ids[:, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        elapsed = time.perf_counter() - start
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return len(batch) * new_tokens / elapsed
+
+
+def bench_engine(model, tokenizer, batch: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s of the engine with every request submitted at once."""
+    engine = Engine(model, tokenizer, max_num_seqs=max(len(batch), 1), max_model_len=len(batch[0]) + new_tokens + 8)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    for i, prompt in enumerate(batch):
+        engine.add(GenerationRequest(f"r{i}", tuple(prompt), params))
+    generated = 0
+    while engine.has_work():
+        generated += sum(len(o.token_ids) for o in engine.step())
+    elapsed = time.perf_counter() - start
+    assert generated == len(batch) * new_tokens
+    return generated / elapsed
+
+
+def bench_bare_step(model, batch: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s of the decode forward alone at the same batch and context lengths (the ceiling)."""
+    n, length = len(batch), len(batch[0])
+    cache = model.make_cache(n, length + new_tokens + 8)
+    slots = torch.arange(n)
+    with torch.inference_mode():
+        for i, prompt in enumerate(batch):
+            model(torch.tensor([prompt]), torch.arange(length).unsqueeze(0), slots[i:i + 1], cache)
+        ids = torch.zeros(n, 1, dtype=torch.long)
+        start = time.perf_counter()
+        for step in range(new_tokens):
+            positions = torch.full((n, 1), length + step)
+            ids = model(ids, positions, slots, cache)[:, -1].argmax(-1, keepdim=True)
+        elapsed = time.perf_counter() - start
+    return n * new_tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=100)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--levels", default="1,8,32", help="concurrency levels for the engine sweep")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "moemesh-bench")
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    ckpt = build_checkpoint(args.workdir)
+    model = build_model(open_checkpoint(ckpt), dtype=dtype)
+    tokenizer = Tokenizer.from_dir(ckpt)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"checkpoint {ckpt} ({params / 1e6:.1f}M parameters), {args.dtype}, {torch.get_num_threads()} threads")
+    batch = prompts(args.concurrency, args.prompt_tokens, BENCH_CONFIG["vocab_size"])
+
+    engine_tps = bench_engine(model, tokenizer, batch, args.new_tokens)
+    bare_tps = bench_bare_step(model, batch, args.new_tokens)
+    print(f"engine            {args.concurrency:3d} seqs: {engine_tps:8.1f} tok/s")
+    print(f"bare model step   {args.concurrency:3d} seqs: {bare_tps:8.1f} tok/s  (decode only, no prefill)")
+    print(f"engine / bare step: {engine_tps / bare_tps:.2f}")
+    if not args.skip_transformers:
+        hf_tps = bench_transformers(ckpt, batch, args.new_tokens, dtype)
+        print(f"transformers      {args.concurrency:3d} seqs: {hf_tps:8.1f} tok/s  (padded batch generate)")
+        print(f"engine / transformers: {engine_tps / hf_tps:.2f}  (target >= 2.5)")
+    one = prompts(1, args.prompt_tokens, BENCH_CONFIG["vocab_size"])
+    engine_one = bench_engine(model, tokenizer, one, args.new_tokens)
+    bare_one = bench_bare_step(model, one, args.new_tokens)
+    print(f"one sequence: time per output token engine {1000 / engine_one:.2f} ms, bare step {1000 / bare_one:.2f} ms,"
+          f" ratio {bare_one / engine_one:.2f} (target <= 1.1)")
+    for level in [int(x) for x in args.levels.split(",")]:
+        tps = bench_engine(model, tokenizer, prompts(level, args.prompt_tokens, BENCH_CONFIG["vocab_size"]),
+                           args.new_tokens)
+        print(f"engine at {level:3d} concurrent: {tps:8.1f} tok/s")
+
+
+if __name__ == "__main__":
+    main()
