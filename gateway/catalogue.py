@@ -6,7 +6,6 @@ import time
 
 from moemesh.services.core.errors import InvalidRequest, Unavailable
 from moemesh.services.scheduler.client import SchedulerClient
-
 from moemesh.v1 import models_pb2
 
 REFRESH_SECONDS = 1.0

@@ -11,9 +11,9 @@ import socket
 import fastapi
 import redis.asyncio as aioredis
 import uvicorn
+
 from moemesh.cache.client import reachable
 from moemesh.gateway.catalogue import ModelCatalogue
-
 from moemesh.v1 import models_pb2
 
 _KIND_NAMES = {models_pb2.MODEL_KIND_GENERATION: "generation", models_pb2.MODEL_KIND_EMBEDDING: "embedding"}

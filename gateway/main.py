@@ -14,7 +14,6 @@ from moemesh.gateway.service import EmbeddingsServicer, GenerationServicer, Mode
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.scheduler.client import SchedulerClient
-
 from moemesh.v1 import (
     embeddings_pb2,
     embeddings_pb2_grpc,

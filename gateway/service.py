@@ -7,13 +7,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
 from moemesh.gateway.validation import validate_embed_inputs, validate_generate
 from moemesh.services.core import tensors
 from moemesh.services.core.errors import error_from_rpc
 from moemesh.services.scheduler.client import SchedulerClient
-
 from moemesh.v1 import (
     common_pb2,
     embeddings_pb2,

@@ -6,7 +6,6 @@ import re
 
 from moemesh.gateway.config import GatewayConfig
 from moemesh.services.core.errors import InvalidRequest
-
 from moemesh.v1 import common_pb2, generation_pb2, models_pb2
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

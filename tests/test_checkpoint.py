@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
-from moemesh.worker.checkpoint import iter_tensors, open_checkpoint
-from moemesh.worker.models.registry import build_model
 from safetensors.torch import load_file, save_file
 
+from moemesh.worker.checkpoint import iter_tensors, open_checkpoint
+from moemesh.worker.models.registry import build_model
 from tests.checkpoints import build_tiny_mixtral
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from moemesh.gateway.config import GatewayConfig
 from moemesh.services.core.config import load_config
 from moemesh.services.scheduler.config import SchedulerConfig

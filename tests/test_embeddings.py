@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from moemesh.services.core.errors import InvalidRequest
 from moemesh.worker.embeddings import SentenceEmbedder, default_embedding_model_dir
 

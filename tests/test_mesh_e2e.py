@@ -13,7 +13,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from moemesh.worker.tokenizer import Tokenizer
 
 from moemesh.v1 import (
     common_pb2,
@@ -26,6 +25,7 @@ from moemesh.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
+from moemesh.worker.tokenizer import Tokenizer
 from tests.conftest import DEMO_MODEL, pid_alive, start_mesh, stop_mesh
 
 PROMPT = "def fibonacci(n):"

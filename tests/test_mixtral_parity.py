@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 import torch
-from moemesh.worker.checkpoint import open_checkpoint
-from moemesh.worker.models.registry import MODEL_REGISTRY, build_model
 from safetensors.torch import save_file
 
+from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.models.registry import MODEL_REGISTRY, build_model
 from tests.checkpoints import build_tiny_mixtral
 
 PROMPT_LEN = 20

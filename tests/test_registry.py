@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from moemesh.services.core.errors import Unavailable
 from moemesh.services.scheduler.registry import Load, Node, NodeState, Registry, ServedModel
 from moemesh.services.scheduler.router import pick_node

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from moemesh.worker.sampling import SamplingBatch, SamplingParams, sample
 
 

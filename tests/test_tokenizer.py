@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from moemesh.worker.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 
+from moemesh.worker.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 from tests.checkpoints import build_tiny_tokenizer
 
 MULTIBYTE_TEXT = "héllo 世界 🎉"

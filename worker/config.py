@@ -6,6 +6,7 @@ import pathlib
 from typing import ClassVar, Literal
 
 import pydantic
+
 from moemesh.services.core.config import ServiceConfig
 
 

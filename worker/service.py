@@ -8,15 +8,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 import torch
+
 from moemesh.services.core import tensors
 from moemesh.services.core.errors import InvalidRequest, MeshError, NotFound, Unavailable
+from moemesh.v1 import worker_pb2, worker_pb2_grpc
 from moemesh.worker.convert import output_to_pb, request_from_pb
 from moemesh.worker.embeddings import SentenceEmbedder
 from moemesh.worker.requests import RequestOutput
 from moemesh.worker.runner import EngineRunner
 from moemesh.worker.tokenizer import Tokenizer
-
-from moemesh.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from moemesh.services.core.errors import MeshError, status_of
 
 log = logging.getLogger(__name__)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from moemesh.services.core.interceptors import ErrorMappingInterceptor
 
 log = logging.getLogger(__name__)

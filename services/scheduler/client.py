@@ -14,8 +14,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from moemesh.services.core.errors import Unavailable, error_from_code
 
+from moemesh.services.core.errors import Unavailable, error_from_code
 from moemesh.v1 import models_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,11 @@ import random
 from dataclasses import dataclass
 
 import grpc
+
 from moemesh.services.core.errors import MeshError
 from moemesh.services.scheduler.links import WorkerLink
 from moemesh.services.scheduler.registry import Node, Registry
 from moemesh.services.scheduler.router import pick_node
-
 from moemesh.v1 import worker_pb2
 
 log = logging.getLogger(__name__)

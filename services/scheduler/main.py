@@ -14,7 +14,6 @@ from moemesh.services.scheduler.config import SchedulerConfig
 from moemesh.services.scheduler.dispatcher import Dispatcher
 from moemesh.services.scheduler.registry import Registry
 from moemesh.services.scheduler.service import SchedulerServicer
-
 from moemesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("moemesh.scheduler")

@@ -8,11 +8,11 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
+
 from moemesh.services.core.errors import InvalidRequest, Unauthenticated
 from moemesh.services.scheduler.dispatcher import Dispatcher, Session
 from moemesh.services.scheduler.registry import Load, Node, Registry, ServedModel
 from moemesh.services.scheduler.router import pick_node
-
 from moemesh.v1 import models_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
