@@ -3,7 +3,8 @@
 `build_tiny_mixtral` writes a Hugging Face checkpoint directory that looks
 like a published Mixtral one: config.json, generation_config.json, safetensors
 weights (sharded on request), tokenizer.json and tokenizer_config.json with a
-chat template.
+chat template. `build_tiny_qwen2_moe` and `build_tiny_qwen3_moe` do the same
+for the Qwen MoE families.
 """
 
 from __future__ import annotations
@@ -139,3 +140,97 @@ def build_tiny_mixtral(
     model.save_pretrained(out_dir, safe_serialization=True, **save_kwargs)
     build_tiny_tokenizer(out_dir)
     return out_dir
+
+
+def tiny_qwen2_moe_config(**overrides):
+    """A transformers Qwen2MoeConfig small enough for CPU tests: a shared expert, and layer 1 dense."""
+    from transformers import Qwen2MoeConfig
+
+    values = dict(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,  # the dense layer's MLP
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        mlp_only_layers=[1],
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return Qwen2MoeConfig(**values)
+
+
+def tiny_qwen3_moe_config(**overrides):
+    """A transformers Qwen3MoeConfig small enough for CPU tests; head_dim is not hidden_size / heads."""
+    from transformers import Qwen3MoeConfig
+
+    values = dict(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    values.update(overrides)
+    return Qwen3MoeConfig(**values)
+
+
+def _save_tiny(model: torch.nn.Module, out_dir: Path, seed: int, save_dtype: torch.dtype, max_shard_size: str | None) -> Path:
+    """Peak the weights, save as transformers does, add the tokenizer; return the dir."""
+    redraw_weights(model, seed)
+    model.to(save_dtype)
+    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **save_kwargs)
+    build_tiny_tokenizer(out_dir)
+    return out_dir
+
+
+def build_tiny_qwen2_moe(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    max_shard_size: str | None = None,
+    save_dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Path:
+    """Write a tiny random Qwen2-MoE checkpoint (config `overrides` apply) with a tokenizer; return its dir."""
+    from transformers import Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2MoeForCausalLM(tiny_qwen2_moe_config(**overrides))
+    return _save_tiny(model, Path(out_dir), seed, save_dtype, max_shard_size)
+
+
+def build_tiny_qwen3_moe(
+    out_dir: str | Path,
+    seed: int = 0,
+    *,
+    max_shard_size: str | None = None,
+    save_dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Path:
+    """Write a tiny random Qwen3-MoE checkpoint (config `overrides` apply) with a tokenizer; return its dir."""
+    from transformers import Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(**overrides))
+    return _save_tiny(model, Path(out_dir), seed, save_dtype, max_shard_size)

@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: norm, rotary, attention, experts.
+"""Building blocks shared by the model families: norm, rotary, attention, MLPs, experts.
 
 Shapes use B (sequences in the batch), T (new tokens per sequence), L (key
 positions attended to), H (hidden size), D (head dim), E (experts), k (experts
@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from moemesh.worker.kv_cache import SlotKVCache
 from torch import nn
+
+from moemesh.worker.kv_cache import SlotKVCache
 
 
 class RMSNorm(nn.Module):
@@ -94,33 +95,53 @@ class AttentionBatch:
 
 
 class QKVLinear(nn.Linear):
-    """q, k and v projections fused into one matmul; rows are [q | k | v]."""
+    """q, k and v projections fused into one matmul; rows (and bias entries) are [q | k | v]."""
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool = False) -> None:
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        super().__init__(hidden_size, q_size + 2 * kv_size, bias=False)
+        super().__init__(hidden_size, q_size + 2 * kv_size, bias=bias)
         self.sizes = (q_size, kv_size, kv_size)
         # Rows of the fused weight that each checkpoint matrix fills: (start, size).
         self.shard_offsets = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}
 
 
 class Attention(nn.Module):
-    """Grouped-query attention over the slot KV cache."""
+    """Grouped-query attention over the slot KV cache.
 
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    Options for the families that need them: biases on the q/k/v projections
+    (`qkv_bias`) and on the output projection (`o_bias`), and a per-head
+    RMSNorm of queries and keys before rotary (`qk_norm_eps`, None for none).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm_eps: float | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
-        self.qkv_proj = QKVLinear(hidden_size, num_heads, num_kv_heads, head_dim)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.qkv_proj = QKVLinear(hidden_size, num_heads, num_kv_heads, head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        # Identity keeps the forward branch-free and adds no parameters.
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch, cache: SlotKVCache, layer: int) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]; stores this step's keys and values in the cache."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
-        q = apply_rotary(q.view(B, T, self.num_heads, self.head_dim), batch.cos, batch.sin)
-        k = apply_rotary(k.view(B, T, self.num_kv_heads, self.head_dim), batch.cos, batch.sin)
+        q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
+        q = apply_rotary(q, batch.cos, batch.sin)
+        k = apply_rotary(k, batch.cos, batch.sin)
         cache.write(layer, batch.slots, batch.positions, k, v.view(B, T, self.num_kv_heads, self.head_dim))
         keys, values = cache.read(layer, batch.slots, batch.kv_len)  # [B, L, n_kv, D]
         out = F.scaled_dot_product_attention(
@@ -131,6 +152,29 @@ class Attention(nn.Module):
             enable_gqa=True,
         )  # [B, n_heads, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class GateUpLinear(nn.Linear):
+    """gate and up projections of a SwiGLU MLP fused into one matmul; rows are [gate | up]."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__(hidden_size, 2 * intermediate_size, bias=False)
+        # Rows of the fused weight that each checkpoint matrix fills: (start, size).
+        self.shard_offsets = {"gate": (0, intermediate_size), "up": (intermediate_size, intermediate_size)}
+
+
+class SwiGLUMLP(nn.Module):
+    """A dense SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = GateUpLinear(hidden_size, intermediate_size)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] -> [..., H]."""
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # 2 x [..., I]
+        return self.down_proj(F.silu(gate) * up)
 
 
 class TopKRouter(nn.Module):
@@ -201,3 +245,37 @@ class MoEExperts(nn.Module):
         """One expert's SwiGLU MLP: x [n, H] -> [n, H]."""
         gate, up = F.linear(x, self.w13[expert]).chunk(2, dim=-1)  # 2 x [n, I]
         return F.linear(F.silu(gate) * up, self.w2[expert])
+
+
+class SparseMoeBlock(nn.Module):
+    """Router plus routed experts; `forward` = `run_experts(x, *route(x))`.
+
+    Routing and expert work are separate calls so that the experts can be
+    split across processes: each runs `run_experts` for its own `expert_ids`
+    and the partial outputs sum to the whole.
+    """
+
+    def __init__(
+        self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool = True
+    ) -> None:
+        super().__init__()
+        self.gate = TopKRouter(hidden_size, num_experts, top_k, renormalize)
+        self.experts = MoEExperts(num_experts, hidden_size, intermediate_size)
+
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [T, H] -> (topk_ids [T, k], topk_weights [T, k])."""
+        return self.gate(hidden)
+
+    def run_experts(
+        self,
+        hidden: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expert_ids: Iterable[int] | None = None,
+    ) -> torch.Tensor:
+        """Experts' weighted outputs [T, H]; only `expert_ids` when given."""
+        return self.experts(hidden, topk_ids, topk_weights, expert_ids)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] -> [T, H]."""
+        return self.run_experts(hidden, *self.route(hidden))

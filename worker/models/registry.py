@@ -8,12 +8,17 @@ class. A model class provides `from_config(config: dict)`, a
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from moemesh.worker.checkpoint import Checkpoint, iter_tensors, load_weights
 from moemesh.worker.models.mixtral import MixtralForCausalLM
-from torch import nn
+from moemesh.worker.models.qwen2_moe import Qwen2MoeForCausalLM
+from moemesh.worker.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 
