@@ -20,10 +20,16 @@ from moemesh.worker.models.qwen2_moe import Qwen2MoeArgs, Qwen2MoeSparseMoeBlock
 from moemesh.worker.models.qwen3_moe import Qwen3MoeArgs
 from moemesh.worker.models.registry import build_model
 from tests.checkpoints import build_tiny_qwen2_moe, build_tiny_qwen3_moe
-from tests.test_mixtral_parity import greedy_generate, prefill, random_ids, relative_error
-
-PROMPT_LEN = 20
-MAX_NEW_TOKENS = 64
+from tests.model_contract import (  # noqa: F401 - shared tests, run against this module's fixtures
+    MAX_NEW_TOKENS,
+    PROMPT_LEN,
+    prefill,
+    random_ids,
+    relative_error,
+    test_batched_decode_matches_each_sequence_alone,
+    test_chunked_prefill_matches_one_shot_prefill,
+    test_greedy_generation_matches_transformers_generate,
+)
 
 
 @dataclass(frozen=True)
@@ -97,53 +103,6 @@ def test_prefill_logits_match_transformers(model, hf_model):
     assert ours.shape == (PROMPT_LEN, model.vocab_size)
     err = relative_error(ours, expected)
     assert err < 1e-4, f"prefill logits differ from transformers: relative error {err:.2e}"
-
-
-def test_greedy_generation_matches_transformers_generate(model, hf_model):
-    prompt = random_ids(PROMPT_LEN, seed=2)
-    with torch.no_grad():
-        expected = hf_model.generate(
-            prompt[None], do_sample=False, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=None, pad_token_id=0
-        )[0, PROMPT_LEN:].tolist()
-    assert len(expected) == MAX_NEW_TOKENS, "transformers stopped early; the comparison needs 64 tokens"
-    assert len(set(expected)) > 4, "reference output is degenerate; the comparison would prove little"
-    ours = greedy_generate(model, prompt, MAX_NEW_TOKENS)
-    first_diff = next((i for i, (a, b) in enumerate(zip(ours, expected)) if a != b), None)
-    assert ours == expected, f"greedy tokens diverge from transformers at step {first_diff}"
-
-
-def test_batched_decode_matches_each_sequence_alone(model):
-    prompts = [random_ids(n, seed=10 + n) for n in (5, 9, 14)]
-    slots = [2, 0, 3]
-    next_ids = [[7, 11], [300, 42], [99, 128]]  # two decode steps per sequence
-
-    alone = []
-    for prompt, steps in zip(prompts, next_ids):
-        cache = model.make_cache(num_slots=1, max_len=32)
-        prefill(model, cache, prompt, slot=0)
-        alone.append([prefill(model, cache, torch.tensor([t]), 0, start=len(prompt) + i)[0] for i, t in enumerate(steps)])
-
-    cache = model.make_cache(num_slots=4, max_len=32)
-    for prompt, slot in zip(prompts, slots):
-        prefill(model, cache, prompt, slot)
-    for step in range(2):
-        ids = torch.tensor([[steps[step]] for steps in next_ids])  # [3, 1]
-        positions = torch.tensor([[len(p) + step] for p in prompts])  # [3, 1]
-        batched = model(ids, positions, torch.tensor(slots), cache)[:, 0]  # [3, V]
-        for b in range(3):
-            torch.testing.assert_close(
-                batched[b], alone[b][step], rtol=1e-5, atol=1e-5,
-                msg=lambda m, b=b, step=step: f"sequence {b}, decode step {step}: batched != alone\n{m}",
-            )
-
-
-def test_chunked_prefill_matches_one_shot_prefill(model):
-    ids = random_ids(PROMPT_LEN, seed=3)
-    whole = prefill(model, model.make_cache(1, 32), ids, slot=0)
-    cache = model.make_cache(1, 32)
-    first = prefill(model, cache, ids[:8], slot=0)
-    rest = prefill(model, cache, ids[8:], slot=0, start=8)
-    torch.testing.assert_close(torch.cat([first, rest]), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_experts_split_across_shards_sum_to_the_whole(model):
