@@ -193,7 +193,19 @@ def test_ctrl_c_finishes_in_flight_streams_then_stops_every_process(mesh, channe
 
 def test_two_workers_register_and_share_the_traffic_and_die_with_the_supervisor(tmp_path):
     mesh = start_mesh(tmp_path, "--workers", "2", "--no-embeddings", "--no-http")
-    pids = mesh.service_pids()
+    try:
+        check_two_workers_share_the_traffic(mesh)
+    finally:
+        pids = mesh.service_pids()
+        mesh.process.kill()  # SIGKILL: no chance to clean up; the kernel must stop the children
+        mesh.process.wait(10)
+    deadline = time.monotonic() + 30
+    while [p for p in pids if pid_alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if pid_alive(p)], "services must die with their supervisor"
+
+
+def check_two_workers_share_the_traffic(mesh) -> None:
     assert len(mesh.workers) == 2 and len(set(mesh.workers)) == 2
     with grpc.insecure_channel(mesh.gateway) as ch:
         models = models_pb2_grpc.ModelsStub(ch).ListModels(models_pb2.ListModelsRequest(), timeout=10).models
@@ -208,9 +220,3 @@ def test_two_workers_register_and_share_the_traffic_and_die_with_the_supervisor(
     routed = sorted(n.routed_requests for n in nodes)
     assert sum(routed) == 8 and routed[0] >= 2, f"8 concurrent streams must spread over both replicas: {routed}"
     assert [n.in_flight for n in nodes] == [0, 0], "finished requests must leave the in-flight count"
-    mesh.process.kill()  # SIGKILL: no chance to clean up; the kernel must stop the children
-    mesh.process.wait(10)
-    deadline = time.monotonic() + 30
-    while [p for p in pids if pid_alive(p)] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [p for p in pids if pid_alive(p)], "services must die with their supervisor"
