@@ -7,7 +7,13 @@ one, loaded from the same tiny random checkpoint).
 
 from __future__ import annotations
 
+import shutil
+
 import torch
+from safetensors.torch import save_file
+
+from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.models.registry import build_model
 
 PROMPT_LEN = 20
 MAX_NEW_TOKENS = 64
@@ -85,3 +91,19 @@ def test_chunked_prefill_matches_one_shot_prefill(model):
     first = prefill(model, cache, ids[:8], slot=0)
     rest = prefill(model, cache, ids[8:], slot=0, start=8)
     torch.testing.assert_close(torch.cat([first, rest]), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_expert_names_of_transformers_state_dict_load_the_same(model, hf_model, ckpt_dir, tmp_path):
+    # save_pretrained writes one matrix per expert (mlp.experts.{e}.gate_proj);
+    # transformers >= 5 keeps them fused in memory, and a state dict saved as-is
+    # carries those names (mlp.experts.gate_up_proj) instead.
+    fused_dir = tmp_path / "fused"
+    fused_dir.mkdir()
+    shutil.copy(ckpt_dir / "config.json", fused_dir / "config.json")
+    state = {name: t.contiguous() for name, t in hf_model.state_dict().items()}
+    assert any(name.endswith("mlp.experts.gate_up_proj") for name in state)
+    save_file(state, fused_dir / "model.safetensors")
+    fused = build_model(open_checkpoint(fused_dir))
+    ids = random_ids(PROMPT_LEN)
+    expected = prefill(model, model.make_cache(1, 32), ids, slot=0)
+    assert torch.equal(prefill(fused, fused.make_cache(1, 32), ids, slot=0), expected)

@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import MODEL_REGISTRY, build_model
@@ -20,6 +19,7 @@ from tests.model_contract import (  # noqa: F401 - shared tests, run against thi
     relative_error,
     test_batched_decode_matches_each_sequence_alone,
     test_chunked_prefill_matches_one_shot_prefill,
+    test_fused_expert_names_of_transformers_state_dict_load_the_same,
     test_greedy_generation_matches_transformers_generate,
 )
 
@@ -81,21 +81,6 @@ def test_sharded_checkpoint_loads_the_same(model, tmp_path):
     ids = random_ids(PROMPT_LEN)
     expected = prefill(model, model.make_cache(1, 32), ids, slot=0)
     assert torch.equal(prefill(sharded, sharded.make_cache(1, 32), ids, slot=0), expected)
-
-
-def test_fused_expert_names_of_transformers_state_dict_load_the_same(model, hf_model, ckpt_dir, tmp_path):
-    # transformers >= 5 keeps experts fused in memory (mlp.experts.gate_up_proj);
-    # a state dict saved as-is carries those names instead of per-expert ones.
-    fused_dir = tmp_path / "fused"
-    fused_dir.mkdir()
-    shutil.copy(ckpt_dir / "config.json", fused_dir / "config.json")
-    state = {name: t.contiguous() for name, t in hf_model.state_dict().items()}
-    assert any(name.endswith("mlp.experts.gate_up_proj") for name in state)
-    save_file(state, fused_dir / "model.safetensors")
-    fused = build_model(open_checkpoint(fused_dir))
-    ids = random_ids(PROMPT_LEN)
-    expected = prefill(model, model.make_cache(1, 32), ids, slot=0)
-    assert torch.equal(prefill(fused, fused.make_cache(1, 32), ids, slot=0), expected)
 
 
 def test_bf16_checkpoint_is_cast_to_the_requested_dtype(tmp_path):

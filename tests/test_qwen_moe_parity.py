@@ -6,13 +6,11 @@ the tiny Qwen3-MoE has q/k norms and a head_dim that is not hidden_size / heads.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.models.layers import SparseMoeBlock, SwiGLUMLP
@@ -28,6 +26,7 @@ from tests.model_contract import (  # noqa: F401 - shared tests, run against thi
     relative_error,
     test_batched_decode_matches_each_sequence_alone,
     test_chunked_prefill_matches_one_shot_prefill,
+    test_fused_expert_names_of_transformers_state_dict_load_the_same,
     test_greedy_generation_matches_transformers_generate,
 )
 
@@ -129,22 +128,6 @@ def test_mlp_only_layers_get_a_dense_mlp(tmp_path):
     assert [type(layer.mlp) for layer in qwen2.layers] == [Qwen2MoeSparseMoeBlock, SwiGLUMLP, Qwen2MoeSparseMoeBlock]
     qwen3 = build_model(open_checkpoint(build_tiny_qwen3_moe(tmp_path / "q3", seed=0, decoder_sparse_step=2)))
     assert [type(layer.mlp) for layer in qwen3.layers] == [SwiGLUMLP, SparseMoeBlock], "only every 2nd layer is sparse"
-
-
-def test_fused_expert_names_of_transformers_state_dict_load_the_same(model, hf_model, ckpt_dir, tmp_path):
-    # save_pretrained writes one matrix per expert (mlp.experts.{e}.gate_proj);
-    # transformers >= 5 keeps them fused in memory, and a state dict saved as-is
-    # carries those names (mlp.experts.gate_up_proj) instead.
-    fused_dir = tmp_path / "fused"
-    fused_dir.mkdir()
-    shutil.copy(ckpt_dir / "config.json", fused_dir / "config.json")
-    state = {name: t.contiguous() for name, t in hf_model.state_dict().items()}
-    assert any(name.endswith("mlp.experts.gate_up_proj") for name in state)
-    save_file(state, fused_dir / "model.safetensors")
-    fused = build_model(open_checkpoint(fused_dir))
-    ids = random_ids(PROMPT_LEN)
-    expected = prefill(model, model.make_cache(1, 32), ids, slot=0)
-    assert torch.equal(prefill(fused, fused.make_cache(1, 32), ids, slot=0), expected)
 
 
 def test_sharded_checkpoint_loads_the_same(model, family, tmp_path):
