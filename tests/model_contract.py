@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.models.registry import build_model
 
 PROMPT_LEN = 20
@@ -24,20 +25,32 @@ def random_ids(length: int, seed: int = 1, vocab: int = 512) -> torch.Tensor:
     return torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(seed))
 
 
-def prefill(model, cache, ids: torch.Tensor, slot: int, start: int = 0) -> torch.Tensor:
-    """Run ids [T] of one sequence at positions start.. into `slot`; logits [T, V]."""
-    positions = torch.arange(start, start + len(ids))
-    return model(ids[None], positions[None], torch.tensor([slot]), cache)[0]
+BLOCK_SIZE = 4  # small, so that every test sequence spans several blocks
+
+
+def new_cache(model, tokens: int = 128, block_size: int = BLOCK_SIZE):
+    """A paged cache with room for `tokens` positions."""
+    return model.make_cache(num_blocks=-(-tokens // block_size), block_size=block_size)
+
+
+def forward(model, cache, chunks: list[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
+    """One forward call over `chunks`."""
+    return model(ForwardBatch.build(chunks, cache.block_size, model.layer_windows, all_logits=all_logits), cache)
+
+
+def prefill(model, cache, ids: torch.Tensor, start: int = 0, blocks: list[int] | None = None) -> torch.Tensor:
+    """Run ids [T] of one sequence at positions start.. (blocks: its block table, default the whole pool); logits [T, V]."""
+    table = list(range(cache.num_blocks)) if blocks is None else blocks
+    return forward(model, cache, [SequenceChunk(ids.tolist(), start, table)], all_logits=True)
 
 
 def greedy_generate(model, prompt: torch.Tensor, max_new_tokens: int) -> list[int]:
-    """Prefill the prompt, then decode one token per forward (T=1) with the slot cache."""
-    cache = model.make_cache(num_slots=1, max_len=len(prompt) + max_new_tokens)
-    next_id = int(prefill(model, cache, prompt, slot=0)[-1].argmax())
+    """Prefill the prompt, then decode one token per forward (T=1) with the paged cache."""
+    cache = new_cache(model, len(prompt) + max_new_tokens)
+    next_id = int(prefill(model, cache, prompt)[-1].argmax())
     generated = [next_id]
     for position in range(len(prompt), len(prompt) + max_new_tokens - 1):
-        logits = model(torch.tensor([[next_id]]), torch.tensor([[position]]), torch.tensor([0]), cache)
-        next_id = int(logits[0, -1].argmax())
+        next_id = int(prefill(model, cache, torch.tensor([next_id]), start=position)[-1].argmax())
         generated.append(next_id)
     return generated
 
@@ -61,22 +74,21 @@ def test_greedy_generation_matches_transformers_generate(model, hf_model):
 
 def test_batched_decode_matches_each_sequence_alone(model):
     prompts = [random_ids(n, seed=10 + n) for n in (5, 9, 14)]
-    slots = [2, 0, 3]
+    tables = [[3, 0], [5, 1, 6], [2, 7, 4, 8]]  # interleaved, out-of-order blocks of one shared pool
     next_ids = [[7, 11], [300, 42], [99, 128]]  # two decode steps per sequence
 
     alone = []
     for prompt, steps in zip(prompts, next_ids):
-        cache = model.make_cache(num_slots=1, max_len=32)
-        prefill(model, cache, prompt, slot=0)
-        alone.append([prefill(model, cache, torch.tensor([t]), 0, start=len(prompt) + i)[0] for i, t in enumerate(steps)])
+        cache = new_cache(model, 32)
+        prefill(model, cache, prompt)
+        alone.append([prefill(model, cache, torch.tensor([t]), start=len(prompt) + i)[0] for i, t in enumerate(steps)])
 
-    cache = model.make_cache(num_slots=4, max_len=32)
-    for prompt, slot in zip(prompts, slots):
-        prefill(model, cache, prompt, slot)
+    cache = new_cache(model, 40)
+    for prompt, table in zip(prompts, tables):
+        prefill(model, cache, prompt, blocks=table)
     for step in range(2):
-        ids = torch.tensor([[steps[step]] for steps in next_ids])  # [3, 1]
-        positions = torch.tensor([[len(p) + step] for p in prompts])  # [3, 1]
-        batched = model(ids, positions, torch.tensor(slots), cache)[:, 0]  # [3, V]
+        chunks = [SequenceChunk([steps[step]], len(p) + step, t) for p, steps, t in zip(prompts, next_ids, tables)]
+        batched = forward(model, cache, chunks)  # [3, V]
         for b in range(3):
             torch.testing.assert_close(
                 batched[b], alone[b][step], rtol=1e-5, atol=1e-5,
@@ -84,12 +96,35 @@ def test_batched_decode_matches_each_sequence_alone(model):
             )
 
 
+def test_mixed_prefill_chunks_and_decodes_in_one_forward_match_separate_calls(model):
+    cache = new_cache(model, 64)
+    decoding = random_ids(9, seed=20)
+    prefill(model, cache, decoding, blocks=[0, 1, 2])
+    long_prompt = random_ids(13, seed=21)
+    prefill(model, cache, long_prompt[:6], blocks=[3, 4, 5, 6])  # first chunk of a chunked prefill
+    other = random_ids(7, seed=22)
+    expected = [
+        prefill(model, new_cache(model, 16), torch.cat([decoding, torch.tensor([5])]))[-1],
+        prefill(model, new_cache(model, 16), long_prompt)[-1],
+        prefill(model, new_cache(model, 16), other)[-1],
+    ]
+    chunks = [
+        SequenceChunk([5], 9, [0, 1, 2]),
+        SequenceChunk(long_prompt[6:].tolist(), 6, [3, 4, 5, 6]),
+        SequenceChunk(other.tolist(), 0, [7, 8]),
+    ]
+    got = forward(model, cache, chunks)
+    assert got.shape[0] == 3, "one row of logits per chunk, in chunk order"
+    for i in range(3):
+        torch.testing.assert_close(got[i], expected[i], rtol=1e-5, atol=1e-5)
+
+
 def test_chunked_prefill_matches_one_shot_prefill(model):
     ids = random_ids(PROMPT_LEN, seed=3)
-    whole = prefill(model, model.make_cache(1, 32), ids, slot=0)
-    cache = model.make_cache(1, 32)
-    first = prefill(model, cache, ids[:8], slot=0)
-    rest = prefill(model, cache, ids[8:], slot=0, start=8)
+    whole = prefill(model, new_cache(model, 32), ids)
+    cache = new_cache(model, 32)
+    first = prefill(model, cache, ids[:8])
+    rest = prefill(model, cache, ids[8:], start=8)
     torch.testing.assert_close(torch.cat([first, rest]), whole, rtol=1e-5, atol=1e-5)
 
 
@@ -105,5 +140,5 @@ def test_fused_expert_names_of_transformers_state_dict_load_the_same(model, hf_m
     save_file(state, fused_dir / "model.safetensors")
     fused = build_model(open_checkpoint(fused_dir))
     ids = random_ids(PROMPT_LEN)
-    expected = prefill(model, model.make_cache(1, 32), ids, slot=0)
-    assert torch.equal(prefill(fused, fused.make_cache(1, 32), ids, slot=0), expected)
+    expected = prefill(model, new_cache(model), ids)
+    assert torch.equal(prefill(fused, new_cache(fused), ids), expected)

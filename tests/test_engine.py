@@ -74,7 +74,7 @@ def test_more_requests_than_slots_queue_and_all_finish(model, tokenizer):
     small = Engine(model, tokenizer, max_num_seqs=2, max_model_len=256)
     results = run(small, [request(f"r{i}", p, max_tokens=5) for i, p in enumerate(prompts(5))])
     assert all(r["finish"] == "length" and len(r["ids"]) == 5 for r in results.values())
-    assert sorted(small.free_slots) == [0, 1], "finished sequences must free their slots"
+    assert small.num_free_blocks == small.blocks.num_blocks, "finished sequences must free their blocks"
 
 
 def test_max_tokens_and_usage(engine):
@@ -113,7 +113,7 @@ def test_abort_frees_the_slot_at_the_next_step(engine):
     engine.abort("a")
     outs = engine.step()
     assert [(o.request_id, o.finish_reason) for o in outs] == [("a", "abort")]
-    assert not engine.has_work() and len(engine.free_slots) == engine.max_num_seqs
+    assert not engine.has_work() and engine.num_free_blocks == engine.blocks.num_blocks
 
 
 def test_prompt_longer_than_the_context_is_refused(engine):

@@ -122,11 +122,25 @@ def test_embed_returns_unit_vectors_in_input_order(channel):
     assert reply.usage.prompt_tokens > 0
 
 
+def test_pooled_moe_embeddings_are_a_second_embedding_model(channel):
+    stub = embeddings_pb2_grpc.EmbeddingsStub(channel)
+    texts = ["def parse(self, text):", "import os", "def parse(self, text):"]
+    reply = stub.Embed(embeddings_pb2.EmbedRequest(model="demo-moe-pooled", inputs=texts), timeout=60)
+    assert reply.model == "demo-moe-pooled" and reply.dimensions > 0
+    vectors = [list(e.values) for e in reply.embeddings]
+    assert all(abs(sum(v * v for v in vec) - 1.0) < 1e-4 for vec in vectors)
+    assert vectors[0] == vectors[2], "the same text in one batch gives the same vector"
+    assert vectors[0] != vectors[1]
+    alone = stub.Embed(embeddings_pb2.EmbedRequest(model="demo-moe-pooled", inputs=[texts[1]]), timeout=60)
+    assert max(abs(a - b) for a, b in zip(alone.embeddings[0].values, vectors[1])) < 1e-5, "batching changed a vector"
+
+
 def test_models_lists_the_demo_and_embedding_models(channel):
     reply = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=10)
     kinds = {m.id: m.kind for m in reply.models}
     assert kinds.get("demo-moe") == models_pb2.MODEL_KIND_GENERATION
     assert models_pb2.MODEL_KIND_EMBEDDING in kinds.values()
+    assert kinds.get("demo-moe-pooled") == models_pb2.MODEL_KIND_EMBEDDING
     demo = next(m for m in reply.models if m.id == "demo-moe")
     assert demo.architecture == "MixtralForCausalLM" and demo.ready_replicas == 1 and demo.max_context_tokens > 0
 
@@ -209,7 +223,7 @@ def check_two_workers_share_the_traffic(mesh) -> None:
     assert len(mesh.workers) == 2 and len(set(mesh.workers)) == 2
     with grpc.insecure_channel(mesh.gateway) as ch:
         models = models_pb2_grpc.ModelsStub(ch).ListModels(models_pb2.ListModelsRequest(), timeout=10).models
-        assert [m.ready_replicas for m in models] == [2]
+        assert {m.id: m.ready_replicas for m in models} == {"demo-moe": 2, "demo-moe-pooled": 2}
         stub = generation_pb2_grpc.GenerationStub(ch)
         calls = [stub.Generate(greedy_request(max_tokens=40, ignore_eos=True), timeout=120) for _ in range(8)]
         outputs = {"".join(e.text for e in call) for call in calls}

@@ -14,6 +14,7 @@ from tests.checkpoints import build_tiny_mixtral
 from tests.model_contract import (  # noqa: F401 - shared tests, run against this module's fixtures
     MAX_NEW_TOKENS,
     PROMPT_LEN,
+    new_cache,
     prefill,
     random_ids,
     relative_error,
@@ -21,6 +22,7 @@ from tests.model_contract import (  # noqa: F401 - shared tests, run against thi
     test_chunked_prefill_matches_one_shot_prefill,
     test_fused_expert_names_of_transformers_state_dict_load_the_same,
     test_greedy_generation_matches_transformers_generate,
+    test_mixed_prefill_chunks_and_decodes_in_one_forward_match_separate_calls,
 )
 
 
@@ -54,7 +56,7 @@ def test_prefill_logits_match_transformers(model, hf_model):
     ids = random_ids(PROMPT_LEN)
     with torch.no_grad():
         expected = hf_model(ids[None]).logits[0]
-    ours = prefill(model, model.make_cache(1, 64), ids, slot=0)
+    ours = prefill(model, new_cache(model), ids)
     assert ours.dtype == torch.float32
     assert ours.shape == (PROMPT_LEN, model.vocab_size)
     err = relative_error(ours, expected)
@@ -79,8 +81,8 @@ def test_sharded_checkpoint_loads_the_same(model, tmp_path):
     sharded = build_model(open_checkpoint(sharded_dir))
     assert len(open_checkpoint(sharded_dir).weight_files) > 1
     ids = random_ids(PROMPT_LEN)
-    expected = prefill(model, model.make_cache(1, 32), ids, slot=0)
-    assert torch.equal(prefill(sharded, sharded.make_cache(1, 32), ids, slot=0), expected)
+    expected = prefill(model, new_cache(model), ids)
+    assert torch.equal(prefill(sharded, new_cache(sharded), ids), expected)
 
 
 def test_bf16_checkpoint_is_cast_to_the_requested_dtype(tmp_path):
@@ -93,7 +95,7 @@ def test_bf16_checkpoint_is_cast_to_the_requested_dtype(tmp_path):
     ids = random_ids(PROMPT_LEN)
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
-    err = relative_error(prefill(ours, ours.make_cache(1, 32), ids, slot=0), expected)
+    err = relative_error(prefill(ours, new_cache(ours), ids), expected)
     assert err < 1e-4, f"bf16 checkpoint loaded as fp32 differs from transformers: relative error {err:.2e}"
 
 
@@ -108,10 +110,10 @@ def test_unknown_architecture_is_rejected_by_name(ckpt_dir, tmp_path):
     assert all(name in str(excinfo.value) for name in MODEL_REGISTRY), "the error should list supported ones"
 
 
-def test_position_beyond_the_cache_is_rejected(model):
-    cache = model.make_cache(num_slots=1, max_len=8)
-    with pytest.raises(ValueError, match="cache length 8"):
-        prefill(model, cache, random_ids(9), slot=0)
+def test_position_beyond_the_block_table_is_rejected(model):
+    cache = new_cache(model, 16, block_size=4)
+    with pytest.raises(ValueError, match="block table covers 8 positions"):
+        prefill(model, cache, random_ids(9), blocks=[0, 1])
 
 
 def test_model_reports_its_shape(model):
@@ -132,5 +134,5 @@ def test_config_variants_match_transformers(overrides, tmp_path):
     ids = random_ids(PROMPT_LEN, seed=7)
     with torch.no_grad():
         expected = reference(ids[None]).logits[0]
-    err = relative_error(prefill(ours, ours.make_cache(1, 32), ids, slot=0), expected)
+    err = relative_error(prefill(ours, new_cache(ours), ids), expected)
     assert err < 1e-4, f"{overrides}: logits differ from transformers: relative error {err:.2e}"

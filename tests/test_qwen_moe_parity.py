@@ -21,6 +21,7 @@ from tests.checkpoints import build_tiny_qwen2_moe, build_tiny_qwen3_moe
 from tests.model_contract import (  # noqa: F401 - shared tests, run against this module's fixtures
     MAX_NEW_TOKENS,
     PROMPT_LEN,
+    new_cache,
     prefill,
     random_ids,
     relative_error,
@@ -28,6 +29,7 @@ from tests.model_contract import (  # noqa: F401 - shared tests, run against thi
     test_chunked_prefill_matches_one_shot_prefill,
     test_fused_expert_names_of_transformers_state_dict_load_the_same,
     test_greedy_generation_matches_transformers_generate,
+    test_mixed_prefill_chunks_and_decodes_in_one_forward_match_separate_calls,
 )
 
 
@@ -97,7 +99,7 @@ def test_checkpoint_builds_our_model_of_its_family(model, family):
 def test_prefill_logits_match_transformers(model, hf_model):
     ids = random_ids(PROMPT_LEN)
     expected = reference_logits(hf_model, ids)
-    ours = prefill(model, model.make_cache(1, 64), ids, slot=0)
+    ours = prefill(model, new_cache(model), ids)
     assert ours.dtype == torch.float32
     assert ours.shape == (PROMPT_LEN, model.vocab_size)
     err = relative_error(ours, expected)
@@ -135,8 +137,8 @@ def test_sharded_checkpoint_loads_the_same(model, family, tmp_path):
     assert len(open_checkpoint(sharded_dir).weight_files) > 1, "max_shard_size did not force shards"
     sharded = build_model(open_checkpoint(sharded_dir))
     ids = random_ids(PROMPT_LEN)
-    expected = prefill(model, model.make_cache(1, 32), ids, slot=0)
-    assert torch.equal(prefill(sharded, sharded.make_cache(1, 32), ids, slot=0), expected)
+    expected = prefill(model, new_cache(model), ids)
+    assert torch.equal(prefill(sharded, new_cache(sharded), ids), expected)
 
 
 VARIANTS = [
@@ -158,7 +160,7 @@ def test_config_variants_match_transformers(family_name, overrides, tmp_path):
     ours = build_model(open_checkpoint(variant_dir))
     ids = random_ids(PROMPT_LEN, seed=7)
     expected = reference_logits(family.reference(variant_dir), ids)
-    err = relative_error(prefill(ours, ours.make_cache(1, 32), ids, slot=0), expected)
+    err = relative_error(prefill(ours, new_cache(ours), ids), expected)
     assert err < 1e-4, f"{family_name} {overrides}: logits differ from transformers: relative error {err:.2e}"
 
 

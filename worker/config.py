@@ -32,10 +32,26 @@ class WorkerConfig(ServiceConfig):
     max_num_seqs: int = pydantic.Field(default=16, ge=1, le=4096)
     max_model_len: int = pydantic.Field(default=2048, ge=16)
     max_output_tokens: int = pydantic.Field(default=1024, ge=1)
+    # Paged KV cache: tokens per block, and blocks in the pool (0: enough for max_num_seqs at max_model_len).
+    block_size: int = pydantic.Field(default=16, ge=1, le=1024)
+    num_kv_blocks: int = pydantic.Field(default=0, ge=0)
+    # Most new tokens one engine step computes (prompt chunks plus one per decoding sequence).
+    max_num_batched_tokens: int = pydantic.Field(default=2048, ge=1)
+    enable_prefix_caching: bool = True
+    # Also serve "<model_id>-pooled": mean-pooled hidden states of the generation model as embeddings.
+    pooled_embeddings: bool = True
     num_threads: int = pydantic.Field(default=0, ge=0, description="torch threads; 0 = torch's default")
     cluster_token: str | None = None
     drain_grace: float = pydantic.Field(default=30.0, ge=0)
     log_level: str = "info"
+
+    @pydantic.model_validator(mode="after")
+    def _budget_covers_the_batch(self) -> WorkerConfig:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs ({self.max_num_seqs})"
+            )
+        return self
 
     @pydantic.field_validator("model_dir")
     @classmethod

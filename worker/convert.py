@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from moemesh.v1 import common_pb2, worker_pb2
 from moemesh.worker.requests import GenerationRequest, RequestOutput
-from moemesh.worker.sampling import SamplingParams
+from moemesh.worker.sampling import SamplingParams, TokenLogprobs
 from moemesh.worker.tokenizer import Tokenizer
 
 FINISH_REASONS = {
@@ -18,7 +18,12 @@ FINISH_REASONS = {
 
 
 def sampling_from_pb(pb: common_pb2.SamplingParams, defaults: dict) -> SamplingParams:
-    """Apply the model's generation defaults to unset fields."""
+    """Apply the model's generation defaults to unset fields.
+
+    ``repetition_penalty`` is a generation_config.json key and falls back to the
+    model's default, then 1 (off); presence and frequency penalties are not, and
+    fall back to 0. Unset ``logprobs`` means none.
+    """
 
     def pick(name: str, fallback: float | int | None):
         if pb.HasField(name):
@@ -38,6 +43,10 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, defaults: dict) -> SamplingP
         stop=tuple(pb.stop),
         stop_token_ids=tuple(pb.stop_token_ids),
         ignore_eos=pb.ignore_eos,
+        presence_penalty=float(pb.presence_penalty) if pb.HasField("presence_penalty") else 0.0,
+        frequency_penalty=float(pb.frequency_penalty) if pb.HasField("frequency_penalty") else 0.0,
+        repetition_penalty=float(pick("repetition_penalty", 1.0) or 1.0),
+        logprobs=pb.logprobs if pb.HasField("logprobs") else None,
     )
 
 
@@ -64,10 +73,12 @@ def request_from_pb(work: worker_pb2.GenerationWork, tokenizer: Tokenizer, defau
 
 
 def output_to_pb(output: RequestOutput) -> worker_pb2.RequestEvent:
+    """One step's output of one request as a RequestEvent, logprobs included when it has them."""
     event = worker_pb2.RequestEvent(
         request_id=output.request_id,
         text=output.text,
         token_ids=output.token_ids,
+        logprobs=[logprob_to_pb(lp) for lp in output.logprobs],
         finish_reason=FINISH_REASONS[output.finish_reason],
     )
     if output.finish_reason is not None:
@@ -79,3 +90,10 @@ def output_to_pb(output: RequestOutput) -> worker_pb2.RequestEvent:
     return event
 
 
+def logprob_to_pb(logprob: TokenLogprobs) -> common_pb2.TokenLogprob:
+    """A sampled token's logprob and its top alternatives (best first) as a TokenLogprob."""
+    return common_pb2.TokenLogprob(
+        token_id=logprob.token_id,
+        logprob=logprob.logprob,
+        top=[common_pb2.TopLogprob(token_id=token_id, logprob=value) for token_id, value in logprob.top],
+    )

@@ -37,7 +37,55 @@ def default_embedding_model_dir() -> pathlib.Path:
     return path
 
 
-class SentenceEmbedder:
+class EmbeddingModel:
+    """What every embedding model of a worker shares: its identity, limits and input checks."""
+
+    def __init__(self, model: torch.nn.Module, model_id: str, revision: str, max_context_tokens: int) -> None:
+        self._model = model
+        self._model_id = model_id
+        self._revision = revision
+        self._max_context_tokens = max_context_tokens
+        self._device = next(model.parameters()).device
+
+    @property
+    def model_id(self) -> str:
+        """The id clients name this model by."""
+        return self._model_id
+
+    @property
+    def revision(self) -> str:
+        """Short hash that changes when the weights or config change."""
+        return self._revision
+
+    @property
+    def dimensions(self) -> int:
+        """Length of every vector."""
+        raise NotImplementedError
+
+    @property
+    def max_context_tokens(self) -> int:
+        """Inputs are truncated to this many tokens, special tokens included."""
+        return self._max_context_tokens
+
+    @property
+    def max_batch_inputs(self) -> int:
+        """Most texts one `embed` call accepts."""
+        return MAX_BATCH_INPUTS
+
+    def embed(self, texts: list[str], normalize: bool = True) -> tuple[torch.Tensor, list[int]]:
+        """float32 vectors [N, D] for `texts`, in order, and each input's token count (after truncation)."""
+        raise NotImplementedError
+
+    def check_inputs(self, texts: list[str]) -> None:
+        """Raise InvalidRequest for a batch the embeddings API does not accept."""
+        if len(texts) > MAX_BATCH_INPUTS:
+            raise InvalidRequest("inputs", f"at most {MAX_BATCH_INPUTS} inputs per call, got {len(texts)}")
+        for index, text in enumerate(texts):
+            if not text:
+                raise InvalidRequest(f"inputs[{index}]", "must be non-empty")
+
+
+class SentenceEmbedder(EmbeddingModel):
     """Turns a batch of texts into fixed-length vectors; safe to call from several threads."""
 
     def __init__(
@@ -48,12 +96,8 @@ class SentenceEmbedder:
         revision: str,
         max_context_tokens: int,
     ) -> None:
-        self._model = model
+        super().__init__(model, model_id, revision, max_context_tokens)
         self._tokenizer = tokenizer
-        self._model_id = model_id
-        self._revision = revision
-        self._max_context_tokens = max_context_tokens
-        self._device = next(model.parameters()).device
 
     @classmethod
     def load(
@@ -72,29 +116,9 @@ class SentenceEmbedder:
         return cls(model, tokenizer, model_id_for(path), revision_of(path), max_context_tokens)
 
     @property
-    def model_id(self) -> str:
-        """The id clients name this model by."""
-        return self._model_id
-
-    @property
-    def revision(self) -> str:
-        """Short hash that changes when the weights or config change."""
-        return self._revision
-
-    @property
     def dimensions(self) -> int:
         """Length of every vector."""
         return self._model.config.hidden_size
-
-    @property
-    def max_context_tokens(self) -> int:
-        """Inputs are truncated to this many tokens, special tokens included."""
-        return self._max_context_tokens
-
-    @property
-    def max_batch_inputs(self) -> int:
-        """Most texts one `embed` call accepts."""
-        return MAX_BATCH_INPUTS
 
     def embed(self, texts: list[str], normalize: bool = True) -> tuple[torch.Tensor, list[int]]:
         """Vectors for `texts`, in order, as float32 [N, D]; and each input's token count.
@@ -117,14 +141,6 @@ class SentenceEmbedder:
         if normalize:
             vectors = F.normalize(vectors, p=2.0, dim=1)
         return vectors, counts
-
-    def check_inputs(self, texts: list[str]) -> None:
-        """Raise InvalidRequest for a batch the embeddings API does not accept."""
-        if len(texts) > MAX_BATCH_INPUTS:
-            raise InvalidRequest("inputs", f"at most {MAX_BATCH_INPUTS} inputs per call, got {len(texts)}")
-        for index, text in enumerate(texts):
-            if not text:
-                raise InvalidRequest(f"inputs[{index}]", "must be non-empty")
 
     @torch.inference_mode()
     def _embed_chunk(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:

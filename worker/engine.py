@@ -1,9 +1,22 @@
-"""The generation engine: iteration-level batching over a slot KV cache.
+"""The generation engine: continuous batching over a paged KV cache.
 
-Requests join the running batch at the next step (their prompt is prefilled
-in that step) and leave it as soon as they finish; every running sequence
-advances by one token per step in one batched forward call. This object is
-synchronous and owned by one thread (see ``runner.py``).
+Each `step` is one forward call. The scheduler fills it oldest request first
+within a token budget (`max_num_batched_tokens`): every running sequence
+gets its next token (a decode) or the next chunk of its prompt (chunked
+prefill), then waiting requests join while sequence slots, budget and cache
+blocks last. Requests join and leave between steps; nothing waits for a
+batch to drain.
+
+Cache blocks are taken as sequences grow. When a running sequence needs a
+block and none is free, the newest running sequences are preempted: their
+blocks are released and they go back to the head of the queue, to be
+recomputed from their tokens later (usually from the prefix cache, since
+their full blocks stay registered). No request fails for lack of blocks.
+
+On admission a prompt's longest cached prefix of full blocks is reused
+(verified token by token), so only the rest is computed.
+
+This object is synchronous and owned by one thread (see ``runner.py``).
 """
 
 from __future__ import annotations
@@ -17,47 +30,97 @@ from dataclasses import dataclass, field
 import torch
 
 from moemesh.services.core.errors import InvalidRequest
+from moemesh.worker.kv_cache import ROOT_HASH, BlockManager
+from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.requests import GenerationRequest, RequestOutput
-from moemesh.worker.sampling import SamplingBatch, sample
+from moemesh.worker.sampling import SamplingBatch, TokenLogprobs, sample_tokens
 from moemesh.worker.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 
-@dataclass
+
+@dataclass(eq=False)  # identity: a sequence is found in the queues by `is`
 class Sequence:
-    """A request being served: its tokens, slot, detokenizer and stop state."""
+    """A request being served: its tokens, cache blocks, detokenizer and stop state."""
 
     request: GenerationRequest
-    slot: int
     seed: int
     detokenizer: IncrementalDetokenizer
     token_ids: list[int]  # prompt + resumed + generated
     num_generated: int = 0  # including resumed tokens
+    num_computed: int = 0  # leading tokens whose K/V is in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the registered full blocks
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    num_preemptions: int = 0
     pending_text: str = ""  # decoded but held back: it may start a stop string
     finish_reason: str | None = None
     new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
 
     @property
     def params(self):
         return self.request.params
 
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+
+@dataclass
+class EngineCounters:
+    """Running totals, for metrics and tests."""
+
+    steps: int = 0
+    prompt_tokens_computed: int = 0
+    prefix_hit_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+
 
 class Engine:
-    """Admits, steps and retires sequences; one batched model call per phase."""
+    """Admits, schedules, steps and retires sequences; one forward call per step."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, *, max_num_seqs: int, max_model_len: int) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        num_blocks: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_num_seqs = max_num_seqs
-        self.max_model_len = min(max_model_len, model.max_context_tokens)
-        self.cache = model.make_cache(max_num_seqs, self.max_model_len)
+        max_model_len = min(max_model_len, model.max_context_tokens)
+        if num_blocks is None:  # room for every sequence slot at full length
+            num_blocks = max_num_seqs * -(-max_model_len // block_size)
+        self.max_model_len = min(max_model_len, num_blocks * block_size)
+        self.max_num_batched_tokens = max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_num_seqs)
+        if self.max_num_batched_tokens < max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs ({max_num_seqs})"
+            )
+        self.block_size = block_size
+        self.cache = model.make_cache(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.device = next(model.parameters()).device
-        self.waiting: collections.deque[GenerationRequest] = collections.deque()
-        self.running: dict[str, Sequence] = {}
-        self.free_slots = list(range(max_num_seqs - 1, -1, -1))
+        self.layer_windows = model.layer_windows
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # oldest admission first
         self.aborted: dict[str, str] = {}
-        self.num_steps = 0
+        self.counters = EngineCounters()
 
     # ---- admission -------------------------------------------------------
     def check(self, request: GenerationRequest) -> None:
@@ -69,11 +132,20 @@ class Engine:
             raise InvalidRequest("prompt", f"{total} tokens; the limit is {self.max_model_len - 1}")
 
     def add(self, request: GenerationRequest) -> None:
+        """Queue a request (after `check`); it joins the batch at a coming step."""
         self.check(request)
-        self.waiting.append(request)
+        resumed = list(request.resume_token_ids)
+        tokens = [*request.prompt_token_ids, *resumed]
+        self.waiting.append(Sequence(
+            request=request,
+            seed=request.params.seed if request.params.seed is not None else random.getrandbits(31),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids=tokens),
+            token_ids=tokens,
+            num_generated=len(resumed),
+        ))
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
-        """Mark a request to leave at the next step (waiting or running)."""
+        """Mark a request to leave at the next step (waiting or running), freeing its blocks."""
         self.aborted[request_id] = reason
 
     def has_work(self) -> bool:
@@ -87,84 +159,146 @@ class Engine:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free
+
     # ---- one step ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Retire aborted/expired requests, prefill newcomers, decode the rest."""
+        """Retire aborted/expired requests, schedule one batch, run it, sample, and report."""
         outputs = self._retire_aborted()
-        decoding = list(self.running.values())
-        admitted = self._admit()
-        with torch.inference_mode():
-            for seq in admitted:
-                self._prefill(seq)
-            if decoding:
-                self._decode(decoding)
-        self.num_steps += 1
-        return outputs + [self._collect(seq) for seq in [*admitted, *decoding]]
+        scheduled = self._schedule()
+        if scheduled:
+            self._run(scheduled)
+        self.counters.steps += 1
+        return outputs + [self._collect(seq) for seq, _ in scheduled if seq.new_token_ids or seq.finish_reason]
 
     def _retire_aborted(self) -> list[RequestOutput]:
         now = time.time()
-        for seq in self.running.values():
+        for seq in [*self.running, *self.waiting]:
             deadline = seq.request.deadline
             if deadline is not None and now > deadline:
-                self.aborted.setdefault(seq.request.request_id, "deadline")
+                self.aborted.setdefault(seq.request_id, "deadline")
+        if not self.aborted:
+            return []
         outputs = []
-        for request_id, reason in list(self.aborted.items()):
-            seq = self.running.get(request_id)
-            if seq is not None:
-                seq.finish_reason = reason
-                outputs.append(self._collect(seq))
-        still_waiting = [r for r in self.waiting if r.request_id not in self.aborted]
-        for request in self.waiting:
-            if request.request_id in self.aborted:
-                outputs.append(RequestOutput(request.request_id, finish_reason=self.aborted[request.request_id],
-                                             prompt_tokens=len(request.prompt_token_ids)))
-        self.waiting = collections.deque(still_waiting)
+        for seq in [s for s in [*self.running, *self.waiting] if s.request_id in self.aborted]:
+            seq.finish_reason = self.aborted[seq.request_id]
+            outputs.append(self._collect(seq))
         self.aborted.clear()
         return outputs
 
-    def _admit(self) -> list[Sequence]:
-        admitted = []
-        while self.waiting and self.free_slots:
-            request = self.waiting.popleft()
-            resumed = list(request.resume_token_ids)
-            seq = Sequence(
-                request=request,
-                slot=self.free_slots.pop(),
-                seed=request.params.seed if request.params.seed is not None else random.getrandbits(31),
-                detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids=[*request.prompt_token_ids, *resumed]),
-                token_ids=[*request.prompt_token_ids, *resumed],
-                num_generated=len(resumed),
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """Pick (sequence, new token count) pairs for this step within the budget, preempting if blocks run out."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted = False
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            count = min(len(seq.token_ids) - seq.num_computed, budget)
+            need = self.blocks.blocks_for(seq.num_computed + count) - len(seq.block_table)
+            while need > self.blocks.num_free and self.running[-1] is not seq:
+                self._preempt(self.running[-1])
+                preempted = True
+            if need > self.blocks.num_free:  # it is the newest itself: it waits for older ones to finish
+                self._preempt(seq)
+                preempted = True
+                break
+            seq.block_table += self.blocks.allocate(need)
+            scheduled.append((seq, count))
+            budget -= count
+            index += 1
+        while not preempted and self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
+            seq = self.waiting[0]
+            count = self._admit(seq, budget)
+            if count == 0:
+                break  # not enough free blocks for the head of the queue: it keeps its place
+            self.waiting.popleft()
+            self.running.append(seq)
+            scheduled.append((seq, count))
+            budget -= count
+        return scheduled
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Give a waiting sequence its prefix-cache hits and the blocks for its first chunk; 0 if they don't fit."""
+        # Leave at least one token to compute: its logits give the next token.
+        hits, hashes = self.blocks.match_prefix(seq.token_ids, (len(seq.token_ids) - 1) // self.block_size)
+        computed = len(hits) * self.block_size
+        count = min(len(seq.token_ids) - computed, budget)
+        need = self.blocks.blocks_for(computed + count) - len(hits)
+        hits_now_free = sum(1 for block in hits if self.blocks.ref_count[block] == 0)
+        if need > self.blocks.num_free - hits_now_free:
+            return 0
+        self.blocks.take(hits)
+        seq.block_table = hits + self.blocks.allocate(need)
+        seq.block_hashes = hashes
+        seq.num_computed = computed
+        if seq.cached_tokens is None:
+            seq.cached_tokens = min(computed, seq.num_prompt)
+        self.counters.prefix_hit_tokens += computed
+        return count
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Release a running sequence's blocks and requeue it at the front, to recompute later."""
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.block_table, seq.block_hashes, seq.num_computed = [], [], 0
+        seq.num_preemptions += 1
+        self.counters.preemptions += 1
+        self.waiting.appendleft(seq)
+        log.debug("preempted %s (%d tokens) for lack of KV blocks", seq.request_id, len(seq.token_ids))
+
+    def _run(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        chunks = []
+        for seq, count in scheduled:
+            start = seq.num_computed
+            chunks.append(SequenceChunk(seq.token_ids[start : start + count], start, seq.block_table,
+                                        want_logits=start + count == len(seq.token_ids)))
+        batch = ForwardBatch.build(chunks, self.block_size, self.layer_windows, self.device)
+        with torch.inference_mode():
+            logits = self.model(batch, self.cache)  # [S, V], one row per chunk that wants logits
+        sampling = []
+        for (seq, count), chunk in zip(scheduled, chunks):
+            if seq.num_computed < seq.num_prompt:
+                self.counters.prompt_tokens_computed += min(count, seq.num_prompt - seq.num_computed)
+            seq.num_computed += count
+            self._register_full_blocks(seq)
+            if chunk.want_logits:
+                sampling.append(seq)
+        if sampling:
+            result = self._sample(logits, sampling)
+            for i, seq in enumerate(sampling):
+                self._append(seq, result.token_ids[i], result.logprobs[i])
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        """Make the sequence's newly completed blocks findable by later prompts."""
+        full = seq.num_computed // self.block_size
+        for i in range(len(seq.block_hashes), full):
+            parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+            tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
+            seq.block_hashes.append(self.blocks.register(seq.block_table[i], parent, tokens))
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
+        params = [s.params for s in seqs]
+        history = {}
+        if any(p.needs_history for p in params):
+            history = dict(
+                prompt_token_ids=[s.token_ids[: s.num_prompt] for s in seqs],
+                output_token_ids=[s.token_ids[s.num_prompt :] for s in seqs],
             )
-            self.running[request.request_id] = seq
-            admitted.append(seq)
-        return admitted
-
-    def _prefill(self, seq: Sequence) -> None:
-        ids = torch.tensor([seq.token_ids], dtype=torch.long, device=self.device)  # [1, T]
-        positions = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)  # [1, T]
-        slots = torch.tensor([seq.slot], dtype=torch.long, device=self.device)
-        logits = self.model(ids, positions, slots, self.cache)[:, -1]  # [1, V]
-        self._append(seq, self._sample(logits, [seq])[0])
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        ids = torch.tensor([[s.token_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)  # [B, 1]
-        positions = torch.tensor([[len(s.token_ids) - 1] for s in seqs], dtype=torch.long, device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)  # [B]
-        logits = self.model(ids, positions, slots, self.cache)[:, -1]  # [B, V]
-        for seq, token in zip(seqs, self._sample(logits, seqs)):
-            self._append(seq, token)
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        batch = SamplingBatch.build(
-            [s.params for s in seqs], [s.seed for s in seqs], [s.num_generated for s in seqs], self.device
-        )
-        return sample(logits, batch).tolist()
+        batch = SamplingBatch.build(params, [s.seed for s in seqs], [s.num_generated for s in seqs], self.device,
+                                    **history)
+        return sample_tokens(logits, batch, params)
 
     # ---- outputs -----------------------------------------------------------
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         seq.token_ids.append(token)
         seq.new_token_ids.append(token)
+        if logprobs is not None:
+            seq.new_logprobs.append(logprobs)
         seq.num_generated += 1
+        self.counters.generated_tokens += 1
         params = seq.params
         if not params.ignore_eos and token in self.tokenizer.eos_token_ids or token in params.stop_token_ids:
             seq.finish_reason = "stop"
@@ -192,7 +326,7 @@ class Engine:
         return True
 
     def _collect(self, seq: Sequence) -> RequestOutput:
-        """Take the sequence's new output; free its slot if it finished."""
+        """Take the sequence's new output; release it if it finished."""
         text = seq.pending_text
         if seq.finish_reason is None and seq.params.stop:
             # Hold back a tail that could still grow into a stop string.
@@ -202,15 +336,24 @@ class Engine:
         else:
             seq.pending_text = ""
         output = RequestOutput(
-            request_id=seq.request.request_id,
+            request_id=seq.request_id,
             text=text,
             token_ids=seq.new_token_ids,
+            logprobs=seq.new_logprobs,
             finish_reason=seq.finish_reason,
-            prompt_tokens=len(seq.request.prompt_token_ids),
+            prompt_tokens=seq.num_prompt,
             completion_tokens=seq.num_generated,
+            cached_tokens=seq.cached_tokens or 0,
         )
-        seq.new_token_ids = []
+        seq.new_token_ids, seq.new_logprobs = [], []
         if seq.finish_reason is not None:
-            self.running.pop(seq.request.request_id, None)
-            self.free_slots.append(seq.slot)
+            self._release(seq)
         return output
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.block_table = []

@@ -18,10 +18,11 @@ from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_
 from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.config import WorkerConfig
-from moemesh.worker.embeddings import SentenceEmbedder
+from moemesh.worker.embeddings import EmbeddingModel, SentenceEmbedder
 from moemesh.worker.engine import Engine
 from moemesh.worker.membership import Membership
 from moemesh.worker.models.registry import build_model
+from moemesh.worker.pooled import PooledEmbedder
 from moemesh.worker.runner import EngineRunner
 from moemesh.worker.service import WorkerServicer
 from moemesh.worker.tokenizer import Tokenizer
@@ -50,13 +51,27 @@ class WorkerProcess:
         dtype = resolve_dtype(config.dtype, config.device)
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         model = build_model(self.checkpoint, dtype=dtype, device=config.device)
-        self.engine = Engine(model, self.tokenizer, max_num_seqs=config.max_num_seqs,
-                             max_model_len=config.max_model_len)
+        self.engine = Engine(
+            model,
+            self.tokenizer,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len,
+            num_blocks=config.num_kv_blocks or None,
+            block_size=config.block_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
         self.runner = EngineRunner(self.engine)
-        self.embedder = (SentenceEmbedder.load(config.embedding_model_dir, device=config.device)
-                         if config.embedding_model_dir else None)
+        # Embedding models this worker serves, by id; the first is the default for requests naming none.
+        self.embedders: dict[str, EmbeddingModel] = {}
+        if config.embedding_model_dir:
+            sentence = SentenceEmbedder.load(config.embedding_model_dir, device=config.device)
+            self.embedders[sentence.model_id] = sentence
+        if config.pooled_embeddings:
+            pooled = PooledEmbedder(model, self.tokenizer, self.model_id, self.checkpoint.revision, self.engine.max_model_len)
+            self.embedders[pooled.model_id] = pooled
         self.servicer = WorkerServicer(self.runner, self.tokenizer, self.model_id,
-                                       self.checkpoint.generation_defaults, self.embedder)
+                                       self.checkpoint.generation_defaults, self.embedders)
         self.server: GrpcServer | None = None  # made in run(): grpc.aio binds to the running loop
 
     def models(self) -> list[models_pb2.ModelInfo]:
@@ -68,14 +83,14 @@ class WorkerProcess:
             max_context_tokens=self.engine.max_model_len,
             max_output_tokens=min(self.config.max_output_tokens, self.engine.max_model_len - 1),
         )]
-        if self.embedder is not None:
+        for embedder in self.embedders.values():
             served.append(models_pb2.ModelInfo(
-                id=self.embedder.model_id,
-                revision=self.embedder.revision,
+                id=embedder.model_id,
+                revision=embedder.revision,
                 kind=models_pb2.MODEL_KIND_EMBEDDING,
-                max_context_tokens=self.embedder.max_context_tokens,
-                max_batch_inputs=self.embedder.max_batch_inputs,
-                dimensions=self.embedder.dimensions,
+                max_context_tokens=embedder.max_context_tokens,
+                max_batch_inputs=embedder.max_batch_inputs,
+                dimensions=embedder.dimensions,
             ))
         return served
 
@@ -84,7 +99,7 @@ class WorkerProcess:
         return scheduler_pb2.NodeLoad(
             running_seqs=stats.running,
             waiting_seqs=stats.waiting,
-            free_kv_blocks=len(self.engine.free_slots),
+            free_kv_blocks=self.engine.num_free_blocks,
             steps_per_second=stats.steps_per_second,
             seconds_since_progress=stats.seconds_since_progress,
         )
@@ -100,9 +115,9 @@ class WorkerProcess:
             device=self.config.device,
             capacity=scheduler_pb2.Capacity(
                 max_num_seqs=self.config.max_num_seqs,
-                max_num_batched_tokens=self.engine.max_model_len,
-                num_kv_blocks=self.config.max_num_seqs,
-                block_size=self.engine.max_model_len,
+                max_num_batched_tokens=self.engine.max_num_batched_tokens,
+                num_kv_blocks=self.engine.blocks.num_blocks,
+                block_size=self.engine.block_size,
             ),
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moemesh.worker.sampling import SamplingParams
+from moemesh.worker.sampling import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True)
@@ -32,3 +32,5 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    # One entry per token in token_ids when the request asked for logprobs, else empty.
+    logprobs: list[TokenLogprobs] = field(default_factory=list)

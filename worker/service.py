@@ -13,12 +13,13 @@ from moemesh.services.core import tensors
 from moemesh.services.core.errors import InvalidRequest, MeshError, NotFound, Unavailable
 from moemesh.v1 import worker_pb2, worker_pb2_grpc
 from moemesh.worker.convert import output_to_pb, request_from_pb
-from moemesh.worker.embeddings import SentenceEmbedder
+from moemesh.worker.embeddings import EmbeddingModel
 from moemesh.worker.requests import RequestOutput
 from moemesh.worker.runner import EngineRunner
 from moemesh.worker.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -30,13 +31,13 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         tokenizer: Tokenizer,
         model_id: str,
         generation_defaults: dict,
-        embedder: SentenceEmbedder | None,
+        embedders: dict[str, EmbeddingModel],
     ) -> None:
         self.runner = runner
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.generation_defaults = generation_defaults
-        self.embedder = embedder
+        self.embedders = embedders
         self.draining = False
 
     async def Execute(
@@ -92,8 +93,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return None
 
     async def Embed(self, request: worker_pb2.EmbedWork, context: grpc.aio.ServicerContext) -> worker_pb2.EmbedResult:
-        embedder = self.embedder
-        if embedder is None or (request.model and request.model != embedder.model_id):
+        default = next(iter(self.embedders.values()), None)
+        embedder = self.embedders.get(request.model) if request.model else default
+        if embedder is None:
             raise NotFound(f"embedding model {request.model!r} is not served by this worker")
         if not request.inputs:
             raise InvalidRequest("inputs", "at least one input is required")

@@ -3,7 +3,7 @@
 A family supplies its hyper-parameters (a `DecoderArgs` subclass), one
 decoder layer per index (`build_layer`) and its checkpoint table; the
 embedding, final norm, LM head, rotary table, KV cache and the forward over
-the slot cache live here once.
+the paged cache live here once.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from moemesh.worker.checkpoint import WeightRule
-from moemesh.worker.kv_cache import SlotKVCache
-from moemesh.worker.models.layers import AttentionBatch, RMSNorm, RotaryEmbedding
+from moemesh.worker.kv_cache import PagedKVCache
+from moemesh.worker.models.batch import ForwardBatch
+from moemesh.worker.models.layers import RMSNorm, RotaryEmbedding, Rotation
 
 # Checkpoint names every family shares: embeddings, head, norms, attention projections.
 DECODER_CHECKPOINT_RULES: tuple[WeightRule, ...] = (
@@ -117,18 +118,19 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = mlp
 
-    def forward(self, h: torch.Tensor, batch: AttentionBatch, cache: SlotKVCache, layer: int) -> torch.Tensor:
-        """h [B, T, H] -> [B, T, H]."""
-        h = h + self.self_attn(self.input_layernorm(h), batch, cache, layer)
-        mlp_in = self.post_attention_layernorm(h).flatten(0, 1)  # [B*T, H]
-        return h + self.mlp(mlp_in).view_as(h)
+    def forward(
+        self, h: torch.Tensor, batch: ForwardBatch, rotation: Rotation, cache: PagedKVCache, layer: int
+    ) -> torch.Tensor:
+        """h [N, H] -> [N, H]."""
+        h = h + self.self_attn(self.input_layernorm(h), batch, rotation, cache, layer)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class DecoderForCausalLM(nn.Module):
-    """Ids and positions in, next-token logits out, K/V kept in a slot cache.
+    """A flat batch of new tokens in, next-token logits out, K/V kept in a paged cache.
 
     Subclasses set `args_class` and `checkpoint_mapping` and build each layer
-    in `build_layer`; a layer is called as `layer(h [B, T, H], batch, cache, index)`.
+    in `build_layer`; a layer is called as `layer(h [N, H], batch, rotation, cache, index)`.
     """
 
     args_class: ClassVar[type[DecoderArgs]]
@@ -170,36 +172,37 @@ class DecoderForCausalLM(nn.Module):
     def max_context_tokens(self) -> int:
         return self.args.max_position_embeddings
 
-    def make_cache(self, num_slots: int, max_len: int) -> SlotKVCache:
-        """A zeroed KV cache for `num_slots` sequences of up to `max_len` tokens, on the model's device."""
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: it attends to the whole sequence)."""
+        return [self.args.layer_sliding_window(layer) for layer in range(self.num_layers)]
+
+    def make_cache(self, num_blocks: int, block_size: int = 16) -> PagedKVCache:
+        """A zeroed paged KV cache of `num_blocks` blocks, on the model's device and in its dtype."""
         weight = self.embed_tokens.weight
-        return SlotKVCache(
-            self.num_layers, num_slots, max_len, self.args.num_kv_heads, self.args.head_dim, weight.dtype, weight.device
+        return PagedKVCache(
+            self.num_layers, num_blocks, block_size, self.args.num_kv_heads, self.args.head_dim, weight.dtype, weight.device
         )
 
     @torch.inference_mode()
-    def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: SlotKVCache
-    ) -> torch.Tensor:
-        """input_ids, positions [B, T], slots [B] -> float32 logits [B, T, V].
+    def forward(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        """Float32 logits [S, V] of the rows in `batch.logits_indices` (every row [N, V] when None).
 
-        Writes each token's K/V at (slot, position) and lets it attend to its
-        slot's cached positions up to its own: positions before those given
-        must already be in the cache.
+        Writes every new token's K/V to its cache slot; a token attends to its
+        sequence's positions up to its own, so earlier positions must already
+        be in the cache.
         """
-        batches = self.attention_batches(positions, slots, cache)
-        h = self.embed_tokens(input_ids)  # [B, T, H]
-        for layer, block in enumerate(self.layers):
-            h = block(h, batches[layer], cache, layer)
-        return self.lm_head(self.norm(h)).float()  # [B, T, V]
+        h = self.hidden_states(batch, cache)
+        if batch.logits_indices is not None:
+            h = h.index_select(0, batch.logits_indices)
+        return self.lm_head(h).float()
 
-    def attention_batches(
-        self, positions: torch.Tensor, slots: torch.Tensor, cache: SlotKVCache
-    ) -> list[AttentionBatch]:
-        """Each layer's AttentionBatch; layers with the same sliding window share one."""
-        windows = [self.args.layer_sliding_window(layer) for layer in range(self.num_layers)]
-        by_window = {w: AttentionBatch.build(positions, slots, self.rotary, w) for w in set(windows)}
-        kv_len = next(iter(by_window.values())).kv_len
-        if kv_len > cache.max_len:
-            raise ValueError(f"position {kv_len - 1} is beyond the cache length {cache.max_len}")
-        return [by_window[w] for w in windows]
+    @torch.inference_mode()
+    def hidden_states(self, batch: ForwardBatch, cache: PagedKVCache) -> torch.Tensor:
+        """The final-norm hidden state of every row: [N, H] in the model's dtype."""
+        cos, sin = self.rotary(batch.positions)
+        rotation = Rotation(cos, sin)
+        h = self.embed_tokens(batch.input_ids)  # [N, H]
+        for layer, block in enumerate(self.layers):
+            h = block(h, batch, rotation, cache, layer)
+        return self.norm(h)

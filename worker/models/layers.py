@@ -1,7 +1,7 @@
 """Building blocks shared by the model families: norm, rotary, attention, MLPs, experts.
 
-Shapes use B (sequences in the batch), T (new tokens per sequence), L (key
-positions attended to), H (hidden size), D (head dim), E (experts), k (experts
+Shapes use N (token rows of the flat batch), B and T (sequences and new
+tokens per sequence of an attention group), L (key positions attended to), H (hidden size), D (head dim), E (experts), k (experts
 per token), I (expert intermediate size). Modules are plain PyTorch; models
 build them on the meta device and the checkpoint loader fills them.
 """
@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemesh.worker.kv_cache import SlotKVCache
+from moemesh.worker.kv_cache import PagedKVCache
+from moemesh.worker.models.batch import ForwardBatch
 
 
 class RMSNorm(nn.Module):
@@ -41,13 +42,13 @@ class RotaryEmbedding(nn.Module):
         self.theta = theta
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for positions [B, T]: 2 x [B, T, D], float32."""
+        """cos and sin for positions [N]: 2 x [N, D], float32."""
         # Computed per call rather than kept as a buffer: it is D/2 numbers, and
         # the model is built on the meta device where a buffer would be lost.
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=positions.device) / self.head_dim
         inv_freq = 1.0 / (self.theta**exponents)  # [D/2]
-        freqs = positions[..., None].float() * inv_freq  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [B, T, D]
+        freqs = positions[:, None].float() * inv_freq  # [N, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [N, D]
         return emb.cos(), emb.sin()
 
 
@@ -58,40 +59,18 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, T, heads, D] by cos, sin [B, T, D]."""
-    cos = cos.to(x.dtype)[:, :, None]  # [B, T, 1, D]
-    sin = sin.to(x.dtype)[:, :, None]
+    """Rotate x [N, heads, D] by cos, sin [N, D]."""
+    cos = cos.to(x.dtype)[:, None]  # [N, 1, D]
+    sin = sin.to(x.dtype)[:, None]
     return x * cos + rotate_half(x) * sin
 
 
-@dataclass(frozen=True)
-class AttentionBatch:
-    """What every attention layer of one forward shares: where tokens go, what they see."""
+@dataclass
+class Rotation:
+    """cos and sin of every row of a forward batch, computed once and shared by the layers."""
 
-    slots: torch.Tensor  # [B] cache slot of each sequence
-    positions: torch.Tensor  # [B, T] position of each new token
-    kv_len: int  # keys attended to: positions [0, kv_len) of each slot
-    mask: torch.Tensor  # [B, 1, T, kv_len] True where a query may attend to a key
-    cos: torch.Tensor  # [B, T, D]
-    sin: torch.Tensor  # [B, T, D]
-
-    @classmethod
-    def build(
-        cls,
-        positions: torch.Tensor,
-        slots: torch.Tensor,
-        rotary: RotaryEmbedding,
-        sliding_window: int | None = None,
-    ) -> AttentionBatch:
-        """Causal mask from positions: a query sees its slot's keys at positions <= its own."""
-        kv_len = int(positions.max()) + 1  # keys past the furthest query are never needed
-        key_positions = torch.arange(kv_len, device=positions.device)  # [L]
-        query_positions = positions[:, :, None]  # [B, T, 1]
-        mask = key_positions <= query_positions  # [B, T, L]
-        if sliding_window is not None:
-            mask &= key_positions > query_positions - sliding_window
-        cos, sin = rotary(positions)
-        return cls(slots, positions, kv_len, mask[:, None], cos, sin)
+    cos: torch.Tensor  # [N, D]
+    sin: torch.Tensor  # [N, D]
 
 
 class QKVLinear(nn.Linear):
@@ -106,7 +85,7 @@ class QKVLinear(nn.Linear):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention over the slot KV cache.
+    """Grouped-query attention over the paged KV cache.
 
     Options for the families that need them: biases on the q/k/v projections
     (`qkv_bias`) and on the output projection (`o_bias`), and a per-head
@@ -134,24 +113,30 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor, batch: AttentionBatch, cache: SlotKVCache, layer: int) -> torch.Tensor:
-        """x [B, T, H] -> [B, T, H]; stores this step's keys and values in the cache."""
-        B, T, _ = x.shape
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, rotation: Rotation, cache: PagedKVCache, layer: int
+    ) -> torch.Tensor:
+        """x [N, H] -> [N, H]; stores the new keys and values in the cache, then attends per group."""
+        N = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
-        q = self.q_norm(q.view(B, T, self.num_heads, self.head_dim))
-        k = self.k_norm(k.view(B, T, self.num_kv_heads, self.head_dim))
-        q = apply_rotary(q, batch.cos, batch.sin)
-        k = apply_rotary(k, batch.cos, batch.sin)
-        cache.write(layer, batch.slots, batch.positions, k, v.view(B, T, self.num_kv_heads, self.head_dim))
-        keys, values = cache.read(layer, batch.slots, batch.kv_len)  # [B, L, n_kv, D]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),  # [B, n_heads, T, D]
-            keys.transpose(1, 2),  # [B, n_kv, L, D]
-            values.transpose(1, 2),
-            attn_mask=batch.mask,
-            enable_gqa=True,
-        )  # [B, n_heads, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+        q = apply_rotary(self.q_norm(q.view(N, self.num_heads, self.head_dim)), rotation.cos, rotation.sin)
+        k = apply_rotary(self.k_norm(k.view(N, self.num_kv_heads, self.head_dim)), rotation.cos, rotation.sin)
+        cache.write(layer, batch.slots, k, v.view(N, self.num_kv_heads, self.head_dim))
+        window = batch.layer_windows[layer]
+        outputs = []
+        for group in batch.groups:
+            B, T = group.num_seqs, group.num_tokens
+            keys, values = cache.gather(layer, group.block_tables)  # [B, nb*bs, n_kv, D]
+            out = F.scaled_dot_product_attention(
+                q[group.start : group.stop].view(B, T, self.num_heads, self.head_dim).transpose(1, 2),  # [B, nh, T, D]
+                keys[:, : group.kv_len].transpose(1, 2),  # [B, n_kv, L, D]
+                values[:, : group.kv_len].transpose(1, 2),
+                attn_mask=group.masks[window],
+                enable_gqa=True,
+            )  # [B, nh, T, D]
+            outputs.append(out.transpose(1, 2).reshape(B * T, self.num_heads * self.head_dim))
+        attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, nh*D], groups are in row order
+        return self.o_proj(attended)
 
 
 class GateUpLinear(nn.Linear):
@@ -229,6 +214,8 @@ class MoEExperts(nn.Module):
         token_of = order // k  # [T*k] token of each grouped assignment
         weight_of = topk_weights.flatten()[order]  # [T*k]
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync
+        if expert_ids is None and self._stack_pays(counts):
+            return self._stacked_forward(x, flat_ids[order], token_of, weight_of, counts)
         wanted = range(self.num_experts) if expert_ids is None else {int(e) for e in expert_ids}
         out = torch.zeros_like(x)
         start = 0
@@ -239,6 +226,33 @@ class MoEExperts(nn.Module):
                 continue
             y = self.expert_forward(expert, x[token_of[rows]])  # [n, H]
             out.index_add_(0, token_of[rows], (y * weight_of[rows, None]).to(out.dtype))
+        return out
+
+    def _stack_pays(self, counts: list[int]) -> bool:
+        """Use one batched matmul over all experts when every expert has work and padding stays small.
+
+        Small per-expert batches (decode steps) run far below the memory
+        bandwidth as separate matmuls; stacked into one `bmm` they stream the
+        weights much better. Rows are padded to the busiest expert's count,
+        so a skewed routing falls back to the per-expert loop.
+        """
+        busiest = max(counts)
+        return min(counts) > 0 and busiest * self.num_experts <= 2 * sum(counts) and busiest <= 64
+
+    def _stacked_forward(
+        self, x: torch.Tensor, expert_of: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """The same sum as the loop, with each expert's rows padded to C and run as [E, C, H] bmm calls."""
+        E, C, H = self.num_experts, max(counts), x.shape[1]
+        starts = torch.tensor([0, *counts[:-1]], device=x.device).cumsum(0)  # [E] first grouped row of each expert
+        rank = torch.arange(expert_of.shape[0], device=x.device) - starts[expert_of]  # row within its expert
+        dest = expert_of * C + rank  # [T*k] row of the padded stack
+        stacked = x.new_zeros(E * C, H)
+        stacked[dest] = x[token_of]
+        gate, up = torch.bmm(stacked.view(E, C, H), self.w13.transpose(1, 2)).chunk(2, dim=-1)  # 2 x [E, C, I]
+        y = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2)).view(E * C, H)  # [E*C, H]
+        out = torch.zeros_like(x)
+        out.index_add_(0, token_of, (y[dest] * weight_of[:, None]).to(out.dtype))
         return out
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:

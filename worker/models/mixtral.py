@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from moemesh.worker.checkpoint import WeightRule
-from moemesh.worker.kv_cache import SlotKVCache
+from moemesh.worker.kv_cache import PagedKVCache
+from moemesh.worker.models.batch import ForwardBatch
 from moemesh.worker.models.decoder import DECODER_CHECKPOINT_RULES, DecoderArgs, DecoderForCausalLM
-from moemesh.worker.models.layers import Attention, AttentionBatch, RMSNorm, SparseMoeBlock
+from moemesh.worker.models.layers import Attention, RMSNorm, Rotation, SparseMoeBlock
 
 # Checkpoint name -> parameter. Published Mixtral checkpoints (and
 # transformers' save_pretrained, which converts back on save) store one matrix
@@ -77,15 +78,16 @@ class MixtralDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.moe = MixtralSparseMoeBlock(args)
 
-    def forward(self, h: torch.Tensor, batch: AttentionBatch, cache: SlotKVCache, layer: int) -> torch.Tensor:
-        """h [B, T, H] -> [B, T, H]."""
-        h = h + self.self_attn(self.input_layernorm(h), batch, cache, layer)
-        moe_in = self.post_attention_layernorm(h).flatten(0, 1)  # [B*T, H]
-        return h + self.moe(moe_in).view_as(h)
+    def forward(
+        self, h: torch.Tensor, batch: ForwardBatch, rotation: Rotation, cache: PagedKVCache, layer: int
+    ) -> torch.Tensor:
+        """h [N, H] -> [N, H]."""
+        h = h + self.self_attn(self.input_layernorm(h), batch, rotation, cache, layer)
+        return h + self.moe(self.post_attention_layernorm(h))
 
 
 class MixtralForCausalLM(DecoderForCausalLM):
-    """The whole model: ids and positions in, next-token logits out, K/V kept in a slot cache."""
+    """The whole model: ids and positions in, next-token logits out, K/V kept in a paged cache."""
 
     args_class = MixtralArgs
     checkpoint_mapping = CHECKPOINT_MAPPING

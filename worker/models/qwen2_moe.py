@@ -169,7 +169,7 @@ class Qwen2MoeSparseMoeBlock(SparseMoeBlock):
 
 
 class Qwen2MoeForCausalLM(DecoderForCausalLM):
-    """The whole model: ids and positions in, next-token logits out, K/V kept in a slot cache."""
+    """The whole model: ids and positions in, next-token logits out, K/V kept in a paged cache."""
 
     args_class = Qwen2MoeArgs
     checkpoint_mapping = CHECKPOINT_MAPPING

@@ -44,7 +44,7 @@ class Qwen3MoeArgs(QwenMoeArgs):
 
 
 class Qwen3MoeForCausalLM(DecoderForCausalLM):
-    """The whole model: ids and positions in, next-token logits out, K/V kept in a slot cache."""
+    """The whole model: ids and positions in, next-token logits out, K/V kept in a paged cache."""
 
     args_class = Qwen3MoeArgs
     checkpoint_mapping = CHECKPOINT_MAPPING
