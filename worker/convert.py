@@ -69,6 +69,7 @@ def request_from_pb(work: worker_pb2.GenerationWork, tokenizer: Tokenizer, defau
         params=sampling_from_pb(work.sampling, defaults),
         deadline=work.deadline_unix or None,
         resume_token_ids=tuple(work.resume_token_ids),
+        resume_text_chars=work.resume_text_chars,
     )
 
 

@@ -135,13 +135,16 @@ class Engine:
         """Queue a request (after `check`); it joins the batch at a coming step."""
         self.check(request)
         resumed = list(request.resume_token_ids)
-        tokens = [*request.prompt_token_ids, *resumed]
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids=list(request.prompt_token_ids))
+        # Text of the resumed tokens that the client has not received yet goes out first.
+        pending = detokenizer.push(resumed)[request.resume_text_chars :] if resumed else ""
         self.waiting.append(Sequence(
             request=request,
             seed=request.params.seed if request.params.seed is not None else random.getrandbits(31),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids=tokens),
-            token_ids=tokens,
+            detokenizer=detokenizer,
+            token_ids=[*request.prompt_token_ids, *resumed],
             num_generated=len(resumed),
+            pending_text=pending,
         ))
 
     def abort(self, request_id: str, reason: str = "abort") -> None:

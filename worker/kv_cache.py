@@ -9,9 +9,9 @@ time as sequences grow, so short and long sequences share one pool.
 A full block is also registered under a chained hash of every token up to
 its end (`block_hash`), so that a later sequence with the same prefix reuses
 those blocks instead of recomputing them. A hit is verified against the
-token ids stored with the block: a hash collision can never lend a sequence
-another prompt's keys. Blocks nobody uses stay cached and are recycled least
-recently freed first.
+token ids and the parent hash stored with the block, so a colliding hash
+cannot lend a sequence keys computed for other tokens. Blocks nobody uses
+stay cached and are recycled least recently freed first.
 """
 
 from __future__ import annotations
@@ -114,9 +114,8 @@ class BlockManager:
         self.free: collections.OrderedDict[int, None] = collections.OrderedDict((b, None) for b in range(num_blocks))
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.tokens_of: list[tuple[int, ...] | None] = [None] * num_blocks
+        self.parent_of: list[bytes | None] = [None] * num_blocks  # hash of the blocks before it
         self.by_hash: dict[bytes, int] = {}
-        self.hits = 0  # prefix blocks reused
-        self.queries = 0  # prefix blocks looked up
 
     @property
     def num_free(self) -> int:
@@ -136,22 +135,23 @@ class BlockManager:
     def match_prefix(self, token_ids: Sequence[int], max_blocks: int) -> tuple[list[int], list[bytes]]:
         """Cached blocks holding the longest prefix of `token_ids` (at most `max_blocks`), and their hashes.
 
-        Each candidate block's stored token ids must equal the prompt's, or the
-        match stops there. Takes no reference: call `take` on the result.
+        Each candidate block's stored token ids must equal the prompt's, and it
+        must have been registered after the same blocks (its stored parent hash
+        equals the match so far), or the match stops there: a block's keys
+        depend on every token before it. Takes no reference: call `take` on the result.
         """
         if not self.enable_prefix_caching:
             return [], []
         blocks, hashes, parent = [], [], ROOT_HASH
         for i in range(min(max_blocks, len(token_ids) // self.block_size)):
             chunk = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
-            parent = block_hash(parent, chunk)
-            self.queries += 1
-            block = self.by_hash.get(parent)
-            if block is None or self.tokens_of[block] != chunk:
+            digest = block_hash(parent, chunk)
+            block = self.by_hash.get(digest)
+            if block is None or self.tokens_of[block] != chunk or self.parent_of[block] != parent:
                 break
             blocks.append(block)
-            hashes.append(parent)
-        self.hits += len(blocks)
+            hashes.append(digest)
+            parent = digest
         return blocks, hashes
 
     def register(self, block: int, parent: bytes, token_ids: Sequence[int]) -> bytes:
@@ -162,6 +162,7 @@ class BlockManager:
             self.by_hash[digest] = block
             self.hash_of[block] = digest
             self.tokens_of[block] = chunk
+            self.parent_of[block] = parent
         return digest
 
     # ---- references ----------------------------------------------------------
@@ -204,3 +205,4 @@ class BlockManager:
             self.by_hash.pop(digest, None)
             self.hash_of[block] = None
             self.tokens_of[block] = None
+            self.parent_of[block] = None

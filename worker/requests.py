@@ -18,6 +18,8 @@ class GenerationRequest:
     deadline: float | None = None
     # Tokens an earlier replica already delivered (failover): prefilled, not re-emitted.
     resume_token_ids: tuple[int, ...] = ()
+    # Characters of the resumed tokens' text the client already has; the rest is emitted first.
+    resume_text_chars: int = 0
 
 
 @dataclass
