@@ -160,12 +160,23 @@ class Mesh:
 
     # ---- run and stop ------------------------------------------------------
     async def wait_for_exit(self) -> Child:
-        """Return the first child that exits (for a running mesh, a failure)."""
-        waits = {asyncio.create_task(c.process.wait()): c for c in self.children}
-        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        for task in pending:
-            task.cancel()
-        return waits[next(iter(done))]
+        """Return the first child whose exit ends the mesh: any service but a worker, or the last worker.
+
+        A worker that dies while others serve is reported and left down: the
+        scheduler fails its requests over to the remaining workers.
+        """
+        while True:
+            waits = {asyncio.create_task(c.process.wait()): c for c in self.children}
+            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            child = waits[next(iter(done))]
+            workers_left = [c for c in self.children if c.name.startswith("worker") and c.process.returncode is None]
+            if not child.name.startswith("worker") or not workers_left:
+                return child
+            self.children.remove(child)
+            print(f"moemesh: {child.name} exited with code {child.process.returncode}; "
+                  f"{len(workers_left)} worker(s) still serving", file=sys.stderr, flush=True)
 
     async def stop(self) -> None:
         """SIGTERM each service, newest first; SIGKILL what outlives its grace."""

@@ -205,7 +205,10 @@ def test_ctrl_c_finishes_in_flight_streams_then_stops_every_process(mesh, channe
             assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still accepts connections"
 
 
-def test_two_workers_register_and_share_the_traffic_and_die_with_the_supervisor(tmp_path):
+def test_two_workers_register_and_share_the_traffic_and_die_with_the_supervisor(tmp_path, monkeypatch):
+    # The 8 identical prompts share a prefix, so affinity would keep them on one replica
+    # until the load guard trips; a zero guard makes load decide at once.
+    monkeypatch.setenv("MOEMESH_SCHEDULER_AFFINITY_LOAD_GUARD", "0")
     mesh = start_mesh(tmp_path, "--workers", "2", "--no-embeddings", "--no-http")
     try:
         check_two_workers_share_the_traffic(mesh)

@@ -77,14 +77,14 @@ _BY_CODE = {
 }
 
 
-def error_from_code(code: int, message: str) -> MeshError:
+def error_from_code(code: int, message: str, retry_after: float = 0.0) -> MeshError:
     """Rebuild a domain error from a status code number sent across a hop."""
     if code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
         field, _, rest = message.partition(": ")
         return InvalidRequest(field, rest or message)
     cls = _BY_CODE.get(code)
     if cls is Overloaded:
-        return Overloaded(message)
+        return Overloaded(message, retry_after=retry_after or 1.0)
     return cls(message) if cls else MeshError(message)
 
 

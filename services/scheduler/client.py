@@ -61,7 +61,7 @@ class SchedulerClient:
                 event = await events.get()
                 if event.HasField("error"):
                     finished = True
-                    raise error_from_code(event.error.code, event.error.message)
+                    raise error_from_code(event.error.code, event.error.message, event.error.retry_after_seconds)
                 finished = event.finish_reason != 0
                 yield event
                 if finished:

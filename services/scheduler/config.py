@@ -7,6 +7,7 @@ from typing import ClassVar
 import pydantic
 
 from moemesh.services.core.config import ServiceConfig
+from moemesh.services.scheduler.dispatcher import DispatchPolicy
 
 
 class SchedulerConfig(ServiceConfig):
@@ -23,4 +24,36 @@ class SchedulerConfig(ServiceConfig):
     # Workers must present this token (metadata `authorization: Bearer ...`); None = open.
     cluster_token: str | None = None
     grace: float = pydantic.Field(default=10.0, ge=0)
+    # Admission queue bounds, per model: beyond either, RESOURCE_EXHAUSTED at once with a retry-after hint.
+    max_queued_requests: int = pydantic.Field(default=1024, ge=1)
+    max_queued_tokens: int = pydantic.Field(default=1_000_000, ge=1)
+    # Dynamic batching: new requests per replica per round, how long a partial batch may wait
+    # for one of the preferred sizes (0 = never waits), and those sizes.
+    max_batch_size: int = pydantic.Field(default=32, ge=1)
+    max_queue_delay: float = pydantic.Field(default=0.0, ge=0, le=10)
+    preferred_batch_sizes: list[int] = pydantic.Field(default_factory=list)
+    # Prefix affinity gives way when the preferred replica carries this much more load per slot.
+    affinity_load_guard: float = pydantic.Field(default=0.5, ge=0)
+    # Failover: attempts per request, and how long one waits for a replica when none is left.
+    max_failovers: int = pydantic.Field(default=3, ge=0)
+    failover_wait: float = pydantic.Field(default=10.0, ge=0)
+    # A replica with running work and no forward progress for this long receives no new requests.
+    hang_timeout: float = pydantic.Field(default=30.0, gt=0)
+    # Fair-queuing weight per tenant (default 1.0).
+    tenant_weights: dict[str, float] = pydantic.Field(default_factory=dict)
+
+    def dispatch_policy(self) -> DispatchPolicy:
+        """The dispatcher's knobs from these settings."""
+        return DispatchPolicy(
+            max_queued_requests=self.max_queued_requests,
+            max_queued_tokens=self.max_queued_tokens,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay=self.max_queue_delay,
+            preferred_batch_sizes=tuple(self.preferred_batch_sizes),
+            affinity_load_guard=self.affinity_load_guard,
+            max_failovers=self.max_failovers,
+            failover_wait=self.failover_wait,
+            hang_timeout=self.hang_timeout,
+            tenant_weights=dict(self.tenant_weights),
+        )
     log_level: str = "info"

@@ -1,27 +1,42 @@
-"""Routes gateway requests to worker links and worker events back to gateways.
+"""Admits gateway requests, routes them to worker links, and carries events back.
 
-The scheduler is a forwarding hop here: work and events pass through as the
-messages they arrived as (no re-encoding on the token path); only the
-routing decision reads their fields. Each worker step's batch is split by
-owning gateway session, so each hop still sends one message per step.
+Work waits in a bounded per-model admission queue (`queue.py`) until a
+replica has a free sequence slot and enough reported KV blocks; each pump
+round hands a replica at most `max_batch_size` new requests, and with a
+`max_queue_delay` the pump waits for a preferred batch size before sending a
+partial one. Events pass through as the messages they arrived as (no
+re-encoding on the token path); each worker step's batch is split by owning
+gateway session, so each hop still sends one message per step.
+
+Failover: the scheduler remembers the token ids and text each request has
+delivered. When its replica is lost (stream broken, evicted, or it refuses
+with UNAVAILABLE while draining), the request goes back to the head of the
+queue with those tokens as `resume_token_ids`: another replica prefills
+prompt + delivered tokens and continues, and the client sees one stream with
+nothing lost or repeated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import grpc
 
-from moemesh.services.core.errors import MeshError
+from moemesh.services.core.errors import Overloaded
 from moemesh.services.scheduler.links import WorkerLink
+from moemesh.services.scheduler.queue import RETRY_PRIORITY, AdmissionQueue, Pending, QueueLimits
 from moemesh.services.scheduler.registry import Node, Registry
-from moemesh.services.scheduler.router import pick_node
-from moemesh.v1 import worker_pb2
+from moemesh.services.scheduler.router import affinity_key, pick_node
+from moemesh.v1 import common_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
+
+CHARS_PER_TOKEN = 4  # prompt size estimate before tokenization (the worker tokenizes)
 
 
 class Session:
@@ -35,22 +50,69 @@ class Session:
         self.outbox.put_nowait(worker_pb2.EventBatch(events=events))
 
 
-@dataclass
+@dataclass(frozen=True)
+class DispatchPolicy:
+    """Queueing, batching, routing and failover knobs (from SchedulerConfig)."""
+
+    max_queued_requests: int = 1024
+    max_queued_tokens: int = 1_000_000
+    max_batch_size: int = 32  # new requests handed to one replica per pump round
+    max_queue_delay: float = 0.0  # seconds a partial batch may wait for a preferred size
+    preferred_batch_sizes: tuple[int, ...] = ()
+    affinity_load_guard: float = 0.5
+    max_failovers: int = 3
+    failover_wait: float = 10.0  # how long a request whose replica died waits for another one
+    hang_timeout: float = 30.0  # a replica with work and no progress for this long gets no new requests
+    tenant_weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
 class Route:
+    """A request the scheduler holds: queued, or running on `node_id`."""
+
+    work: worker_pb2.GenerationWork
     session: Session
-    node_id: str
+    cost: int
+    node_id: str | None = None
+    token_ids: list[int] = field(default_factory=list)  # delivered to the client so far
+    text_chars: int = 0
+    failovers: int = 0
+    tried: set[str] = field(default_factory=set)
+    blocks_needed: int = 1
+
+
+@dataclass
+class DispatchCounters:
+    """Totals for metrics: the cancellation pair must agree (every client cancel aborts once)."""
+
+    admitted: int = 0
+    rejected: int = 0
+    completed: int = 0
+    failovers: int = 0
+    failed_over_lost: int = 0  # requests that could not fail over (attempts or replicas exhausted)
+    client_cancels: int = 0  # cancellations of routed requests sent to a worker
+    engine_aborts: int = 0  # requests a worker reported finished with reason ABORT
+    queue_cancels: int = 0  # cancelled while still queued (no worker involved)
+    deadline_in_queue: int = 0
 
 
 class Dispatcher:
-    """Owns the worker links and the request -> (session, node) table."""
+    """Owns the worker links, the admission queues and the request -> route table."""
 
-    def __init__(self, registry: Registry, rng: random.Random | None = None) -> None:
+    def __init__(self, registry: Registry, policy: DispatchPolicy | None = None,
+                 rng: random.Random | None = None) -> None:
         self.registry = registry
+        self.policy = policy or DispatchPolicy()
         self.rng = rng or random.Random()
         self.links: dict[str, WorkerLink] = {}
         self.routes: dict[str, Route] = {}
+        self.queues: dict[str, AdmissionQueue] = {}
+        self.counters = DispatchCounters()
+        self._completions: list[float] = []  # recent finish times, for retry-after hints
+        self._timer: asyncio.TimerHandle | None = None
         registry.on_evict.append(self._node_lost)
 
+    # ---- links -------------------------------------------------------------
     def link(self, node: Node) -> WorkerLink:
         link = self.links.get(node.node_id)
         if link is None:
@@ -59,70 +121,252 @@ class Dispatcher:
             link.start()
         return link
 
+    # ---- admission -----------------------------------------------------------
     def submit(self, work: worker_pb2.GenerationWork, session: Session) -> None:
-        """Route one request; a refusal becomes its error event on the session."""
-        try:
-            node = pick_node(self.registry.routable(work.model), self.rng)
-        except MeshError as exc:
-            session.send([_error_event(work.request_id, exc.grpc_code, str(exc))])
+        """Queue one request (refused at once when the queue is full), then dispatch what fits."""
+        if work.request_id in self.routes:
+            session.send([_error_event(work.request_id, grpc.StatusCode.ALREADY_EXISTS,
+                                       f"request {work.request_id!r} is already running")])
             return
-        node.in_flight += 1
-        node.routed_requests += 1
-        self.routes[work.request_id] = Route(session, node.node_id)
+        if work.deadline_unix and work.deadline_unix <= time.time():
+            session.send([_error_event(work.request_id, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                       "deadline passed before the request was queued")])
+            return
+        route = Route(work, session, cost=_estimate_tokens(work))
+        queue = self._queue(work.model)
+        try:
+            queue.push(self._pending(route), retry_after=self.retry_after())
+        except Overloaded as exc:
+            self.counters.rejected += 1
+            session.send([_error_event(work.request_id, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                                       retry_after=exc.retry_after)])
+            return
+        self.counters.admitted += 1
+        self.routes[work.request_id] = route
         session.request_ids.add(work.request_id)
-        self.link(node).send(worker_pb2.ExecuteRequest(add=work))
+        self.pump()
 
     def cancel(self, request_id: str, reason: str) -> None:
         route = self.routes.get(request_id)
         if route is None:
             return
+        if route.node_id is None:  # still queued: no worker to tell
+            self._queue(route.work.model).remove(request_id)
+            self._drop(request_id, route)
+            self.counters.queue_cancels += 1
+            return
         link = self.links.get(route.node_id)
         if link is not None:
+            self.counters.client_cancels += 1
             link.send(worker_pb2.ExecuteRequest(cancel=worker_pb2.Cancel(request_id=request_id, reason=reason)))
 
     def close_session(self, session: Session) -> None:
-        """The gateway went away: cancel everything it still had running."""
+        """The gateway went away: cancel everything it still had queued or running."""
         for request_id in list(session.request_ids):
             self.cancel(request_id, "client")
 
+    def retry_after(self) -> float:
+        """A hint for refused callers: the time the queued work takes at the recent completion rate."""
+        now = time.monotonic()
+        self._completions = [t for t in self._completions if now - t < 10.0]
+        rate = len(self._completions) / 10.0
+        queued = sum(len(q) for q in self.queues.values())
+        return float(min(30.0, max(0.5, queued / rate if rate else 1.0)))
+
+    # ---- dispatch ------------------------------------------------------------
+    def pump(self) -> None:
+        """Expire late requests, then hand queued requests to replicas with room."""
+        now_unix = time.time()
+        for model, queue in self.queues.items():
+            for late in queue.expired(now_unix):
+                route = late.payload
+                self.counters.deadline_in_queue += 1
+                self._drop(late.request_id, route)
+                route.session.send([_error_event(late.request_id, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                 "deadline passed while queued")])
+            if queue:
+                self._pump_model(model, queue)
+        self._arm_timer()
+
+    def _pump_model(self, model: str, queue: AdmissionQueue) -> None:
+        policy = self.policy
+        if policy.max_queue_delay > 0 and len(queue) < policy.max_batch_size and queue.oldest_wait() < policy.max_queue_delay:
+            if len(queue) not in policy.preferred_batch_sizes and not _has_retry(queue):
+                return  # wait a little longer for a fuller batch
+        sent: dict[str, int] = {}
+        while (head := queue.peek()) is not None:
+            route: Route = head.payload
+            nodes = [n for n in self._candidates(model, route) if sent.get(n.node_id, 0) < policy.max_batch_size]
+            if not nodes:
+                if self._any_registered(model):
+                    return  # every replica is busy (or failed this request): the head keeps its place
+                waited = queue.clock() - head.enqueued_at
+                if route.failovers and waited < policy.failover_wait:
+                    return  # a replacement replica may register in time
+                queue.pop()
+                self._drop(head.request_id, route)
+                route.session.send([_error_event(head.request_id, grpc.StatusCode.UNAVAILABLE,
+                                                 "no ready replica serves this model", retry_after=1.0)])
+                continue
+            queue.pop()
+            key = affinity_key(route.work.prompt.text, list(route.work.prompt_token_ids))
+            node = pick_node(nodes, self.rng, key, policy.affinity_load_guard)
+            self._send(route, node)
+            sent[node.node_id] = sent.get(node.node_id, 0) + 1
+
+    def _candidates(self, model: str, route: Route) -> list[Node]:
+        """Ready replicas of the model with a free sequence slot and the KV blocks this request needs."""
+        found = []
+        for node in self.registry.routable(model):
+            if node.node_id in route.tried and route.failovers:
+                continue  # a failover avoids the replicas that already failed it
+            if node.in_flight >= node.max_num_seqs:
+                continue
+            if node.load.running_seqs and node.load.seconds_since_progress > self.policy.hang_timeout:
+                continue  # alive but stuck: no new work until it moves again
+            blocks = math.ceil(route.cost / max(node.block_size, 1))
+            if node.num_kv_blocks and node.load.free_kv_blocks and blocks > node.load.free_kv_blocks and node.in_flight:
+                continue  # it reported too few blocks for this request (an idle replica always may try)
+            found.append(node)
+        return found
+
+    def _any_registered(self, model: str) -> bool:
+        return any(n.serves(model) for n in self.registry.nodes.values())
+
+    def _send(self, route: Route, node: Node) -> None:
+        work = route.work
+        if route.token_ids:  # a failover: continue after what the client has
+            work = worker_pb2.GenerationWork()
+            work.CopyFrom(route.work)
+            work.resume_token_ids.extend(route.token_ids)
+            work.resume_text_chars = route.text_chars
+        route.node_id = node.node_id
+        route.tried.add(node.node_id)
+        node.in_flight += 1
+        node.routed_requests += 1
+        self.link(node).send(worker_pb2.ExecuteRequest(add=work))
+
+    # ---- events --------------------------------------------------------------
     def _on_batch(self, node_id: str, batch: worker_pb2.EventBatch) -> None:
         by_session: dict[int, tuple[Session, list[worker_pb2.RequestEvent]]] = {}
+        freed = False
         for event in batch.events:
             route = self.routes.get(event.request_id)
-            if route is None:
+            if route is None or route.node_id != node_id:
+                continue  # finished, or already failed over: a late event of the old replica
+            if event.HasField("error") and event.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
+                self._release_node(route)
+                freed = True
+                self._requeue(event.request_id, route, f"replica {node_id} refused: {event.error.message}")
                 continue
+            route.token_ids.extend(event.token_ids)
+            route.text_chars += len(event.text)
             if event.finish_reason or event.HasField("error"):
+                if event.finish_reason == common_pb2.FINISH_REASON_ABORT:
+                    self.counters.engine_aborts += 1
                 self._finish(event.request_id, route)
+                freed = True
             by_session.setdefault(id(route.session), (route.session, []))[1].append(event)
         for session, events in by_session.values():
             session.send(events)
+        if freed:
+            self.pump()
 
     def _finish(self, request_id: str, route: Route) -> None:
-        del self.routes[request_id]
-        route.session.request_ids.discard(request_id)
-        node = self.registry.nodes.get(route.node_id)
+        self._release_node(route)
+        self._drop(request_id, route)
+        self.counters.completed += 1
+        self._completions.append(time.monotonic())
+
+    def _release_node(self, route: Route) -> None:
+        node = self.registry.nodes.get(route.node_id) if route.node_id else None
         if node is not None:
             node.in_flight -= 1
+        route.node_id = None
+
+    def _drop(self, request_id: str, route: Route) -> None:
+        self.routes.pop(request_id, None)
+        route.session.request_ids.discard(request_id)
 
     def _on_link_closed(self, node_id: str) -> None:
         """A broken execution stream means the node is gone."""
         self.registry.evict(node_id)
 
     def _node_lost(self, node: Node) -> None:
-        """Fail the node's in-flight requests as retryable; drop its link."""
+        """Move the node's in-flight requests to other replicas; drop its link."""
         link = self.links.pop(node.node_id, None)
         if link is not None:
             asyncio.get_running_loop().create_task(link.close())
         lost = [(rid, r) for rid, r in self.routes.items() if r.node_id == node.node_id]
         for request_id, route in lost:
-            self._finish(request_id, route)
-            route.session.send([_error_event(request_id, grpc.StatusCode.UNAVAILABLE,
-                                             f"replica {node.node_id} was lost")])
+            route.node_id = None  # the node is gone from the registry: nothing to release
+            self._requeue(request_id, route, f"replica {node.node_id} was lost")
         if lost:
             log.warning("node lost with requests in flight", extra={"node_id": node.node_id, "lost": len(lost)})
+        self.pump()
+
+    def _requeue(self, request_id: str, route: Route, why: str) -> None:
+        """Send a request that lost its replica to another one, or fail it when it cannot go on."""
+        route.failovers += 1
+        if route.failovers > self.policy.max_failovers:
+            self.counters.failed_over_lost += 1
+            self._drop(request_id, route)
+            route.session.send([_error_event(request_id, grpc.StatusCode.UNAVAILABLE,
+                                             f"{why}; gave up after {self.policy.max_failovers} failovers")])
+            return
+        self.counters.failovers += 1
+        pending = self._pending(route)
+        pending.priority = RETRY_PRIORITY
+        self._queue(route.work.model).push(pending, force=True)
+
+    # ---- helpers -------------------------------------------------------------
+    def _queue(self, model: str) -> AdmissionQueue:
+        queue = self.queues.get(model)
+        if queue is None:
+            limits = QueueLimits(self.policy.max_queued_requests, self.policy.max_queued_tokens,
+                                 self.policy.tenant_weights)
+            queue = self.queues[model] = AdmissionQueue(limits)
+        return queue
+
+    @staticmethod
+    def _pending(route: Route) -> Pending:
+        work = route.work
+        return Pending(request_id=work.request_id, tenant=work.tenant, priority=work.priority, cost=route.cost,
+                       deadline=work.deadline_unix or None, payload=route)
+
+    def _arm_timer(self) -> None:
+        """While anything is queued, pump again shortly: deadlines, queue delay, replicas freeing up."""
+        if self._timer is not None or not any(self.queues.values()):
+            return
+        loop = asyncio.get_running_loop()
+        delay = self.policy.max_queue_delay or 0.05
+
+        def fire() -> None:
+            self._timer = None
+            self.pump()
+
+        self._timer = loop.call_later(min(delay, 0.05), fire)
 
 
-def _error_event(request_id: str, code: grpc.StatusCode, message: str) -> worker_pb2.RequestEvent:
+def _has_retry(queue: AdmissionQueue) -> bool:
+    head = queue.peek()
+    return head is not None and head.priority == RETRY_PRIORITY
+
+
+def _estimate_tokens(work: worker_pb2.GenerationWork) -> int:
+    """Prompt tokens (or chars / 4 before tokenization) plus the most it may generate."""
+    if work.prompt_token_ids:
+        prompt = len(work.prompt_token_ids)
+    else:
+        chars = len(work.prompt.text) + sum(len(m.content) for m in work.prompt.chat.messages)
+        prompt = chars // CHARS_PER_TOKEN + 1
+    max_tokens = work.sampling.max_tokens if work.sampling.HasField("max_tokens") else 256
+    return prompt + max_tokens
+
+
+def _error_event(request_id: str, code: grpc.StatusCode, message: str,
+                 retry_after: float = 0.0) -> worker_pb2.RequestEvent:
     return worker_pb2.RequestEvent(
-        request_id=request_id, error=worker_pb2.RequestError(code=code.value[0], message=message)
+        request_id=request_id,
+        error=worker_pb2.RequestError(code=code.value[0], message=message, retry_after_seconds=retry_after),
     )

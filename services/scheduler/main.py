@@ -32,7 +32,7 @@ async def expire_forever(registry: Registry) -> None:
 async def serve(config: SchedulerConfig, ready_fd: int | None) -> None:
     stop = stop_event_on_signals()
     registry = Registry(config.heartbeat_interval, config.max_missed_heartbeats)
-    dispatcher = Dispatcher(registry)
+    dispatcher = Dispatcher(registry, config.dispatch_policy())
     server = GrpcServer(config.host, config.port, grace=config.grace)
     server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
                SchedulerServicer(registry, dispatcher, config.cluster_token), SCHEDULER_SERVICE)

@@ -56,6 +56,8 @@ class Node:
     world_size: int = 1
     device: str = "cpu"
     max_num_seqs: int = 1
+    num_kv_blocks: int = 0  # 0 = not reported
+    block_size: int = 16
     lease_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     state: NodeState = NodeState.READY
     load: Load = field(default_factory=Load)

@@ -43,6 +43,7 @@ def node_from_pb(pb: scheduler_pb2.RegisterRequest) -> Node:
         node_id=pb.node_id, address=pb.address, models=tuple(served_model_from_pb(m) for m in pb.models),
         replica_group=pb.replica_group or pb.node_id, rank=pb.rank, world_size=pb.world_size or 1,
         device=pb.device, max_num_seqs=pb.capacity.max_num_seqs or 1,
+        num_kv_blocks=pb.capacity.num_kv_blocks, block_size=pb.capacity.block_size or 16,
     )
 
 
@@ -75,6 +76,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             raise InvalidRequest("node_id" if not request.node_id else "address", "is required")
         node = self.registry.register(node_from_pb(request))
         self.dispatcher.link(node)
+        self.dispatcher.pump()  # queued requests may fit on the newcomer
         log.info("node registered", extra={"node_id": node.node_id, "address": node.address})
         return scheduler_pb2.RegisterResponse(
             lease_id=node.lease_id,

@@ -1,0 +1,160 @@
+"""The scheduler through real processes: failover after kill -9, overload, queue deadlines, cancellation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+
+from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from tests.conftest import pid_alive, start_mesh, stop_mesh
+
+PROMPTS = [f"def handler_{i}(request):\n    " for i in range(8)]
+
+
+def request(prompt: str, max_tokens: int, seed: int | None = None, **kwargs) -> generation_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, ignore_eos=True, **kwargs)
+    if seed is None:
+        sampling.temperature = 0.0
+    else:
+        sampling.temperature, sampling.seed = 0.8, seed
+    return generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text=prompt), sampling=sampling)
+
+
+def collect(events) -> dict:
+    out = {"ids": [], "text": "", "finish": None, "indexes": [], "usage": None}
+    for event in events:
+        out["ids"] += event.token_ids
+        out["text"] += event.text
+        out["indexes"].append(event.index)
+        if event.finish_reason:
+            out["finish"], out["usage"] = event.finish_reason, event.usage
+    return out
+
+
+def nodes(mesh) -> list:
+    with grpc.insecure_channel(mesh.scheduler) as ch:
+        return scheduler_pb2_grpc.SchedulerStub(ch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
+
+
+def test_kill_9_of_a_worker_mid_stream_loses_no_stream_and_changes_no_token(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEMESH_SCHEDULER_AFFINITY_LOAD_GUARD", "0")  # spread the 8 streams over both workers
+    mesh = start_mesh(tmp_path, "--workers", "2", "--no-embeddings", "--no-http")
+    try:
+        requests = [request(p, 300, seed=None if i % 2 == 0 else 100 + i) for i, p in enumerate(PROMPTS)]
+        with grpc.insecure_channel(mesh.gateway) as ch:
+            stub = generation_pb2_grpc.GenerationStub(ch)
+            clean = [collect(stub.Generate(r, timeout=120)) for r in requests]
+            assert all(c["finish"] == common_pb2.FINISH_REASON_LENGTH and len(c["ids"]) == 300 for c in clean)
+
+            calls = [stub.Generate(r, timeout=120) for r in requests]
+            firsts = [next(call) for call in calls]  # every stream is under way
+            assert not any(f.finish_reason for f in firsts)
+            victim = mesh.ready["workers"][0]
+            routed = {n.address: n.in_flight for n in nodes(mesh)}
+            assert routed[victim["address"]] > 0, f"the victim must hold streams: {routed}"
+            os.kill(victim["pid"], signal.SIGKILL)
+            disturbed = [collect([first, *call]) for first, call in zip(firsts, calls)]
+
+        for i, (before, after) in enumerate(zip(clean, disturbed)):
+            assert after["finish"] == common_pb2.FINISH_REASON_LENGTH, f"stream {i} did not complete"
+            assert after["ids"] == before["ids"], f"stream {i}: tokens changed by the failover"
+            assert after["text"] == before["text"], f"stream {i}: text changed by the failover"
+            assert after["indexes"] == list(range(len(after["indexes"]))), "event indexes must stay contiguous"
+            assert after["usage"].completion_tokens == 300
+        left = nodes(mesh)
+        assert [n.address for n in left] == [mesh.ready["workers"][1]["address"]]
+        assert mesh.process.poll() is None, "the mesh keeps serving with one worker"
+    finally:
+        stop_mesh(mesh)
+
+
+@pytest.fixture(scope="module")
+def small_mesh(tmp_path_factory):
+    """One worker with one sequence slot, and a scheduler queue of 2: easy to fill."""
+    env = {"MOEMESH_SCHEDULER_MAX_QUEUED_REQUESTS": "2"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        mesh = start_mesh(tmp_path_factory.mktemp("small"), "--workers", "1", "--max-num-seqs", "1",
+                          "--no-embeddings", "--no-http")
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    yield mesh
+    stop_mesh(mesh)
+
+
+def wait_idle(mesh, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(n.in_flight == 0 and n.load.running_seqs == 0 for n in nodes(mesh)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the worker did not go idle: {nodes(mesh)}")
+
+
+def test_overload_is_refused_fast_with_a_retry_hint_and_the_rest_complete(small_mesh):
+    wait_idle(small_mesh)
+    results, errors = {}, {}
+
+    def call(i: int) -> None:
+        started = time.monotonic()
+        try:
+            with grpc.insecure_channel(small_mesh.gateway) as ch:
+                out = collect(generation_pb2_grpc.GenerationStub(ch).Generate(request(PROMPTS[i], 120), timeout=120))
+            results[i] = out
+        except grpc.RpcError as exc:
+            errors[i] = (exc.code(), exc.details(), time.monotonic() - started)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    # One slot running plus two queued can be admitted at a time; the rest are refused at once.
+    assert errors, "8 concurrent requests against 1 slot and a queue of 2 must see refusals"
+    for code, details, seconds in errors.values():
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+        assert "queue full" in details
+        assert seconds < 2.0, f"a refusal must be immediate, took {seconds:.2f}s"
+    assert results and all(r["finish"] == common_pb2.FINISH_REASON_LENGTH for r in results.values())
+    assert len(results) + len(errors) == 8
+    wait_idle(small_mesh)
+
+
+def test_deadline_expires_in_the_queue_without_reaching_a_worker(small_mesh):
+    wait_idle(small_mesh)
+    before = sum(n.routed_requests for n in nodes(small_mesh))
+    with grpc.insecure_channel(small_mesh.gateway) as ch:
+        stub = generation_pb2_grpc.GenerationStub(ch)
+        long_call = stub.Generate(request(PROMPTS[0], 400), timeout=120)
+        next(long_call)  # it holds the only slot
+        with pytest.raises(grpc.RpcError) as caught:
+            collect(stub.Generate(request(PROMPTS[1], 10), timeout=0.5))
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert collect(long_call)["finish"] == common_pb2.FINISH_REASON_LENGTH
+    wait_idle(small_mesh)
+    assert sum(n.routed_requests for n in nodes(small_mesh)) == before + 1, "the expired request must not be routed"
+
+
+def test_cancelled_stream_frees_its_slot_for_the_next_request(small_mesh):
+    wait_idle(small_mesh)
+    with grpc.insecure_channel(small_mesh.gateway) as ch:
+        stub = generation_pb2_grpc.GenerationStub(ch)
+        call = stub.Generate(request(PROMPTS[2], 1000), timeout=120)
+        next(call)
+        call.cancel()
+        wait_idle(small_mesh, timeout=10)  # the worker aborted it: no slot held
+        started = time.monotonic()
+        out = collect(stub.Generate(request(PROMPTS[3], 8), timeout=30))
+    assert out["finish"] == common_pb2.FINISH_REASON_LENGTH and len(out["ids"]) == 8
+    assert time.monotonic() - started < 10
+
+
+def test_the_mesh_is_still_whole_after_the_scheduler_tests(small_mesh):
+    assert all(pid_alive(pid) for pid in small_mesh.service_pids())
