@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
 
+from moemesh.cache.embedded import free_port
 from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from tests.conftest import pid_alive, start_mesh, stop_mesh
+from tests.conftest import DEMO_MODEL, pid_alive, start_mesh, stop_mesh
 
 PROMPTS = [f"def handler_{i}(request):\n    " for i in range(8)]
 
@@ -76,7 +82,8 @@ def test_kill_9_of_a_worker_mid_stream_loses_no_stream_and_changes_no_token(tmp_
 @pytest.fixture(scope="module")
 def small_mesh(tmp_path_factory):
     """One worker with one sequence slot, and a scheduler queue of 2: easy to fill."""
-    env = {"MOEMESH_SCHEDULER_MAX_QUEUED_REQUESTS": "2"}
+    env = {"MOEMESH_SCHEDULER_MAX_QUEUED_REQUESTS": "2", "MOEMESH_SCHEDULER_METRICS_PORT": "0",
+           "MOEMESH_WORKER_METRICS_PORT": "0"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -156,5 +163,129 @@ def test_cancelled_stream_frees_its_slot_for_the_next_request(small_mesh):
     assert time.monotonic() - started < 10
 
 
+def scrape(address: str) -> dict[str, float]:
+    """Unlabelled (or single-sample) metric values from a Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    values = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            values.setdefault(sample.name, sample.value)
+    return values
+
+
+def test_client_disconnects_and_engine_aborts_are_counted_and_agree(small_mesh):
+    wait_idle(small_mesh)
+    with grpc.insecure_channel(small_mesh.gateway) as ch:
+        call = generation_pb2_grpc.GenerationStub(ch).Generate(request(PROMPTS[4], 1000), timeout=120)
+        next(call)
+        call.cancel()
+    wait_idle(small_mesh, timeout=10)
+    scheduler = scrape(small_mesh.ready["scheduler"]["metrics_address"])
+    worker = scrape(small_mesh.ready["workers"][0]["metrics_address"])
+    disconnects = scheduler["moemesh_scheduler_client_disconnects_total"]
+    assert disconnects >= 1
+    assert scheduler["moemesh_scheduler_engine_aborts_total"] == disconnects
+    assert worker["moemesh_worker_aborts_total"] == disconnects
+    assert scheduler["moemesh_scheduler_requests_rejected_total"] >= 1  # from the overload test
+    assert worker["moemesh_worker_generated_tokens_total"] > 0
+    assert worker["moemesh_worker_free_kv_blocks"] == worker["moemesh_worker_kv_blocks"]
+
+
 def test_the_mesh_is_still_whole_after_the_scheduler_tests(small_mesh):
     assert all(pid_alive(pid) for pid in small_mesh.service_pids())
+
+
+class Service:
+    """One service process started as the supervisor starts it (ready JSON on a pipe)."""
+
+    def __init__(self, module: str, *args: str, log: pathlib.Path) -> None:
+        read_fd, write_fd = os.pipe()
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", module, *args, "--ready-fd", str(write_fd)],
+                pass_fds=(write_fd,), stdout=out, stderr=out, start_new_session=True,
+            )
+        os.close(write_fd)
+        with os.fdopen(read_fd) as pipe:
+            line = pipe.readline()
+        assert line, f"{module} exited before it was ready:\n{log.read_text()[-3000:]}"
+        self.info = json.loads(line)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def test_scheduler_restart_workers_reregister_and_new_requests_succeed(tmp_path):
+    port = free_port()
+    scheduler_args = ("--port", str(port), "--heartbeat-interval", "0.5")
+    services = []
+    try:
+        scheduler = Service("moemesh.services.scheduler.main", *scheduler_args, log=tmp_path / "s1.log")
+        services.append(scheduler)
+        worker = Service("moemesh.worker.main", "--port", "0", "--scheduler", f"127.0.0.1:{port}",
+                         "--model-dir", str(DEMO_MODEL), "--max-num-seqs", "4", log=tmp_path / "w.log")
+        services.append(worker)
+        gateway = Service("moemesh.gateway.main", "--port", "0", "--scheduler", f"127.0.0.1:{port}",
+                          log=tmp_path / "g.log")
+        services.append(gateway)
+        with grpc.insecure_channel(gateway.info["address"]) as ch:
+            stub = generation_pb2_grpc.GenerationStub(ch)
+            before = collect(stub.Generate(request(PROMPTS[0], 16), timeout=60))
+            scheduler.stop(signal.SIGKILL)
+            scheduler = Service("moemesh.services.scheduler.main", *scheduler_args, log=tmp_path / "s2.log")
+            services.append(scheduler)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the worker re-registers by itself
+                with grpc.insecure_channel(f"127.0.0.1:{port}") as sch:
+                    listed = scheduler_pb2_grpc.SchedulerStub(sch).ListNodes(scheduler_pb2.ListNodesRequest(),
+                                                                              timeout=5).nodes
+                if [n.address for n in listed] == [worker.info["address"]]:
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError("the worker did not re-register with the restarted scheduler")
+            after = None
+            while time.monotonic() < deadline:  # the gateway reconnects by itself
+                try:
+                    after = collect(stub.Generate(request(PROMPTS[0], 16), timeout=30))
+                    break
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc.details()
+                    time.sleep(0.2)
+        assert after is not None and after["ids"] == before["ids"]
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+def test_sigterm_drains_a_worker_its_streams_finish_and_new_work_goes_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEMESH_SCHEDULER_AFFINITY_LOAD_GUARD", "0")
+    mesh = start_mesh(tmp_path, "--workers", "2", "--no-embeddings", "--no-http")
+    try:
+        victim = mesh.ready["workers"][0]
+        with grpc.insecure_channel(mesh.gateway) as ch:
+            stub = generation_pb2_grpc.GenerationStub(ch)
+            clean = [collect(stub.Generate(request(p, 200), timeout=120)) for p in PROMPTS[:4]]
+            calls = [stub.Generate(request(p, 200), timeout=120) for p in PROMPTS[:4]]
+            firsts = [next(call) for call in calls]
+            assert {n.address: n.in_flight for n in nodes(mesh)}[victim["address"]] > 0
+            os.kill(victim["pid"], signal.SIGTERM)
+            late = collect(stub.Generate(request(PROMPTS[5], 16), timeout=60))  # during the drain
+            drained = [collect([first, *call]) for first, call in zip(firsts, calls)]
+        assert late["finish"] == common_pb2.FINISH_REASON_LENGTH
+        assert [d["ids"] for d in drained] == [c["ids"] for c in clean]
+        deadline = time.monotonic() + 30
+        while pid_alive(victim["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not pid_alive(victim["pid"]), "the drained worker must exit"
+        assert [n.address for n in nodes(mesh)] == [mesh.ready["workers"][1]["address"]], "it deregistered"
+    finally:
+        stop_mesh(mesh)

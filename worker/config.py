@@ -44,6 +44,8 @@ class WorkerConfig(ServiceConfig):
     cluster_token: str | None = None
     drain_grace: float = pydantic.Field(default=30.0, ge=0)
     log_level: str = "info"
+    # Prometheus /metrics on this port (0: a free one); None = off.
+    metrics_port: int | None = pydantic.Field(default=None, ge=0, le=65535)
 
     @pydantic.model_validator(mode="after")
     def _budget_covers_the_batch(self) -> WorkerConfig:

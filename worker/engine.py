@@ -83,6 +83,7 @@ class EngineCounters:
     prefix_hit_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
+    aborts: int = 0
 
 
 class Engine:
@@ -187,6 +188,7 @@ class Engine:
         outputs = []
         for seq in [s for s in [*self.running, *self.waiting] if s.request_id in self.aborted]:
             seq.finish_reason = self.aborted[seq.request_id]
+            self.counters.aborts += 1
             outputs.append(self._collect(seq))
         self.aborted.clear()
         return outputs

@@ -14,6 +14,7 @@ import grpc
 import torch
 
 from moemesh.services.core.entrypoint import service_main
+from moemesh.services.core.metrics import counter, gauge, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.worker.checkpoint import open_checkpoint
@@ -102,7 +103,28 @@ class WorkerProcess:
             free_kv_blocks=self.engine.num_free_blocks,
             steps_per_second=stats.steps_per_second,
             seconds_since_progress=stats.seconds_since_progress,
+            draining=self.servicer.draining,
         )
+
+    def metrics(self) -> list:
+        """The worker's metric families, read from the live engine."""
+        c, engine = self.engine.counters, self.engine
+        labels = {"model": self.model_id}
+        return [
+            counter("moemesh_worker_steps", "Engine steps (forward calls).", c.steps, labels),
+            counter("moemesh_worker_prompt_tokens_computed", "Prompt tokens run through the model.",
+                    c.prompt_tokens_computed, labels),
+            counter("moemesh_worker_prefix_cache_hit_tokens", "Tokens whose KV came from the prefix cache.",
+                    c.prefix_hit_tokens, labels),
+            counter("moemesh_worker_generated_tokens", "Tokens generated.", c.generated_tokens, labels),
+            counter("moemesh_worker_preemptions", "Sequences preempted for lack of KV blocks.", c.preemptions, labels),
+            counter("moemesh_worker_aborts", "Requests aborted (client, deadline).", c.aborts, labels),
+            gauge("moemesh_worker_running_seqs", "Sequences in the running batch.", engine.num_running),
+            gauge("moemesh_worker_waiting_seqs", "Sequences waiting for the batch.", engine.num_waiting),
+            gauge("moemesh_worker_free_kv_blocks", "KV cache blocks free (cached ones included).",
+                  engine.num_free_blocks),
+            gauge("moemesh_worker_kv_blocks", "KV cache blocks in the pool.", engine.blocks.num_blocks),
+        ]
 
     def registration(self) -> scheduler_pb2.RegisterRequest:
         return scheduler_pb2.RegisterRequest(
@@ -133,9 +155,15 @@ class WorkerProcess:
             membership.start()
             await membership.registered.wait()
             await self.server.set_serving(True)
+            metrics_address, stop_metrics = None, None
+            if self.config.metrics_port is not None:
+                metrics_address, stop_metrics = serve_metrics(self.config.host, self.config.metrics_port,
+                                                              self.metrics)
             announce_ready(ready_fd, service="worker", address=self.server.address, node_id=self.node_id,
-                           model=self.model_id)
+                           model=self.model_id, metrics_address=metrics_address)
             await stop.wait()
+            if stop_metrics is not None:
+                stop_metrics()
             await self.drain()
             await membership.stop(deregister=True)
         await self.server.stop()

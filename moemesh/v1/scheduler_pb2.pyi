@@ -52,20 +52,22 @@ class RegisterResponse(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., heartbeat_interval: _Optional[float] = ..., max_missed_heartbeats: _Optional[int] = ...) -> None: ...
 
 class NodeLoad(_message.Message):
-    __slots__ = ("running_seqs", "waiting_seqs", "free_kv_blocks", "steps_per_second", "seconds_since_progress", "expert_load")
+    __slots__ = ("running_seqs", "waiting_seqs", "free_kv_blocks", "steps_per_second", "seconds_since_progress", "expert_load", "draining")
     RUNNING_SEQS_FIELD_NUMBER: _ClassVar[int]
     WAITING_SEQS_FIELD_NUMBER: _ClassVar[int]
     FREE_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     STEPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     running_seqs: int
     waiting_seqs: int
     free_kv_blocks: int
     steps_per_second: float
     seconds_since_progress: float
     expert_load: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, running_seqs: _Optional[int] = ..., waiting_seqs: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., seconds_since_progress: _Optional[float] = ..., expert_load: _Optional[_Iterable[int]] = ...) -> None: ...
+    draining: bool
+    def __init__(self, running_seqs: _Optional[int] = ..., waiting_seqs: _Optional[int] = ..., free_kv_blocks: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., seconds_since_progress: _Optional[float] = ..., expert_load: _Optional[_Iterable[int]] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("node_id", "lease_id", "load")

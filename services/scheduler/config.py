@@ -53,7 +53,8 @@ class SchedulerConfig(ServiceConfig):
             affinity_load_guard=self.affinity_load_guard,
             max_failovers=self.max_failovers,
             failover_wait=self.failover_wait,
-            hang_timeout=self.hang_timeout,
             tenant_weights=dict(self.tenant_weights),
         )
     log_level: str = "info"
+    # Prometheus /metrics on this port (0: a free one); None = off.
+    metrics_port: int | None = pydantic.Field(default=None, ge=0, le=65535)

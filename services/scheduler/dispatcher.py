@@ -62,7 +62,6 @@ class DispatchPolicy:
     affinity_load_guard: float = 0.5
     max_failovers: int = 3
     failover_wait: float = 10.0  # how long a request whose replica died waits for another one
-    hang_timeout: float = 30.0  # a replica with work and no progress for this long gets no new requests
     tenant_weights: dict[str, float] = field(default_factory=dict)
 
 
@@ -222,8 +221,6 @@ class Dispatcher:
                 continue  # a failover avoids the replicas that already failed it
             if node.in_flight >= node.max_num_seqs:
                 continue
-            if node.load.running_seqs and node.load.seconds_since_progress > self.policy.hang_timeout:
-                continue  # alive but stuck: no new work until it moves again
             blocks = math.ceil(route.cost / max(node.block_size, 1))
             if node.num_kv_blocks and node.load.free_kv_blocks and blocks > node.load.free_kv_blocks and node.in_flight:
                 continue  # it reported too few blocks for this request (an idle replica always may try)

@@ -9,10 +9,11 @@ import logging
 import sys
 
 from moemesh.services.core.entrypoint import service_main
+from moemesh.services.core.metrics import counter, gauge, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.scheduler.config import SchedulerConfig
 from moemesh.services.scheduler.dispatcher import Dispatcher
-from moemesh.services.scheduler.registry import Registry
+from moemesh.services.scheduler.registry import NodeState, Registry
 from moemesh.services.scheduler.service import SchedulerServicer
 from moemesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
@@ -29,18 +30,53 @@ async def expire_forever(registry: Registry) -> None:
             log.warning("node evicted: missed heartbeats", extra={"node_id": node_id})
 
 
+def scheduler_metrics(registry: Registry, dispatcher: Dispatcher) -> list:
+    """The scheduler's metric families, read from the live registry and dispatcher."""
+    c = dispatcher.counters
+    families = [
+        counter("moemesh_scheduler_requests_admitted", "Requests accepted into an admission queue.", c.admitted),
+        counter("moemesh_scheduler_requests_rejected", "Requests refused because a queue was full.", c.rejected),
+        counter("moemesh_scheduler_requests_completed", "Requests a worker finished (any finish reason).", c.completed),
+        counter("moemesh_scheduler_failovers", "Requests moved to another replica after theirs was lost.", c.failovers),
+        counter("moemesh_scheduler_failover_exhausted", "Requests failed because no replica could continue them.",
+                c.failed_over_lost),
+        counter("moemesh_scheduler_client_disconnects", "Client cancellations sent to a worker.", c.client_cancels),
+        counter("moemesh_scheduler_engine_aborts", "Requests a worker reported aborted.", c.engine_aborts),
+        counter("moemesh_scheduler_queue_cancels", "Requests cancelled while still queued.", c.queue_cancels),
+        counter("moemesh_scheduler_queue_deadline_expired", "Requests whose deadline passed while queued.",
+                c.deadline_in_queue),
+        gauge("moemesh_scheduler_queue_depth", "Requests waiting per model.",
+              {(model,): len(q) for model, q in dispatcher.queues.items()}, ["model"]),
+        gauge("moemesh_scheduler_queue_tokens", "Estimated tokens waiting per model.",
+              {(model,): q.tokens for model, q in dispatcher.queues.items()}, ["model"]),
+        gauge("moemesh_scheduler_in_flight", "Requests running on a replica.",
+              {(n.node_id,): n.in_flight for n in registry.nodes.values()}, ["node"]),
+    ]
+    states: dict[tuple[str, ...], float] = {(state.value,): 0 for state in NodeState}
+    for node in registry.nodes.values():
+        states[(node.state.value,)] += 1
+    families.append(gauge("moemesh_scheduler_nodes", "Registered nodes by state.", states, ["state"]))
+    return families
+
+
 async def serve(config: SchedulerConfig, ready_fd: int | None) -> None:
     stop = stop_event_on_signals()
-    registry = Registry(config.heartbeat_interval, config.max_missed_heartbeats)
+    registry = Registry(config.heartbeat_interval, config.max_missed_heartbeats, hang_timeout=config.hang_timeout)
     dispatcher = Dispatcher(registry, config.dispatch_policy())
     server = GrpcServer(config.host, config.port, grace=config.grace)
     server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
                SchedulerServicer(registry, dispatcher, config.cluster_token), SCHEDULER_SERVICE)
     await server.start()
     expiry = asyncio.create_task(expire_forever(registry))
+    metrics_address, stop_metrics = None, None
+    if config.metrics_port is not None:
+        metrics_address, stop_metrics = serve_metrics(config.host, config.metrics_port,
+                                                      lambda: scheduler_metrics(registry, dispatcher))
     await server.set_serving(True)
-    announce_ready(ready_fd, service="scheduler", address=server.address)
+    announce_ready(ready_fd, service="scheduler", address=server.address, metrics_address=metrics_address)
     await stop.wait()
+    if stop_metrics is not None:
+        stop_metrics()
     expiry.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await expiry

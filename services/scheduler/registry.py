@@ -18,6 +18,7 @@ class NodeState(enum.StrEnum):
     READY = "ready"
     DRAINING = "draining"
     SUSPECT = "suspect"
+    UNHEALTHY = "unhealthy"  # heartbeats arrive, but the engine makes no progress while it has work
     DEAD = "dead"
 
 
@@ -42,6 +43,7 @@ class Load:
     free_kv_blocks: int = 0
     steps_per_second: float = 0.0
     seconds_since_progress: float = 0.0
+    draining: bool = False
 
 
 @dataclass
@@ -72,9 +74,11 @@ class Node:
 class Registry:
     """Registered nodes keyed by node id; eviction callbacks fire on loss."""
 
-    def __init__(self, heartbeat_interval: float, max_missed: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, heartbeat_interval: float, max_missed: int, clock: Callable[[], float] = time.monotonic,
+                 hang_timeout: float = 30.0) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.max_missed = max_missed
+        self.hang_timeout = hang_timeout
         self.clock = clock
         self.nodes: dict[str, Node] = {}
         self.on_evict: list[Callable[[Node], None]] = []
@@ -95,7 +99,11 @@ class Registry:
             return False
         node.load = load
         node.last_heartbeat = self.clock()
-        if node.state == NodeState.SUSPECT:
+        if load.draining:
+            node.state = NodeState.DRAINING
+        elif load.running_seqs and load.seconds_since_progress > self.hang_timeout:
+            node.state = NodeState.UNHEALTHY  # a hung engine must not keep receiving traffic
+        else:
             node.state = NodeState.READY
         return True
 

@@ -51,6 +51,7 @@ def load_from_pb(pb: scheduler_pb2.NodeLoad) -> Load:
     return Load(
         running_seqs=pb.running_seqs, waiting_seqs=pb.waiting_seqs, free_kv_blocks=pb.free_kv_blocks,
         steps_per_second=pb.steps_per_second, seconds_since_progress=pb.seconds_since_progress,
+        draining=pb.draining,
     )
 
 
