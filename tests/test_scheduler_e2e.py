@@ -16,7 +16,15 @@ import grpc
 import pytest
 
 from moemesh.cache.embedded import free_port
-from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from moemesh.v1 import (
+    common_pb2,
+    embeddings_pb2,
+    embeddings_pb2_grpc,
+    generation_pb2,
+    generation_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 from tests.conftest import DEMO_MODEL, pid_alive, start_mesh, stop_mesh
 
 PROMPTS = [f"def handler_{i}(request):\n    " for i in range(8)]
@@ -83,7 +91,7 @@ def test_kill_9_of_a_worker_mid_stream_loses_no_stream_and_changes_no_token(tmp_
 def small_mesh(tmp_path_factory):
     """One worker with one sequence slot, and a scheduler queue of 2: easy to fill."""
     env = {"MOEMESH_SCHEDULER_MAX_QUEUED_REQUESTS": "2", "MOEMESH_SCHEDULER_METRICS_PORT": "0",
-           "MOEMESH_WORKER_METRICS_PORT": "0"}
+           "MOEMESH_WORKER_METRICS_PORT": "0", "MOEMESH_SCHEDULER_EMBED_MAX_DELAY": "0.05"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -191,6 +199,34 @@ def test_client_disconnects_and_engine_aborts_are_counted_and_agree(small_mesh):
     assert scheduler["moemesh_scheduler_requests_rejected_total"] >= 1  # from the overload test
     assert worker["moemesh_worker_generated_tokens_total"] > 0
     assert worker["moemesh_worker_free_kv_blocks"] == worker["moemesh_worker_kv_blocks"]
+
+
+def test_embedding_requests_of_many_callers_share_worker_calls(small_mesh):
+    texts = [f"record {i}: invoice overdue" for i in range(8)]
+    with grpc.insecure_channel(small_mesh.gateway) as ch:
+        stub = embeddings_pb2_grpc.EmbeddingsStub(ch)
+        solo = [list(stub.Embed(embed_request(t), timeout=30).embeddings[0].values) for t in texts]
+        before = scrape(small_mesh.ready["scheduler"]["metrics_address"])
+        together: dict[int, list[float]] = {}
+
+        def call(i: int) -> None:
+            together[i] = list(stub.Embed(embed_request(texts[i]), timeout=30).embeddings[0].values)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    after = scrape(small_mesh.ready["scheduler"]["metrics_address"])
+    requests = after["moemesh_scheduler_embed_requests_total"] - before["moemesh_scheduler_embed_requests_total"]
+    calls = after["moemesh_scheduler_embed_worker_calls_total"] - before["moemesh_scheduler_embed_worker_calls_total"]
+    assert requests == 8 and calls < 8, f"8 concurrent requests took {calls} worker calls"
+    for i in range(8):
+        assert max(abs(a - b) for a, b in zip(together[i], solo[i])) < 1e-5, f"caller {i} got another row"
+
+
+def embed_request(text: str) -> embeddings_pb2.EmbedRequest:
+    return embeddings_pb2.EmbedRequest(model="demo-moe-pooled", inputs=[text])
 
 
 def test_the_mesh_is_still_whole_after_the_scheduler_tests(small_mesh):

@@ -39,6 +39,9 @@ class SchedulerConfig(ServiceConfig):
     failover_wait: float = pydantic.Field(default=10.0, ge=0)
     # A replica with running work and no forward progress for this long receives no new requests.
     hang_timeout: float = pydantic.Field(default=30.0, gt=0)
+    # Embedding requests arriving within this many seconds share one worker call, up to this many inputs.
+    embed_max_delay: float = pydantic.Field(default=0.002, ge=0, le=1)
+    embed_max_inputs: int = pydantic.Field(default=256, ge=1)
     # Fair-queuing weight per tenant (default 1.0).
     tenant_weights: dict[str, float] = pydantic.Field(default_factory=dict)
 

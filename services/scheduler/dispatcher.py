@@ -77,7 +77,7 @@ class Route:
     text_chars: int = 0
     failovers: int = 0
     tried: set[str] = field(default_factory=set)
-    blocks_needed: int = 1
+    cancelled: bool = False
 
 
 @dataclass
@@ -147,8 +147,9 @@ class Dispatcher:
 
     def cancel(self, request_id: str, reason: str) -> None:
         route = self.routes.get(request_id)
-        if route is None:
+        if route is None or route.cancelled:
             return
+        route.cancelled = True
         if route.node_id is None:  # still queued: no worker to tell
             self._queue(route.work.model).remove(request_id)
             self._drop(request_id, route)
@@ -214,17 +215,22 @@ class Dispatcher:
             sent[node.node_id] = sent.get(node.node_id, 0) + 1
 
     def _candidates(self, model: str, route: Route) -> list[Node]:
-        """Ready replicas of the model with a free sequence slot and the KV blocks this request needs."""
+        """Ready replicas of the model with a free sequence slot and the KV blocks this request needs.
+
+        A failover avoids the replicas that already failed the request, unless
+        no other one can take it.
+        """
         found = []
         for node in self.registry.routable(model):
-            if node.node_id in route.tried and route.failovers:
-                continue  # a failover avoids the replicas that already failed it
             if node.in_flight >= node.max_num_seqs:
                 continue
             blocks = math.ceil(route.cost / max(node.block_size, 1))
-            if node.num_kv_blocks and node.load.free_kv_blocks and blocks > node.load.free_kv_blocks and node.in_flight:
-                continue  # it reported too few blocks for this request (an idle replica always may try)
+            if node.num_kv_blocks and blocks > node.load.free_kv_blocks and node.in_flight:
+                continue  # it reported too few free blocks for this request (an idle replica always may try)
             found.append(node)
+        if route.failovers:
+            fresh = [node for node in found if node.node_id not in route.tried]
+            return fresh or found
         return found
 
     def _any_registered(self, model: str) -> bool:
@@ -304,6 +310,10 @@ class Dispatcher:
 
     def _requeue(self, request_id: str, route: Route, why: str) -> None:
         """Send a request that lost its replica to another one, or fail it when it cannot go on."""
+        if route.cancelled:  # its client is gone: nothing to continue
+            self.counters.engine_aborts += 1  # it ended aborted, as the cancel asked
+            self._drop(request_id, route)
+            return
         route.failovers += 1
         if route.failovers > self.policy.max_failovers:
             self.counters.failed_over_lost += 1

@@ -13,6 +13,7 @@ from moemesh.services.core.metrics import counter, gauge, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.scheduler.config import SchedulerConfig
 from moemesh.services.scheduler.dispatcher import Dispatcher
+from moemesh.services.scheduler.embed_batcher import EmbedBatcher
 from moemesh.services.scheduler.registry import NodeState, Registry
 from moemesh.services.scheduler.service import SchedulerServicer
 from moemesh.v1 import scheduler_pb2, scheduler_pb2_grpc
@@ -30,7 +31,7 @@ async def expire_forever(registry: Registry) -> None:
             log.warning("node evicted: missed heartbeats", extra={"node_id": node_id})
 
 
-def scheduler_metrics(registry: Registry, dispatcher: Dispatcher) -> list:
+def scheduler_metrics(registry: Registry, dispatcher: Dispatcher, embed_batcher: EmbedBatcher) -> list:
     """The scheduler's metric families, read from the live registry and dispatcher."""
     c = dispatcher.counters
     families = [
@@ -56,6 +57,9 @@ def scheduler_metrics(registry: Registry, dispatcher: Dispatcher) -> list:
     for node in registry.nodes.values():
         states[(node.state.value,)] += 1
     families.append(gauge("moemesh_scheduler_nodes", "Registered nodes by state.", states, ["state"]))
+    families.append(counter("moemesh_scheduler_embed_requests", "Embed requests received.", embed_batcher.requests))
+    families.append(counter("moemesh_scheduler_embed_worker_calls", "Worker Embed calls (batched requests share one).",
+                            embed_batcher.calls))
     return families
 
 
@@ -64,14 +68,15 @@ async def serve(config: SchedulerConfig, ready_fd: int | None) -> None:
     registry = Registry(config.heartbeat_interval, config.max_missed_heartbeats, hang_timeout=config.hang_timeout)
     dispatcher = Dispatcher(registry, config.dispatch_policy())
     server = GrpcServer(config.host, config.port, grace=config.grace)
-    server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server,
-               SchedulerServicer(registry, dispatcher, config.cluster_token), SCHEDULER_SERVICE)
+    servicer = SchedulerServicer(registry, dispatcher, config.cluster_token, config.embed_max_inputs,
+                                 config.embed_max_delay)
+    server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, SCHEDULER_SERVICE)
     await server.start()
     expiry = asyncio.create_task(expire_forever(registry))
     metrics_address, stop_metrics = None, None
     if config.metrics_port is not None:
         metrics_address, stop_metrics = serve_metrics(config.host, config.metrics_port,
-                                                      lambda: scheduler_metrics(registry, dispatcher))
+                                                      lambda: scheduler_metrics(registry, dispatcher, servicer.embed_batcher))
     await server.set_serving(True)
     announce_ready(ready_fd, service="scheduler", address=server.address, metrics_address=metrics_address)
     await stop.wait()

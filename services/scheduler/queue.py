@@ -66,6 +66,7 @@ class AdmissionQueue:
         self._counter = itertools.count()
         self.tokens = 0
         self.rejected = 0
+        self._stale = 0  # removed entries still in the heap
 
     def __len__(self) -> int:
         return len(self._by_id)
@@ -99,6 +100,7 @@ class AdmissionQueue:
         """The next request, left in place."""
         while self._heap and self._heap[0][3].removed:
             heapq.heappop(self._heap)
+            self._stale = max(0, self._stale - 1)
         return self._heap[0][3] if self._heap else None
 
     def pop(self) -> Pending | None:
@@ -117,6 +119,15 @@ class AdmissionQueue:
         if item is not None:
             item.removed = True
             self._forget(item)
+            key = (item.priority, item.tenant)
+            if self._last_tag.get(key) == item.finish_tag:  # it was the tenant's latest: give its share back
+                self._last_tag[key] = item.finish_tag - item.cost / self.limits.tenant_weights.get(item.tenant, 1.0)
+            self._stale += 1
+            if self._stale > max(8, len(self._by_id)):
+                # Rebuild without the removed entries, so cancelled work never piles up behind a stuck head.
+                self._heap = [entry for entry in self._heap if not entry[3].removed]
+                heapq.heapify(self._heap)
+                self._stale = 0
         return item
 
     def expired(self, now_unix: float) -> list[Pending]:

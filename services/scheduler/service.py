@@ -9,8 +9,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from moemesh.services.core.errors import InvalidRequest, Unauthenticated
+from moemesh.services.core.errors import InvalidRequest, Unauthenticated, error_from_rpc
 from moemesh.services.scheduler.dispatcher import Dispatcher, Session
+from moemesh.services.scheduler.embed_batcher import EmbedBatcher
 from moemesh.services.scheduler.registry import Load, Node, Registry, ServedModel
 from moemesh.services.scheduler.router import pick_node
 from moemesh.v1 import models_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc
@@ -44,6 +45,7 @@ def node_from_pb(pb: scheduler_pb2.RegisterRequest) -> Node:
         replica_group=pb.replica_group or pb.node_id, rank=pb.rank, world_size=pb.world_size or 1,
         device=pb.device, max_num_seqs=pb.capacity.max_num_seqs or 1,
         num_kv_blocks=pb.capacity.num_kv_blocks, block_size=pb.capacity.block_size or 16,
+        load=Load(free_kv_blocks=pb.capacity.num_kv_blocks),  # all free until the first heartbeat says otherwise
     )
 
 
@@ -58,11 +60,13 @@ def load_from_pb(pb: scheduler_pb2.NodeLoad) -> Load:
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     """Registration, heartbeats, dispatch, embeddings and the catalogue."""
 
-    def __init__(self, registry: Registry, dispatcher: Dispatcher, cluster_token: str | None) -> None:
+    def __init__(self, registry: Registry, dispatcher: Dispatcher, cluster_token: str | None,
+                 embed_max_inputs: int = 256, embed_max_delay: float = 0.002) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
         self.cluster_token = cluster_token
         self._embed_stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
+        self.embed_batcher = EmbedBatcher(self._embed_on_a_replica, embed_max_inputs, embed_max_delay)
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         if self.cluster_token is None:
@@ -122,12 +126,19 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 self.dispatcher.cancel(message.cancel.request_id, message.cancel.reason or "client")
 
     async def Embed(self, request, context):
+        return await self.embed_batcher.embed(request)
+
+    async def _embed_on_a_replica(self, request: worker_pb2.EmbedWork) -> worker_pb2.EmbedResult:
+        """One worker call for a (possibly merged) embedding batch."""
         node = pick_node(self.registry.routable(request.model), self.dispatcher.rng)
         stub = self._embed_stubs.get(node.node_id)
         if stub is None:
             stub = worker_pb2_grpc.WorkerStub(self.dispatcher.link(node).channel)
             self._embed_stubs[node.node_id] = stub
-        return await stub.Embed(request, timeout=context.time_remaining())
+        try:
+            return await stub.Embed(request, timeout=60.0)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
 
     async def ListModels(self, request, context):
         catalogue = self.registry.catalogue()

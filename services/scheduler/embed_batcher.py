@@ -1,0 +1,101 @@
+"""Batches embedding requests from many callers into one worker call.
+
+Requests for the same model (and normalisation) that arrive within
+`max_delay` of each other are concatenated into one `EmbedWork`, up to
+`max_inputs` texts, so the worker runs one forward pass for all of them; the
+result rows are split back to each caller in order. If a merged call fails,
+each request is retried on its own, so one caller's bad input never fails
+another caller's request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from moemesh.services.core import tensors
+from moemesh.v1 import worker_pb2
+
+EmbedCall = Callable[[worker_pb2.EmbedWork], Awaitable[worker_pb2.EmbedResult]]
+
+
+@dataclass
+class _Batch:
+    requests: list[tuple[worker_pb2.EmbedWork, asyncio.Future]] = field(default_factory=list)
+    inputs: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+class EmbedBatcher:
+    """Collects concurrent Embed requests per (model, normalize) and sends them as one."""
+
+    def __init__(self, call: EmbedCall, max_inputs: int = 256, max_delay: float = 0.002) -> None:
+        self.call = call
+        self.max_inputs = max_inputs
+        self.max_delay = max_delay
+        self._open: dict[tuple[str, bool], _Batch] = {}
+        self.calls = 0  # worker calls made (for tests and metrics)
+        self.requests = 0
+
+    async def embed(self, request: worker_pb2.EmbedWork) -> worker_pb2.EmbedResult:
+        """The result for `request` alone, computed together with whatever else arrives meanwhile."""
+        self.requests += 1
+        if len(request.inputs) >= self.max_inputs:
+            self.calls += 1
+            return await self.call(request)
+        key = (request.model, request.normalize)
+        batch = self._open.get(key)
+        if batch is not None and batch.inputs + len(request.inputs) > self.max_inputs:
+            self._flush(key)
+            batch = None
+        if batch is None:
+            batch = self._open[key] = _Batch()
+            batch.timer = asyncio.get_running_loop().call_later(self.max_delay, self._flush, key)
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        batch.requests.append((request, future))
+        batch.inputs += len(request.inputs)
+        if batch.inputs >= self.max_inputs:
+            self._flush(key)
+        return await future
+
+    def _flush(self, key: tuple[str, bool]) -> None:
+        batch = self._open.pop(key, None)
+        if batch is None:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        asyncio.get_running_loop().create_task(self._run(key, batch))
+
+    async def _run(self, key: tuple[str, bool], batch: _Batch) -> None:
+        if len(batch.requests) == 1:
+            await self._single(*batch.requests[0])
+            return
+        model, normalize = key
+        merged = worker_pb2.EmbedWork(model=model, normalize=normalize,
+                                      inputs=[text for request, _ in batch.requests for text in request.inputs])
+        self.calls += 1
+        try:
+            result = await self.call(merged)
+        except Exception:  # noqa: BLE001 - a merged failure is retried request by request
+            await asyncio.gather(*(self._single(request, future) for request, future in batch.requests))
+            return
+        vectors = tensors.from_pb(result.vectors)  # [sum inputs, D]
+        start = 0
+        for request, future in batch.requests:
+            stop = start + len(request.inputs)
+            if not future.done():
+                future.set_result(worker_pb2.EmbedResult(vectors=tensors.to_pb(vectors[start:stop]),
+                                                         token_counts=result.token_counts[start:stop]))
+            start = stop
+
+    async def _single(self, request: worker_pb2.EmbedWork, future: asyncio.Future) -> None:
+        self.calls += 1
+        try:
+            result = await self.call(request)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(result)
