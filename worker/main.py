@@ -49,10 +49,23 @@ class WorkerProcess:
         self.checkpoint = open_checkpoint(config.model_dir)
         self.model_id = config.model_id or self.checkpoint.model_id
         self.node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        dtype = resolve_dtype(config.dtype, config.device)
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
-        model = build_model(self.checkpoint, dtype=dtype, device=config.device)
-        self.engine = Engine(
+        # Embedding models this worker serves, by id; the first is the default for requests naming none.
+        self.embedders: dict[str, EmbeddingModel] = {}
+        # Every model is built, and runs, on the engine thread (see runner.py).
+        self.runner = EngineRunner(self._build)
+        self.engine = self.runner.launch()
+        self.servicer = WorkerServicer(self.runner, self.tokenizer, self.model_id,
+                                       self.checkpoint.generation_defaults, self.embedders)
+        self.server: GrpcServer | None = None  # made in run(): grpc.aio binds to the running loop
+
+    def _build(self) -> Engine:
+        """The engine and the embedding models (runs on the engine thread)."""
+        config = self.config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        model = build_model(self.checkpoint, dtype=resolve_dtype(config.dtype, config.device), device=config.device)
+        engine = Engine(
             model,
             self.tokenizer,
             max_num_seqs=config.max_num_seqs,
@@ -62,18 +75,13 @@ class WorkerProcess:
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
         )
-        self.runner = EngineRunner(self.engine)
-        # Embedding models this worker serves, by id; the first is the default for requests naming none.
-        self.embedders: dict[str, EmbeddingModel] = {}
         if config.embedding_model_dir:
             sentence = SentenceEmbedder.load(config.embedding_model_dir, device=config.device)
             self.embedders[sentence.model_id] = sentence
         if config.pooled_embeddings:
-            pooled = PooledEmbedder(model, self.tokenizer, self.model_id, self.checkpoint.revision, self.engine.max_model_len)
+            pooled = PooledEmbedder(model, self.tokenizer, self.model_id, self.checkpoint.revision, engine.max_model_len)
             self.embedders[pooled.model_id] = pooled
-        self.servicer = WorkerServicer(self.runner, self.tokenizer, self.model_id,
-                                       self.checkpoint.generation_defaults, self.embedders)
-        self.server: GrpcServer | None = None  # made in run(): grpc.aio binds to the running loop
+        return engine
 
     def models(self) -> list[models_pb2.ModelInfo]:
         served = [models_pb2.ModelInfo(
@@ -196,8 +204,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def serve(config: WorkerConfig, ready_fd: int | None) -> None:
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
     await WorkerProcess(config).run(ready_fd)
 
 

@@ -4,6 +4,13 @@ The event loop only moves messages: it hands additions and aborts to the
 engine thread through a queue, and the engine thread hands back each step's
 outputs, grouped by the subscriber that submitted them (one batch per
 subscriber per step).
+
+All of the process's tensor work happens on the engine thread: the model is
+built there and other model calls (embeddings) are queued to it with
+`call`. PyTorch's CPU thread pool (OpenMP) is per calling thread, and as
+soon as a second thread runs parallel kernels the two pools contend for the
+cores: measured here, the engine ran at half speed once the main thread had
+done a single parallel matmul.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from moemesh.worker.engine import Engine
 from moemesh.worker.requests import GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 STATS_WINDOW = 5.0  # seconds over which steps_per_second is averaged
 
@@ -41,8 +51,11 @@ class EngineStats:
 class EngineRunner:
     """Owns the engine thread; ``submit``/``abort`` are called from the event loop."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, build: Callable[[], Engine]) -> None:
+        self._build = build
+        self.engine: Engine | None = None
+        self._build_error: BaseException | None = None
+        self._built = threading.Event()
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._subscribers: dict[str, Subscriber] = {}
@@ -52,12 +65,28 @@ class EngineRunner:
         self._last_progress = time.monotonic()
         self._step_times: collections.deque[float] = collections.deque()
 
+    def launch(self) -> Engine:
+        """Start the engine thread, build the engine there, and return it (raising what the build raised)."""
+        self._thread = threading.Thread(target=self._main, name="engine", daemon=True)
+        self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            raise self._build_error
+        return self.engine
+
     def start(self) -> None:
+        """Attach to the running event loop: from now on requests may be submitted."""
         self._loop = asyncio.get_running_loop()
         self.idle = asyncio.Event()  # set while no request is in flight
         self.idle.set()
-        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
-        self._thread.start()
+        if self._thread is None:
+            self.launch()
+
+    def call(self, fn: Callable[..., T], *args) -> asyncio.Future[T]:
+        """Run `fn(*args)` on the engine thread between steps; the future gets its result or exception."""
+        future = self._loop.create_future()
+        self._send("call", (fn, args, future))
+        return future
 
     async def stop(self) -> None:
         self._stopping = True
@@ -102,8 +131,28 @@ class EngineRunner:
                 return
             if kind == "add":
                 self.engine.add(payload)  # type: ignore[arg-type]
+            elif kind == "call":
+                self._run_call(*payload)  # type: ignore[misc]
             else:
                 self.engine.abort(*payload)  # type: ignore[misc]
+
+    def _run_call(self, fn: Callable, args: tuple, future: asyncio.Future) -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            self._loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            self._loop.call_soon_threadsafe(_settle, future, result, None)
+
+    def _main(self) -> None:
+        try:
+            self.engine = self._build()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by launch() in the starting thread
+            self._build_error = exc
+            return
+        finally:
+            self._built.set()
+        self._run()
 
     def _run(self) -> None:
         while not self._stopping:
@@ -137,3 +186,12 @@ class EngineRunner:
             subscriber(batch)
         if not self._subscribers:
             self.idle.set()
+
+
+def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:
+    if future.done():
+        return  # the caller gave up (cancelled)
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

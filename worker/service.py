@@ -22,6 +22,17 @@ log = logging.getLogger(__name__)
 
 
 
+def coalesce(batch: worker_pb2.EventBatch, outbox: asyncio.Queue) -> worker_pb2.EventBatch:
+    """`batch` plus every batch already waiting behind it, as one message (a slow reader gets fewer, fuller ones)."""
+    while not outbox.empty():
+        following = outbox.get_nowait()
+        if following is None:
+            outbox.put_nowait(None)  # the end stays the end
+            break
+        batch.events.extend(following.events)
+    return batch
+
+
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     """Execute streams feed the engine; Embed runs the embedding model off the loop."""
 
@@ -58,7 +69,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 batch = await outbox.get()
                 if batch is None:
                     return
-                yield batch
+                yield coalesce(batch, outbox)
         finally:
             reader.cancel()
             for request_id in mine:  # the scheduler went away: free their slots
@@ -99,5 +110,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise NotFound(f"embedding model {request.model!r} is not served by this worker")
         if not request.inputs:
             raise InvalidRequest("inputs", "at least one input is required")
-        vectors, counts = await asyncio.to_thread(embedder.embed, list(request.inputs), request.normalize)
-        return worker_pb2.EmbedResult(vectors=tensors.to_pb(vectors.to(torch.float32)), token_counts=counts)
+        # On the engine thread, between steps: the process's one tensor-computing thread (see runner.py).
+        result = await self.runner.call(_embed, embedder, list(request.inputs), request.normalize)
+        return result
+
+
+def _embed(embedder: EmbeddingModel, inputs: list[str], normalize: bool) -> worker_pb2.EmbedResult:
+    vectors, counts = embedder.embed(inputs, normalize)
+    return worker_pb2.EmbedResult(vectors=tensors.to_pb(vectors.to(torch.float32)), token_counts=counts)

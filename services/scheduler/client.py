@@ -59,6 +59,12 @@ class SchedulerClient:
         try:
             while True:
                 event = await events.get()
+                while not event.finish_reason and not event.HasField("error") and not events.empty():
+                    following = events.get_nowait()  # the caller fell behind: hand over one merged event
+                    if following.HasField("error"):
+                        events.put_nowait(following)  # not mergeable; ends the stream on the next read
+                        break
+                    event = _merge(event, following)
                 if event.HasField("error"):
                     finished = True
                     raise error_from_code(event.error.code, event.error.message, event.error.retry_after_seconds)
@@ -116,3 +122,14 @@ class SchedulerClient:
                                        message="connection to the scheduler was lost; retry")
         for request_id, queue in self._pending.items():
             queue.put_nowait(worker_pb2.RequestEvent(request_id=request_id, error=lost))
+
+
+def _merge(first: worker_pb2.RequestEvent, second: worker_pb2.RequestEvent) -> worker_pb2.RequestEvent:
+    """Two consecutive events of one request as one: text and tokens joined, the second's finish and usage."""
+    first.text += second.text
+    first.token_ids.extend(second.token_ids)
+    first.logprobs.extend(second.logprobs)
+    first.finish_reason = second.finish_reason
+    if second.HasField("usage"):
+        first.usage.CopyFrom(second.usage)
+    return first

@@ -30,8 +30,8 @@ import grpc
 from moemesh.services.core.errors import Overloaded
 from moemesh.services.scheduler.links import WorkerLink
 from moemesh.services.scheduler.queue import RETRY_PRIORITY, AdmissionQueue, Pending, QueueLimits
-from moemesh.services.scheduler.registry import Node, Registry
-from moemesh.services.scheduler.router import affinity_key, pick_node
+from moemesh.services.scheduler.registry import Node, NodeState, Registry
+from moemesh.services.scheduler.router import HashRing, affinity_key, choose
 from moemesh.v1 import common_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ class Dispatcher:
         self.counters = DispatchCounters()
         self._completions: list[float] = []  # recent finish times, for retry-after hints
         self._timer: asyncio.TimerHandle | None = None
+        self._rings: dict[str, tuple[int, HashRing]] = {}
         registry.on_evict.append(self._node_lost)
 
     # ---- links -------------------------------------------------------------
@@ -196,10 +197,13 @@ class Dispatcher:
         sent: dict[str, int] = {}
         while (head := queue.peek()) is not None:
             route: Route = head.payload
-            nodes = [n for n in self._candidates(model, route) if sent.get(n.node_id, 0) < policy.max_batch_size]
-            if not nodes:
-                if self._any_registered(model):
-                    return  # every replica is busy (or failed this request): the head keeps its place
+            members = self.registry.serving(model)
+            node = self._choose(model, members, route, sent, avoid_tried=bool(route.failovers))
+            if node is None and route.failovers:
+                node = self._choose(model, members, route, sent, avoid_tried=False)  # no fresh replica: any will do
+            if node is None:
+                if members:
+                    return  # every replica is busy: the head keeps its place
                 waited = queue.clock() - head.enqueued_at
                 if route.failovers and waited < policy.failover_wait:
                     return  # a replacement replica may register in time
@@ -209,32 +213,35 @@ class Dispatcher:
                                                  "no ready replica serves this model", retry_after=1.0)])
                 continue
             queue.pop()
-            key = affinity_key(route.work.prompt.text, list(route.work.prompt_token_ids))
-            node = pick_node(nodes, self.rng, key, policy.affinity_load_guard)
             self._send(route, node)
             sent[node.node_id] = sent.get(node.node_id, 0) + 1
 
-    def _candidates(self, model: str, route: Route) -> list[Node]:
-        """Ready replicas of the model with a free sequence slot and the KV blocks this request needs.
+    def _choose(self, model: str, members: list[Node], route: Route, sent: dict[str, int],
+                avoid_tried: bool) -> Node | None:
+        """The replica for `route` among `members` with room for it (None when none has)."""
+        limit = self.policy.max_batch_size
 
-        A failover avoids the replicas that already failed the request, unless
-        no other one can take it.
-        """
-        found = []
-        for node in self.registry.routable(model):
-            if node.in_flight >= node.max_num_seqs:
-                continue
-            blocks = math.ceil(route.cost / max(node.block_size, 1))
-            if node.num_kv_blocks and blocks > node.load.free_kv_blocks and node.in_flight:
-                continue  # it reported too few free blocks for this request (an idle replica always may try)
-            found.append(node)
-        if route.failovers:
-            fresh = [node for node in found if node.node_id not in route.tried]
-            return fresh or found
-        return found
+        def available(node: Node) -> bool:
+            return (node.state == NodeState.READY and sent.get(node.node_id, 0) < limit
+                    and not (avoid_tried and node.node_id in route.tried) and self._has_room(node, route))
 
-    def _any_registered(self, model: str) -> bool:
-        return any(n.serves(model) for n in self.registry.nodes.values())
+        key = affinity_key(route.work.prompt.text, list(route.work.prompt_token_ids))
+        return choose(self._ring(model, members), members, available, self.rng, key, self.policy.affinity_load_guard)
+
+    def _ring(self, model: str, members: list[Node]) -> HashRing:
+        cached = self._rings.get(model)
+        if cached is None or cached[0] != self.registry.version:
+            cached = self._rings[model] = (self.registry.version, HashRing(members))
+        return cached[1]
+
+    @staticmethod
+    def _has_room(node: Node, route: Route) -> bool:
+        """A free sequence slot, and the KV blocks the request needs as last reported (an idle replica may try)."""
+        if node.in_flight >= node.max_num_seqs:
+            return False
+        if node.num_kv_blocks and node.in_flight:
+            return math.ceil(route.cost / max(node.block_size, 1)) <= node.load.free_kv_blocks
+        return True
 
     def _send(self, route: Route, node: Node) -> None:
         work = route.work

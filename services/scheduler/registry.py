@@ -82,6 +82,8 @@ class Registry:
         self.clock = clock
         self.nodes: dict[str, Node] = {}
         self.on_evict: list[Callable[[Node], None]] = []
+        self.version = 0  # bumped whenever membership changes
+        self._serving: dict[str, tuple[int, list[Node]]] = {}
 
     def register(self, node: Node) -> Node:
         """Add (or replace, on re-registration) a node; it is routable at once."""
@@ -90,6 +92,7 @@ class Registry:
             self.evict(old.node_id)
         node.last_heartbeat = self.clock()
         self.nodes[node.node_id] = node
+        self.version += 1
         return node
 
     def heartbeat(self, node_id: str, lease_id: str, load: Load) -> bool:
@@ -118,6 +121,7 @@ class Registry:
         node = self.nodes.pop(node_id, None)
         if node is None:
             return
+        self.version += 1
         node.state = NodeState.DEAD
         for callback in self.on_evict:
             callback(node)
@@ -134,6 +138,14 @@ class Registry:
             elif age > self.heartbeat_interval * 1.5 and node.state == NodeState.READY:
                 node.state = NodeState.SUSPECT
         return evicted
+
+    def serving(self, model_id: str) -> list[Node]:
+        """Registered nodes serving the model, in any state; cached until membership changes."""
+        cached = self._serving.get(model_id)
+        if cached is None or cached[0] != self.version:
+            cached = (self.version, [n for n in self.nodes.values() if n.serves(model_id)])
+            self._serving[model_id] = cached
+        return cached[1]
 
     def routable(self, model_id: str) -> list[Node]:
         """Ready nodes serving the model."""

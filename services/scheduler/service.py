@@ -113,7 +113,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         reader = asyncio.create_task(self._read_dispatch(request_iterator, session))
         try:
             while True:
-                yield await session.outbox.get()
+                batch = await session.outbox.get()
+                while not session.outbox.empty():  # a slow gateway gets fewer, fuller messages
+                    batch.events.extend(session.outbox.get_nowait().events)
+                yield batch
         finally:
             reader.cancel()
             self.dispatcher.close_session(session)

@@ -1,0 +1,260 @@
+"""Scheduler benchmarks: routing cost, heartbeat load, and the mesh against the in-process engine.
+
+Three measurements, in one run (each can be skipped):
+
+  1. routing: the dispatch decision (candidate filter + prefix-affinity /
+     power-of-two pick) with 1,000 registered nodes: p50 and p99;
+  2. heartbeats: a real scheduler process with 1,000 simulated nodes, each
+     holding a heartbeat stream and beating at 1 Hz: the scheduler's CPU share;
+  3. mesh: client -> gateway -> scheduler -> worker throughput at 32 streams
+     against the engine in-process on the same checkpoint, and the latency
+     the hops add per token at 1 stream (p50 of the client's inter-token gap
+     minus p50 of the engine's own step time).
+
+Usage:
+
+    python bench/scheduler_bench.py [--nodes 1000] [--streams 32] [--new-tokens 128] [--model DIR] [--skip-mesh]
+
+The mesh comparison defaults to the 2.3M-parameter demo model, whose steps
+are so short that the per-token messaging cost of the hops shows at its
+worst; `--model` points it at any checkpoint (e.g. the ~100M one that
+bench/engine_bench.py builds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+
+from moemesh.cache.embedded import free_port
+from moemesh.services.scheduler.dispatcher import Dispatcher, Route
+from moemesh.services.scheduler.registry import Load, Node, Registry, ServedModel
+from moemesh.v1 import (
+    common_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    models_pb2,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+    worker_pb2,
+)
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO / "worker" / "demo" / "demo-moe"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---- 1. routing ---------------------------------------------------------------
+def bench_routing(num_nodes: int, decisions: int = 20000) -> None:
+    registry = Registry(heartbeat_interval=1.0, max_missed=3)
+    model = ServedModel("m", "r", "generation")
+    rng = random.Random(0)
+    for i in range(num_nodes):
+        node = Node(f"node-{i}", f"10.0.{i // 250}.{i % 250}:7000", (model,), f"node-{i}", max_num_seqs=64,
+                    num_kv_blocks=4096)
+        node.load = Load(running_seqs=rng.randint(0, 64), free_kv_blocks=rng.randint(0, 4096))
+        node.in_flight = rng.randint(0, 63)
+        registry.register(node)
+    dispatcher = Dispatcher(registry, rng=rng)
+    work = worker_pb2.GenerationWork(request_id="x", model="m", prompt=common_pb2.Prompt(text="You are a CRM bot. " * 8),
+                                     sampling=common_pb2.SamplingParams(max_tokens=128))
+    route = Route(work, session=None, cost=200)  # type: ignore[arg-type]
+    times = []
+    for i in range(decisions):
+        work.prompt.text = f"tenant {i % 50}: summarise account {i}"
+        start = time.perf_counter()
+        node = dispatcher._choose("m", registry.serving("m"), route, {}, avoid_tried=False)
+        times.append(time.perf_counter() - start)
+        assert node is not None
+    print(f"routing decision, {num_nodes} nodes: p50 {percentile(times, 0.5) * 1e6:.0f} us, "
+          f"p99 {percentile(times, 0.99) * 1e6:.0f} us ({decisions} decisions)")
+
+
+# ---- 2. heartbeats ------------------------------------------------------------
+def cpu_seconds(pid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def simulate_nodes(address: str, num_nodes: int, seconds: float, scheduler_pid: int) -> None:
+    channel = grpc.aio.insecure_channel(address)
+    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+    model = models_pb2.ModelInfo(id="m", revision="r", kind=models_pb2.MODEL_KIND_GENERATION)
+    leases = []
+    for i in range(num_nodes):
+        reply = await stub.Register(scheduler_pb2.RegisterRequest(
+            node_id=f"sim-{i}", address=f"127.0.0.1:{1}", models=[model],
+            capacity=scheduler_pb2.Capacity(max_num_seqs=64, num_kv_blocks=4096, block_size=16)),
+            wait_for_ready=True, timeout=60)
+        leases.append(reply.lease_id)
+    stop = asyncio.Event()
+
+    async def beats(i: int):
+        await asyncio.sleep(random.random())  # spread the beats over the second
+        while not stop.is_set():
+            yield scheduler_pb2.HeartbeatRequest(node_id=f"sim-{i}", lease_id=leases[i], load=scheduler_pb2.NodeLoad(
+                running_seqs=random.randint(0, 64), free_kv_blocks=random.randint(0, 4096), steps_per_second=20.0))
+            await asyncio.sleep(1.0)
+
+    async def node(i: int) -> None:
+        async for _ in stub.Heartbeat(beats(i)):
+            pass
+
+    tasks = [asyncio.create_task(node(i)) for i in range(num_nodes)]
+    await asyncio.sleep(2.0)  # every stream open and beating
+    cpu0, wall0 = cpu_seconds(scheduler_pid), time.monotonic()
+    await asyncio.sleep(seconds)
+    cpu1, wall1 = cpu_seconds(scheduler_pid), time.monotonic()
+    stop.set()
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await channel.close()
+    share = (cpu1 - cpu0) / (wall1 - wall0)
+    print(f"heartbeats, {num_nodes} nodes at 1 Hz for {seconds:.0f} s: scheduler CPU {share * 100:.1f}% of one core")
+
+
+def bench_heartbeats(num_nodes: int, seconds: float) -> None:
+    port = free_port()
+    env = dict(os.environ, MOEMESH_SCHEDULER_HEARTBEAT_INTERVAL="1.0", MOEMESH_SCHEDULER_MAX_MISSED_HEARTBEATS="5")
+    scheduler = subprocess.Popen([sys.executable, "-m", "moemesh.services.scheduler.main", "--port", str(port)],
+                                 env=env, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(2.0)
+        asyncio.run(simulate_nodes(f"127.0.0.1:{port}", num_nodes, seconds, scheduler.pid))
+    finally:
+        scheduler.terminate()
+        scheduler.wait(timeout=30)
+
+
+# ---- 3. mesh vs engine --------------------------------------------------------
+def engine_in_process(model_dir: pathlib.Path, streams: int, new_tokens: int) -> tuple[float, float]:
+    """(tokens/s at `streams` concurrent, p50 step seconds at 1 stream) of the engine on the demo model."""
+    import torch
+
+    from moemesh.worker.checkpoint import open_checkpoint
+    from moemesh.worker.engine import Engine
+    from moemesh.worker.models.registry import build_model
+    from moemesh.worker.requests import GenerationRequest
+    from moemesh.worker.sampling import SamplingParams
+    from moemesh.worker.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(model_dir)
+    model = build_model(open_checkpoint(model_dir), dtype=torch.float32)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    prompts = [tokenizer.encode(f"def handler_{i}(request):\n    ", add_bos=True) for i in range(streams)]
+
+    def run(batch: list[list[int]]) -> tuple[float, list[float]]:
+        engine = Engine(model, tokenizer, max_num_seqs=max(streams, 16), max_model_len=1024)
+        start = time.perf_counter()
+        for i, prompt in enumerate(batch):
+            engine.add(GenerationRequest(f"r{i}", tuple(prompt), params))
+        steps, generated = [], 0
+        while engine.has_work():
+            t = time.perf_counter()
+            generated += sum(len(o.token_ids) for o in engine.step())
+            steps.append(time.perf_counter() - t)
+        return generated / (time.perf_counter() - start), steps
+
+    run(prompts[:2])  # warm-up
+    tps, _ = run(prompts)
+    _, steps = run(prompts[:1])
+    return tps, statistics.median(steps[1:])
+
+
+def start_mesh(workdir: pathlib.Path, streams: int, model_dir: pathlib.Path = DEMO_MODEL) -> tuple[subprocess.Popen, dict]:
+    ready = workdir / "ready.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--port", "0", "--no-http",
+         "--no-embeddings",
+         "--max-num-seqs", str(max(streams, 16)), "--ready-file", str(ready), "--log-dir", str(workdir / "logs")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the mesh did not start")
+        time.sleep(0.1)
+    return process, json.loads(ready.read_text())
+
+
+async def mesh_streams(address: str, streams: int, new_tokens: int) -> tuple[float, list[float]]:
+    """(tokens/s over `streams` concurrent streams, every inter-token gap seen by the client)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generation_pb2_grpc.GenerationStub(channel)
+        gaps: list[float] = []
+
+        async def one(i: int) -> int:
+            request = generation_pb2.GenerateRequest(
+                prompt=common_pb2.Prompt(text=f"def handler_{i}(request):\n    "),
+                sampling=common_pb2.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
+            count, last = 0, None
+            async for event in stub.Generate(request, timeout=300):
+                now = time.perf_counter()
+                if event.token_ids and last is not None:
+                    gaps.append((now - last) / len(event.token_ids))
+                if event.token_ids:
+                    last = now
+                count += len(event.token_ids)
+            return count
+
+        await one(0)  # warm-up
+        gaps.clear()
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(i) for i in range(streams)))
+        return sum(counts) / (time.perf_counter() - start), gaps
+
+
+def bench_mesh(model_dir: pathlib.Path, streams: int, new_tokens: int) -> None:
+    engine_tps, engine_step = engine_in_process(model_dir, streams, new_tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        process, ready = start_mesh(pathlib.Path(tmp), streams, model_dir)
+        try:
+            mesh_tps, _ = asyncio.run(mesh_streams(ready["gateway"]["address"], streams, new_tokens))
+            _, gaps = asyncio.run(mesh_streams(ready["gateway"]["address"], 1, new_tokens))
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+    print(f"checkpoint {model_dir}")
+    print(f"engine in-process, {streams} streams: {engine_tps:8.1f} tok/s")
+    print(f"full mesh,         {streams} streams: {mesh_tps:8.1f} tok/s  ratio {mesh_tps / engine_tps:.2f} (target >= 0.9)")
+    added = statistics.median(gaps) - engine_step
+    print(f"1 stream: client inter-token p50 {statistics.median(gaps) * 1e3:.2f} ms, engine step p50 "
+          f"{engine_step * 1e3:.2f} ms, added per token {added * 1e3:.2f} ms (target <= 1 ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=1000)
+    parser.add_argument("--heartbeat-seconds", type=float, default=10.0)
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--model", type=pathlib.Path, default=DEMO_MODEL, help="checkpoint for the mesh comparison")
+    parser.add_argument("--skip-routing", action="store_true")
+    parser.add_argument("--skip-heartbeats", action="store_true")
+    parser.add_argument("--skip-mesh", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_routing:
+        bench_routing(args.nodes)
+    if not args.skip_heartbeats:
+        bench_heartbeats(args.nodes, args.heartbeat_seconds)
+    if not args.skip_mesh:
+        bench_mesh(args.model, args.streams, args.new_tokens)
+
+
+if __name__ == "__main__":
+    main()
