@@ -325,3 +325,24 @@ def test_sigterm_drains_a_worker_its_streams_finish_and_new_work_goes_elsewhere(
         assert [n.address for n in nodes(mesh)] == [mesh.ready["workers"][1]["address"]], "it deregistered"
     finally:
         stop_mesh(mesh)
+
+
+def test_only_nodes_with_the_cluster_token_may_register(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOEMESH_SCHEDULER_CLUSTER_TOKEN", "s3cret-token")
+    scheduler = Service("moemesh.services.scheduler.main", "--port", "0", log=tmp_path / "s.log")
+    try:
+        register = scheduler_pb2.RegisterRequest(node_id="n1", address="127.0.0.1:1")
+        with grpc.insecure_channel(scheduler.info["address"]) as ch:
+            stub = scheduler_pb2_grpc.SchedulerStub(ch)
+            for metadata in [(), (("authorization", "Bearer wrong"),)]:
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Register(register, metadata=metadata, timeout=10)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            reply = stub.Register(register, metadata=(("authorization", "Bearer s3cret-token"),), timeout=10)
+            assert reply.lease_id
+            beats = iter([scheduler_pb2.HeartbeatRequest(node_id="n1", lease_id=reply.lease_id)])
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Heartbeat(beats, timeout=10))
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        scheduler.stop()
