@@ -93,7 +93,8 @@ class Mesh:
     def _worker_args(self, scheduler_address: str) -> list[str]:
         o = self.options
         args = ["--host", o.host, "--port", "0", "--scheduler", scheduler_address, "--model-dir", str(o.model_dir),
-                "--device", o.device, "--dtype", o.dtype, "--max-num-seqs", str(o.max_num_seqs)]
+                "--device", o.device, "--dtype", o.dtype, "--max-num-seqs", str(o.max_num_seqs),
+                "--kv-tier-url", self.redis_url]
         if o.threads_per_worker:
             args += ["--num-threads", str(o.threads_per_worker)]
         if o.embedding_model_dir is not None:

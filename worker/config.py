@@ -38,6 +38,11 @@ class WorkerConfig(ServiceConfig):
     # Most new tokens one engine step computes (prompt chunks plus one per decoding sequence).
     max_num_batched_tokens: int = pydantic.Field(default=2048, ge=1)
     enable_prefix_caching: bool = True
+    # Shared prefix-KV tier in Redis (None = off): entry lifetime, per-call timeout, key scope.
+    kv_tier_url: str | None = None
+    kv_tier_ttl: float = pydantic.Field(default=3600.0, gt=0)
+    kv_tier_timeout: float = pydantic.Field(default=0.2, gt=0, le=10)
+    kv_tier_scope: str = "shared"
     # Also serve "<model_id>-pooled": mean-pooled hidden states of the generation model as embeddings.
     pooled_embeddings: bool = True
     num_threads: int = pydantic.Field(default=0, ge=0, description="torch threads; 0 = torch's default")

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moemesh.cache.kv_tier import RedisKVTier
 from moemesh.services.core.errors import InvalidRequest
-from moemesh.worker.kv_cache import ROOT_HASH, BlockManager
+from moemesh.worker.kv_cache import ROOT_HASH, BlockManager, block_hash
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.requests import GenerationRequest, RequestOutput
 from moemesh.worker.sampling import SamplingBatch, TokenLogprobs, sample_tokens
@@ -84,6 +85,7 @@ class EngineCounters:
     generated_tokens: int = 0
     preemptions: int = 0
     aborts: int = 0
+    tier_hit_tokens: int = 0  # prompt tokens whose KV came from the shared Redis tier
 
 
 class Engine:
@@ -100,6 +102,7 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         max_num_batched_tokens: int | None = None,
         enable_prefix_caching: bool = True,
+        kv_tier: RedisKVTier | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -122,6 +125,9 @@ class Engine:
         self.running: list[Sequence] = []  # oldest admission first
         self.aborted: dict[str, str] = {}
         self.counters = EngineCounters()
+        # The shared prefix-KV tier (Redis): consulted when the local prefix cache misses.
+        self.kv_tier = kv_tier if enable_prefix_caching else None
+        self._export: list[tuple[int, bytes, bytes, list[int]]] = []  # new full blocks: (block, hash, parent, tokens)
 
     # ---- admission -------------------------------------------------------
     def check(self, request: GenerationRequest) -> None:
@@ -228,21 +234,45 @@ class Engine:
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Give a waiting sequence its prefix-cache hits and the blocks for its first chunk; 0 if they don't fit."""
         # Leave at least one token to compute: its logits give the next token.
-        hits, hashes = self.blocks.match_prefix(seq.token_ids, (len(seq.token_ids) - 1) // self.block_size)
-        computed = len(hits) * self.block_size
+        max_blocks = (len(seq.token_ids) - 1) // self.block_size
+        hits, hashes = self.blocks.match_prefix(seq.token_ids, max_blocks)
+        fetched = self._fetch_from_tier(seq.token_ids, hashes, len(hits), max_blocks)
+        computed = (len(hits) + len(fetched)) * self.block_size
         count = min(len(seq.token_ids) - computed, budget)
         need = self.blocks.blocks_for(computed + count) - len(hits)
         hits_now_free = sum(1 for block in hits if self.blocks.ref_count[block] == 0)
         if need > self.blocks.num_free - hits_now_free:
             return 0
         self.blocks.take(hits)
-        seq.block_table = hits + self.blocks.allocate(need)
+        fresh = self.blocks.allocate(need)
+        if fetched:
+            self.cache.write_blocks(fresh[: len(fetched)], [payload for *_, payload in fetched])
+            for block, (digest, parent, tokens, _) in zip(fresh, fetched):
+                self.blocks.register(block, parent, tokens)
+                hashes.append(digest)
+            self.counters.tier_hit_tokens += len(fetched) * self.block_size
+        seq.block_table = hits + fresh
         seq.block_hashes = hashes
         seq.num_computed = computed
         if seq.cached_tokens is None:
             seq.cached_tokens = min(computed, seq.num_prompt)
         self.counters.prefix_hit_tokens += computed
         return count
+
+    def _fetch_from_tier(self, token_ids: list[int], hashes: list[bytes], first: int,
+                         max_blocks: int) -> list[tuple[bytes, bytes, list[int], bytes]]:
+        """Blocks `first`.. of the prompt found in the shared tier: (hash, parent, tokens, payload), in order."""
+        if self.kv_tier is None or first >= max_blocks:
+            return []
+        bs = self.block_size
+        wanted, parent = [], hashes[-1] if hashes else ROOT_HASH
+        for i in range(first, max_blocks):
+            tokens = token_ids[i * bs : (i + 1) * bs]
+            digest = block_hash(parent, tokens)
+            wanted.append((digest, parent, tokens))
+            parent = digest
+        payloads = self.kv_tier.fetch([w[0] for w in wanted], [w[1] for w in wanted], [w[2] for w in wanted])
+        return [(*w, payload) for w, payload in zip(wanted, payloads)]
 
     def _preempt(self, seq: Sequence) -> None:
         """Release a running sequence's blocks and requeue it at the front, to recompute later."""
@@ -275,14 +305,28 @@ class Engine:
             result = self._sample(logits, sampling)
             for i, seq in enumerate(sampling):
                 self._append(seq, result.token_ids[i], result.logprobs[i])
+        if self._export:
+            self._export_blocks()
 
     def _register_full_blocks(self, seq: Sequence) -> None:
-        """Make the sequence's newly completed blocks findable by later prompts."""
+        """Make the sequence's newly completed blocks findable by later prompts (and other workers)."""
         full = seq.num_computed // self.block_size
         for i in range(len(seq.block_hashes), full):
             parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
             tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
-            seq.block_hashes.append(self.blocks.register(seq.block_table[i], parent, tokens))
+            digest = self.blocks.register(seq.block_table[i], parent, tokens)
+            seq.block_hashes.append(digest)
+            if self.kv_tier is not None and (i + 1) * self.block_size <= seq.num_prompt:
+                # Prompt blocks only: those are what other requests share (system prompts, documents);
+                # generated text rarely repeats, and writing it would cost every request.
+                self._export.append((seq.block_table[i], digest, parent, tokens))
+
+    def _export_blocks(self) -> None:
+        """Copy this step's new full blocks out of the cache and hand them to the tier's background writer."""
+        export, self._export = self._export, []
+        payloads = self.cache.read_blocks([block for block, *_ in export])
+        self.kv_tier.store([(digest, parent, tokens, payload)
+                            for (_, digest, parent, tokens), payload in zip(export, payloads)])
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
         params = [s.params for s in seqs]

@@ -89,6 +89,34 @@ class PagedKVCache:
         index = torch.tensor(list(block_ids), dtype=torch.long, device=self.k[layer].device)
         return self.k[layer].index_select(0, index), self.v[layer].index_select(0, index)
 
+    @property
+    def block_shape(self) -> tuple[int, ...]:
+        """Shape of one exported block: (layers, 2, block_size, n_kv, D)."""
+        return (self.num_layers, 2, *self.k[0].shape[1:])
+
+    def read_blocks(self, block_ids: Sequence[int]) -> list[bytes]:
+        """Each block's keys and values, all layers, as raw bytes in `block_shape` order (on the CPU)."""
+        if not block_ids:
+            return []
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=self.k[0].device)
+        per_layer = [torch.stack((k.index_select(0, index), v.index_select(0, index)), dim=1)
+                     for k, v in zip(self.k, self.v)]  # L x [n, 2, bs, n_kv, D]
+        blocks = torch.stack(per_layer, dim=1).cpu().contiguous()  # [n, L, 2, bs, n_kv, D]
+        flat = blocks.view(len(block_ids), -1).view(torch.uint8)
+        return [row.numpy().tobytes() for row in flat]
+
+    def write_blocks(self, block_ids: Sequence[int], payloads: Sequence[bytes]) -> None:
+        """Fill blocks from bytes made by `read_blocks` (same shape and dtype)."""
+        if not block_ids:
+            return
+        first = self.k[0]
+        raw = torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8)
+        data = raw.view(first.dtype).view(len(block_ids), *self.block_shape).to(first.device)
+        index = torch.tensor(list(block_ids), dtype=torch.long, device=first.device)
+        for layer in range(self.num_layers):
+            self.k[layer].index_copy_(0, index, data[:, layer, 0])
+            self.v[layer].index_copy_(0, index, data[:, layer, 1])
+
 
 class OutOfBlocks(Exception):
     """Raised by `BlockManager.allocate` when the pool cannot supply the blocks asked for."""

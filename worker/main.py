@@ -13,6 +13,7 @@ import uuid
 import grpc
 import torch
 
+from moemesh.cache.kv_tier import BlockSpec, RedisKVTier
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.metrics import counter, gauge, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
@@ -75,6 +76,12 @@ class WorkerProcess:
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
         )
+        if config.kv_tier_url and config.enable_prefix_caching:
+            dtype = str(engine.cache.k[0].dtype).removeprefix("torch.")
+            engine.kv_tier = RedisKVTier(
+                config.kv_tier_url, self.model_id, self.checkpoint.revision, BlockSpec(dtype, engine.cache.block_shape),
+                scope=config.kv_tier_scope, ttl=config.kv_tier_ttl, timeout=config.kv_tier_timeout,
+            )
         if config.embedding_model_dir:
             sentence = SentenceEmbedder.load(config.embedding_model_dir, device=config.device)
             self.embedders[sentence.model_id] = sentence
@@ -132,6 +139,26 @@ class WorkerProcess:
             gauge("moemesh_worker_free_kv_blocks", "KV cache blocks free (cached ones included).",
                   engine.num_free_blocks),
             gauge("moemesh_worker_kv_blocks", "KV cache blocks in the pool.", engine.blocks.num_blocks),
+            *self._tier_metrics(labels),
+        ]
+
+    def _tier_metrics(self, labels: dict[str, str]) -> list:
+        tier = self.engine.kv_tier
+        if tier is None:
+            return []
+        t = tier.stats
+        recent = sorted(t.lookup_seconds[-256:])
+        p50 = recent[len(recent) // 2] if recent else 0.0
+        return [
+            counter("moemesh_kv_tier_hit_blocks", "Prefix blocks served from the Redis tier.", t.hits, labels),
+            counter("moemesh_kv_tier_miss_blocks", "Prefix blocks looked up and absent.", t.misses, labels),
+            counter("moemesh_kv_tier_rejected_blocks", "Entries ignored as corrupt or mismatched.", t.rejected, labels),
+            counter("moemesh_kv_tier_errors", "Failed Redis calls of the tier.", t.errors, labels),
+            counter("moemesh_kv_tier_bypassed", "Calls skipped while the circuit was open.", t.bypassed, labels),
+            counter("moemesh_kv_tier_stored_blocks", "Blocks written to the tier.", t.stored, labels),
+            counter("moemesh_kv_tier_read_bytes", "Bytes read from the tier.", t.bytes_read, labels),
+            counter("moemesh_kv_tier_written_bytes", "Bytes written to the tier.", t.bytes_written, labels),
+            gauge("moemesh_kv_tier_lookup_seconds_p50", "Median of recent tier lookups.", p50),
         ]
 
     def registration(self) -> scheduler_pb2.RegisterRequest:
@@ -201,6 +228,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--num-threads", type=int)
     parser.add_argument("--cluster-token")
+    parser.add_argument("--kv-tier-url")
 
 
 async def serve(config: WorkerConfig, ready_fd: int | None) -> None:

@@ -1,0 +1,238 @@
+"""The shared prefix-KV tier: full KV-cache blocks in Redis, keyed by chained block hash.
+
+A worker whose local prefix cache misses asks Redis, in one MGET round trip,
+for the blocks of the prompt's longest prefix; a worker that computed new
+full blocks hands their keys and values to a background writer, so the
+engine step never waits on Redis. Entries survive worker restarts and are
+shared by every worker serving the same model revision.
+
+Each entry carries a header (format version, dtype, shape, the block's token
+ids and parent hash) and a CRC32 of its payload; an entry that does not
+match what the reader expects in every respect is ignored and counted,
+never used. Redis is never needed for correctness: every call has a short
+timeout, and after repeated failures a circuit breaker skips the tier for a
+while; requests are then served by computing, as without the tier.
+
+Size: entries expire after `ttl` seconds, and the Redis server's own
+`maxmemory` policy (allkeys-lru on the embedded one) bounds the total.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import logging
+import queue
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import redis
+import torch
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 1  # bump when the payload layout changes: old entries then never match
+MAGIC = b"MMKV"
+_HEADER_LEN = struct.Struct("<4sI")  # magic, header length
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What every block of one model looks like; a stored entry must match it exactly."""
+
+    dtype: str  # torch dtype name, e.g. "float32"
+    shape: tuple[int, ...]  # (layers, 2, block_size, n_kv, head_dim)
+
+
+@dataclass
+class TierStats:
+    """Counters for metrics."""
+
+    lookups: int = 0  # blocks asked for
+    hits: int = 0  # blocks found and valid
+    misses: int = 0  # blocks absent
+    rejected: int = 0  # blocks present but corrupt or mismatched (ignored)
+    errors: int = 0  # failed Redis calls
+    bypassed: int = 0  # calls skipped while the circuit was open
+    stored: int = 0  # blocks written
+    dropped: int = 0  # blocks not written (writer queue full)
+    bytes_read: int = 0
+    bytes_written: int = 0
+    lookup_seconds: list[float] = field(default_factory=list)  # recent lookup latencies
+
+
+class CircuitBreaker:
+    """Opens after `threshold` consecutive failures; lets one call through after `cooldown` seconds."""
+
+    def __init__(self, threshold: int = 3, cooldown: float = 5.0) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.opened_at: float | None = None
+
+    def allow(self) -> bool:
+        if self.opened_at is None:
+            return True
+        if time.monotonic() - self.opened_at >= self.cooldown:
+            self.opened_at = time.monotonic()  # half-open: one try per cooldown
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures = 0
+        self.opened_at = None
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.opened_at = time.monotonic()
+
+
+def encode_entry(spec: BlockSpec, token_ids: Sequence[int], parent: bytes, payload: bytes) -> bytes:
+    """Header + payload bytes of one block."""
+    header = json.dumps({
+        "v": LAYOUT_VERSION, "dtype": spec.dtype, "shape": list(spec.shape), "tokens": list(map(int, token_ids)),
+        "parent": parent.hex(), "crc32": zlib.crc32(payload),
+    }, separators=(",", ":")).encode()
+    return _HEADER_LEN.pack(MAGIC, len(header)) + header + payload
+
+
+def decode_entry(raw: bytes, spec: BlockSpec, token_ids: Sequence[int], parent: bytes) -> bytes | None:
+    """The payload of an entry that matches the expected spec, tokens and parent exactly; None otherwise."""
+    try:
+        magic, length = _HEADER_LEN.unpack_from(raw)
+        if magic != MAGIC:
+            return None
+        header = json.loads(raw[_HEADER_LEN.size : _HEADER_LEN.size + length])
+        payload = raw[_HEADER_LEN.size + length :]
+    except (struct.error, ValueError, UnicodeDecodeError):
+        return None
+    expected_bytes = int(np.prod(spec.shape)) * torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+    if (header.get("v") != LAYOUT_VERSION or header.get("dtype") != spec.dtype
+            or tuple(header.get("shape", ())) != spec.shape or header.get("tokens") != list(map(int, token_ids))
+            or header.get("parent") != parent.hex() or len(payload) != expected_bytes
+            or header.get("crc32") != zlib.crc32(payload)):
+        return None
+    return payload
+
+
+class RedisKVTier:
+    """Blocking lookups (one MGET) for the engine thread; writes on a background thread."""
+
+    def __init__(
+        self,
+        url: str,
+        model_id: str,
+        revision: str,
+        spec: BlockSpec,
+        scope: str = "shared",
+        ttl: float = 3600.0,
+        timeout: float = 0.2,
+        max_pending_writes: int = 256,
+    ) -> None:
+        self.spec = spec
+        self.prefix = f"moemesh:kv:v{LAYOUT_VERSION}:{model_id}:{revision}:{scope}:"
+        self.ttl = ttl
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.breaker = CircuitBreaker()
+        self.stats = TierStats()
+        self._writes: queue.Queue[list[tuple[bytes, bytes]] | None] = queue.Queue(max_pending_writes)
+        self._writer = threading.Thread(target=self._write_forever, name="kv-tier-writer", daemon=True)
+        self._writer.start()
+
+    def key(self, block_hash: bytes) -> str:
+        return self.prefix + block_hash.hex()
+
+    # ---- reads (engine thread) ----------------------------------------------
+    def fetch(self, hashes: Sequence[bytes], parents: Sequence[bytes], tokens: Sequence[Sequence[int]]) -> list[bytes]:
+        """Payloads of the leading blocks found valid (stops at the first miss or bad entry); one round trip."""
+        if not hashes:
+            return []
+        if not self.breaker.allow():
+            self.stats.bypassed += 1
+            return []
+        self.stats.lookups += len(hashes)
+        start = time.perf_counter()
+        try:
+            raws = self.client.mget([self.key(h) for h in hashes])
+        except (redis.RedisError, OSError) as exc:
+            self._failed("lookup", exc)
+            return []
+        self.breaker.success()
+        self._record_latency(time.perf_counter() - start)
+        payloads = []
+        for raw, parent, token_ids in zip(raws, parents, tokens):
+            if raw is None:
+                self.stats.misses += 1
+                break
+            self.stats.bytes_read += len(raw)
+            payload = decode_entry(raw, self.spec, token_ids, parent)
+            if payload is None:
+                self.stats.rejected += 1
+                log.warning("ignoring a corrupt or mismatched KV block entry")
+                break
+            payloads.append(payload)
+        self.stats.hits += len(payloads)
+        return payloads
+
+    # ---- writes (any thread; done in the background) -------------------------------
+    def store(self, blocks: list[tuple[bytes, bytes, Sequence[int], bytes]]) -> None:
+        """Queue (hash, parent, token ids, payload) blocks for writing; dropped (and counted) when the queue is full."""
+        if not blocks:
+            return
+        try:
+            self._writes.put_nowait([(h, p, t, payload) for h, p, t, payload in blocks])
+        except queue.Full:
+            self.stats.dropped += len(blocks)
+
+    def flush(self, timeout: float = 5.0) -> None:
+        """Wait until queued writes are done (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._writes.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self._writes.put(None)
+        self._writer.join(timeout=5)
+        self.client.close()
+
+    def _write_forever(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):
+            # Lowest CPU priority: on a busy host the writes wait for idle moments, not the engine.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        while (batch := self._writes.get()) is not None:
+            try:
+                if not self.breaker.allow():
+                    self.stats.bypassed += len(batch)
+                    continue
+                pipe = self.client.pipeline(transaction=False)
+                size = 0
+                for block_hash, parent, token_ids, payload in batch:
+                    entry = encode_entry(self.spec, token_ids, parent, payload)
+                    size += len(entry)
+                    pipe.set(self.key(block_hash), entry, ex=int(self.ttl), nx=True)
+                pipe.execute()
+                self.breaker.success()
+                self.stats.stored += len(batch)
+                self.stats.bytes_written += size
+            except (redis.RedisError, OSError) as exc:
+                self._failed("store", exc)
+            finally:
+                self._writes.task_done()
+        self._writes.task_done()
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.stats.errors += 1
+        self.breaker.failure()
+        log.warning("KV tier %s failed: %s", what, exc)
+
+    def _record_latency(self, seconds: float) -> None:
+        self.stats.lookup_seconds.append(seconds)
+        if len(self.stats.lookup_seconds) > 1024:
+            del self.stats.lookup_seconds[:512]

@@ -1,0 +1,184 @@
+"""The shared prefix-KV tier against a real redis-server: reuse across engines, integrity, and faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+import torch
+
+from moemesh.cache.embedded import free_port, redis_server_argv
+from moemesh.cache.kv_tier import BlockSpec, RedisKVTier, decode_entry, encode_entry
+from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.engine import Engine
+from moemesh.worker.kv_cache import ROOT_HASH, prefix_hashes
+from moemesh.worker.models.registry import build_model
+from moemesh.worker.requests import GenerationRequest
+from moemesh.worker.sampling import SamplingParams
+from moemesh.worker.tokenizer import Tokenizer
+from tests.checkpoints import build_tiny_mixtral
+
+BLOCK = 8
+
+
+class RedisServer:
+    """A redis-server process the test can stop, pause and restart on the same port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(redis_server_argv(self.port), stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=0.2)
+        for _ in range(100):
+            try:
+                if client.ping():
+                    return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)  # a paused server cannot exit
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def pause(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def server():
+    srv = RedisServer()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    ckpt = build_tiny_mixtral(tmp_path_factory.mktemp("tier"), seed=3)
+    return build_model(open_checkpoint(ckpt)), Tokenizer.from_dir(ckpt)
+
+
+def make_engine(parts, tier: RedisKVTier | None) -> Engine:
+    model, tokenizer = parts
+    return Engine(model, tokenizer, max_num_seqs=4, max_model_len=256, block_size=BLOCK, kv_tier=tier)
+
+
+def make_tier(parts, url: str, **kwargs) -> RedisKVTier:
+    model, _ = parts
+    shape = model.make_cache(1, BLOCK).block_shape
+    return RedisKVTier(url, "tiny", "rev1", BlockSpec("float32", shape), **kwargs)
+
+
+def generate(engine: Engine, prompt: list[int], rid: str = "r") -> tuple[list[int], int]:
+    """Greedy tokens and cached_tokens of one request run to completion."""
+    engine.add(GenerationRequest(rid, tuple(prompt), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
+    ids, cached = [], None
+    while engine.has_work():
+        for out in engine.step():
+            ids += out.token_ids
+            if out.finish_reason:
+                cached = out.cached_tokens
+    return ids, cached
+
+
+PROMPT = list(range(5, 5 + 45))  # 5 full blocks of 8, then 5 tokens
+
+
+def test_a_cold_engine_reuses_blocks_another_engine_wrote(parts, server):
+    writer_tier = make_tier(parts, server.url)
+    expected, cached = generate(make_engine(parts, writer_tier), PROMPT)
+    assert cached == 0
+    writer_tier.flush()
+    assert writer_tier.stats.stored >= 5
+
+    reader_tier = make_tier(parts, server.url)
+    cold = make_engine(parts, reader_tier)  # its own, empty local cache
+    ids, cached = generate(cold, PROMPT)
+    assert cached == 40, "all 5 full prompt blocks must come from Redis"
+    assert cold.counters.tier_hit_tokens == 40 and reader_tier.stats.hits == 5
+    assert ids == expected, "output with KV from the tier must equal the computed one"
+    assert cold.counters.prompt_tokens_computed == len(PROMPT) - 40
+
+
+def test_a_prompt_sharing_only_a_prefix_gets_only_that_prefix(parts, server):
+    tier = make_tier(parts, server.url)
+    generate(make_engine(parts, tier), PROMPT)
+    tier.flush()
+    other = PROMPT[:20] + [499] * 25  # the first 2 blocks agree
+    expected, _ = generate(make_engine(parts, None), other)
+    ids, cached = generate(make_engine(parts, make_tier(parts, server.url)), other)
+    assert cached == 16 and ids == expected
+
+
+def test_corrupt_and_mismatched_entries_are_ignored_and_counted(parts, server):
+    tier = make_tier(parts, server.url)
+    expected, _ = generate(make_engine(parts, tier), PROMPT)
+    tier.flush()
+    hashes = prefix_hashes(PROMPT, BLOCK)
+    client = redis.Redis.from_url(server.url)
+    raw = bytearray(client.get(tier.key(hashes[1])))
+    raw[-1] ^= 0xFF  # a flipped bit in the payload: the checksum catches it
+    client.set(tier.key(hashes[1]), bytes(raw))
+    reader = make_tier(parts, server.url)
+    ids, cached = generate(make_engine(parts, reader), PROMPT)
+    assert cached == 8 and reader.stats.rejected == 1, "only the block before the corrupt one may be used"
+    assert ids == expected
+
+    other_model = RedisKVTier(server.url, "tiny", "rev1", BlockSpec("float32", (1, 2, BLOCK, 1, 1)))
+    assert other_model.fetch(hashes[:1], [ROOT_HASH], [PROMPT[:BLOCK]]) == [], "a shape mismatch is never used"
+    assert other_model.stats.rejected == 1
+
+
+def test_entry_codec_checks_every_field():
+    spec = BlockSpec("float32", (1, 2, 2, 1, 1))
+    payload = torch.arange(4, dtype=torch.float32).numpy().tobytes()
+    entry = encode_entry(spec, [1, 2], b"p" * 16, payload)
+    assert decode_entry(entry, spec, [1, 2], b"p" * 16) == payload
+    assert decode_entry(entry, spec, [1, 3], b"p" * 16) is None  # other tokens
+    assert decode_entry(entry, spec, [1, 2], b"q" * 16) is None  # other parent
+    assert decode_entry(entry, BlockSpec("bfloat16", spec.shape), [1, 2], b"p" * 16) is None
+    assert decode_entry(b"garbage", spec, [1, 2], b"p" * 16) is None
+    assert decode_entry(entry[:-4], spec, [1, 2], b"p" * 16) is None  # truncated
+
+
+def test_redis_stopped_paused_and_restarted_never_fails_a_request(parts, server):
+    expected, _ = generate(make_engine(parts, None), PROMPT)
+    tier = make_tier(parts, server.url, timeout=0.1)
+    engine = make_engine(parts, tier)
+
+    server.stop()  # down: served by computing
+    started = time.monotonic()
+    assert generate(engine, PROMPT, "down")[0] == expected
+    assert tier.stats.errors >= 1
+    assert time.monotonic() - started < 5
+
+    server.start()
+    tier.breaker.opened_at = None  # skip the cooldown rather than sleeping through it
+    tier.breaker.failures = 0
+    engine.blocks.reset_prefix_cache()
+    assert generate(engine, PROMPT, "back")[0] == expected
+    tier.flush()
+    assert tier.stats.stored >= 5, "the tier refills once Redis is back"
+
+    server.pause()  # alive but silent: every call times out, the breaker opens
+    cold = make_engine(parts, tier)
+    started = time.monotonic()
+    for i in range(4):
+        cold.blocks.reset_prefix_cache()
+        assert generate(cold, PROMPT, f"paused-{i}")[0] == expected
+    assert time.monotonic() - started < 5, "a paused Redis must cost at most a few short timeouts"
+    assert tier.breaker.opened_at is not None and tier.stats.bypassed >= 1
+    server.resume()
