@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import logging
+import os
 import queue
 import struct
 import threading
