@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import time
 
 import pytest
 import redis
 import torch
 
-from moemesh.cache.embedded import free_port, redis_server_argv
 from moemesh.cache.kv_tier import BlockSpec, RedisKVTier, decode_entry, encode_entry
 from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.engine import Engine
@@ -21,41 +17,9 @@ from moemesh.worker.requests import GenerationRequest
 from moemesh.worker.sampling import SamplingParams
 from moemesh.worker.tokenizer import Tokenizer
 from tests.checkpoints import build_tiny_mixtral
+from tests.redis_server import RedisServer
 
 BLOCK = 8
-
-
-class RedisServer:
-    """A redis-server process the test can stop, pause and restart on the same port."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(redis_server_argv(self.port), stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=0.2)
-        for _ in range(100):
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                time.sleep(0.05)
-        raise AssertionError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGCONT)  # a paused server cannot exit
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def pause(self) -> None:
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.process.pid, signal.SIGCONT)
 
 
 @pytest.fixture
