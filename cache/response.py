@@ -96,7 +96,7 @@ class _Flight:
         index = 0
         while True:
             async with self.changed:
-                await self.changed.wait_for(lambda: len(self.events) > index or self.done)
+                await self.changed.wait_for(lambda seen=index: len(self.events) > seen or self.done)
                 pending, done, failed = self.events[index:], self.done, self.failed
             for event in pending:
                 yield event
