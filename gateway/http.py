@@ -1,6 +1,5 @@
-"""The gateway's HTTP API (FastAPI): health checks and the model list.
-
-The OpenAI-compatible generation and embedding routes build on this app.
+"""The gateway's HTTP API (FastAPI): health checks, the model list and the OpenAI-compatible routes
+(gateway/openai_api.py: /v1/completions, /v1/chat/completions, /v1/embeddings).
 """
 
 from __future__ import annotations
@@ -13,14 +12,26 @@ import redis.asyncio as aioredis
 import uvicorn
 
 from moemesh.cache.client import reachable
+from moemesh.gateway import openai_api
 from moemesh.gateway.catalogue import ModelCatalogue
+from moemesh.gateway.config import GatewayConfig
+from moemesh.services.core.errors import NotFound
+from moemesh.services.scheduler.client import SchedulerClient
 from moemesh.v1 import models_pb2
 
 _KIND_NAMES = {models_pb2.MODEL_KIND_GENERATION: "generation", models_pb2.MODEL_KIND_EMBEDDING: "embedding"}
 
 
-def create_app(catalogue: ModelCatalogue, ready: asyncio.Event, redis: aioredis.Redis | None) -> fastapi.FastAPI:
+def _model_object(m: models_pb2.ModelInfo) -> dict:
+    return {"id": m.id, "object": "model", "owned_by": "moemesh", "revision": m.revision,
+            "kind": _KIND_NAMES.get(m.kind, "unknown"), "max_context_tokens": m.max_context_tokens,
+            "ready_replicas": m.ready_replicas}
+
+
+def create_app(catalogue: ModelCatalogue, ready: asyncio.Event, redis: aioredis.Redis | None, *,
+               config: GatewayConfig, client: SchedulerClient) -> fastapi.FastAPI:
     app = fastapi.FastAPI(title="moemesh gateway", version="v1")
+    openai_api.register(app, config=config, client=client, catalogue=catalogue)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -42,12 +53,14 @@ def create_app(catalogue: ModelCatalogue, ready: asyncio.Event, redis: aioredis.
     @app.get("/v1/models")
     async def list_models() -> dict:
         models = await catalogue.models()
-        return {"object": "list", "data": [
-            {"id": m.id, "object": "model", "owned_by": "moemesh", "revision": m.revision,
-             "kind": _KIND_NAMES.get(m.kind, "unknown"), "max_context_tokens": m.max_context_tokens,
-             "ready_replicas": m.ready_replicas}
-            for m in models
-        ]}
+        return {"object": "list", "data": [_model_object(m) for m in models]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict:
+        for m in await catalogue.models():
+            if m.id == model_id:
+                return _model_object(m)
+        raise NotFound(f"model {model_id!r} is not served")
 
     return app
 

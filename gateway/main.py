@@ -42,8 +42,8 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
     server.add(models_pb2_grpc.add_ModelsServicer_to_server,
                ModelsServicer(catalogue), _service_name(models_pb2, "Models"))
     redis = connect(config.redis_url) if config.redis_url else None
-    http = HttpServer(create_app(catalogue, client.connected, redis), config.host, config.http_port) \
-        if config.http_port is not None else None
+    http = HttpServer(create_app(catalogue, client.connected, redis, config=config, client=client),
+                      config.host, config.http_port) if config.http_port is not None else None
     client.start()
     await server.start()
     if http is not None:

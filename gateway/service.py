@@ -48,6 +48,87 @@ class StreamClock:
         )
 
 
+class Generation:
+    """One validated generation request on its way through the mesh: the model, the work and its events."""
+
+    def __init__(self, request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo,
+                 work: worker_pb2.GenerationWork, client: SchedulerClient, clock: StreamClock) -> None:
+        self.request = request
+        self.model = model
+        self.work = work
+        self.client = client
+        self.clock = clock
+
+    @property
+    def request_id(self) -> str:
+        return self.work.request_id
+
+    async def responses(self) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """The response events from `resume_from_index` on; closing early cancels the request upstream."""
+        index = 0
+        events = self.client.generate(self.work)
+        try:
+            async for event in events:
+                if event.token_ids:
+                    self.clock.token()
+                response = generation_pb2.GenerateResponse(
+                    request_id=self.work.request_id, index=index, text=event.text, token_ids=event.token_ids,
+                    logprobs=event.logprobs, model=self.model.id,
+                )
+                if event.finish_reason:
+                    response.finish_reason = event.finish_reason
+                    response.usage.CopyFrom(event.usage)
+                    response.timings.CopyFrom(self.clock.timings(event.usage.completion_tokens))
+                if index >= self.request.resume_from_index:
+                    yield response
+                index += 1
+        finally:
+            await events.aclose()  # sends the cancel when the caller stopped before the end
+
+
+async def start_generation(request: generation_pb2.GenerateRequest, *, config: GatewayConfig,
+                           client: SchedulerClient, catalogue: ModelCatalogue,
+                           timeout: float | None) -> Generation:
+    """Resolve the model and validate the request (InvalidRequest naming the field); nothing is sent yet.
+
+    The one path from a GenerateRequest to its events, shared by the gRPC servicer and the HTTP API.
+    `timeout` is the caller's remaining time in seconds (None: no deadline).
+    """
+    clock = StreamClock()
+    model = await catalogue.resolve(request.model, models_pb2.MODEL_KIND_GENERATION)
+    validate_generate(request, model, config)
+    work = worker_pb2.GenerationWork(
+        request_id=request.request_id or uuid.uuid4().hex,
+        model=model.id,
+        prompt=request.prompt,
+        sampling=request.sampling,
+        deadline_unix=time.time() + timeout if timeout is not None else 0.0,
+        priority=request.priority,
+    )
+    return Generation(request, model, work, client, clock)
+
+
+async def embed(request: embeddings_pb2.EmbedRequest, *, client: SchedulerClient, catalogue: ModelCatalogue,
+                timeout: float | None) -> embeddings_pb2.EmbedResponse:
+    """Validate an EmbedRequest and embed its inputs (shared by the gRPC servicer and the HTTP API)."""
+    model = await catalogue.resolve(request.model, models_pb2.MODEL_KIND_EMBEDDING)
+    validate_embed_inputs(list(request.inputs), model)
+    work = worker_pb2.EmbedWork(model=model.id, inputs=request.inputs,
+                                normalize=request.normalize if request.HasField("normalize") else True)
+    try:
+        result = await client.embed(work, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from None
+    vectors = tensors.from_pb(result.vectors)  # [N, D]
+    return embeddings_pb2.EmbedResponse(
+        request_id=request.request_id or uuid.uuid4().hex,
+        model=model.id,
+        dimensions=vectors.shape[1],
+        embeddings=[embeddings_pb2.Embedding(index=i, values=row) for i, row in enumerate(vectors.tolist())],
+        usage=common_pb2.Usage(prompt_tokens=sum(result.token_counts)),
+    )
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, config: GatewayConfig, client: SchedulerClient, catalogue: ModelCatalogue) -> None:
         self.config = config
@@ -55,25 +136,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self.catalogue = catalogue
 
     async def Generate(self, request, context) -> AsyncIterator[generation_pb2.GenerateResponse]:
-        clock = StreamClock()
-        model = await self.catalogue.resolve(request.model, models_pb2.MODEL_KIND_GENERATION)
-        validate_generate(request, model, self.config)
-        work = self._work(request, model, context)
-        index = 0
-        async for event in self.client.generate(work):
-            if event.token_ids:
-                clock.token()
-            response = generation_pb2.GenerateResponse(
-                request_id=work.request_id, index=index, text=event.text, token_ids=event.token_ids,
-                logprobs=event.logprobs, model=model.id,
-            )
-            if event.finish_reason:
-                response.finish_reason = event.finish_reason
-                response.usage.CopyFrom(event.usage)
-                response.timings.CopyFrom(clock.timings(event.usage.completion_tokens))
-            if index >= request.resume_from_index:
-                yield response
-            index += 1
+        generation = await start_generation(request, config=self.config, client=self.client,
+                                            catalogue=self.catalogue, timeout=context.time_remaining())
+        async for response in generation.responses():
+            yield response
 
     async def Complete(self, request, context) -> generation_pb2.CompleteResponse:
         result = generation_pb2.CompleteResponse()
@@ -90,17 +156,6 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         result.text = "".join(texts)
         return result
 
-    def _work(self, request, model: models_pb2.ModelInfo, context: grpc.aio.ServicerContext) -> worker_pb2.GenerationWork:
-        remaining = context.time_remaining()
-        return worker_pb2.GenerationWork(
-            request_id=request.request_id or uuid.uuid4().hex,
-            model=model.id,
-            prompt=request.prompt,
-            sampling=request.sampling,
-            deadline_unix=time.time() + remaining if remaining is not None else 0.0,
-            priority=request.priority,
-        )
-
 
 class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
     def __init__(self, client: SchedulerClient, catalogue: ModelCatalogue) -> None:
@@ -108,22 +163,7 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
         self.catalogue = catalogue
 
     async def Embed(self, request, context) -> embeddings_pb2.EmbedResponse:
-        model = await self.catalogue.resolve(request.model, models_pb2.MODEL_KIND_EMBEDDING)
-        validate_embed_inputs(list(request.inputs), model)
-        work = worker_pb2.EmbedWork(model=model.id, inputs=request.inputs,
-                                    normalize=request.normalize if request.HasField("normalize") else True)
-        try:
-            result = await self.client.embed(work, timeout=context.time_remaining())
-        except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc) from None
-        vectors = tensors.from_pb(result.vectors)  # [N, D]
-        return embeddings_pb2.EmbedResponse(
-            request_id=request.request_id or uuid.uuid4().hex,
-            model=model.id,
-            dimensions=vectors.shape[1],
-            embeddings=[embeddings_pb2.Embedding(index=i, values=row) for i, row in enumerate(vectors.tolist())],
-            usage=common_pb2.Usage(prompt_tokens=sum(result.token_counts)),
-        )
+        return await embed(request, client=self.client, catalogue=self.catalogue, timeout=context.time_remaining())
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServicer):

@@ -42,7 +42,7 @@ def _validate_prompt(prompt: common_pb2.Prompt) -> None:
 
 
 def _check_range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
-    if value < low or value > high or (low_open and value == low):
+    if not low <= value <= high or (low_open and value == low):  # NaN fails too
         bracket = "(" if low_open else "["
         raise InvalidRequest(field, f"must be within {bracket}{low}, {high}], got {value}")
 
