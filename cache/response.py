@@ -213,7 +213,7 @@ class ResponseCache:
 
 
 class EmbeddingCache:
-    """Vectors per (model, revision, normalize, text) in Redis; float32 bytes."""
+    """Vectors per (model, revision, normalize, text) in Redis: a uint32 token count, then float32 bytes."""
 
     def __init__(self, client: aioredis.Redis | None, ttl: float = 86400.0) -> None:
         self.client = client
@@ -228,7 +228,7 @@ class EmbeddingCache:
         return f"moemesh:emb:{FORMAT_VERSION}:{digest.hexdigest()}"
 
     async def get_many(self, keys: list[str], dimensions: int) -> list[bytes | None]:
-        """Stored vectors (raw float32 bytes of the right size) or None, per key; one round trip."""
+        """Stored entries (4-byte count + float32 vector of the right size) or None, per key; one round trip."""
         if self.client is None or not keys or not self.breaker.allow():
             self.stats.bypasses += len(keys)
             return [None] * len(keys)
@@ -243,7 +243,7 @@ class EmbeddingCache:
         self.stats.record_latency(time.perf_counter() - start)
         found = []
         for raw in raws:
-            if raw is not None and len(raw) == 4 * dimensions:
+            if raw is not None and len(raw) == 4 * dimensions + 4:
                 self.stats.hits += 1
                 self.stats.bytes_read += len(raw)
                 found.append(raw)

@@ -29,4 +29,11 @@ class GatewayConfig(ServiceConfig):
     max_stop_sequences: int = pydantic.Field(default=8, ge=0, le=64)
     max_stop_sequence_bytes: int = pydantic.Field(default=128, ge=1)
     grace: float = pydantic.Field(default=10.0, ge=0)
+    # Response and embedding caches in Redis (need redis_url); entry lifetimes; one scope for all tenants.
+    response_cache: bool = True
+    response_cache_ttl: float = pydantic.Field(default=3600.0, gt=0)
+    embedding_cache_ttl: float = pydantic.Field(default=86400.0, gt=0)
+    cache_shared_scope: bool = False
+    # Prometheus /metrics on this port (0: a free one); None = off.
+    metrics_port: int | None = pydantic.Field(default=None, ge=0, le=65535)
     log_level: str = "info"

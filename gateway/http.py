@@ -13,6 +13,7 @@ import uvicorn
 
 from moemesh.cache.client import reachable
 from moemesh.gateway import openai_api
+from moemesh.gateway.caches import GatewayCaches
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
 from moemesh.services.core.errors import NotFound
@@ -29,9 +30,9 @@ def _model_object(m: models_pb2.ModelInfo) -> dict:
 
 
 def create_app(catalogue: ModelCatalogue, ready: asyncio.Event, redis: aioredis.Redis | None, *,
-               config: GatewayConfig, client: SchedulerClient) -> fastapi.FastAPI:
+               config: GatewayConfig, client: SchedulerClient, caches: GatewayCaches | None = None) -> fastapi.FastAPI:
     app = fastapi.FastAPI(title="moemesh gateway", version="v1")
-    openai_api.register(app, config=config, client=client, catalogue=catalogue)
+    openai_api.register(app, config=config, client=client, catalogue=catalogue, caches=caches)
 
     @app.get("/healthz")
     async def healthz() -> dict:

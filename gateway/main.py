@@ -7,11 +7,14 @@ import logging
 import sys
 
 from moemesh.cache.client import connect
+from moemesh.cache.response import EmbeddingCache, ResponseCache
+from moemesh.gateway.caches import GatewayCaches
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
 from moemesh.gateway.http import HttpServer, create_app
 from moemesh.gateway.service import EmbeddingsServicer, GenerationServicer, ModelsServicer
 from moemesh.services.core.entrypoint import service_main
+from moemesh.services.core.metrics import counter, gauge, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.scheduler.client import SchedulerClient
 from moemesh.v1 import (
@@ -34,15 +37,19 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
     stop = stop_event_on_signals()
     client = SchedulerClient(config.scheduler)
     catalogue = ModelCatalogue(client, config.default_model, config.default_embedding_model)
+    redis = connect(config.redis_url) if config.redis_url else None
+    caches = None
+    if redis is not None and config.response_cache:
+        caches = GatewayCaches(ResponseCache(redis, ttl=config.response_cache_ttl),
+                               EmbeddingCache(redis, ttl=config.embedding_cache_ttl), config.cache_shared_scope)
     server = GrpcServer(config.host, config.port, grace=config.grace, max_message_bytes=config.max_request_bytes)
     server.add(generation_pb2_grpc.add_GenerationServicer_to_server,
-               GenerationServicer(config, client, catalogue), _service_name(generation_pb2, "Generation"))
+               GenerationServicer(config, client, catalogue, caches), _service_name(generation_pb2, "Generation"))
     server.add(embeddings_pb2_grpc.add_EmbeddingsServicer_to_server,
-               EmbeddingsServicer(client, catalogue), _service_name(embeddings_pb2, "Embeddings"))
+               EmbeddingsServicer(client, catalogue, caches), _service_name(embeddings_pb2, "Embeddings"))
     server.add(models_pb2_grpc.add_ModelsServicer_to_server,
                ModelsServicer(catalogue), _service_name(models_pb2, "Models"))
-    redis = connect(config.redis_url) if config.redis_url else None
-    http = HttpServer(create_app(catalogue, client.connected, redis, config=config, client=client),
+    http = HttpServer(create_app(catalogue, client.connected, redis, config=config, client=client, caches=caches),
                       config.host, config.http_port) if config.http_port is not None else None
     client.start()
     await server.start()
@@ -50,9 +57,14 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
         http.start()
     await client.connected.wait()
     await server.set_serving(True)
+    metrics_address, stop_metrics = None, None
+    if config.metrics_port is not None:
+        metrics_address, stop_metrics = serve_metrics(config.host, config.metrics_port, lambda: cache_metrics(caches))
     announce_ready(ready_fd, service="gateway", address=server.address,
-                   http_address=http.address if http else None)
+                   http_address=http.address if http else None, metrics_address=metrics_address)
     await stop.wait()
+    if stop_metrics is not None:
+        stop_metrics()
     await server.set_serving(False)
     if http is not None:
         await http.stop()
@@ -60,6 +72,29 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
     await client.close()
     if redis is not None:
         await redis.aclose()
+
+
+def cache_metrics(caches: GatewayCaches | None) -> list:
+    """Hits, misses, bypasses, errors, bytes and lookup latency of each cache tier."""
+    if caches is None:
+        return []
+    families = []
+    for tier, stats in (("response", caches.responses.stats), ("embedding", caches.embeddings.stats)):
+        labels = {"tier": tier}
+        recent = sorted(stats.lookup_seconds[-256:])
+        families += [
+            counter("moemesh_cache_hits", "Cache hits.", stats.hits, labels),
+            counter("moemesh_cache_misses", "Cache misses.", stats.misses, labels),
+            counter("moemesh_cache_bypasses", "Requests that skipped the cache.", stats.bypasses, labels),
+            counter("moemesh_cache_errors", "Failed cache calls.", stats.errors, labels),
+            counter("moemesh_cache_read_bytes", "Bytes read from the cache.", stats.bytes_read, labels),
+            counter("moemesh_cache_written_bytes", "Bytes written to the cache.", stats.bytes_written, labels),
+            gauge("moemesh_cache_lookup_seconds_p50", "Median of recent lookups.",
+                  {(tier,): recent[len(recent) // 2] if recent else 0.0}, ["tier"]),
+        ]
+    families.append(counter("moemesh_cache_single_flight_joined", "Requests that followed an identical one.",
+                            caches.responses.stats.joined, {"tier": "response"}))
+    return families
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from moemesh.gateway.caches import GatewayCaches
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
 from moemesh.gateway.service import Generation, embed, start_generation
@@ -456,7 +457,7 @@ def _chat_names(body: ChatCompletionRequest) -> list[tuple[str, str]]:
 
 
 def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerClient,
-             catalogue: ModelCatalogue) -> None:
+             catalogue: ModelCatalogue, caches: GatewayCaches | None = None) -> None:
     """Add the OpenAI-compatible routes and error handlers to the gateway's app."""
 
     async def on_error(request: fastapi.Request, exc: Exception) -> JSONResponse:
@@ -484,7 +485,7 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
 
         async def first() -> tuple[Generation, AsyncIterator, generation_pb2.GenerateResponse | None]:
             with _openai_names(names):
-                generation = await start_generation(grpc_request, config=config, client=client,
+                generation = await start_generation(grpc_request, config=config, client=client, caches=caches,
                                                     catalogue=catalogue, timeout=timeout)
                 events = generation.responses()
                 try:
@@ -499,7 +500,7 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
                        names: list[tuple[str, str]], timeout: float | None) -> tuple[Generation, _Answer]:
         async def run() -> tuple[Generation, _Answer]:
             with _openai_names(names):
-                generation = await start_generation(grpc_request, config=config, client=client,
+                generation = await start_generation(grpc_request, config=config, client=client, caches=caches,
                                                     catalogue=catalogue, timeout=timeout)
                 return generation, await _Answer().collect(generation)
 
@@ -565,7 +566,7 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
 
         async def run() -> embeddings_pb2.EmbedResponse:
             with _openai_names(_EMBEDDING_NAMES):
-                return await embed(grpc_request, client=client, catalogue=catalogue, timeout=timeout)
+                return await embed(grpc_request, client=client, catalogue=catalogue, timeout=timeout, caches=caches)
 
         try:
             result = await until_disconnected(request.receive, run(), _grace(timeout))

@@ -7,7 +7,9 @@ import uuid
 from collections.abc import AsyncIterator
 
 import grpc
+import torch
 
+from moemesh.gateway.caches import DEFAULT_TENANT, GatewayCaches, pack_embedding, unpack_embedding
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
 from moemesh.gateway.validation import validate_embed_inputs, validate_generate
@@ -52,12 +54,15 @@ class Generation:
     """One validated generation request on its way through the mesh: the model, the work and its events."""
 
     def __init__(self, request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo,
-                 work: worker_pb2.GenerationWork, client: SchedulerClient, clock: StreamClock) -> None:
+                 work: worker_pb2.GenerationWork, client: SchedulerClient, clock: StreamClock,
+                 caches: GatewayCaches | None = None, tenant: str = DEFAULT_TENANT) -> None:
         self.request = request
         self.model = model
         self.work = work
         self.client = client
         self.clock = clock
+        self.caches = caches
+        self.tenant = tenant
 
     @property
     def request_id(self) -> str:
@@ -66,7 +71,10 @@ class Generation:
     async def responses(self) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """The response events from `resume_from_index` on; closing early cancels the request upstream."""
         index = 0
-        events = self.client.generate(self.work)
+        if self.caches is None:
+            events = self.client.generate(self.work)
+        else:
+            events = self.caches.events(self.request, self.model, self.tenant, lambda: self.client.generate(self.work))
         try:
             async for event in events:
                 if event.token_ids:
@@ -88,7 +96,7 @@ class Generation:
 
 async def start_generation(request: generation_pb2.GenerateRequest, *, config: GatewayConfig,
                            client: SchedulerClient, catalogue: ModelCatalogue,
-                           timeout: float | None) -> Generation:
+                           timeout: float | None, caches: GatewayCaches | None = None) -> Generation:
     """Resolve the model and validate the request (InvalidRequest naming the field); nothing is sent yet.
 
     The one path from a GenerateRequest to its events, shared by the gRPC servicer and the HTTP API.
@@ -104,40 +112,66 @@ async def start_generation(request: generation_pb2.GenerateRequest, *, config: G
         sampling=request.sampling,
         deadline_unix=time.time() + timeout if timeout is not None else 0.0,
         priority=request.priority,
+        tenant=DEFAULT_TENANT,
     )
-    return Generation(request, model, work, client, clock)
+    return Generation(request, model, work, client, clock, caches)
 
 
 async def embed(request: embeddings_pb2.EmbedRequest, *, client: SchedulerClient, catalogue: ModelCatalogue,
-                timeout: float | None) -> embeddings_pb2.EmbedResponse:
-    """Validate an EmbedRequest and embed its inputs (shared by the gRPC servicer and the HTTP API)."""
+                timeout: float | None, caches: GatewayCaches | None = None) -> embeddings_pb2.EmbedResponse:
+    """Validate an EmbedRequest and embed its inputs (shared by the gRPC servicer and the HTTP API).
+
+    With the embedding cache, inputs found there are not sent upstream; only the rest are embedded.
+    """
     model = await catalogue.resolve(request.model, models_pb2.MODEL_KIND_EMBEDDING)
-    validate_embed_inputs(list(request.inputs), model)
-    work = worker_pb2.EmbedWork(model=model.id, inputs=request.inputs,
-                                normalize=request.normalize if request.HasField("normalize") else True)
-    try:
-        result = await client.embed(work, timeout=timeout)
-    except grpc.aio.AioRpcError as exc:
-        raise error_from_rpc(exc) from None
-    vectors = tensors.from_pb(result.vectors)  # [N, D]
+    inputs = list(request.inputs)
+    validate_embed_inputs(inputs, model)
+    normalize = request.normalize if request.HasField("normalize") else True
+    use_cache = caches is not None and request.cache_mode == common_pb2.CACHE_MODE_DEFAULT and model.dimensions > 0
+    vectors: list[torch.Tensor | None] = [None] * len(inputs)
+    counts = [0] * len(inputs)
+    keys: list[str] = []
+    if use_cache:
+        keys = [caches.embedding_key(model, normalize, text) for text in inputs]
+        for i, raw in enumerate(await caches.embeddings.get_many(keys, model.dimensions)):
+            if raw is not None:
+                vectors[i], counts[i] = unpack_embedding(raw)
+    missing = [i for i, v in enumerate(vectors) if v is None]
+    if missing:
+        work = worker_pb2.EmbedWork(model=model.id, inputs=[inputs[i] for i in missing], normalize=normalize)
+        try:
+            result = await client.embed(work, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc) from None
+        computed = tensors.from_pb(result.vectors)  # [len(missing), D]
+        for row, i in enumerate(missing):
+            vectors[i], counts[i] = computed[row], result.token_counts[row]
+        if use_cache and request.cache_mode != common_pb2.CACHE_MODE_NO_STORE:
+            await caches.embeddings.put_many({keys[i]: pack_embedding(vectors[i], counts[i]) for i in missing})
+    matrix = torch.stack(vectors)  # [N, D]
+    fresh = set(missing)
     return embeddings_pb2.EmbedResponse(
         request_id=request.request_id or uuid.uuid4().hex,
         model=model.id,
-        dimensions=vectors.shape[1],
-        embeddings=[embeddings_pb2.Embedding(index=i, values=row) for i, row in enumerate(vectors.tolist())],
-        usage=common_pb2.Usage(prompt_tokens=sum(result.token_counts)),
+        dimensions=matrix.shape[1],
+        embeddings=[embeddings_pb2.Embedding(index=i, values=row) for i, row in enumerate(matrix.tolist())],
+        usage=common_pb2.Usage(prompt_tokens=sum(counts),
+                               cached_tokens=sum(c for i, c in enumerate(counts) if i not in fresh)),
     )
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, config: GatewayConfig, client: SchedulerClient, catalogue: ModelCatalogue) -> None:
+    def __init__(self, config: GatewayConfig, client: SchedulerClient, catalogue: ModelCatalogue,
+                 caches: GatewayCaches | None = None) -> None:
         self.config = config
         self.client = client
         self.catalogue = catalogue
+        self.caches = caches
 
     async def Generate(self, request, context) -> AsyncIterator[generation_pb2.GenerateResponse]:
         generation = await start_generation(request, config=self.config, client=self.client,
-                                            catalogue=self.catalogue, timeout=context.time_remaining())
+                                            catalogue=self.catalogue, timeout=context.time_remaining(),
+                                            caches=self.caches)
         async for response in generation.responses():
             yield response
 
@@ -158,12 +192,14 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
-    def __init__(self, client: SchedulerClient, catalogue: ModelCatalogue) -> None:
+    def __init__(self, client: SchedulerClient, catalogue: ModelCatalogue, caches: GatewayCaches | None = None) -> None:
         self.client = client
         self.catalogue = catalogue
+        self.caches = caches
 
     async def Embed(self, request, context) -> embeddings_pb2.EmbedResponse:
-        return await embed(request, client=self.client, catalogue=self.catalogue, timeout=context.time_remaining())
+        return await embed(request, client=self.client, catalogue=self.catalogue, timeout=context.time_remaining(),
+                           caches=self.caches)
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServicer):

@@ -228,7 +228,9 @@ def check_two_workers_share_the_traffic(mesh) -> None:
         models = models_pb2_grpc.ModelsStub(ch).ListModels(models_pb2.ListModelsRequest(), timeout=10).models
         assert {m.id: m.ready_replicas for m in models} == {"demo-moe": 2, "demo-moe-pooled": 2}
         stub = generation_pb2_grpc.GenerationStub(ch)
-        calls = [stub.Generate(greedy_request(max_tokens=40, ignore_eos=True), timeout=120) for _ in range(8)]
+        request = greedy_request(max_tokens=40, ignore_eos=True)
+        request.cache_mode = common_pb2.CACHE_MODE_NO_STORE  # each one generates: no cache, no single-flight
+        calls = [stub.Generate(request, timeout=120) for _ in range(8)]
         outputs = {"".join(e.text for e in call) for call in calls}
     with grpc.insecure_channel(mesh.scheduler) as sch:
         nodes = scheduler_pb2_grpc.SchedulerStub(sch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes

@@ -141,8 +141,8 @@ async def test_redis_down_or_paused_is_a_miss_not_a_failure(server):
 async def test_embedding_cache_returns_hits_and_misses_in_one_round_trip(server):
     cache = EmbeddingCache(aioredis.from_url(server.url, socket_timeout=0.2))
     keys = [EmbeddingCache.key("m", "r", True, t) for t in ("a", "b", "c")]
-    await cache.put_many({keys[0]: b"\0" * 8, keys[2]: b"\1" * 8})
+    await cache.put_many({keys[0]: b"\0" * 12, keys[2]: b"\1" * 12})
     got = await cache.get_many(keys, dimensions=2)
-    assert got == [b"\0" * 8, None, b"\1" * 8] and cache.stats.hits == 2 and cache.stats.misses == 1
+    assert got == [b"\0" * 12, None, b"\1" * 12] and cache.stats.hits == 2 and cache.stats.misses == 1
     assert (await cache.get_many(keys[:1], dimensions=3)) == [None], "a wrong-sized entry is never used"
     assert EmbeddingCache.key("m", "r", False, "a") != keys[0] and EmbeddingCache.key("m", "r2", True, "a") != keys[0]

@@ -36,7 +36,9 @@ def request(prompt: str, max_tokens: int, seed: int | None = None, **kwargs) -> 
         sampling.temperature = 0.0
     else:
         sampling.temperature, sampling.seed = 0.8, seed
-    return generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text=prompt), sampling=sampling)
+    # These tests are about the scheduler: every request must really run (no response cache, no single-flight).
+    return generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text=prompt), sampling=sampling,
+                                          cache_mode=common_pb2.CACHE_MODE_NO_STORE)
 
 
 def collect(events) -> dict:
@@ -242,7 +244,7 @@ def test_the_workers_write_prompt_blocks_to_the_shared_redis_tier(small_mesh):
 
 
 def embed_request(text: str) -> embeddings_pb2.EmbedRequest:
-    return embeddings_pb2.EmbedRequest(model="demo-moe-pooled", inputs=[text])
+    return embeddings_pb2.EmbedRequest(model="demo-moe-pooled", inputs=[text], cache_mode=common_pb2.CACHE_MODE_NO_STORE)
 
 
 def test_the_mesh_is_still_whole_after_the_scheduler_tests(small_mesh):
