@@ -5,7 +5,11 @@ inputs are cached: greedy decoding, or sampling with a seed. The key hashes
 a format version, the tenant scope, the model id and revision, the prompt
 (text, chat messages or token ids) and every sampling field that changes the
 output; two tenants never share an entry unless the operator puts them in
-one scope. A hit returns the stored events without touching the scheduler.
+one scope. A hit returns the stored answer, as one event, without touching the
+scheduler.
+
+The hottest answers are also kept in a small in-process LRU, so a repeated
+hit costs no Redis round trip.
 
 Single-flight: while a request is being generated, identical requests to
 the same gateway join it and stream the same events as they are produced,
@@ -22,6 +26,7 @@ as a miss (reads) or is dropped (writes).
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
@@ -47,6 +52,7 @@ class CacheStats:
     bytes_read: int = 0
     bytes_written: int = 0
     joined: int = 0  # single-flight followers (response cache)
+    local_hits: int = 0  # hits served from the gateway's own memory
     lookup_seconds: list[float] = field(default_factory=list)
 
     def record_latency(self, seconds: float) -> None:
@@ -107,19 +113,77 @@ class _Flight:
                 return
 
 
+def merge_events(events: list[worker_pb2.RequestEvent]) -> worker_pb2.RequestEvent:
+    """A finished answer as one event (joined text, tokens and logprobs; the last event's finish and usage)."""
+    merged = worker_pb2.RequestEvent(request_id=events[-1].request_id, finish_reason=events[-1].finish_reason)
+    merged.text = "".join(e.text for e in events)
+    for event in events:
+        merged.token_ids.extend(event.token_ids)
+        merged.logprobs.extend(event.logprobs)
+    if events[-1].HasField("usage"):
+        merged.usage.CopyFrom(events[-1].usage)
+    return merged
+
+
+class LocalAnswers:
+    """A small in-process LRU in front of Redis for the hottest answers.
+
+    Safe without invalidation: an entry's key covers everything that decides
+    the answer (model revision included), so a stored answer never changes;
+    entries still expire with the same TTL as in Redis.
+    """
+
+    def __init__(self, max_bytes: int, ttl: float) -> None:
+        self.max_bytes = max_bytes
+        self.ttl = ttl
+        self.size = 0
+        self._entries: collections.OrderedDict[str, tuple[float, bytes]] = collections.OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] < time.monotonic():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: str, raw: bytes) -> None:
+        if len(raw) > self.max_bytes // 8:
+            return
+        self._drop(key)
+        self._entries[key] = (time.monotonic() + self.ttl, raw)
+        self.size += len(raw)
+        while self.size > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.size -= len(entry[1])
+
+
 class ResponseCache:
     """Answers of deterministic requests in Redis, plus single-flight of identical ones in progress."""
 
-    def __init__(self, client: aioredis.Redis | None, ttl: float = 3600.0, max_entry_bytes: int = 1 << 20) -> None:
+    def __init__(self, client: aioredis.Redis | None, ttl: float = 3600.0, max_entry_bytes: int = 1 << 20,
+                 local_bytes: int = 32 << 20) -> None:
         self.client = client
         self.ttl = ttl
         self.max_entry_bytes = max_entry_bytes
         self.breaker = CircuitBreaker()
         self.stats = CacheStats()
+        self.local = LocalAnswers(local_bytes, ttl) if local_bytes else None
         self._flights: dict[str, _Flight] = {}
 
     async def get(self, key: str) -> list[worker_pb2.RequestEvent] | None:
         """The stored events of `key`, or None (a miss, or Redis unavailable)."""
+        raw = self.local.get(key) if self.local is not None else None
+        if raw is not None:
+            self.stats.hits += 1
+            self.stats.local_hits += 1
+            return list(worker_pb2.EventBatch.FromString(raw).events)
         if self.client is None or not self.breaker.allow():
             self.stats.bypasses += 1
             return None
@@ -146,16 +210,20 @@ class ResponseCache:
             return None
         self.stats.hits += 1
         self.stats.bytes_read += len(raw)
+        if self.local is not None:
+            self.local.put(key, raw)
         return list(batch.events)
 
     async def put(self, key: str, events: list[worker_pb2.RequestEvent]) -> None:
         """Store a finished answer (errors are counted, never raised)."""
         if self.client is None or not events or not self.breaker.allow():
             return
-        raw = worker_pb2.EventBatch(events=events).SerializeToString()
+        raw = worker_pb2.EventBatch(events=[merge_events(events)]).SerializeToString()
         if len(raw) > self.max_entry_bytes:
             self.stats.bypasses += 1
             return
+        if self.local is not None:
+            self.local.put(key, raw)
         try:
             await self.client.set(key, raw, ex=int(self.ttl))
         except (aioredis.RedisError, OSError):

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from moemesh.cache.response import EmbeddingCache, ResponseCache, is_deterministic, response_key
+from moemesh.cache.response import EmbeddingCache, LocalAnswers, ResponseCache, is_deterministic, response_key
 from moemesh.v1 import common_pb2, generation_pb2, worker_pb2
 from tests.redis_server import RedisServer
 
@@ -73,7 +73,7 @@ async def test_a_stored_answer_is_replayed_without_generating(server):
     key = response_key("t", "m", "r", request())
     first = [(e.text, cached) async for e, cached in cache.serve(key, generation)]
     second = [(e.text, cached) async for e, cached in cache.serve(key, generation)]
-    assert first == [("a", False), ("b", False)] and second == [("a", True), ("b", True)]
+    assert first == [("a", False), ("b", False)] and second == [("ab", True)], "a hit replays the answer as one event"
     assert generation.calls == 1 and cache.stats.hits == 1 and cache.stats.stores == 1
 
 
@@ -119,7 +119,8 @@ async def test_unfinished_answers_are_not_stored(server):
 
 
 async def test_redis_down_or_paused_is_a_miss_not_a_failure(server):
-    cache = ResponseCache(aioredis.from_url(server.url, socket_timeout=0.1, socket_connect_timeout=0.1))
+    # No in-process tier here: every call must go to the faulty Redis.
+    cache = ResponseCache(aioredis.from_url(server.url, socket_timeout=0.1, socket_connect_timeout=0.1), local_bytes=0)
     generation = FakeGeneration(answer("a"))
     key = response_key("t", "m", "r", request())
     server.pause()
@@ -136,6 +137,23 @@ async def test_redis_down_or_paused_is_a_miss_not_a_failure(server):
     cache.breaker.success()  # as after the cooldown's successful probe
     [_ async for _ in cache.serve(key, generation)]
     assert await cache.get(key) is not None, "the cache refills once Redis is back"
+
+
+async def test_hot_answers_are_served_from_memory_and_bounded(server):
+    cache = ResponseCache(aioredis.from_url(server.url, socket_timeout=0.2), local_bytes=4096)
+    key = response_key("t", "m", "r", request())
+    [_ async for _ in cache.serve(key, FakeGeneration(answer("a", "b")))]
+    server.stop()  # Redis gone: the hot answer is still served, from memory
+    assert [e.text for e in await cache.get(key)] == ["ab"] and cache.stats.local_hits == 1
+    for i in range(50):  # other answers push it out: memory stays bounded
+        cache.local.put(f"k{i}", b"x" * 200)
+    assert cache.local.size <= 4096 and cache.local.get(key) is None
+
+
+def test_local_answers_expire():
+    local = LocalAnswers(max_bytes=1024, ttl=0.0)
+    local.put("k", b"v")
+    assert local.get("k") is None
 
 
 async def test_embedding_cache_returns_hits_and_misses_in_one_round_trip(server):
