@@ -35,9 +35,10 @@ def parts(tmp_path_factory):
     return build_model(open_checkpoint(ckpt)), Tokenizer.from_dir(ckpt)
 
 
-def make_engine(parts, tier: RedisKVTier | None) -> Engine:
+def make_engine(parts, tier: RedisKVTier | None, writes: str = "all") -> Engine:
     model, tokenizer = parts
-    return Engine(model, tokenizer, max_num_seqs=4, max_model_len=256, block_size=BLOCK, kv_tier=tier)
+    return Engine(model, tokenizer, max_num_seqs=4, max_model_len=256, block_size=BLOCK, kv_tier=tier,
+                  kv_tier_writes=writes)
 
 
 def make_tier(parts, url: str, **kwargs) -> RedisKVTier:
@@ -75,6 +76,22 @@ def test_a_cold_engine_reuses_blocks_another_engine_wrote(parts, server):
     assert cold.counters.tier_hit_tokens == 40 and reader_tier.stats.hits == 5
     assert ids == expected, "output with KV from the tier must equal the computed one"
     assert cold.counters.prompt_tokens_computed == len(PROMPT) - 40
+
+
+def test_reused_policy_writes_a_prefix_once_it_recurs(parts, server):
+    tier = make_tier(parts, server.url)
+    engine = make_engine(parts, tier, writes="reused")
+    generate(engine, PROMPT, "once")
+    tier.flush()
+    assert tier.stats.stored == 0, "a prompt seen once costs no writes"
+    _, cached = generate(engine, PROMPT, "twice")  # a local prefix hit: it recurs, so it is shared
+    tier.flush()
+    assert cached == 40 and tier.stats.stored == 5
+    generate(engine, PROMPT, "thrice")
+    tier.flush()
+    assert tier.stats.stored == 5, "blocks written lately are not written again"
+    ids, cached = generate(make_engine(parts, make_tier(parts, server.url), writes="reused"), PROMPT)
+    assert cached == 40
 
 
 def test_a_prompt_sharing_only_a_prefix_gets_only_that_prefix(parts, server):

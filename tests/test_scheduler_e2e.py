@@ -230,9 +230,9 @@ def test_the_workers_write_prompt_blocks_to_the_shared_redis_tier(small_mesh):
     prompt = "class InvoiceRepository:\n    def find_overdue(self, customer_id, since):\n        " * 4
     with grpc.insecure_channel(small_mesh.gateway) as ch:
         stub = generation_pb2_grpc.GenerationStub(ch)
-        first = collect(stub.Generate(generation_pb2.GenerateRequest(
-            prompt=common_pb2.Prompt(text=prompt), sampling=common_pb2.SamplingParams(max_tokens=4, temperature=0)),
-            timeout=60))
+        # Twice: the second is a local prefix hit, which shows the prefix recurs and writes it to the tier.
+        first = collect(stub.Generate(request(prompt, 4), timeout=60))
+        second = collect(stub.Generate(request(prompt, 4), timeout=60))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         worker = scrape(small_mesh.ready["workers"][0]["metrics_address"])
@@ -240,7 +240,7 @@ def test_the_workers_write_prompt_blocks_to_the_shared_redis_tier(small_mesh):
             break
         time.sleep(0.1)
     assert worker["moemesh_kv_tier_stored_blocks_total"] > 0 and worker["moemesh_kv_tier_written_bytes_total"] > 0
-    assert first["usage"].prompt_tokens >= 32
+    assert first["usage"].prompt_tokens >= 32 and second["usage"].cached_tokens >= 16
 
 
 def embed_request(text: str) -> embeddings_pb2.EmbedRequest:

@@ -43,6 +43,8 @@ class WorkerConfig(ServiceConfig):
     kv_tier_ttl: float = pydantic.Field(default=3600.0, gt=0)
     kv_tier_timeout: float = pydantic.Field(default=0.2, gt=0, le=10)
     kv_tier_scope: str = "shared"
+    # Which prompt blocks are written: "reused" (after a local prefix hit shows they recur) or "all".
+    kv_tier_writes: Literal["reused", "all"] = "reused"
     # Also serve "<model_id>-pooled": mean-pooled hidden states of the generation model as embeddings.
     pooled_embeddings: bool = True
     num_threads: int = pydantic.Field(default=0, ge=0, description="torch threads; 0 = torch's default")

@@ -103,6 +103,7 @@ class Engine:
         max_num_batched_tokens: int | None = None,
         enable_prefix_caching: bool = True,
         kv_tier: RedisKVTier | None = None,
+        kv_tier_writes: str = "reused",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -127,7 +128,13 @@ class Engine:
         self.counters = EngineCounters()
         # The shared prefix-KV tier (Redis): consulted when the local prefix cache misses.
         self.kv_tier = kv_tier if enable_prefix_caching else None
-        self._export: list[tuple[int, bytes, bytes, list[int]]] = []  # new full blocks: (block, hash, parent, tokens)
+        # Which prompt blocks go to the tier: "reused" ones (a local prefix hit showed they recur; no write
+        # cost for one-off prompts) or "all" (every prompt block once computed).
+        if kv_tier_writes not in ("reused", "all"):
+            raise ValueError(f"kv_tier_writes must be 'reused' or 'all', got {kv_tier_writes!r}")
+        self.kv_tier_writes = kv_tier_writes
+        self._export: list[tuple[int, bytes, bytes, list[int]]] = []  # blocks to write: (block, hash, parent, tokens)
+        self._exported: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # recently written hashes
 
     # ---- admission -------------------------------------------------------
     def check(self, request: GenerationRequest) -> None:
@@ -244,12 +251,15 @@ class Engine:
         if need > self.blocks.num_free - hits_now_free:
             return 0
         self.blocks.take(hits)
+        if self.kv_tier is not None and self.kv_tier_writes == "reused" and hits:
+            self._queue_export(hits, hashes, seq.token_ids)
         fresh = self.blocks.allocate(need)
         if fetched:
             self.cache.write_blocks(fresh[: len(fetched)], [payload for *_, payload in fetched])
             for block, (digest, parent, tokens, _) in zip(fresh, fetched):
                 self.blocks.register(block, parent, tokens)
                 hashes.append(digest)
+                self._exported[digest] = None  # it is in the tier already
             self.counters.tier_hit_tokens += len(fetched) * self.block_size
         seq.block_table = hits + fresh
         seq.block_hashes = hashes
@@ -316,14 +326,28 @@ class Engine:
             tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
             digest = self.blocks.register(seq.block_table[i], parent, tokens)
             seq.block_hashes.append(digest)
-            if self.kv_tier is not None and (i + 1) * self.block_size <= seq.num_prompt:
+            if self.kv_tier is not None and self.kv_tier_writes == "all" and (i + 1) * self.block_size <= seq.num_prompt:
                 # Prompt blocks only: those are what other requests share (system prompts, documents);
                 # generated text rarely repeats, and writing it would cost every request.
                 self._export.append((seq.block_table[i], digest, parent, tokens))
 
+    def _queue_export(self, blocks: list[int], hashes: list[bytes], token_ids: list[int]) -> None:
+        """Queue the tier write of local prefix-hit blocks not written lately."""
+        bs = self.block_size
+        for i, (block, digest) in enumerate(zip(blocks, hashes)):
+            if digest in self._exported:
+                self._exported.move_to_end(digest)
+                continue
+            parent = hashes[i - 1] if i else ROOT_HASH
+            self._export.append((block, digest, parent, token_ids[i * bs : (i + 1) * bs]))
+
     def _export_blocks(self) -> None:
         """Copy this step's new full blocks out of the cache and hand them to the tier's background writer."""
         export, self._export = self._export, []
+        for _, digest, _, _ in export:
+            self._exported[digest] = None
+        while len(self._exported) > 4 * self.blocks.num_blocks:
+            self._exported.popitem(last=False)
         payloads = self.cache.read_blocks([block for block, *_ in export])
         self.kv_tier.store([(digest, parent, tokens, payload)
                             for (_, digest, parent, tokens), payload in zip(export, payloads)])

@@ -82,6 +82,7 @@ class WorkerProcess:
                 config.kv_tier_url, self.model_id, self.checkpoint.revision, BlockSpec(dtype, engine.cache.block_shape),
                 scope=config.kv_tier_scope, ttl=config.kv_tier_ttl, timeout=config.kv_tier_timeout,
             )
+            engine.kv_tier_writes = config.kv_tier_writes
         if config.embedding_model_dir:
             sentence = SentenceEmbedder.load(config.embedding_model_dir, device=config.device)
             self.embedders[sentence.model_id] = sentence
