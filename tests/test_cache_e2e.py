@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import urllib.request
 
 import grpc
 import pytest
@@ -21,7 +23,11 @@ from tests.conftest import start_mesh, stop_mesh
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
-    running = start_mesh(tmp_path_factory.mktemp("cache"), "--no-http")
+    os.environ["MOEMESH_GATEWAY_METRICS_PORT"] = "0"
+    try:
+        running = start_mesh(tmp_path_factory.mktemp("cache"), "--no-http")
+    finally:
+        del os.environ["MOEMESH_GATEWAY_METRICS_PORT"]
     yield running
     stop_mesh(running)
 
@@ -94,3 +100,17 @@ def test_embedding_cache_computes_only_the_new_inputs(mesh):
     assert first.usage.cached_tokens == 0
     assert 0 < second.usage.cached_tokens < second.usage.prompt_tokens, "one of two inputs came from the cache"
     assert list(second.embeddings[0].values) == list(first.embeddings[1].values)
+
+
+def test_cache_metrics_count_hits_misses_and_bytes_per_tier(mesh):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    run(mesh, "def metered():", temperature=0.0)
+    run(mesh, "def metered():", temperature=0.0)
+    body = urllib.request.urlopen(f"http://{mesh.ready['gateway']['metrics_address']}/metrics", timeout=10).read()
+    values = {(s.name, s.labels.get("tier")): s.value
+              for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+    assert values[("moemesh_cache_hits_total", "response")] >= 1
+    assert values[("moemesh_cache_misses_total", "response")] >= 1
+    assert values[("moemesh_cache_written_bytes_total", "response")] > 0
+    assert ("moemesh_cache_hits_total", "embedding") in values
