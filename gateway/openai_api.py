@@ -311,6 +311,17 @@ def _openai_names(names: list[tuple[str, str]]) -> Iterator[None]:
         raise _renamed(exc, names) from None
 
 
+# ---- cache control ---------------------------------------------------------------------------------------------
+def cache_mode(request: fastapi.Request) -> int:
+    """The request's `Cache-Control` header as a cache mode: no-store, no-cache, or the default."""
+    directives = {d.strip().lower() for d in request.headers.get("Cache-Control", "").split(",")}
+    if "no-store" in directives:
+        return common_pb2.CACHE_MODE_NO_STORE
+    if "no-cache" in directives:
+        return common_pb2.CACHE_MODE_NO_CACHE
+    return common_pb2.CACHE_MODE_DEFAULT
+
+
 # ---- deadlines and disconnects -----------------------------------------------------------------------------------
 class ClientGone(Exception):
     """The HTTP client disconnected before the answer was ready."""
@@ -513,7 +524,7 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
         max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
         grpc_request = generation_pb2.GenerateRequest(
             model=body.model or "", prompt=common_pb2.Prompt(text=body.prompt),
-            sampling=body.sampling(max_tokens, body.logprobs))
+            sampling=body.sampling(max_tokens, body.logprobs), cache_mode=cache_mode(request))
         created = int(time.time())
         try:
             if body.stream:
@@ -540,7 +551,7 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
                                            content=m.content, name=m.name or "") for m in body.messages]
         grpc_request = generation_pb2.GenerateRequest(
             model=body.model or "", prompt=common_pb2.Prompt(chat=common_pb2.ChatMessages(messages=messages)),
-            sampling=body.sampling(max_tokens, logprobs))
+            sampling=body.sampling(max_tokens, logprobs), cache_mode=cache_mode(request))
         created = int(time.time())
         names = _chat_names(body)
         try:
@@ -562,7 +573,8 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest, request: fastapi.Request) -> Response:
         timeout = request_timeout(request)
-        grpc_request = embeddings_pb2.EmbedRequest(model=body.model or "", inputs=body.input)
+        grpc_request = embeddings_pb2.EmbedRequest(model=body.model or "", inputs=body.input,
+                                                   cache_mode=cache_mode(request))
 
         async def run() -> embeddings_pb2.EmbedResponse:
             with _openai_names(_EMBEDDING_NAMES):

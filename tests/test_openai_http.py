@@ -99,7 +99,8 @@ def test_completion_is_the_grpc_greedy_text_with_its_usage(client, stub):
 def test_completion_stream_adds_up_to_the_whole_answer(client):
     whole = client.completions.create(model=MODEL, prompt=[PROMPT], max_tokens=12, temperature=0)
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}))
+                                            stream_options={"include_usage": True},
+                                            extra_headers={"Cache-Control": "no-store"}))  # generated, not replayed
     text_chunks = [c for c in chunks if c.choices]
     assert len(text_chunks) >= 2, "a 12-token answer must arrive as a stream"
     assert "".join(c.choices[0].text for c in text_chunks) == whole.choices[0].text
@@ -444,3 +445,15 @@ async def test_client_disconnect_closes_the_upstream_generation(stream):
     app, fake = app_for(endless)
     await disconnect_after_first_body(app, {"prompt": "hi", "max_tokens": 64, "stream": stream})
     assert len(fake.works) == 1 and fake.closed == [fake.works[0].request_id]
+
+
+def test_a_repeated_request_is_a_cache_hit_unless_cache_control_says_no(client):
+    first = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "cache me"}],
+                                           max_tokens=6, temperature=0)
+    again = client.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "cache me"}], max_tokens=6, temperature=0)
+    assert again.parse().choices[0].message.content == first.choices[0].message.content
+    assert again.parse().usage.prompt_tokens_details.cached_tokens == first.usage.prompt_tokens
+    fresh = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "cache me"}],
+                                           max_tokens=6, temperature=0, extra_headers={"Cache-Control": "no-cache"})
+    assert fresh.choices[0].message.content == first.choices[0].message.content
