@@ -201,7 +201,8 @@ async def mesh_streams(address: str, streams: int, new_tokens: int) -> tuple[flo
         async def one(i: int) -> int:
             request = generation_pb2.GenerateRequest(
                 prompt=common_pb2.Prompt(text=f"def handler_{i}(request):\n    "),
-                sampling=common_pb2.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
+                sampling=common_pb2.SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True),
+                cache_mode=common_pb2.CACHE_MODE_NO_STORE)  # every stream really generates
             count, last = 0, None
             async for event in stub.Generate(request, timeout=300):
                 now = time.perf_counter()
