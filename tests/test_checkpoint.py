@@ -66,6 +66,14 @@ def test_revision_changes_when_weights_change(ckpt_dir, tmp_path):
     assert open_checkpoint(redrawn).revision != open_checkpoint(ckpt_dir).revision
 
 
+@pytest.mark.parametrize("name", ["tokenizer.json", "generation_config.json"])
+def test_revision_changes_when_the_tokenizer_or_sampling_defaults_change(ckpt_copy, ckpt_dir, name):
+    # Caches key answers by revision: another tokenizer or default sampling gives other answers.
+    path = ckpt_copy / name
+    path.write_text(path.read_text().replace("{", '{"_edited": 1, ', 1) if path.exists() else '{"top_k": 5}')
+    assert open_checkpoint(ckpt_copy).revision != open_checkpoint(ckpt_dir).revision
+
+
 def test_revision_changes_when_config_changes(ckpt_copy, ckpt_dir):
     config = json.loads((ckpt_copy / "config.json").read_text())
     config["rms_norm_eps"] = 1e-6

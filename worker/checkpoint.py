@@ -131,9 +131,19 @@ def _find_weight_files(path: Path) -> tuple[Path, ...]:
     )
 
 
+# Files besides the weights whose content changes what a prompt turns into: the
+# tokenizer, the chat template and the sampling defaults. They enter the
+# revision, so that caches keyed by it never serve an answer made with other ones.
+REVISION_TEXT_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", GENERATION_CONFIG_FILE)
+
+
 def _revision(config_file: Path, weight_files: tuple[Path, ...]) -> str:
-    """Hash config.json, each weight file's name and size, and samples of its bytes."""
+    """Hash config.json, the tokenizer and generation files, each weight file's name, size and sampled bytes."""
     digest = hashlib.sha256(config_file.read_bytes())
+    for name in REVISION_TEXT_FILES:
+        path = config_file.parent / name
+        if path.is_file():
+            digest.update(f"\0{name}\0".encode() + path.read_bytes())
     for weight_file in weight_files:
         size = weight_file.stat().st_size
         digest.update(f"\0{weight_file.name}\0{size}\0".encode())
