@@ -24,13 +24,28 @@ def proto_files() -> list[pathlib.Path]:
     return sorted(p.relative_to(PROTO_ROOT) for p in (PROTO_ROOT / PROTO_PACKAGE).glob("*.proto"))
 
 
+def includes() -> list[str]:
+    """protoc -I flags: the contract, protobuf's well-known types, and google/api (HTTP annotations)."""
+    import google.api.annotations_pb2  # from googleapis-common-protos, which ships the .proto files too
+
+    googleapis = pathlib.Path(google.api.annotations_pb2.__file__).parents[2]
+    return [f"-I{PROTO_ROOT}", f"-I{pathlib.Path(protoc.__file__).parent / '_proto'}", f"-I{googleapis}"]
+
+
+def descriptor_set(out_file: pathlib.Path) -> pathlib.Path:
+    """A FileDescriptorSet of the contract and its imports (what Envoy's gRPC-JSON transcoder reads)."""
+    args = ["grpc_tools.protoc", *includes(), "--include_imports", f"--descriptor_set_out={out_file}",
+            *[str(p) for p in proto_files()]]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed: see the messages above")
+    return out_file
+
+
 def generate(out_dir: pathlib.Path) -> None:
     """Write *_pb2.py, *_pb2.pyi and *_pb2_grpc.py for every proto under out_dir."""
-    include = pathlib.Path(protoc.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{include}",
+        *includes(),
         f"--python_out={out_dir}",
         f"--pyi_out={out_dir}",
         f"--grpc_python_out={out_dir}",

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoemesh/v1/embeddings.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\x92\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\ncache_mode\x18\x05 \x01(\x0e\x32\x15.moemesh.v1.CacheModeB\x0c\n\n_normalize\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\x93\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12)\n\nembeddings\x18\x04 \x03(\x0b\x32\x15.moemesh.v1.Embedding\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.moemesh.v1.Usage2J\n\nEmbeddings\x12<\n\x05\x45mbed\x12\x18.moemesh.v1.EmbedRequest\x1a\x19.moemesh.v1.EmbedResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoemesh/v1/embeddings.proto\x12\nmoemesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17moemesh/v1/common.proto\"\x92\x01\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12)\n\ncache_mode\x18\x05 \x01(\x0e\x32\x15.moemesh.v1.CacheModeB\x0c\n\n_normalize\"*\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\x93\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\x05\x12)\n\nembeddings\x18\x04 \x03(\x0b\x32\x15.moemesh.v1.Embedding\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.moemesh.v1.Usage2e\n\nEmbeddings\x12W\n\x05\x45mbed\x12\x18.moemesh.v1.EmbedRequest\x1a\x19.moemesh.v1.EmbedResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/rest/v1/embed:\x01*B\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +34,14 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.embeddings_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_EMBEDREQUEST']._serialized_start=69
-  _globals['_EMBEDREQUEST']._serialized_end=215
-  _globals['_EMBEDDING']._serialized_start=217
-  _globals['_EMBEDDING']._serialized_end=259
-  _globals['_EMBEDRESPONSE']._serialized_start=262
-  _globals['_EMBEDRESPONSE']._serialized_end=409
-  _globals['_EMBEDDINGS']._serialized_start=411
-  _globals['_EMBEDDINGS']._serialized_end=485
+  _globals['_EMBEDDINGS'].methods_by_name['Embed']._loaded_options = None
+  _globals['_EMBEDDINGS'].methods_by_name['Embed']._serialized_options = b'\202\323\344\223\002\023\"\016/rest/v1/embed:\001*'
+  _globals['_EMBEDREQUEST']._serialized_start=99
+  _globals['_EMBEDREQUEST']._serialized_end=245
+  _globals['_EMBEDDING']._serialized_start=247
+  _globals['_EMBEDDING']._serialized_end=289
+  _globals['_EMBEDRESPONSE']._serialized_start=292
+  _globals['_EMBEDRESPONSE']._serialized_end=439
+  _globals['_EMBEDDINGS']._serialized_start=441
+  _globals['_EMBEDDINGS']._serialized_end=542
 # @@protoc_insertion_point(module_scope)

@@ -22,10 +22,11 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoemesh/v1/generation.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xde\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06prompt\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Prompt\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\ncache_mode\x18\x06 \x01(\x0e\x32\x15.moemesh.v1.CacheMode\x12\x19\n\x11resume_from_index\x18\x07 \x01(\x03\"\x8a\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.moemesh.v1.Timings\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12\r\n\x05model\x18\t \x01(\t\"\xfb\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.moemesh.v1.Timings\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12\r\n\x05model\x18\x08 \x01(\t2\x9c\x01\n\nGeneration\x12G\n\x08Generate\x12\x1b.moemesh.v1.GenerateRequest\x1a\x1c.moemesh.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.moemesh.v1.GenerateRequest\x1a\x1c.moemesh.v1.CompleteResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmoemesh/v1/generation.proto\x12\nmoemesh.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x17moemesh/v1/common.proto\"\xde\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x06prompt\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.Prompt\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x10\n\x08priority\x18\x04 \x01(\x05\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12)\n\ncache_mode\x18\x06 \x01(\x0e\x32\x15.moemesh.v1.CacheMode\x12\x19\n\x11resume_from_index\x18\x07 \x01(\x03\"\x8a\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12$\n\x07timings\x18\x07 \x01(\x0b\x32\x13.moemesh.v1.Timings\x12*\n\x08logprobs\x18\x08 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12\r\n\x05model\x18\t \x01(\t\"\xfb\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.moemesh.v1.Timings\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12\r\n\x05model\x18\x08 \x01(\t2\xd8\x01\n\nGeneration\x12\x65\n\x08Generate\x12\x1b.moemesh.v1.GenerateRequest\x1a\x1c.moemesh.v1.GenerateResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/rest/v1/generate:\x01*0\x01\x12\x63\n\x08\x43omplete\x12\x1b.moemesh.v1.GenerateRequest\x1a\x1c.moemesh.v1.CompleteResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/rest/v1/complete:\x01*B\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +34,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.generation_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_GENERATEREQUEST']._serialized_start=69
-  _globals['_GENERATEREQUEST']._serialized_end=291
-  _globals['_GENERATERESPONSE']._serialized_start=294
-  _globals['_GENERATERESPONSE']._serialized_end=560
-  _globals['_COMPLETERESPONSE']._serialized_start=563
-  _globals['_COMPLETERESPONSE']._serialized_end=814
-  _globals['_GENERATION']._serialized_start=817
-  _globals['_GENERATION']._serialized_end=973
+  _globals['_GENERATION'].methods_by_name['Generate']._loaded_options = None
+  _globals['_GENERATION'].methods_by_name['Generate']._serialized_options = b'\202\323\344\223\002\026\"\021/rest/v1/generate:\001*'
+  _globals['_GENERATION'].methods_by_name['Complete']._loaded_options = None
+  _globals['_GENERATION'].methods_by_name['Complete']._serialized_options = b'\202\323\344\223\002\026\"\021/rest/v1/complete:\001*'
+  _globals['_GENERATEREQUEST']._serialized_start=99
+  _globals['_GENERATEREQUEST']._serialized_end=321
+  _globals['_GENERATERESPONSE']._serialized_start=324
+  _globals['_GENERATERESPONSE']._serialized_end=590
+  _globals['_COMPLETERESPONSE']._serialized_start=593
+  _globals['_COMPLETERESPONSE']._serialized_end=844
+  _globals['_GENERATION']._serialized_start=847
+  _globals['_GENERATION']._serialized_end=1063
 # @@protoc_insertion_point(module_scope)

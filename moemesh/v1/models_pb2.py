@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/models.proto\x12\nmoemesh.v1\"\x13\n\x11ListModelsRequest\"\xe1\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.moemesh.v1.ModelKind\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\x05\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x05\x12\x18\n\x10max_batch_inputs\x18\x07 \x01(\x05\x12\x12\n\ndimensions\x18\x08 \x01(\x05\x12\x16\n\x0eready_replicas\x18\t \x01(\x05\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.moemesh.v1.ModelInfo*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_GENERATION\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02\x32U\n\x06Models\x12K\n\nListModels\x12\x1d.moemesh.v1.ListModelsRequest\x1a\x1e.moemesh.v1.ListModelsResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/models.proto\x12\nmoemesh.v1\x1a\x1cgoogle/api/annotations.proto\"\x13\n\x11ListModelsRequest\"\xe1\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12#\n\x04kind\x18\x03 \x01(\x0e\x32\x15.moemesh.v1.ModelKind\x12\x14\n\x0c\x61rchitecture\x18\x04 \x01(\t\x12\x1a\n\x12max_context_tokens\x18\x05 \x01(\x05\x12\x19\n\x11max_output_tokens\x18\x06 \x01(\x05\x12\x18\n\x10max_batch_inputs\x18\x07 \x01(\x05\x12\x12\n\ndimensions\x18\x08 \x01(\x05\x12\x16\n\x0eready_replicas\x18\t \x01(\x05\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.moemesh.v1.ModelInfo*\\\n\tModelKind\x12\x1a\n\x16MODEL_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15MODEL_KIND_GENERATION\x10\x01\x12\x18\n\x14MODEL_KIND_EMBEDDING\x10\x02\x32n\n\x06Models\x12\x64\n\nListModels\x12\x1d.moemesh.v1.ListModelsRequest\x1a\x1e.moemesh.v1.ListModelsResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/rest/v1/modelsB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,14 +33,16 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.models_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_MODELKIND']._serialized_start=349
-  _globals['_MODELKIND']._serialized_end=441
-  _globals['_LISTMODELSREQUEST']._serialized_start=39
-  _globals['_LISTMODELSREQUEST']._serialized_end=58
-  _globals['_MODELINFO']._serialized_start=61
-  _globals['_MODELINFO']._serialized_end=286
-  _globals['_LISTMODELSRESPONSE']._serialized_start=288
-  _globals['_LISTMODELSRESPONSE']._serialized_end=347
-  _globals['_MODELS']._serialized_start=443
-  _globals['_MODELS']._serialized_end=528
+  _globals['_MODELS'].methods_by_name['ListModels']._loaded_options = None
+  _globals['_MODELS'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\021\022\017/rest/v1/models'
+  _globals['_MODELKIND']._serialized_start=379
+  _globals['_MODELKIND']._serialized_end=471
+  _globals['_LISTMODELSREQUEST']._serialized_start=69
+  _globals['_LISTMODELSREQUEST']._serialized_end=88
+  _globals['_MODELINFO']._serialized_start=91
+  _globals['_MODELINFO']._serialized_end=316
+  _globals['_LISTMODELSRESPONSE']._serialized_start=318
+  _globals['_LISTMODELSRESPONSE']._serialized_end=377
+  _globals['_MODELS']._serialized_start=473
+  _globals['_MODELS']._serialized_end=583
 # @@protoc_insertion_point(module_scope)
