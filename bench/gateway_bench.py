@@ -31,12 +31,11 @@ import uuid
 import grpc
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from protos.generate import descriptor_set  # noqa: E402
-
 from moemesh.cache.embedded import free_port  # noqa: E402
 from moemesh.envoy import EnvoySettings, envoy_binary, write_config  # noqa: E402
 from moemesh.services.scheduler.client import SchedulerClient  # noqa: E402
 from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc, worker_pb2  # noqa: E402
+from protos.generate import descriptor_set  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from cache_bench import start_mesh  # noqa: E402
