@@ -112,6 +112,17 @@ def test_bad_requests_are_invalid_argument_naming_the_field(channel, request_, f
     assert caught.value.details().startswith(field), caught.value.details()
 
 
+def test_a_request_with_invalid_utf8_is_invalid_argument_and_harms_nothing(channel):
+    good = greedy_request("abc", max_tokens=2)
+    raw = good.SerializeToString().replace(b"abc", b"a\xffc")  # a string field that is not UTF-8
+    call = channel.unary_stream("/moemesh.v1.Generation/Generate", request_serializer=lambda b: b,
+                                response_deserializer=generation_pb2.GenerateResponse.FromString)
+    with pytest.raises(grpc.RpcError) as caught:
+        list(call(raw, timeout=10))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and caught.value.details().startswith("request")
+    assert list(generation_pb2_grpc.GenerationStub(channel).Generate(good, timeout=30))[-1].finish_reason
+
+
 def test_embed_returns_unit_vectors_in_input_order(channel):
     stub = embeddings_pb2_grpc.EmbeddingsStub(channel)
     reply = stub.Embed(embeddings_pb2.EmbedRequest(inputs=["hello world", "invoice overdue"]), timeout=60)
@@ -239,3 +250,4 @@ def check_two_workers_share_the_traffic(mesh) -> None:
     routed = sorted(n.routed_requests for n in nodes)
     assert sum(routed) == 8 and routed[0] >= 2, f"8 concurrent streams must spread over both replicas: {routed}"
     assert [n.in_flight for n in nodes] == [0, 0], "finished requests must leave the in-flight count"
+

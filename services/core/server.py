@@ -17,6 +17,7 @@ import signal
 from collections.abc import Callable, Iterable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -61,8 +62,13 @@ class GrpcServer:
         self.port = 0
 
     def add(self, register: Callable[[object, grpc.aio.Server], None], servicer: object, name: str) -> None:
-        """Add a servicer (``add_XServicer_to_server``, servicer, full service name)."""
-        register(servicer, self.server)
+        """Add a servicer (``add_XServicer_to_server``, servicer, full service name).
+
+        Requests that cannot be parsed (bytes that are not the message, a
+        string field that is not UTF-8) get INVALID_ARGUMENT naming the
+        request, rather than gRPC's UNKNOWN.
+        """
+        register(servicer, _CheckedParsing(self.server))
         self.service_names.append(name)
 
     async def start(self) -> int:
@@ -115,3 +121,77 @@ def stop_event_on_signals() -> asyncio.Event:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+class _Unparsable:
+    """What a request that failed to parse turns into; its handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _checked_deserializer(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    def parse(raw: bytes) -> object:
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            return _Unparsable(exc)
+
+    return parse
+
+
+async def _refuse(request: _Unparsable, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: cannot be parsed ({request.error})")
+
+
+def _checked_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The same handler, refusing unparsable unary requests (streamed requests are left as they are)."""
+    if handler.request_streaming or handler.request_deserializer is None:
+        return handler
+    if handler.response_streaming:
+        behaviour = handler.unary_stream
+
+        async def unary_stream(request, context):
+            if isinstance(request, _Unparsable):
+                await _refuse(request, context)
+                return
+            async for response in behaviour(request, context):
+                yield response
+
+        return handler._replace(request_deserializer=_checked_deserializer(handler.request_deserializer),
+                                unary_stream=unary_stream)
+    behaviour = handler.unary_unary
+
+    async def unary_unary(request, context):
+        if isinstance(request, _Unparsable):
+            await _refuse(request, context)
+        return await behaviour(request, context)
+
+    return handler._replace(request_deserializer=_checked_deserializer(handler.request_deserializer),
+                            unary_unary=unary_unary)
+
+
+class _CheckedParsing:
+    """Stands in for the server while generated code registers a servicer, wrapping each method handler."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self._server.add_generic_rpc_handlers(tuple(_CheckedGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service_name: str, method_handlers: dict) -> None:
+        self._server.add_registered_method_handlers(
+            service_name, {name: _checked_handler(h) for name, h in method_handlers.items()})
+
+
+class _CheckedGeneric(grpc.GenericRpcHandler):
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
+
+    def service_name(self):  # noqa: D102 - reflection and health read it when present
+        return self._inner.service_name() if hasattr(self._inner, "service_name") else None
+
+    def service(self, handler_call_details):
+        handler = self._inner.service(handler_call_details)
+        return _checked_handler(handler) if handler is not None else None
