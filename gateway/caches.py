@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from moemesh.cache.response import EmbeddingCache, ResponseCache, is_deterministic, response_key
+from moemesh.gateway.tenants import DEFAULT_TENANT  # noqa: F401 - re-exported: open mode's one tenant
 from moemesh.v1 import common_pb2, generation_pb2, models_pb2, worker_pb2
-
-DEFAULT_TENANT = "default"  # until requests carry an authenticated tenant
 
 
 @dataclass

@@ -34,6 +34,13 @@ class GatewayConfig(ServiceConfig):
     response_cache_ttl: float = pydantic.Field(default=3600.0, gt=0)
     embedding_cache_ttl: float = pydantic.Field(default=86400.0, gt=0)
     cache_shared_scope: bool = False
+    # Tenants file (JSON: API key hashes, JWT settings, allowed models, priority, rate limits; see
+    # gateway/tenants.py); None = open mode: no authentication, one "default" tenant, no rate limits.
+    tenants_file: str | None = None
+    # Enforce the tenants' requests_per_second / tokens_per_minute (in Redis when redis_url is set, shared
+    # by every gateway; in-process otherwise and while Redis is unreachable).
+    rate_limits: bool = True
+    rate_limit_redis_timeout: float = pydantic.Field(default=0.1, gt=0, le=5)
     # Prometheus /metrics on this port (0: a free one); None = off.
     metrics_port: int | None = pydantic.Field(default=None, ge=0, le=65535)
     log_level: str = "info"

@@ -16,6 +16,8 @@ from moemesh.gateway import openai_api
 from moemesh.gateway.caches import GatewayCaches
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
+from moemesh.gateway.ratelimit import RateLimiter
+from moemesh.gateway.tenants import Authenticator, Tenant
 from moemesh.services.core.errors import NotFound
 from moemesh.services.scheduler.client import SchedulerClient
 from moemesh.v1 import models_pb2
@@ -30,9 +32,14 @@ def _model_object(m: models_pb2.ModelInfo) -> dict:
 
 
 def create_app(catalogue: ModelCatalogue, ready: asyncio.Event, redis: aioredis.Redis | None, *,
-               config: GatewayConfig, client: SchedulerClient, caches: GatewayCaches | None = None) -> fastapi.FastAPI:
+               config: GatewayConfig, client: SchedulerClient, caches: GatewayCaches | None = None,
+               auth: Authenticator | None = None, limiter: RateLimiter | None = None) -> fastapi.FastAPI:
+    """The HTTP API; /healthz and /readyz are open, every /v1 route needs a credential unless in open mode."""
     app = fastapi.FastAPI(title="moemesh gateway", version="v1")
-    openai_api.register(app, config=config, client=client, catalogue=catalogue, caches=caches)
+    auth = auth or Authenticator()
+    openai_api.register(app, config=config, client=client, catalogue=catalogue, caches=caches, auth=auth,
+                        limiter=limiter)
+    caller = fastapi.Depends(openai_api.tenant_dependency(auth))
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -52,14 +59,15 @@ def create_app(catalogue: ModelCatalogue, ready: asyncio.Event, redis: aioredis.
         return {"status": "ready", "redis": cache}
 
     @app.get("/v1/models")
-    async def list_models() -> dict:
-        models = await catalogue.models()
+    async def list_models(tenant: Tenant = caller) -> dict:
+        """The served models the caller's tenant may use."""
+        models = [m for m in await catalogue.models() if tenant.allows(m.id)]
         return {"object": "list", "data": [_model_object(m) for m in models]}
 
     @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict:
+    async def get_model(model_id: str, tenant: Tenant = caller) -> dict:
         for m in await catalogue.models():
-            if m.id == model_id:
+            if m.id == model_id and tenant.allows(m.id):
                 return _model_object(m)
         raise NotFound(f"model {model_id!r} is not served")
 

@@ -8,11 +8,13 @@ import sys
 
 from moemesh.cache.client import connect
 from moemesh.cache.response import EmbeddingCache, ResponseCache
+from moemesh.gateway import ratelimit
 from moemesh.gateway.caches import GatewayCaches
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
 from moemesh.gateway.http import HttpServer, create_app
 from moemesh.gateway.service import EmbeddingsServicer, GenerationServicer, ModelsServicer
+from moemesh.gateway.tenants import Authenticator, TenantRegistry
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.metrics import counter, gauge, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
@@ -42,14 +44,23 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
     if redis is not None and config.response_cache:
         caches = GatewayCaches(ResponseCache(redis, ttl=config.response_cache_ttl),
                                EmbeddingCache(redis, ttl=config.embedding_cache_ttl), config.cache_shared_scope)
+    registry = TenantRegistry.load(config.tenants_file) if config.tenants_file else None
+    auth = Authenticator(registry)
+    limiter, limiter_redis = None, None
+    if registry is not None and config.rate_limits:
+        if config.redis_url:
+            limiter_redis = ratelimit.connect(config.redis_url, config.rate_limit_redis_timeout)
+        limiter = ratelimit.RateLimiter(limiter_redis, timeout=config.rate_limit_redis_timeout)
+    log.info("tenants: %s", f"{len(registry.by_id)} from {config.tenants_file}" if registry else "open mode")
     server = GrpcServer(config.host, config.port, grace=config.grace, max_message_bytes=config.max_request_bytes)
     server.add(generation_pb2_grpc.add_GenerationServicer_to_server,
-               GenerationServicer(config, client, catalogue, caches), _service_name(generation_pb2, "Generation"))
+               GenerationServicer(config, client, catalogue, caches, auth, limiter), _service_name(generation_pb2, "Generation"))
     server.add(embeddings_pb2_grpc.add_EmbeddingsServicer_to_server,
-               EmbeddingsServicer(client, catalogue, caches), _service_name(embeddings_pb2, "Embeddings"))
+               EmbeddingsServicer(client, catalogue, caches, auth, limiter), _service_name(embeddings_pb2, "Embeddings"))
     server.add(models_pb2_grpc.add_ModelsServicer_to_server,
-               ModelsServicer(catalogue), _service_name(models_pb2, "Models"))
-    http = HttpServer(create_app(catalogue, client.connected, redis, config=config, client=client, caches=caches),
+               ModelsServicer(catalogue, auth), _service_name(models_pb2, "Models"))
+    http = HttpServer(create_app(catalogue, client.connected, redis, config=config, client=client, caches=caches,
+                                 auth=auth, limiter=limiter),
                       config.host, config.http_port) if config.http_port is not None else None
     client.start()
     await server.start()
@@ -72,6 +83,8 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
     await client.close()
     if redis is not None:
         await redis.aclose()
+    if limiter_redis is not None:
+        await limiter_redis.aclose()
 
 
 def cache_metrics(caches: GatewayCaches | None) -> list:

@@ -33,7 +33,9 @@ from starlette.types import Receive, Scope, Send
 from moemesh.gateway.caches import GatewayCaches
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
+from moemesh.gateway.ratelimit import RateLimiter
 from moemesh.gateway.service import Generation, embed, start_generation
+from moemesh.gateway.tenants import Authenticator, Tenant, credential_from_headers
 from moemesh.services.core.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -265,6 +267,8 @@ def _error_of(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     if isinstance(exc, Overloaded):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after))),
                    "retry-after-ms": str(max(1, round(exc.retry_after * 1000)))}
+    elif isinstance(exc, Unauthenticated):
+        headers = {"WWW-Authenticate": "Bearer"}
     return exc.http_status, {"message": str(exc), "type": type_, "param": param, "code": code}, headers
 
 
@@ -467,9 +471,25 @@ def _chat_names(body: ChatCompletionRequest) -> list[tuple[str, str]]:
             ("prompt.chat.messages", "messages"), ("prompt.chat", "messages"), ("prompt", "messages")]
 
 
+def tenant_dependency(auth: Authenticator) -> Callable[[fastapi.Request], Tenant]:
+    """A FastAPI dependency: the caller's tenant from `Authorization: Bearer <key or JWT>` (or `X-API-Key`).
+
+    Dependencies run before the body is validated, so an unauthenticated caller gets 401 whatever it sent.
+    """
+
+    def tenant(request: fastapi.Request) -> Tenant:
+        return auth.authenticate(credential_from_headers(request.headers.get("authorization"),
+                                                         request.headers.get("x-api-key")))
+
+    return tenant
+
+
 def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerClient,
-             catalogue: ModelCatalogue, caches: GatewayCaches | None = None) -> None:
+             catalogue: ModelCatalogue, caches: GatewayCaches | None = None, auth: Authenticator | None = None,
+             limiter: RateLimiter | None = None) -> None:
     """Add the OpenAI-compatible routes and error handlers to the gateway's app."""
+    caller = fastapi.Depends(tenant_dependency(auth or Authenticator()))  # a default, not Annotated: the
+    # module's postponed annotations cannot see a local name
 
     async def on_error(request: fastapi.Request, exc: Exception) -> JSONResponse:
         return exception_response(exc)
@@ -488,7 +508,7 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
 
     async def open_generation(request: fastapi.Request, grpc_request: generation_pb2.GenerateRequest,
-                              names: list[tuple[str, str]], timeout: float | None,
+                              names: list[tuple[str, str]], timeout: float | None, tenant: Tenant,
                               ) -> tuple[Generation, AsyncIterator[generation_pb2.GenerateResponse],
                                          generation_pb2.GenerateResponse | None]:
         """Validate and start a streamed generation and wait for its first event, so that a refusal
@@ -497,7 +517,8 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
         async def first() -> tuple[Generation, AsyncIterator, generation_pb2.GenerateResponse | None]:
             with _openai_names(names):
                 generation = await start_generation(grpc_request, config=config, client=client, caches=caches,
-                                                    catalogue=catalogue, timeout=timeout)
+                                                    catalogue=catalogue, timeout=timeout, tenant=tenant,
+                                                    limiter=limiter)
                 events = generation.responses()
                 try:
                     return generation, events, await anext(events, None)
@@ -508,17 +529,19 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
         return await until_disconnected(request.receive, first(), _grace(timeout))
 
     async def complete(request: fastapi.Request, grpc_request: generation_pb2.GenerateRequest,
-                       names: list[tuple[str, str]], timeout: float | None) -> tuple[Generation, _Answer]:
+                       names: list[tuple[str, str]], timeout: float | None,
+                       tenant: Tenant) -> tuple[Generation, _Answer]:
         async def run() -> tuple[Generation, _Answer]:
             with _openai_names(names):
                 generation = await start_generation(grpc_request, config=config, client=client, caches=caches,
-                                                    catalogue=catalogue, timeout=timeout)
+                                                    catalogue=catalogue, timeout=timeout, tenant=tenant,
+                                                    limiter=limiter)
                 return generation, await _Answer().collect(generation)
 
         return await until_disconnected(request.receive, run(), _grace(timeout))
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: fastapi.Request) -> Response:
+    async def completions(body: CompletionRequest, request: fastapi.Request, tenant: Tenant = caller) -> Response:
         body.check_supported()
         timeout = request_timeout(request)
         max_tokens = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
@@ -528,9 +551,9 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
         created = int(time.time())
         try:
             if body.stream:
-                opened = await open_generation(request, grpc_request, _COMPLETION_NAMES, timeout)
+                opened = await open_generation(request, grpc_request, _COMPLETION_NAMES, timeout, tenant)
                 return _stream(opened, body.include_usage, _CompletionChunks(created, body.logprobs is not None))
-            generation, answer = await complete(request, grpc_request, _COMPLETION_NAMES, timeout)
+            generation, answer = await complete(request, grpc_request, _COMPLETION_NAMES, timeout, tenant)
         except ClientGone:
             return Response(status_code=499)
         choice = {"index": 0, "text": answer.text, "finish_reason": _finish_reason(answer.last.finish_reason),
@@ -542,7 +565,7 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
         }, headers={"X-Request-Id": generation.request_id})
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: fastapi.Request) -> Response:
+    async def chat_completions(body: ChatCompletionRequest, request: fastapi.Request, tenant: Tenant = caller) -> Response:
         body.check_supported()
         timeout = request_timeout(request)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -556,9 +579,9 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
         names = _chat_names(body)
         try:
             if body.stream:
-                opened = await open_generation(request, grpc_request, names, timeout)
+                opened = await open_generation(request, grpc_request, names, timeout, tenant)
                 return _stream(opened, body.include_usage, _ChatChunks(created, bool(body.logprobs)))
-            generation, answer = await complete(request, grpc_request, names, timeout)
+            generation, answer = await complete(request, grpc_request, names, timeout, tenant)
         except ClientGone:
             return Response(status_code=499)
         choice = {"index": 0, "message": {"role": "assistant", "content": answer.text, "refusal": None},
@@ -571,14 +594,15 @@ def register(app: fastapi.FastAPI, *, config: GatewayConfig, client: SchedulerCl
         }, headers={"X-Request-Id": generation.request_id})
 
     @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest, request: fastapi.Request) -> Response:
+    async def embeddings(body: EmbeddingRequest, request: fastapi.Request, tenant: Tenant = caller) -> Response:
         timeout = request_timeout(request)
         grpc_request = embeddings_pb2.EmbedRequest(model=body.model or "", inputs=body.input,
                                                    cache_mode=cache_mode(request))
 
         async def run() -> embeddings_pb2.EmbedResponse:
             with _openai_names(_EMBEDDING_NAMES):
-                return await embed(grpc_request, client=client, catalogue=catalogue, timeout=timeout, caches=caches)
+                return await embed(grpc_request, client=client, catalogue=catalogue, timeout=timeout, caches=caches,
+                                   tenant=tenant, limiter=limiter)
 
         try:
             result = await until_disconnected(request.receive, run(), _grace(timeout))

@@ -12,6 +12,8 @@ import torch
 from moemesh.gateway.caches import DEFAULT_TENANT, GatewayCaches, pack_embedding, unpack_embedding
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
+from moemesh.gateway.ratelimit import RateLimiter, estimate_text_tokens, estimate_tokens
+from moemesh.gateway.tenants import OPEN_TENANT, Authenticator, Tenant, credential_from_metadata
 from moemesh.gateway.validation import validate_embed_inputs, validate_generate
 from moemesh.services.core import tensors
 from moemesh.services.core.errors import error_from_rpc
@@ -96,14 +98,17 @@ class Generation:
 
 async def start_generation(request: generation_pb2.GenerateRequest, *, config: GatewayConfig,
                            client: SchedulerClient, catalogue: ModelCatalogue,
-                           timeout: float | None, caches: GatewayCaches | None = None) -> Generation:
-    """Resolve the model and validate the request (InvalidRequest naming the field); nothing is sent yet.
+                           timeout: float | None, caches: GatewayCaches | None = None,
+                           tenant: Tenant = OPEN_TENANT, limiter: RateLimiter | None = None) -> Generation:
+    """Resolve the model, check the tenant may use it, validate the request (InvalidRequest naming the field)
+    and charge the tenant's rate limits (Overloaded when over); nothing is sent yet.
 
     The one path from a GenerateRequest to its events, shared by the gRPC servicer and the HTTP API.
     `timeout` is the caller's remaining time in seconds (None: no deadline).
     """
     clock = StreamClock()
     model = await catalogue.resolve(request.model, models_pb2.MODEL_KIND_GENERATION)
+    tenant.check_model(model.id)
     validate_generate(request, model, config)
     work = worker_pb2.GenerationWork(
         request_id=request.request_id or uuid.uuid4().hex,
@@ -111,21 +116,27 @@ async def start_generation(request: generation_pb2.GenerateRequest, *, config: G
         prompt=request.prompt,
         sampling=request.sampling,
         deadline_unix=time.time() + timeout if timeout is not None else 0.0,
-        priority=request.priority,
-        tenant=DEFAULT_TENANT,
+        priority=tenant.effective_priority(request.priority),
+        tenant=tenant.id,
     )
-    return Generation(request, model, work, client, clock, caches)
+    if limiter is not None:
+        await limiter.check(tenant, estimate_tokens(work))
+    return Generation(request, model, work, client, clock, caches, tenant.id)
 
 
 async def embed(request: embeddings_pb2.EmbedRequest, *, client: SchedulerClient, catalogue: ModelCatalogue,
-                timeout: float | None, caches: GatewayCaches | None = None) -> embeddings_pb2.EmbedResponse:
+                timeout: float | None, caches: GatewayCaches | None = None, tenant: Tenant = OPEN_TENANT,
+                limiter: RateLimiter | None = None) -> embeddings_pb2.EmbedResponse:
     """Validate an EmbedRequest and embed its inputs (shared by the gRPC servicer and the HTTP API).
 
     With the embedding cache, inputs found there are not sent upstream; only the rest are embedded.
     """
     model = await catalogue.resolve(request.model, models_pb2.MODEL_KIND_EMBEDDING)
+    tenant.check_model(model.id)
     inputs = list(request.inputs)
     validate_embed_inputs(inputs, model)
+    if limiter is not None:
+        await limiter.check(tenant, estimate_text_tokens(inputs))
     normalize = request.normalize if request.HasField("normalize") else True
     use_cache = caches is not None and request.cache_mode == common_pb2.CACHE_MODE_DEFAULT and model.dimensions > 0
     vectors: list[torch.Tensor | None] = [None] * len(inputs)
@@ -160,18 +171,27 @@ async def embed(request: embeddings_pb2.EmbedRequest, *, client: SchedulerClient
     )
 
 
+def tenant_of(context: grpc.aio.ServicerContext, auth: Authenticator) -> Tenant:
+    """The caller's tenant from `authorization: Bearer <key or JWT>` (or `x-api-key`) metadata."""
+    return auth.authenticate(credential_from_metadata(context.invocation_metadata()))
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, config: GatewayConfig, client: SchedulerClient, catalogue: ModelCatalogue,
-                 caches: GatewayCaches | None = None) -> None:
+                 caches: GatewayCaches | None = None, auth: Authenticator | None = None,
+                 limiter: RateLimiter | None = None) -> None:
         self.config = config
         self.client = client
         self.catalogue = catalogue
         self.caches = caches
+        self.auth = auth or Authenticator()
+        self.limiter = limiter
 
     async def Generate(self, request, context) -> AsyncIterator[generation_pb2.GenerateResponse]:
         generation = await start_generation(request, config=self.config, client=self.client,
                                             catalogue=self.catalogue, timeout=context.time_remaining(),
-                                            caches=self.caches)
+                                            caches=self.caches, tenant=tenant_of(context, self.auth),
+                                            limiter=self.limiter)
         async for response in generation.responses():
             yield response
 
@@ -192,19 +212,25 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 
 class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
-    def __init__(self, client: SchedulerClient, catalogue: ModelCatalogue, caches: GatewayCaches | None = None) -> None:
+    def __init__(self, client: SchedulerClient, catalogue: ModelCatalogue, caches: GatewayCaches | None = None,
+                 auth: Authenticator | None = None, limiter: RateLimiter | None = None) -> None:
         self.client = client
         self.catalogue = catalogue
         self.caches = caches
+        self.auth = auth or Authenticator()
+        self.limiter = limiter
 
     async def Embed(self, request, context) -> embeddings_pb2.EmbedResponse:
         return await embed(request, client=self.client, catalogue=self.catalogue, timeout=context.time_remaining(),
-                           caches=self.caches)
+                           caches=self.caches, tenant=tenant_of(context, self.auth), limiter=self.limiter)
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServicer):
-    def __init__(self, catalogue: ModelCatalogue) -> None:
+    def __init__(self, catalogue: ModelCatalogue, auth: Authenticator | None = None) -> None:
         self.catalogue = catalogue
+        self.auth = auth or Authenticator()
 
     async def ListModels(self, request, context) -> models_pb2.ListModelsResponse:
-        return models_pb2.ListModelsResponse(models=await self.catalogue.models())
+        """The served models this caller's tenant may use."""
+        tenant = tenant_of(context, self.auth)
+        return models_pb2.ListModelsResponse(models=[m for m in await self.catalogue.models() if tenant.allows(m.id)])

@@ -139,6 +139,34 @@ def _print_banner(ready: dict) -> None:
     click.echo("\n".join(lines), err=True)
 
 
+# ---- hash-key ---------------------------------------------------------------
+@main.command("hash-key")
+@click.argument("key", required=False)
+@click.option("--salt", help="use this salt instead of a fresh random one (e.g. the tenants file's `salt`)")
+@click.option("--generate", is_flag=True, help="make a new random key; print it, then its hash line")
+def hash_key(key, salt, generate) -> None:
+    """Print the salted hash of an API key for a tenants file's `api_key_hashes`.
+
+    KEY may be omitted: it is then read from a hidden prompt (or stdin), so it stays out of shell history.
+    The output line, `sha256$<salt>$<hex digest>`, is what goes into the file; the key itself never does.
+    """
+    from moemesh.gateway.tenants import hash_line, new_key
+
+    if generate:
+        if key:
+            raise click.UsageError("give KEY or --generate, not both")
+        key = new_key()
+        click.echo(f"key: {key}", err=True)
+    elif not key:
+        key = click.prompt("API key", hide_input=True, err=True).strip()
+    if not key:
+        raise click.UsageError("the key is empty")
+    try:
+        click.echo(hash_line(key, salt))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 # ---- clients ----------------------------------------------------------------
 def _channel(target: str) -> grpc.Channel:
     return grpc.insecure_channel(target)

@@ -63,10 +63,13 @@ def greedy(text: str, max_tokens: int = 16) -> generation_pb2.GenerateRequest:
 def test_a_grpc_stream_through_envoy_equals_the_direct_one(edge):
     request = greedy("def route(request):", 24)
     with grpc.insecure_channel(edge["mesh"].gateway) as direct:
-        expected = [(e.index, e.text) for e in generation_pb2_grpc.GenerationStub(direct).Generate(request, timeout=60)]
+        expected = list(generation_pb2_grpc.GenerationStub(direct).Generate(request, timeout=60))
     with grpc.insecure_channel(edge["address"]) as channel:
         events = list(generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=60))
-    assert [(e.index, e.text) for e in events] == expected and len(events) > 2
+    # Event boundaries depend on timing (a slow reader gets merged events); the content may not.
+    assert "".join(e.text for e in events) == "".join(e.text for e in expected)
+    assert [t for e in events for t in e.token_ids] == [t for e in expected for t in e.token_ids]
+    assert len(events) > 1 and [e.index for e in events] == list(range(len(events)))
     assert events[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
 
 

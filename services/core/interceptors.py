@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from moemesh.services.core.errors import MeshError, status_of
+from moemesh.services.core.errors import MeshError, Overloaded, status_of
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,10 @@ async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: 
     code, message = status_of(exc)
     if not isinstance(exc, (MeshError, grpc.aio.AioRpcError)):
         log.exception("unhandled error in %s", method)
-    await context.abort(code, message)
+    trailing = ()
+    if isinstance(exc, Overloaded):  # the retry hint, as HTTP's retry-after-ms header carries it
+        trailing = (("retry-after-ms", str(max(1, round(exc.retry_after * 1000)))),)
+    await context.abort(code, message, trailing_metadata=trailing)
 
 
 def _wrap_unary(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
