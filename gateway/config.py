@@ -41,6 +41,8 @@ class GatewayConfig(ServiceConfig):
     # by every gateway; in-process otherwise and while Redis is unreachable).
     rate_limits: bool = True
     rate_limit_redis_timeout: float = pydantic.Field(default=0.1, gt=0, le=5)
+    # Audit records (logger "moemesh.audit") carry the prompt text only when this is on.
+    audit_prompts: bool = False
     # Prometheus /metrics on this port (0: a free one); None = off.
     metrics_port: int | None = pydantic.Field(default=None, ge=0, le=65535)
     log_level: str = "info"

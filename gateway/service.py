@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +18,7 @@ from moemesh.gateway.ratelimit import RateLimiter, estimate_text_tokens, estimat
 from moemesh.gateway.tenants import OPEN_TENANT, Authenticator, Tenant, credential_from_metadata
 from moemesh.gateway.validation import validate_embed_inputs, validate_generate
 from moemesh.services.core import tensors
-from moemesh.services.core.errors import error_from_rpc
+from moemesh.services.core.errors import MeshError, error_from_rpc
 from moemesh.services.scheduler.client import SchedulerClient
 from moemesh.v1 import (
     common_pb2,
@@ -52,6 +54,26 @@ class StreamClock:
         )
 
 
+audit_log = logging.getLogger("moemesh.audit")
+
+
+def audit(kind: str, request_id: str, tenant: str, model: str, status: str, started: float, **fields) -> None:
+    """One structured record per request (logger `moemesh.audit`): who, what, how much, how long, how it ended."""
+    audit_log.info("request", extra={"audit": {
+        "kind": kind, "request_id": request_id, "tenant": tenant, "model": model, "status": status,
+        "latency_s": round(time.perf_counter() - started, 6), **fields,
+    }})
+
+
+def status_name(exc: BaseException) -> str:
+    """The gRPC status name an exception ends a request with."""
+    if isinstance(exc, MeshError):
+        return exc.grpc_code.name
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"
+    return "INTERNAL"
+
+
 class Generation:
     """One validated generation request on its way through the mesh: the model, the work and its events."""
 
@@ -65,6 +87,7 @@ class Generation:
         self.clock = clock
         self.caches = caches
         self.tenant = tenant
+        self.audit_prompt: str | None = None  # set when the gateway is configured to audit prompt text
 
     @property
     def request_id(self) -> str:
@@ -77,6 +100,7 @@ class Generation:
             events = self.client.generate(self.work)
         else:
             events = self.caches.events(self.request, self.model, self.tenant, lambda: self.client.generate(self.work))
+        status, usage, finish = "CANCELLED", common_pb2.Usage(), 0
         try:
             async for event in events:
                 if event.token_ids:
@@ -89,11 +113,20 @@ class Generation:
                     response.finish_reason = event.finish_reason
                     response.usage.CopyFrom(event.usage)
                     response.timings.CopyFrom(self.clock.timings(event.usage.completion_tokens))
+                    status, usage, finish = "OK", event.usage, event.finish_reason
                 if index >= self.request.resume_from_index:
                     yield response
                 index += 1
+        except BaseException as exc:
+            status = status_name(exc)
+            raise
         finally:
             await events.aclose()  # sends the cancel when the caller stopped before the end
+            extra = {"prompt": self.audit_prompt} if self.audit_prompt is not None else {}
+            audit("generate", self.work.request_id, self.tenant, self.model.id, status, self.clock.start,
+                  prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                  cached_tokens=usage.cached_tokens, response_cache=usage.from_response_cache,
+                  finish_reason=common_pb2.FinishReason.Name(finish), **extra)
 
 
 async def start_generation(request: generation_pb2.GenerateRequest, *, config: GatewayConfig,
@@ -107,6 +140,15 @@ async def start_generation(request: generation_pb2.GenerateRequest, *, config: G
     `timeout` is the caller's remaining time in seconds (None: no deadline).
     """
     clock = StreamClock()
+    try:
+        return await _admit_generation(request, config, client, catalogue, timeout, caches, tenant, limiter, clock)
+    except MeshError as exc:
+        audit("generate", request.request_id, tenant.id, request.model, status_name(exc), clock.start, error=str(exc))
+        raise
+
+
+async def _admit_generation(request, config, client, catalogue, timeout, caches, tenant, limiter,
+                            clock: StreamClock) -> Generation:
     model = await catalogue.resolve(request.model, models_pb2.MODEL_KIND_GENERATION)
     tenant.check_model(model.id)
     validate_generate(request, model, config)
@@ -121,7 +163,10 @@ async def start_generation(request: generation_pb2.GenerateRequest, *, config: G
     )
     if limiter is not None:
         await limiter.check(tenant, estimate_tokens(work))
-    return Generation(request, model, work, client, clock, caches, tenant.id)
+    generation = Generation(request, model, work, client, clock, caches, tenant.id)
+    if config.audit_prompts:
+        generation.audit_prompt = request.prompt.text or "\n".join(m.content for m in request.prompt.chat.messages)
+    return generation
 
 
 async def embed(request: embeddings_pb2.EmbedRequest, *, client: SchedulerClient, catalogue: ModelCatalogue,
@@ -131,6 +176,19 @@ async def embed(request: embeddings_pb2.EmbedRequest, *, client: SchedulerClient
 
     With the embedding cache, inputs found there are not sent upstream; only the rest are embedded.
     """
+    started = time.perf_counter()
+    try:
+        response = await _embed(request, client, catalogue, timeout, caches, tenant, limiter)
+    except BaseException as exc:
+        audit("embed", request.request_id, tenant.id, request.model, status_name(exc), started,
+              inputs=len(request.inputs))
+        raise
+    audit("embed", response.request_id, tenant.id, response.model, "OK", started, inputs=len(request.inputs),
+          prompt_tokens=response.usage.prompt_tokens, cached_tokens=response.usage.cached_tokens)
+    return response
+
+
+async def _embed(request, client, catalogue, timeout, caches, tenant, limiter) -> embeddings_pb2.EmbedResponse:
     model = await catalogue.resolve(request.model, models_pb2.MODEL_KIND_EMBEDDING)
     tenant.check_model(model.id)
     inputs = list(request.inputs)

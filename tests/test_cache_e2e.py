@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -114,3 +116,28 @@ def test_cache_metrics_count_hits_misses_and_bytes_per_tier(mesh):
     assert values[("moemesh_cache_misses_total", "response")] >= 1
     assert values[("moemesh_cache_written_bytes_total", "response")] > 0
     assert ("moemesh_cache_hits_total", "embedding") in values
+
+
+def audit_records(mesh) -> list[dict]:
+    records = []
+    for line in (mesh.log_dir / "gateway.log").read_text().splitlines():
+        if '"moemesh.audit"' in line:
+            records.append(json.loads(line)["audit"])
+    return records
+
+
+def test_one_audit_record_per_request_without_prompt_text(mesh):
+    secret = "def audit_me_secret_prompt():"
+    run(mesh, secret, temperature=0.0)
+    run(mesh, secret, temperature=0.0)  # a cache hit
+    with pytest.raises(grpc.RpcError):
+        run(mesh, secret, max_tokens=0)
+    time.sleep(0.5)  # the log line is written as the stream ends
+    records = [r for r in audit_records(mesh) if r["kind"] == "generate"]
+    ok = [r for r in records if r["status"] == "OK"]
+    assert {"request_id", "tenant", "model", "latency_s", "prompt_tokens", "completion_tokens", "cached_tokens",
+            "response_cache"} <= set(ok[-1])
+    assert ok[-1]["response_cache"] is True and ok[-2]["response_cache"] is False
+    assert ok[-1]["tenant"] == "default" and ok[-1]["completion_tokens"] == 12
+    assert records[-1]["status"] == "INVALID_ARGUMENT"
+    assert secret not in (mesh.log_dir / "gateway.log").read_text(), "no prompt text unless configured"
