@@ -123,6 +123,18 @@ def test_a_request_with_invalid_utf8_is_invalid_argument_and_harms_nothing(chann
     assert list(generation_pb2_grpc.GenerationStub(channel).Generate(good, timeout=30))[-1].finish_reason
 
 
+def test_invalid_argument_carries_a_bad_request_field_violation(channel):
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    with pytest.raises(grpc.RpcError) as caught:
+        list(generation_pb2_grpc.GenerationStub(channel).Generate(greedy_request(max_tokens=0), timeout=30))
+    status = rpc_status.from_call(caught.value)
+    assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad)
+    assert bad.field_violations[0].field == "sampling.max_tokens" and bad.field_violations[0].description
+
 def test_embed_returns_unit_vectors_in_input_order(channel):
     stub = embeddings_pb2_grpc.EmbeddingsStub(channel)
     reply = stub.Embed(embeddings_pb2.EmbedRequest(inputs=["hello world", "invoice overdue"]), timeout=60)

@@ -146,6 +146,13 @@ def test_exceeding_requests_per_second_is_resource_exhausted_with_a_retry_after(
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "rate limit" in err.details()
     retry_ms = int(dict(err.trailing_metadata())["retry-after-ms"])
     assert 1000 < retry_ms <= 10_000  # one request refills in 10 s
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    details = rpc_status.from_call(err).details
+    retry, quota = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+    assert details[0].Unpack(retry) and 1 < retry.retry_delay.seconds + retry.retry_delay.nanos / 1e9 <= 10
+    assert details[1].Unpack(quota) and quota.violations[0].subject == "tenant"
     response = httpx.post(f"http://{mesh.http}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
                           headers={"Authorization": "Bearer limited-key"}, timeout=30)
     assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"

@@ -8,8 +8,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from moemesh.services.core.errors import MeshError, Overloaded, status_of
+from moemesh.services.core.errors import InvalidRequest, MeshError, Overloaded, status_of
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +38,39 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         return handler._replace(stream_stream=_wrap_stream(handler.stream_stream, method))
 
 
+def error_details(exc: BaseException) -> list[Any]:
+    """google.rpc error details for a domain error: field violations, retry info, quota failure."""
+    if isinstance(exc, InvalidRequest):
+        rest = str(exc).partition(": ")[2]
+        return [error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=exc.field, description=rest)])]
+    if isinstance(exc, Overloaded):
+        seconds = max(exc.retry_after, 0.001)
+        delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+        details = [error_details_pb2.RetryInfo(retry_delay=delay)]
+        if "rate limit" in str(exc):
+            details.append(error_details_pb2.QuotaFailure(violations=[
+                error_details_pb2.QuotaFailure.Violation(subject="tenant", description=str(exc))]))
+        return details
+    return []
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
     code, message = status_of(exc)
     if not isinstance(exc, (MeshError, grpc.aio.AioRpcError)):
         log.exception("unhandled error in %s", method)
-    trailing = ()
+    trailing: tuple = ()
+    details = error_details(exc)
+    if details:  # rich details (grpc-status-details-bin), for clients that read google.rpc.Status
+        packed = []
+        for detail in details:
+            wrapper = any_pb2.Any()
+            wrapper.Pack(detail)
+            packed.append(wrapper)
+        status = rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=packed))
+        trailing = tuple(status.trailing_metadata)
     if isinstance(exc, Overloaded):  # the retry hint, as HTTP's retry-after-ms header carries it
-        trailing = (("retry-after-ms", str(max(1, round(exc.retry_after * 1000)))),)
+        trailing += (("retry-after-ms", str(max(1, round(exc.retry_after * 1000)))),)
     await context.abort(code, message, trailing_metadata=trailing)
 
 
