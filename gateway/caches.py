@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from moemesh.cache.response import EmbeddingCache, ResponseCache, is_deterministic, response_key
+from moemesh.gateway.journal import Journal
 from moemesh.gateway.tenants import DEFAULT_TENANT  # noqa: F401 - re-exported: open mode's one tenant
 from moemesh.v1 import common_pb2, generation_pb2, models_pb2, worker_pb2
 
@@ -20,6 +21,7 @@ class GatewayCaches:
     responses: ResponseCache
     embeddings: EmbeddingCache
     shared_scope: bool = False  # True: every tenant shares one scope (operator's choice)
+    journal: Journal | None = None  # resumable streams (requests that name their own id)
 
     def scope(self, tenant: str) -> str:
         return "shared" if self.shared_scope else f"tenant:{tenant}"

@@ -34,6 +34,8 @@ class GatewayConfig(ServiceConfig):
     response_cache_ttl: float = pydantic.Field(default=3600.0, gt=0)
     embedding_cache_ttl: float = pydantic.Field(default=86400.0, gt=0)
     cache_shared_scope: bool = False
+    # Resumable streams: how long a journaled request's events stay replayable.
+    journal_ttl: float = pydantic.Field(default=3600.0, gt=0)
     # Tenants file (JSON: API key hashes, JWT settings, allowed models, priority, rate limits; see
     # gateway/tenants.py); None = open mode: no authentication, one "default" tenant, no rate limits.
     tenants_file: str | None = None

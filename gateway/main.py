@@ -13,6 +13,7 @@ from moemesh.gateway.caches import GatewayCaches
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
 from moemesh.gateway.http import HttpServer, create_app
+from moemesh.gateway.journal import Journal
 from moemesh.gateway.service import EmbeddingsServicer, GenerationServicer, ModelsServicer
 from moemesh.gateway.tenants import Authenticator, TenantRegistry
 from moemesh.services.core.entrypoint import service_main
@@ -43,7 +44,8 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
     caches = None
     if redis is not None and config.response_cache:
         caches = GatewayCaches(ResponseCache(redis, ttl=config.response_cache_ttl),
-                               EmbeddingCache(redis, ttl=config.embedding_cache_ttl), config.cache_shared_scope)
+                               EmbeddingCache(redis, ttl=config.embedding_cache_ttl), config.cache_shared_scope,
+                               Journal(connect(config.redis_url, timeout=5.0), ttl=config.journal_ttl))
     registry = TenantRegistry.load(config.tenants_file) if config.tenants_file else None
     auth = Authenticator(registry)
     limiter, limiter_redis = None, None

@@ -14,6 +14,7 @@ import torch
 from moemesh.gateway.caches import DEFAULT_TENANT, GatewayCaches, pack_embedding, unpack_embedding
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
+from moemesh.gateway.journal import Journal
 from moemesh.gateway.ratelimit import RateLimiter, estimate_text_tokens, estimate_tokens
 from moemesh.gateway.tenants import OPEN_TENANT, Authenticator, Tenant, credential_from_metadata
 from moemesh.gateway.validation import validate_embed_inputs, validate_generate
@@ -88,25 +89,37 @@ class Generation:
         self.caches = caches
         self.tenant = tenant
         self.audit_prompt: str | None = None  # set when the gateway is configured to audit prompt text
+        self.public_id = request.request_id or work.request_id  # the caller's id (the work's is tenant-scoped)
+        self.journal: Journal | None = None  # set for a resumable (caller-named) request
+        self.journal_key = ""
+        self.journal_owner = False
 
     @property
     def request_id(self) -> str:
-        return self.work.request_id
+        return self.public_id
 
     async def responses(self) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """The response events from `resume_from_index` on; closing early cancels the request upstream."""
         index = 0
-        if self.caches is None:
-            events = self.client.generate(self.work)
+
+        def upstream() -> AsyncIterator[worker_pb2.RequestEvent]:
+            if self.caches is None:
+                return self.client.generate(self.work)
+            return self.caches.events(self.request, self.model, self.tenant, lambda: self.client.generate(self.work))
+
+        if self.journal is not None:
+            if self.journal_owner:  # generated in the background into the journal: a disconnect does not stop it
+                self.journal.start(self.journal_key, upstream)
+            events = self.journal.follow(self.journal_key)
         else:
-            events = self.caches.events(self.request, self.model, self.tenant, lambda: self.client.generate(self.work))
+            events = upstream()
         status, usage, finish = "CANCELLED", common_pb2.Usage(), 0
         try:
             async for event in events:
                 if event.token_ids:
                     self.clock.token()
                 response = generation_pb2.GenerateResponse(
-                    request_id=self.work.request_id, index=index, text=event.text, token_ids=event.token_ids,
+                    request_id=self.public_id, index=index, text=event.text, token_ids=event.token_ids,
                     logprobs=event.logprobs, model=self.model.id,
                 )
                 if event.finish_reason:
@@ -123,7 +136,7 @@ class Generation:
         finally:
             await events.aclose()  # sends the cancel when the caller stopped before the end
             extra = {"prompt": self.audit_prompt} if self.audit_prompt is not None else {}
-            audit("generate", self.work.request_id, self.tenant, self.model.id, status, self.clock.start,
+            audit("generate", self.public_id, self.tenant, self.model.id, status, self.clock.start,
                   prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
                   cached_tokens=usage.cached_tokens, response_cache=usage.from_response_cache,
                   finish_reason=common_pb2.FinishReason.Name(finish), **extra)
@@ -153,7 +166,8 @@ async def _admit_generation(request, config, client, catalogue, timeout, caches,
     tenant.check_model(model.id)
     validate_generate(request, model, config)
     work = worker_pb2.GenerationWork(
-        request_id=request.request_id or uuid.uuid4().hex,
+        # A caller's id is unique per tenant only; the mesh-wide one carries the tenant.
+        request_id=f"{tenant.id}/{request.request_id}" if request.request_id else uuid.uuid4().hex,
         model=model.id,
         prompt=request.prompt,
         sampling=request.sampling,
@@ -161,9 +175,14 @@ async def _admit_generation(request, config, client, catalogue, timeout, caches,
         priority=tenant.effective_priority(request.priority),
         tenant=tenant.id,
     )
-    if limiter is not None:
+    journal = caches.journal if caches is not None and request.request_id else None
+    key = Journal.key(tenant.id, request.request_id) if journal is not None else ""
+    owner = await journal.claim(key) if journal is not None else None
+    if limiter is not None and owner is not False:  # following an existing journal costs nothing more
         await limiter.check(tenant, estimate_tokens(work))
     generation = Generation(request, model, work, client, clock, caches, tenant.id)
+    if owner is not None:
+        generation.journal, generation.journal_key, generation.journal_owner = journal, key, owner
     if config.audit_prompts:
         generation.audit_prompt = request.prompt.text or "\n".join(m.content for m in request.prompt.chat.messages)
     return generation
