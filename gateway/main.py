@@ -38,7 +38,7 @@ def _service_name(module, name: str) -> str:
 
 async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
     stop = stop_event_on_signals()
-    client = SchedulerClient(config.scheduler)
+    client = SchedulerClient(config.scheduler, config.tls_dir)
     catalogue = ModelCatalogue(client, config.default_model, config.default_embedding_model)
     redis = connect(config.redis_url) if config.redis_url else None
     caches = None
@@ -118,6 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--http-port", type=int)
     parser.add_argument("--scheduler")
     parser.add_argument("--redis-url")
+    parser.add_argument("--tls-dir")
     parser.add_argument("--default-model")
 
 

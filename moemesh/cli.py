@@ -10,6 +10,7 @@ import os
 import pathlib
 import signal
 import sys
+import tempfile
 
 import click
 import grpc
@@ -38,6 +39,31 @@ def main() -> None:
     """moemesh: serve Mixture-of-Experts language models as a gRPC mesh."""
 
 
+def _tls_dir(requested: pathlib.Path | None) -> pathlib.Path:
+    """The certificates for `up --tls`: those in `requested`, made there if missing, else a fresh temporary set."""
+    from moemesh.services.core.tls import make_certificates
+
+    directory = requested or pathlib.Path(tempfile.mkdtemp(prefix="moemesh-tls-"))
+    if not (directory / "ca.crt").is_file():
+        make_certificates(directory)
+    return directory.resolve()
+
+
+# ---- certs ------------------------------------------------------------------
+@main.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=pathlib.Path), default=pathlib.Path("certs"),
+              show_default=True, help="directory to write ca.crt and <role>.crt / <role>.key into")
+@click.option("--host", "hosts", multiple=True, default=("localhost", "127.0.0.1"), show_default=True,
+              help="name or IP the certificates are valid for (repeat)")
+def certs(out, hosts) -> None:
+    """Make a private CA and certificates for mutual TLS between the mesh's services."""
+    from moemesh.services.core.tls import ROLES, make_certificates
+
+    make_certificates(out, tuple(hosts))
+    click.echo(f"wrote {out}/ca.crt and {', '.join(f'{r}.crt/.key' for r in ROLES)}; "
+               f"start the services with --tls-dir {out} (or: moemesh up --tls --tls-dir {out})")
+
+
 # ---- up ---------------------------------------------------------------------
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
@@ -60,8 +86,11 @@ def main() -> None:
               help="once every service is healthy, write their addresses and pids here (JSON)")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="write each service's log to DIR/<service>.log instead of this terminal")
+@click.option("--tls", is_flag=True, help="mutual TLS between the services, with certificates made for this run")
+@click.option("--tls-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="with --tls: use (or create) the certificates in DIR [default: a temporary directory]")
 def up(model_dir, workers, port, http_port, no_http, redis_url, embeddings, device, dtype, max_num_seqs,
-       ready_file, log_dir) -> None:
+       ready_file, log_dir, tls, tls_dir) -> None:
     """Start Redis, the scheduler, workers and the gateway on this machine."""
     from moemesh.supervisor import MeshOptions
 
@@ -75,6 +104,7 @@ def up(model_dir, workers, port, http_port, no_http, redis_url, embeddings, devi
         http_port=None if no_http else http_port, redis_url=redis_url, embedding_model_dir=embedding_dir,
         device=device, dtype=dtype, max_num_seqs=max_num_seqs,
         threads_per_worker=max(1, (os.cpu_count() or 1) // workers), log_dir=log_dir,
+        tls_dir=_tls_dir(tls_dir) if tls else None,
     )
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     sys.exit(asyncio.run(_run_mesh(options, ready_file)))

@@ -45,6 +45,7 @@ class MeshOptions:
     max_num_seqs: int = 16
     threads_per_worker: int = 0
     log_dir: pathlib.Path | None = None
+    tls_dir: pathlib.Path | None = None  # mutual TLS between the services (made by `moemesh certs`)
 
 
 @dataclass
@@ -71,14 +72,15 @@ class Mesh:
         """Start every service and return what the ready file holds."""
         if self.redis_url is None:
             await self._start_redis()
+        tls = ["--tls-dir", str(self.options.tls_dir)] if self.options.tls_dir else []
         scheduler = await self._start_service("scheduler", "moemesh.services.scheduler.main",
-                                              ["--host", self.options.host, "--port", "0"])
+                                              ["--host", self.options.host, "--port", "0", *tls])
         workers = await asyncio.gather(*[
-            self._start_service(f"worker-{i}", "moemesh.worker.main", self._worker_args(scheduler.info["address"]))
+            self._start_service(f"worker-{i}", "moemesh.worker.main", [*self._worker_args(scheduler.info["address"]), *tls])
             for i in range(self.options.workers)
         ])
         gateway_args = ["--host", self.options.host, "--port", str(self.options.port),
-                        "--scheduler", scheduler.info["address"], "--redis-url", self.redis_url]
+                        "--scheduler", scheduler.info["address"], "--redis-url", self.redis_url, *tls]
         if self.options.http_port is not None:
             gateway_args += ["--http-port", str(self.options.http_port)]
         gateway = await self._start_service("gateway", "moemesh.gateway.main", gateway_args)
@@ -88,6 +90,7 @@ class Mesh:
             "workers": [w.info for w in workers],
             "redis": {"url": self.redis_url, "embedded": self.options.redis_url is None},
             "supervisor_pid": os.getpid(),
+            "tls_dir": str(self.options.tls_dir) if self.options.tls_dir else None,
         }
 
     def _worker_args(self, scheduler_address: str) -> list[str]:

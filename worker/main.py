@@ -10,13 +10,13 @@ import socket
 import sys
 import uuid
 
-import grpc
 import torch
 
 from moemesh.cache.kv_tier import BlockSpec, RedisKVTier
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.metrics import counter, gauge, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
+from moemesh.services.core.tls import aio_channel, server_credentials
 from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.config import WorkerConfig
@@ -181,12 +181,13 @@ class WorkerProcess:
 
     async def run(self, ready_fd: int | None) -> None:
         stop = stop_event_on_signals()
-        self.server = GrpcServer(self.config.host, self.config.port)
+        credentials = server_credentials(self.config.tls_dir, "worker") if self.config.tls_dir else None
+        self.server = GrpcServer(self.config.host, self.config.port, credentials=credentials)
         self.server.add(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer, WORKER_SERVICE)
         self.runner.start()
         await self.server.start()
         metadata = (("authorization", f"Bearer {self.config.cluster_token}"),) if self.config.cluster_token else ()
-        async with grpc.aio.insecure_channel(self.config.scheduler) as channel:
+        async with aio_channel(self.config.scheduler, self.config.tls_dir, "worker") as channel:
             membership = Membership(channel, self.registration(), self.load, metadata)
             membership.start()
             await membership.registered.wait()
@@ -230,6 +231,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-threads", type=int)
     parser.add_argument("--cluster-token")
     parser.add_argument("--kv-tier-url")
+    parser.add_argument("--tls-dir")
 
 
 async def serve(config: WorkerConfig, ready_fd: int | None) -> None:

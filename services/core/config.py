@@ -24,6 +24,9 @@ class ServiceConfig(pydantic.BaseModel):
     # Environment variables named <ENV_PREFIX><FIELD NAME IN CAPITALS> set fields.
     ENV_PREFIX: ClassVar[str] = "MOEMESH_"
 
+    # Mutual TLS between the services: a directory made by `moemesh certs` (ca.crt, <role>.crt/.key); None = plaintext.
+    tls_dir: pathlib.Path | None = None
+
 
 C = TypeVar("C", bound=ServiceConfig)
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pathlib
 from collections.abc import AsyncIterator
 
 import grpc
 
 from moemesh.services.core.errors import Unavailable, error_from_code
+from moemesh.services.core.tls import aio_channel
 from moemesh.v1 import models_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -26,9 +28,9 @@ MAX_BACKOFF = 2.0
 class SchedulerClient:
     """Submit work, receive its events, cancel it; embeddings and catalogue calls."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls_dir: pathlib.Path | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = aio_channel(address, tls_dir, "gateway")
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.connected = asyncio.Event()
         self._pending: dict[str, asyncio.Queue[worker_pb2.RequestEvent]] = {}

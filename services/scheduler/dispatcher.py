@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import pathlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -99,7 +100,8 @@ class Dispatcher:
     """Owns the worker links, the admission queues and the request -> route table."""
 
     def __init__(self, registry: Registry, policy: DispatchPolicy | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, tls_dir: pathlib.Path | None = None) -> None:
+        self.tls_dir = tls_dir
         self.registry = registry
         self.policy = policy or DispatchPolicy()
         self.rng = rng or random.Random()
@@ -116,7 +118,7 @@ class Dispatcher:
     def link(self, node: Node) -> WorkerLink:
         link = self.links.get(node.node_id)
         if link is None:
-            link = WorkerLink(node.node_id, node.address, self._on_batch, self._on_link_closed)
+            link = WorkerLink(node.node_id, node.address, self._on_batch, self._on_link_closed, self.tls_dir)
             self.links[node.node_id] = link
             link.start()
         return link

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import pathlib
 from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from moemesh.services.core.tls import aio_channel
 from moemesh.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -22,10 +24,11 @@ class WorkerLink:
         address: str,
         on_batch: Callable[[str, worker_pb2.EventBatch], None],
         on_closed: Callable[[str], None],
+        tls_dir: pathlib.Path | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address)
+        self.channel = aio_channel(address, tls_dir, "scheduler")
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
         self._outbox: asyncio.Queue[worker_pb2.ExecuteRequest | None] = asyncio.Queue()
         self._on_batch = on_batch

@@ -11,6 +11,7 @@ import sys
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.metrics import counter, gauge, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
+from moemesh.services.core.tls import server_credentials
 from moemesh.services.scheduler.config import SchedulerConfig
 from moemesh.services.scheduler.dispatcher import Dispatcher
 from moemesh.services.scheduler.embed_batcher import EmbedBatcher
@@ -66,8 +67,9 @@ def scheduler_metrics(registry: Registry, dispatcher: Dispatcher, embed_batcher:
 async def serve(config: SchedulerConfig, ready_fd: int | None) -> None:
     stop = stop_event_on_signals()
     registry = Registry(config.heartbeat_interval, config.max_missed_heartbeats, hang_timeout=config.hang_timeout)
-    dispatcher = Dispatcher(registry, config.dispatch_policy())
-    server = GrpcServer(config.host, config.port, grace=config.grace)
+    dispatcher = Dispatcher(registry, config.dispatch_policy(), tls_dir=config.tls_dir)
+    credentials = server_credentials(config.tls_dir, "scheduler") if config.tls_dir else None
+    server = GrpcServer(config.host, config.port, grace=config.grace, credentials=credentials)
     servicer = SchedulerServicer(registry, dispatcher, config.cluster_token, config.embed_max_inputs,
                                  config.embed_max_delay)
     server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, SCHEDULER_SERVICE)
@@ -93,6 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int)
     parser.add_argument("--heartbeat-interval", type=float)
     parser.add_argument("--max-missed-heartbeats", type=int)
+    parser.add_argument("--tls-dir")
 
 
 def main(argv: list[str] | None = None) -> int:
