@@ -54,11 +54,14 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
             limiter_redis = ratelimit.connect(config.redis_url, config.rate_limit_redis_timeout)
         limiter = ratelimit.RateLimiter(limiter_redis, timeout=config.rate_limit_redis_timeout)
     log.info("tenants: %s", f"{len(registry.by_id)} from {config.tenants_file}" if registry else "open mode")
-    server = GrpcServer(config.host, config.port, grace=config.grace, max_message_bytes=config.max_request_bytes)
+    # The transport's cap is above max_request_bytes, so that a request between the two gets INVALID_ARGUMENT
+    # naming the limit (validate_size) instead of gRPC's bare RESOURCE_EXHAUSTED.
+    server = GrpcServer(config.host, config.port, grace=config.grace,
+                        max_message_bytes=2 * config.max_request_bytes + (1 << 20))
     server.add(generation_pb2_grpc.add_GenerationServicer_to_server,
                GenerationServicer(config, client, catalogue, caches, auth, limiter), _service_name(generation_pb2, "Generation"))
     server.add(embeddings_pb2_grpc.add_EmbeddingsServicer_to_server,
-               EmbeddingsServicer(client, catalogue, caches, auth, limiter), _service_name(embeddings_pb2, "Embeddings"))
+               EmbeddingsServicer(client, catalogue, caches, auth, limiter, config), _service_name(embeddings_pb2, "Embeddings"))
     server.add(models_pb2_grpc.add_ModelsServicer_to_server,
                ModelsServicer(catalogue, auth), _service_name(models_pb2, "Models"))
     http = HttpServer(create_app(catalogue, client.connected, redis, config=config, client=client, caches=caches,

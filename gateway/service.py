@@ -17,7 +17,7 @@ from moemesh.gateway.config import GatewayConfig
 from moemesh.gateway.journal import Journal
 from moemesh.gateway.ratelimit import RateLimiter, estimate_text_tokens, estimate_tokens
 from moemesh.gateway.tenants import OPEN_TENANT, Authenticator, Tenant, credential_from_metadata
-from moemesh.gateway.validation import validate_embed_inputs, validate_generate
+from moemesh.gateway.validation import validate_embed_inputs, validate_generate, validate_size
 from moemesh.services.core import tensors
 from moemesh.services.core.errors import MeshError, error_from_rpc
 from moemesh.services.scheduler.client import SchedulerClient
@@ -290,14 +290,18 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
 class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
     def __init__(self, client: SchedulerClient, catalogue: ModelCatalogue, caches: GatewayCaches | None = None,
-                 auth: Authenticator | None = None, limiter: RateLimiter | None = None) -> None:
+                 auth: Authenticator | None = None, limiter: RateLimiter | None = None,
+                 config: GatewayConfig | None = None) -> None:
         self.client = client
         self.catalogue = catalogue
         self.caches = caches
         self.auth = auth or Authenticator()
         self.limiter = limiter
+        self.config = config
 
     async def Embed(self, request, context) -> embeddings_pb2.EmbedResponse:
+        if self.config is not None:
+            validate_size(request, self.config)
         return await embed(request, client=self.client, catalogue=self.catalogue, timeout=context.time_remaining(),
                            caches=self.caches, tenant=tenant_of(context, self.auth), limiter=self.limiter)
 

@@ -12,8 +12,16 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 
 
+def validate_size(request, config: GatewayConfig) -> None:
+    """A request message above max_request_bytes is refused naming the limit (gRPC's own cap sits above it)."""
+    size = request.ByteSize()
+    if size > config.max_request_bytes:
+        raise InvalidRequest("request", f"{size} bytes; the limit is {config.max_request_bytes} bytes")
+
+
 def validate_generate(request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo,
                       config: GatewayConfig) -> None:
+    validate_size(request, config)
     _validate_prompt(request.prompt)
     _validate_sampling(request.sampling, model, config)
     if not 0 <= request.priority <= 9:

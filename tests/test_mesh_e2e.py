@@ -103,6 +103,19 @@ def test_chat_prompt_uses_the_template(channel):
         (greedy_request(max_tokens=0), "sampling.max_tokens"),
         (greedy_request(max_tokens=10**6), "sampling.max_tokens"),
         (generation_pb2.GenerateRequest(model="no-such-model", prompt=common_pb2.Prompt(text="x")), "model"),
+        (generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="x"),
+                                        sampling=common_pb2.SamplingParams(temperature=2.5)), "sampling.temperature"),
+        (generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="x"),
+                                        sampling=common_pb2.SamplingParams(top_p=0.0)), "sampling.top_p"),
+        (generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="x"),
+                                        sampling=common_pb2.SamplingParams(top_k=-1)), "sampling.top_k"),
+        (greedy_request(stop=[f"s{i}" for i in range(20)]), "sampling.stop"),
+        (greedy_request(stop=["x" * 500]), "sampling.stop[0]"),
+        (generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(chat=common_pb2.ChatMessages(
+            messages=[common_pb2.ChatMessage(role="robot", content="hi")]))), "prompt.chat.messages[0].role"),
+        (generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(chat=common_pb2.ChatMessages())), "prompt"),
+        (greedy_request("word " * 3000, max_tokens=4), "prompt"),  # longer than the model's context
+        (greedy_request("x" * (5 * 1024 * 1024)), "request"),  # above max_request_bytes (4 MiB)
     ],
 )
 def test_bad_requests_are_invalid_argument_naming_the_field(channel, request_, field):
@@ -134,6 +147,14 @@ def test_invalid_argument_carries_a_bad_request_field_violation(channel):
     bad = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad)
     assert bad.field_violations[0].field == "sampling.max_tokens" and bad.field_violations[0].description
+
+@pytest.mark.parametrize(("inputs", "field"), [([], "inputs"), (["ok", " "], "inputs[1]"), (["x"] * 300, "inputs")])
+def test_bad_embedding_inputs_are_invalid_argument_naming_the_field(channel, inputs, field):
+    with pytest.raises(grpc.RpcError) as caught:
+        embeddings_pb2_grpc.EmbeddingsStub(channel).Embed(embeddings_pb2.EmbedRequest(inputs=inputs), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(field), caught.value.details()
+
 
 def test_embed_returns_unit_vectors_in_input_order(channel):
     stub = embeddings_pb2_grpc.EmbeddingsStub(channel)
@@ -215,8 +236,9 @@ def test_ctrl_c_finishes_in_flight_streams_then_stops_every_process(mesh, channe
     pids = mesh.service_pids()
     ports = [int(a.rsplit(":", 1)[1]) for a in [mesh.gateway, mesh.scheduler, *mesh.workers, mesh.http]]
     redis_port = int(mesh.ready["redis"]["url"].rsplit(":", 1)[1].split("/")[0])
-    stream = generation_pb2_grpc.GenerationStub(channel).Generate(
-        greedy_request(max_tokens=200, ignore_eos=True), timeout=120)
+    request = greedy_request(max_tokens=200, ignore_eos=True)
+    request.cache_mode = common_pb2.CACHE_MODE_NO_STORE  # a real generation, in flight when Ctrl-C arrives
+    stream = generation_pb2_grpc.GenerationStub(channel).Generate(request, timeout=120)
     first = next(stream)  # the request is in flight when Ctrl-C arrives
     assert stop_mesh(mesh, signal.SIGINT) == 0, mesh.logs()
     rest = list(stream)
