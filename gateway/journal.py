@@ -10,13 +10,17 @@ continues where it stopped, without a second generation; an identical retry
 of a finished request replays the same answer and is not charged again.
 
 A disconnect does not stop a journaled generation (the next call may want
-it); its deadline and max_tokens still bound it. Without Redis, requests are
-served unjournaled, as before.
+it); its deadline and max_tokens still bound it. The generating gateway
+holds a short, renewed claim on the request: if that gateway dies, the claim
+lapses, readers get UNAVAILABLE, and a retry with the same id (on any
+replica) generates it afresh. Without Redis, requests are served
+unjournaled, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -29,6 +33,7 @@ from moemesh.v1 import worker_pb2
 log = logging.getLogger(__name__)
 
 EVENT_FIELD = b"e"
+OWNER_TTL = 10  # seconds an owner's claim lasts without renewal: a gateway that died loses it quickly
 
 
 class Journal:
@@ -50,7 +55,12 @@ class Journal:
         if not self.breaker.allow():
             return None
         try:
-            claimed = await self.client.set(key + ":owner", b"1", nx=True, ex=self.ttl)
+            claimed = await self.client.set(key + ":owner", b"1", nx=True, ex=OWNER_TTL)
+            if claimed and not await self._finished(key):
+                await self.client.delete(key)  # an unfinished journal of a gateway that died: start it afresh
+            elif claimed:
+                await self.client.expire(key + ":owner", self.ttl)  # finished: nothing to generate, replay it
+                claimed = False
         except (aioredis.RedisError, OSError):
             self.breaker.failure()
             return None
@@ -64,6 +74,7 @@ class Journal:
         task.add_done_callback(self._tasks.discard)
 
     async def _record(self, key: str, events: Callable[[], AsyncIterator[worker_pb2.RequestEvent]]) -> None:
+        renew = asyncio.get_running_loop().create_task(self._renew(key))
         try:
             async for event in events():
                 await self._append(key, event)
@@ -71,6 +82,17 @@ class Journal:
             code = getattr(getattr(exc, "grpc_code", None), "value", (13,))[0]
             error = worker_pb2.RequestEvent(error=worker_pb2.RequestError(code=code, message=str(exc)))
             await self._append(key, error)
+        finally:
+            renew.cancel()
+        with contextlib.suppress(aioredis.RedisError, OSError):
+            await self.client.expire(key + ":owner", self.ttl)  # done: the claim now lasts as long as the journal
+
+    async def _renew(self, key: str) -> None:
+        """Keep the owner's claim alive while it generates (it lapses within OWNER_TTL if this gateway dies)."""
+        while True:
+            await asyncio.sleep(OWNER_TTL / 3)
+            with contextlib.suppress(aioredis.RedisError, OSError):
+                await self.client.expire(key + ":owner", OWNER_TTL)
 
     async def _append(self, key: str, event: worker_pb2.RequestEvent) -> None:
         try:
@@ -88,7 +110,8 @@ class Journal:
             reply = await self.client.xread({key: last_id}, count=256, block=self.block_ms)
             if not reply:
                 if not await self.client.exists(key + ":owner"):
-                    raise error_from_code(14, "the journaled request is gone (expired)")
+                    # The gateway generating it went away: a retry with the same id starts it again.
+                    raise error_from_code(14, "the journaled request lost its generator; retry with the same id")
                 continue
             for entry_id, fields in reply[0][1]:
                 last_id = entry_id
@@ -101,12 +124,9 @@ class Journal:
                 if event.finish_reason:
                     return
 
-    async def finished(self, key: str) -> bool:
-        """Whether the journal holds a finished answer (for not charging an identical retry)."""
-        try:
-            entries = await self.client.xrevrange(key, count=1)
-        except (aioredis.RedisError, OSError):
-            return False
+    async def _finished(self, key: str) -> bool:
+        """Whether the journal holds a finished answer."""
+        entries = await self.client.xrevrange(key, count=1)
         if not entries:
             return False
         return bool(worker_pb2.RequestEvent.FromString(entries[0][1][EVENT_FIELD]).finish_reason)

@@ -62,3 +62,27 @@ def test_requests_without_an_id_are_not_journaled(mesh):
         list(stub.Generate(request(), timeout=60))
         list(stub.Generate(request(), timeout=60))
     assert routed(mesh) == before + 2
+
+
+async def test_a_journal_whose_gateway_died_is_started_afresh_on_retry():
+    import redis.asyncio as aioredis
+
+    from moemesh.gateway.journal import Journal
+    from moemesh.services.core.errors import Unavailable
+    from moemesh.v1 import worker_pb2
+    from tests.redis_server import RedisServer
+
+    server = RedisServer()
+    try:
+        journal = Journal(aioredis.from_url(server.url, socket_timeout=5), block_ms=100)
+        key = Journal.key("default", "po-9")
+        assert await journal.claim(key) is True
+        await journal._append(key, worker_pb2.RequestEvent(text="half", token_ids=[1]))
+        assert await journal.claim(key) is False, "a live owner keeps its claim"
+        await journal.client.delete(key + ":owner")  # its gateway died: the claim lapsed
+        with pytest.raises(Unavailable):
+            [e async for e in journal.follow(key)]
+        assert await journal.claim(key) is True, "a retry takes over"
+        assert await journal.client.xlen(key) == 0, "and starts the journal afresh"
+    finally:
+        server.stop()
