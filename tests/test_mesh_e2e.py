@@ -156,6 +156,12 @@ def test_bad_embedding_inputs_are_invalid_argument_naming_the_field(channel, inp
     assert caught.value.details().startswith(field), caught.value.details()
 
 
+def test_grpc_health_has_separate_liveness_and_readiness(channel):
+    stub = health_pb2_grpc.HealthStub(channel)
+    ready = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    live = stub.Check(health_pb2.HealthCheckRequest(service="moemesh.liveness"), timeout=10)
+    assert ready.status == live.status == health_pb2.HealthCheckResponse.SERVING
+
 def test_embed_returns_unit_vectors_in_input_order(channel):
     stub = embeddings_pb2_grpc.EmbeddingsStub(channel)
     reply = stub.Embed(embeddings_pb2.EmbedRequest(inputs=["hello world", "invoice overdue"]), timeout=60)

@@ -32,6 +32,10 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+# Health check names: "" (and each service's name) is readiness; this one is liveness.
+LIVENESS_SERVICE = "moemesh.liveness"
+
+
 class GrpcServer:
     """A ``grpc.aio`` server with health, reflection and graceful shutdown."""
 
@@ -83,6 +87,7 @@ class GrpcServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind {address}")
         await self.set_serving(False)
+        await self.health.set(LIVENESS_SERVICE, SERVING)  # alive as soon as it answers; readiness is ""
         await self.server.start()
         log.info("grpc server listening", extra={"address": self.address})
         return self.port
