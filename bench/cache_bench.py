@@ -29,11 +29,12 @@ import redis
 from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 
-def start_mesh(workdir: pathlib.Path) -> tuple[subprocess.Popen, dict]:
+def start_mesh(workdir: pathlib.Path, *extra: str) -> tuple[subprocess.Popen, dict]:
+    """`moemesh up` on free ports (no HTTP, no MiniLM) plus `extra` flags; (process, ready-file contents)."""
     ready = workdir / "ready.json"
     process = subprocess.Popen(
         [sys.executable, "-m", "moemesh.cli", "up", "--port", "0", "--no-http", "--no-embeddings",
-         "--ready-file", str(ready), "--log-dir", str(workdir / "logs")],
+         "--ready-file", str(ready), "--log-dir", str(workdir / "logs"), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not ready.exists():

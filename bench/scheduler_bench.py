@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import pathlib
 import random
@@ -51,6 +50,9 @@ from moemesh.v1 import (
 )
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+import cache_bench  # noqa: E402 - the shared mesh launcher of the benchmarks
+
 DEMO_MODEL = REPO / "worker" / "demo" / "demo-moe"
 
 
@@ -178,18 +180,8 @@ def engine_in_process(model_dir: pathlib.Path, streams: int, new_tokens: int) ->
 
 
 def start_mesh(workdir: pathlib.Path, streams: int, model_dir: pathlib.Path = DEMO_MODEL) -> tuple[subprocess.Popen, dict]:
-    ready = workdir / "ready.json"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--port", "0", "--no-http",
-         "--no-embeddings",
-         "--max-num-seqs", str(max(streams, 16)), "--ready-file", str(ready), "--log-dir", str(workdir / "logs")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the mesh did not start")
-        time.sleep(0.1)
-    return process, json.loads(ready.read_text())
+    """The local mesh on `model_dir`, with room for `streams` sequences per worker."""
+    return cache_bench.start_mesh(workdir, "--model", str(model_dir), "--max-num-seqs", str(max(streams, 16)))
 
 
 async def mesh_streams(address: str, streams: int, new_tokens: int) -> tuple[float, list[float]]:
