@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
+from moemesh.worker.models.layers import Linear, MoEExperts
 from moemesh.worker.models.registry import build_model
 
 PROMPT_LEN = 20
@@ -142,3 +143,36 @@ def test_fused_expert_names_of_transformers_state_dict_load_the_same(model, hf_m
     ids = random_ids(PROMPT_LEN)
     expected = prefill(model, new_cache(model), ids)
     assert torch.equal(prefill(fused, new_cache(fused), ids), expected)
+
+
+def test_cpu_packed_weights_match_the_plain_ones(model, ckpt_dir):
+    # build_model packs CPU matmul weights for oneDNN by default; the plain path must agree.
+    plain = build_model(open_checkpoint(ckpt_dir), pack_weights=False)
+    experts = [m for m in model.modules() if isinstance(m, MoEExperts)]
+    assert experts and all(e.packed13 is not None for e in experts), "the CPU model was not packed"
+    assert all(e.w13.numel() == 0 and e.w2.numel() == 0 for e in experts), "packed experts still hold a plain copy"
+    assert all(m.packed is None for m in plain.modules() if isinstance(m, Linear))
+    ids = random_ids(PROMPT_LEN, seed=6)
+    torch.testing.assert_close(prefill(model, new_cache(model), ids), prefill(plain, new_cache(plain), ids),
+                               rtol=1e-5, atol=1e-5)
+    # A decode step over several sequences (a few rows per expert, the case packing speeds up).
+    caches = {id(m): new_cache(m, 64) for m in (model, plain)}
+    prompts = [random_ids(n, seed=30 + n) for n in (3, 6, 9, 4)]
+    tables = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+    results = []
+    for m in (model, plain):
+        for prompt, table in zip(prompts, tables):
+            prefill(m, caches[id(m)], prompt, blocks=table)
+        chunks = [SequenceChunk([17], len(p), t) for p, t in zip(prompts, tables)]
+        results.append(forward(m, caches[id(m)], chunks))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_packed_weights_match_the_plain_ones(ckpt_dir):
+    packed = build_model(open_checkpoint(ckpt_dir), dtype=torch.bfloat16)
+    plain = build_model(open_checkpoint(ckpt_dir), dtype=torch.bfloat16, pack_weights=False)
+    assert any(isinstance(m, MoEExperts) and m.packed13 is not None for m in packed.modules())
+    ids = random_ids(PROMPT_LEN, seed=7)
+    a, b = prefill(packed, new_cache(packed), ids), prefill(plain, new_cache(plain), ids)
+    assert relative_error(a, b) < 3e-2, "bfloat16 packed logits stray from the plain bfloat16 ones"
+    assert torch.equal(a.argmax(-1), b.argmax(-1))

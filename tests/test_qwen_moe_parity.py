@@ -26,6 +26,8 @@ from tests.model_contract import (  # noqa: F401 - shared tests, run against thi
     random_ids,
     relative_error,
     test_batched_decode_matches_each_sequence_alone,
+    test_bfloat16_packed_weights_match_the_plain_ones,
+    test_cpu_packed_weights_match_the_plain_ones,
     test_chunked_prefill_matches_one_shot_prefill,
     test_fused_expert_names_of_transformers_state_dict_load_the_same,
     test_greedy_generation_matches_transformers_generate,

@@ -48,6 +48,8 @@ class WorkerConfig(ServiceConfig):
     # Also serve "<model_id>-pooled": mean-pooled hidden states of the generation model as embeddings.
     pooled_embeddings: bool = True
     num_threads: int = pydantic.Field(default=0, ge=0, description="torch threads; 0 = torch's default")
+    # On CPU, lay the matmul weights out once for oneDNN (faster decode steps; weights held once either way).
+    pack_weights: bool = True
     cluster_token: str | None = None
     drain_grace: float = pydantic.Field(default=30.0, ge=0)
     log_level: str = "info"

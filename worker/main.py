@@ -65,7 +65,8 @@ class WorkerProcess:
         config = self.config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        model = build_model(self.checkpoint, dtype=resolve_dtype(config.dtype, config.device), device=config.device)
+        model = build_model(self.checkpoint, dtype=resolve_dtype(config.dtype, config.device), device=config.device,
+                            pack_weights=config.pack_weights)
         engine = Engine(
             model,
             self.tokenizer,

@@ -17,7 +17,7 @@ from torch import nn
 from moemesh.worker.checkpoint import WeightRule
 from moemesh.worker.kv_cache import PagedKVCache
 from moemesh.worker.models.batch import ForwardBatch
-from moemesh.worker.models.layers import RMSNorm, RotaryEmbedding, Rotation
+from moemesh.worker.models.layers import Linear, MoEExperts, RMSNorm, RotaryEmbedding, Rotation
 
 # Checkpoint names every family shares: embeddings, head, norms, attention projections.
 DECODER_CHECKPOINT_RULES: tuple[WeightRule, ...] = (
@@ -142,7 +142,7 @@ class DecoderForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(self.build_layer(layer) for layer in range(args.num_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(args.head_dim, args.rope_theta)
         self.tie_weights()
 
@@ -159,6 +159,27 @@ class DecoderForCausalLM(nn.Module):
         """Share the embedding with the output head when the config says so (moving the model unties)."""
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def pack_weights(self) -> int:
+        """Pack the matmul weights for oneDNN where the device and dtype allow (CPU); how many modules were packed.
+
+        A weight that another module also uses (the embedding of a tied head)
+        keeps its plain copy; the others are held packed only.
+        """
+        packable = (Linear, MoEExperts)
+        shared = {
+            id(param)
+            for module in self.modules()
+            if not isinstance(module, packable)
+            for param in module.parameters(recurse=False)
+        }
+        packed = 0
+        for module in self.modules():
+            if isinstance(module, Linear):
+                packed += module.pack(release=id(module.weight) not in shared)
+            elif isinstance(module, MoEExperts):
+                packed += module.pack(release=id(module.w13) not in shared and id(module.w2) not in shared)
+        return packed
 
     @property
     def num_layers(self) -> int:

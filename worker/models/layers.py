@@ -17,6 +17,32 @@ from torch import nn
 
 from moemesh.worker.kv_cache import PagedKVCache
 from moemesh.worker.models.batch import ForwardBatch
+from moemesh.worker.models.packing import pack_weight, packed_linear, packing_available
+
+
+def released(param: nn.Parameter) -> nn.Parameter:
+    """An empty stand-in for a weight whose packed copy replaces it (same dtype and device, no memory)."""
+    return nn.Parameter(param.new_empty(0), requires_grad=False)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose weight can be packed once for oneDNN (CPU); see `packing`."""
+
+    packed: torch.Tensor | None = None
+
+    def pack(self, release: bool) -> bool:
+        """Pack the weight when the device and dtype allow; with `release`, drop the plain copy."""
+        if self.packed is not None or not packing_available(self.weight):
+            return False
+        self.packed = pack_weight(self.weight)
+        if release:
+            self.weight = released(self.weight)
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return super().forward(x)
+        return packed_linear(x, self.packed, self.out_features, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -73,7 +99,7 @@ class Rotation:
     sin: torch.Tensor  # [N, D]
 
 
-class QKVLinear(nn.Linear):
+class QKVLinear(Linear):
     """q, k and v projections fused into one matmul; rows (and bias entries) are [q | k | v]."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool = False) -> None:
@@ -108,7 +134,7 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.qkv_proj = QKVLinear(hidden_size, num_heads, num_kv_heads, head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=o_bias)
         # Identity keeps the forward branch-free and adds no parameters.
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
@@ -139,7 +165,7 @@ class Attention(nn.Module):
         return self.o_proj(attended)
 
 
-class GateUpLinear(nn.Linear):
+class GateUpLinear(Linear):
     """gate and up projections of a SwiGLU MLP fused into one matmul; rows are [gate | up]."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
@@ -154,7 +180,7 @@ class SwiGLUMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.gate_up_proj = GateUpLinear(hidden_size, intermediate_size)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., H] -> [..., H]."""
@@ -194,6 +220,24 @@ class MoEExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         # Rows of one expert's w13 that each checkpoint matrix fills: (start, size).
         self.shard_offsets = {"w1": (0, intermediate_size), "w3": (intermediate_size, intermediate_size)}
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        # Per-expert weights packed for oneDNN (see `pack`); None: the stacked tensors are used.
+        self.packed13: list[torch.Tensor] | None = None
+        self.packed2: list[torch.Tensor] | None = None
+
+    def pack(self, release: bool) -> bool:
+        """Pack each expert's matrices for oneDNN when the device and dtype allow.
+
+        Every expert path then runs on the packed copies; with `release` the
+        stacked tensors are dropped, so the weights are held once.
+        """
+        if self.packed13 is not None or not packing_available(self.w13[0]):
+            return False
+        self.packed13 = [pack_weight(w) for w in self.w13]
+        self.packed2 = [pack_weight(w) for w in self.w2]
+        if release:
+            self.w13, self.w2 = released(self.w13), released(self.w2)
+        return True
 
     def forward(
         self,
@@ -214,18 +258,27 @@ class MoEExperts(nn.Module):
         token_of = order // k  # [T*k] token of each grouped assignment
         weight_of = topk_weights.flatten()[order]  # [T*k]
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync
-        if expert_ids is None and self._stack_pays(counts):
+        if expert_ids is None and self.packed13 is None and self._stack_pays(counts):
             return self._stacked_forward(x, flat_ids[order], token_of, weight_of, counts)
         wanted = range(self.num_experts) if expert_ids is None else {int(e) for e in expert_ids}
-        out = torch.zeros_like(x)
+        gathered = x[token_of]  # [T*k, H] each expert's rows contiguous
+        outputs, rows_done = [], []
         start = 0
         for expert, count in enumerate(counts):  # a loop over experts, never over tokens
             rows = slice(start, start + count)
             start += count
             if count == 0 or expert not in wanted:
                 continue
-            y = self.expert_forward(expert, x[token_of[rows]])  # [n, H]
-            out.index_add_(0, token_of[rows], (y * weight_of[rows, None]).to(out.dtype))
+            outputs.append(self.expert_forward(expert, gathered[rows]))  # [n, H]
+            rows_done.append(rows)
+        out = torch.zeros_like(x)
+        if not outputs:
+            return out
+        if sum(r.stop - r.start for r in rows_done) < token_of.shape[0]:  # some experts were not wanted
+            index = torch.cat([torch.arange(r.start, r.stop, device=x.device) for r in rows_done])
+            token_of, weight_of = token_of[index], weight_of[index]
+        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [rows done, H] in grouped order
+        out.index_add_(0, token_of, (y * weight_of[:, None]).to(out.dtype))
         return out
 
     def _stack_pays(self, counts: list[int]) -> bool:
@@ -257,6 +310,9 @@ class MoEExperts(nn.Module):
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """One expert's SwiGLU MLP: x [n, H] -> [n, H]."""
+        if self.packed13 is not None:
+            gate, up = packed_linear(x, self.packed13[expert], 2 * self.intermediate_size).chunk(2, dim=-1)
+            return packed_linear(F.silu(gate) * up, self.packed2[expert], self.hidden_size)
         gate, up = F.linear(x, self.w13[expert]).chunk(2, dim=-1)  # 2 x [n, I]
         return F.linear(F.silu(gate) * up, self.w2[expert])
 

@@ -26,7 +26,7 @@ from moemesh.worker.models.decoder import (
     DecoderForCausalLM,
     DecoderLayer,
 )
-from moemesh.worker.models.layers import Attention, SparseMoeBlock, SwiGLUMLP
+from moemesh.worker.models.layers import Attention, Linear, SparseMoeBlock, SwiGLUMLP
 
 # The MLP checkpoint names of the Qwen MoE families, dense and sparse layers alike.
 QWEN_MOE_MLP_RULES: tuple[WeightRule, ...] = (
@@ -157,7 +157,7 @@ class Qwen2MoeSparseMoeBlock(SparseMoeBlock):
             renormalize=args.norm_topk_prob,
         )
         self.shared_expert = SwiGLUMLP(args.hidden_size, args.shared_expert_intermediate_size)
-        self.shared_expert_gate = nn.Linear(args.hidden_size, 1, bias=False)
+        self.shared_expert_gate = Linear(args.hidden_size, 1, bias=False)
 
     def run_shared_expert(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] -> sigmoid(gate) * shared expert [T, H]."""

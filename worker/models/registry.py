@@ -31,8 +31,14 @@ def model_class(architecture: str) -> type[nn.Module]:
         raise ValueError(f"unsupported model architecture {architecture!r}; supported: {supported}") from None
 
 
-def build_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> nn.Module:
-    """Build the checkpoint's model with its weights cast to `dtype` on `device`, ready for inference."""
+def build_model(
+    ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", pack_weights: bool = True
+) -> nn.Module:
+    """Build the checkpoint's model with its weights cast to `dtype` on `device`, ready for inference.
+
+    With `pack_weights` (the default), CPU matmul weights are laid out once
+    for oneDNN (see `packing`); on other devices it changes nothing.
+    """
     cls = model_class(ckpt.architecture)
     # Built on the meta device: no memory and no random init for weights that
     # the checkpoint overwrites anyway.
@@ -41,4 +47,7 @@ def build_model(ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: to
     model = model.to_empty(device=device)
     model.tie_weights()
     load_weights(model, iter_tensors(ckpt), cls.checkpoint_mapping)
-    return model.requires_grad_(False).eval()
+    model = model.requires_grad_(False).eval()
+    if pack_weights:
+        model.pack_weights()
+    return model
