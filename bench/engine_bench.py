@@ -121,14 +121,17 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "moemesh-bench")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--no-pack", action="store_true", help="keep the plain weights (no oneDNN packing on CPU)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per contender; each keeps its best")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     ckpt = build_checkpoint(args.workdir)
-    model = build_model(open_checkpoint(ckpt), dtype=dtype)
+    model = build_model(open_checkpoint(ckpt), dtype=dtype, pack_weights=False)
+    params = sum(p.numel() for p in model.parameters())  # counted before packing releases the plain copies
+    packed = model.pack_weights() if not args.no_pack else 0
     tokenizer = Tokenizer.from_dir(ckpt)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"checkpoint {ckpt} ({params / 1e6:.1f}M parameters), {args.dtype}, {torch.get_num_threads()} threads")
+    print(f"checkpoint {ckpt} ({params / 1e6:.1f}M parameters), {args.dtype}, {torch.get_num_threads()} threads, "
+          f"{packed} modules with packed weights")
     batch = prompts(args.concurrency, args.prompt_tokens, BENCH_CONFIG["vocab_size"])
 
     bench_engine(model, tokenizer, batch[:2], 8)  # warm-up: first-touch of the cache, kernel selection
