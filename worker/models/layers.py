@@ -149,18 +149,25 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_norm(k.view(N, self.num_kv_heads, self.head_dim)), rotation.cos, rotation.sin)
         cache.write(layer, batch.slots, k, v.view(N, self.num_kv_heads, self.head_dim))
         window = batch.layer_windows[layer]
+        # PyTorch's CPU attention kernel is several times slower in 16-bit floats than in float32
+        # (measured: bf16 2.4 ms vs fp32 0.4 ms for a 32-sequence decode); the casts cost far less.
+        upcast = x.device.type == "cpu" and x.dtype != torch.float32
         outputs = []
         for group in batch.groups:
             B, T = group.num_seqs, group.num_tokens
             keys, values = cache.gather(layer, group.block_tables)  # [B, nb*bs, n_kv, D]
+            queries = q[group.start : group.stop].view(B, T, self.num_heads, self.head_dim)
+            keys, values = keys[:, : group.kv_len], values[:, : group.kv_len]
+            if upcast:
+                queries, keys, values = queries.float(), keys.float(), values.float()
             out = F.scaled_dot_product_attention(
-                q[group.start : group.stop].view(B, T, self.num_heads, self.head_dim).transpose(1, 2),  # [B, nh, T, D]
-                keys[:, : group.kv_len].transpose(1, 2),  # [B, n_kv, L, D]
-                values[:, : group.kv_len].transpose(1, 2),
+                queries.transpose(1, 2),  # [B, nh, T, D]
+                keys.transpose(1, 2),  # [B, n_kv, L, D]
+                values.transpose(1, 2),
                 attn_mask=group.masks[window],
                 enable_gqa=True,
             )  # [B, nh, T, D]
-            outputs.append(out.transpose(1, 2).reshape(B * T, self.num_heads * self.head_dim))
+            outputs.append(out.transpose(1, 2).reshape(B * T, self.num_heads * self.head_dim).to(x.dtype))
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, nh*D], groups are in row order
         return self.o_proj(attended)
 
