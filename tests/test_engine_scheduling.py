@@ -13,28 +13,14 @@ import pytest
 import torch
 
 from moemesh.services.core.errors import InvalidRequest
-from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.engine import Engine
-from moemesh.worker.models.registry import build_model
 from moemesh.worker.requests import GenerationRequest
-from moemesh.worker.sampling import SamplingParams
-from moemesh.worker.tokenizer import Tokenizer
-from tests.checkpoints import build_tiny_mixtral
-
-
-@pytest.fixture(scope="module")
-def checkpoint_dir(tmp_path_factory):
-    return build_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral"), seed=3)
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint_dir):
-    return build_model(open_checkpoint(checkpoint_dir), dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(checkpoint_dir):
-    return Tokenizer.from_dir(checkpoint_dir)
+from tests.engine_support import (  # noqa: F401 - shared fixtures, registered by name
+    checkpoint_dir_fixture,
+    model_fixture,
+    request,
+    tokenizer_fixture,
+)
 
 
 @pytest.fixture
@@ -45,13 +31,6 @@ def make_engine(model, tokenizer):
         return Engine(model, tokenizer, **options)
 
     return make
-
-
-def request(rid: str, prompt: list[int], **params) -> GenerationRequest:
-    deadline = params.pop("deadline", None)
-    params.setdefault("temperature", 0.0)
-    params.setdefault("ignore_eos", True)
-    return GenerationRequest(rid, tuple(prompt), SamplingParams(**params), deadline=deadline)
 
 
 def new_result() -> dict:

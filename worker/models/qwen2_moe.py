@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from moemesh.worker.checkpoint import WeightRule
 from moemesh.worker.models.decoder import (
