@@ -171,7 +171,9 @@ def test_cpu_packed_weights_match_the_plain_ones(model, ckpt_dir):
 def test_bfloat16_packed_weights_match_the_plain_ones(ckpt_dir):
     packed = build_model(open_checkpoint(ckpt_dir), dtype=torch.bfloat16)
     plain = build_model(open_checkpoint(ckpt_dir), dtype=torch.bfloat16, pack_weights=False)
-    assert any(isinstance(m, MoEExperts) and m.packed13 is not None for m in packed.modules())
+    # oneDNN packs bfloat16 where the CPU supports it (AVX-512 and newer); elsewhere the plain weights stay.
+    supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert any(isinstance(m, MoEExperts) and m.packed13 is not None for m in packed.modules()) == supported
     ids = random_ids(PROMPT_LEN, seed=7)
     a, b = prefill(packed, new_cache(packed), ids), prefill(plain, new_cache(plain), ids)
     assert relative_error(a, b) < 3e-2, "bfloat16 packed logits stray from the plain bfloat16 ones"

@@ -17,19 +17,17 @@ from __future__ import annotations
 
 import torch
 
-# Dtypes oneDNN packs on CPU. bfloat16 runs natively on CPUs with AVX512-BF16 or AMX.
-PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
-
 
 def packing_available(weight: torch.Tensor) -> bool:
-    """Whether `weight` [out, in] can be packed: a CPU tensor of a packable dtype with oneDNN built in."""
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in PACKABLE_DTYPES
-        and weight.dim() == 2
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
+    """Whether `weight` [out, in] can be packed: a CPU tensor with oneDNN built in, float32, or
+    bfloat16 where oneDNN supports it on this CPU (AVX-512 and newer; other CPUs keep the plain weights)."""
+    if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+        return False
+    if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return False
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
