@@ -15,13 +15,17 @@ something else shares it (a tied embedding).
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 
 def packing_available(weight: torch.Tensor) -> bool:
-    """Whether `weight` [out, in] can be packed: a CPU tensor with oneDNN built in, float32, or
+    """Whether `weight` [out, in] can be packed: a CPU tensor on x86-64 with oneDNN built in, float32, or
     bfloat16 where oneDNN supports it on this CPU (AVX-512 and newer; other CPUs keep the plain weights)."""
-    if weight.device.type != "cpu" or weight.dim() != 2 or not torch.backends.mkldnn.is_available():
+    if weight.device.type != "cpu" or weight.dim() != 2 or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    if not torch.backends.mkldnn.is_available():
         return False
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
