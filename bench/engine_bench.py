@@ -69,19 +69,26 @@ def bench_transformers(ckpt: pathlib.Path, batch: list[list[int]], new_tokens: i
     return len(batch) * new_tokens / elapsed
 
 
-def bench_engine(model, tokenizer, batch: list[list[int]], new_tokens: int) -> float:
-    """Tokens/s of the engine with every request submitted at once."""
-    engine = Engine(model, tokenizer, max_num_seqs=max(len(batch), 1), max_model_len=len(batch[0]) + new_tokens + 8)
+def run_engine(engine: Engine, batch: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
+    """Submit every prompt at once (greedy, `new_tokens` each) and step until done: (tokens/s, each step's seconds)."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     for i, prompt in enumerate(batch):
         engine.add(GenerationRequest(f"r{i}", tuple(prompt), params))
-    generated = 0
+    generated, steps = 0, []
     while engine.has_work():
+        step_start = time.perf_counter()
         generated += sum(len(o.token_ids) for o in engine.step())
+        steps.append(time.perf_counter() - step_start)
     elapsed = time.perf_counter() - start
     assert generated == len(batch) * new_tokens
-    return generated / elapsed
+    return generated / elapsed, steps
+
+
+def bench_engine(model, tokenizer, batch: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s of the engine with every request submitted at once."""
+    engine = Engine(model, tokenizer, max_num_seqs=max(len(batch), 1), max_model_len=len(batch[0]) + new_tokens + 8)
+    return run_engine(engine, batch, new_tokens)[0]
 
 
 def bench_bare_step(model, batch: list[list[int]], new_tokens: int, max_batched_tokens: int = 2048) -> float:

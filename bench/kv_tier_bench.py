@@ -29,7 +29,7 @@ import redis
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from engine_bench import BENCH_CONFIG, build_checkpoint, prompts  # noqa: E402
+from engine_bench import BENCH_CONFIG, build_checkpoint, prompts, run_engine  # noqa: E402
 
 from moemesh.cache.embedded import free_port, redis_server_argv  # noqa: E402
 from moemesh.cache.kv_tier import BlockSpec, RedisKVTier  # noqa: E402
@@ -62,18 +62,6 @@ def time_to_first_token(engine: Engine, prompt: list[int], rid: str) -> float:
         if any(o.token_ids for o in engine.step()):
             return time.perf_counter() - start
     raise RuntimeError("no token")
-
-
-def throughput(make_engine, batch: list[list[int]], new_tokens: int) -> float:
-    engine = make_engine()
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
-    for i, prompt in enumerate(batch):
-        engine.add(GenerationRequest(f"t{i}", tuple(prompt), params))
-    generated = 0
-    while engine.has_work():
-        generated += sum(len(o.token_ids) for o in engine.step())
-    return generated / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -117,8 +105,8 @@ def main() -> None:
         on, off = [], []
         for r in range(2):  # alternate, so drift hits both sides alike
             redis.Redis.from_url(url).flushall()
-            on.append(throughput(lambda: engine(True, 32), [[3 + r] + p for p in batch], 64))
-            off.append(throughput(lambda: engine(False, 32), [[3 + r] + p for p in batch], 64))
+            on.append(run_engine(engine(True, 32), [[3 + r] + p for p in batch], 64)[0])
+            off.append(run_engine(engine(False, 32), [[3 + r] + p for p in batch], 64)[0])
         print(f"0% hit rate, 32 distinct prompts: tier on {max(on):.1f} tok/s, off {max(off):.1f} tok/s, "
               f"loss {(1 - max(on) / max(off)) * 100:.1f}% (target <= 2%)")
     finally:

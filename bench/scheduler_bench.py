@@ -150,30 +150,19 @@ def bench_heartbeats(num_nodes: int, seconds: float) -> None:
 def engine_in_process(model_dir: pathlib.Path, streams: int, new_tokens: int):
     """A function that runs the engine in this process once: (tokens/s at `streams` concurrent, p50 step seconds at 1)."""
     import torch
+    from engine_bench import run_engine
 
     from moemesh.worker.checkpoint import open_checkpoint
     from moemesh.worker.engine import Engine
     from moemesh.worker.models.registry import build_model
-    from moemesh.worker.requests import GenerationRequest
-    from moemesh.worker.sampling import SamplingParams
     from moemesh.worker.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(model_dir)
     model = build_model(open_checkpoint(model_dir), dtype=torch.float32)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     prompts = [tokenizer.encode(f"def handler_{i}(request):\n    ", add_bos=True) for i in range(streams)]
 
     def run(batch: list[list[int]]) -> tuple[float, list[float]]:
-        engine = Engine(model, tokenizer, max_num_seqs=max(streams, 16), max_model_len=1024)
-        start = time.perf_counter()
-        for i, prompt in enumerate(batch):
-            engine.add(GenerationRequest(f"r{i}", tuple(prompt), params))
-        steps, generated = [], 0
-        while engine.has_work():
-            t = time.perf_counter()
-            generated += sum(len(o.token_ids) for o in engine.step())
-            steps.append(time.perf_counter() - t)
-        return generated / (time.perf_counter() - start), steps
+        return run_engine(Engine(model, tokenizer, max_num_seqs=max(streams, 16), max_model_len=1024), batch, new_tokens)
 
     run(prompts[:2])  # warm-up
 
