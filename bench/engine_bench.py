@@ -12,11 +12,13 @@ vocab 4096), then measures, on the same weights, dtype and thread count:
 and prints tokens/s and the ratios. Usage:
 
     python bench/engine_bench.py [--concurrency 32] [--prompt-tokens 100] [--new-tokens 128]
+                                 [--no-native] [--no-pack] [--dtype bfloat16]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import sys
 import tempfile
@@ -28,6 +30,7 @@ from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.engine import Engine
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.models.registry import build_model
+from moemesh.worker.native import load_kernels
 from moemesh.worker.requests import GenerationRequest
 from moemesh.worker.sampling import SamplingParams
 from moemesh.worker.tokenizer import Tokenizer
@@ -133,16 +136,20 @@ def main() -> None:
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "moemesh-bench")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--no-pack", action="store_true", help="keep the plain weights (no oneDNN packing on CPU)")
+    parser.add_argument("--no-native", action="store_true", help="the PyTorch path only (no native CPU kernels)")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per contender; each keeps its best")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
+    if args.no_native:
+        os.environ["MOEMESH_NATIVE_KERNELS"] = "0"  # read once, when the kernels are first asked for
+    kernels = load_kernels()
     ckpt = build_checkpoint(args.workdir)
     model = build_model(open_checkpoint(ckpt), dtype=dtype, pack_weights=False)
     params = sum(p.numel() for p in model.parameters())  # counted before packing releases the plain copies
     packed = model.pack_weights() if not args.no_pack else 0
     tokenizer = Tokenizer.from_dir(ckpt)
     print(f"checkpoint {ckpt} ({params / 1e6:.1f}M parameters), {args.dtype}, {torch.get_num_threads()} threads, "
-          f"{packed} modules with packed weights")
+          f"{packed} modules with packed weights, native CPU kernels: {'on' if kernels.available else kernels.reason}")
     batch = prompts(args.concurrency, args.prompt_tokens, BENCH_CONFIG["vocab_size"])
 
     bench_engine(model, tokenizer, batch[:2], 8)  # warm-up: first-touch of the cache, kernel selection

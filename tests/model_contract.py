@@ -12,6 +12,7 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
+from moemesh.worker import native
 from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.models.layers import Linear, MoEExperts
@@ -145,27 +146,45 @@ def test_fused_expert_names_of_transformers_state_dict_load_the_same(model, hf_m
     assert torch.equal(prefill(fused, new_cache(fused), ids), expected)
 
 
-def test_cpu_packed_weights_match_the_plain_ones(model, ckpt_dir):
-    # build_model packs CPU matmul weights for oneDNN by default; the plain path must agree.
-    plain = build_model(open_checkpoint(ckpt_dir), pack_weights=False)
-    experts = [m for m in model.modules() if isinstance(m, MoEExperts)]
-    assert experts and all(e.packed13 is not None for e in experts), "the CPU model was not packed"
-    assert all(e.w13.numel() == 0 and e.w2.numel() == 0 for e in experts), "packed experts still hold a plain copy"
-    assert all(m.packed is None for m in plain.modules() if isinstance(m, Linear))
+def prefill_and_decode(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a prompt's prefill, and of one decode step over four sequences (a few rows per expert)."""
     ids = random_ids(PROMPT_LEN, seed=6)
-    torch.testing.assert_close(prefill(model, new_cache(model), ids), prefill(plain, new_cache(plain), ids),
-                               rtol=1e-5, atol=1e-5)
-    # A decode step over several sequences (a few rows per expert, the case packing speeds up).
-    caches = {id(m): new_cache(m, 64) for m in (model, plain)}
+    whole = prefill(model, new_cache(model), ids)
+    cache = new_cache(model, 64)
     prompts = [random_ids(n, seed=30 + n) for n in (3, 6, 9, 4)]
     tables = [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
-    results = []
-    for m in (model, plain):
-        for prompt, table in zip(prompts, tables):
-            prefill(m, caches[id(m)], prompt, blocks=table)
-        chunks = [SequenceChunk([17], len(p), t) for p, t in zip(prompts, tables)]
-        results.append(forward(m, caches[id(m)], chunks))
-    torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+    for prompt, table in zip(prompts, tables):
+        prefill(model, cache, prompt, blocks=table)
+    step = forward(model, cache, [SequenceChunk([17], len(p), t) for p, t in zip(prompts, tables)])
+    return whole, step
+
+
+def without_native_kernels(monkeypatch) -> None:
+    """Make every layer take the portable PyTorch path, as on a machine without a C compiler."""
+    monkeypatch.setattr(native, "load_kernels", lambda: native.Kernels(None, "turned off by the test"))
+
+
+def test_native_kernels_and_packed_weights_match_the_plain_pytorch_path(model, ckpt_dir, monkeypatch):
+    # The default CPU model runs decode attention and small expert batches in the native kernels
+    # (built with the system C compiler) and the other matmuls on oneDNN-packed weights.
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    assert native.load_kernels().available == (compiler is not None), native.load_kernels().reason
+    expected_native = prefill_and_decode(model)
+    experts = [m for m in model.modules() if isinstance(m, MoEExperts)]
+    assert experts and all((e.packed13 is None) == native.load_kernels().available for e in experts)
+    assert any(m.packed is not None for m in model.modules() if isinstance(m, Linear)), "the CPU model was not packed"
+
+    without_native_kernels(monkeypatch)
+    # Without the native kernels the experts are packed for oneDNN instead, and hold no plain copy.
+    packed = build_model(open_checkpoint(ckpt_dir))
+    experts = [m for m in packed.modules() if isinstance(m, MoEExperts)]
+    assert all(e.packed13 is not None and e.w13.numel() == 0 and e.w2.numel() == 0 for e in experts)
+    plain = build_model(open_checkpoint(ckpt_dir), pack_weights=False)
+    assert all(m.packed is None for m in plain.modules() if isinstance(m, Linear))
+    reference = prefill_and_decode(plain)
+    for name, got in (("native kernels", expected_native), ("oneDNN-packed", prefill_and_decode(packed))):
+        for part, a, b in zip(("prefill", "decode"), got, reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} {part} logits differ from plain PyTorch")
 
 
 def test_bfloat16_packed_weights_match_the_plain_ones(ckpt_dir):

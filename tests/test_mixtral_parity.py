@@ -21,10 +21,10 @@ from tests.model_contract import (  # noqa: F401 - shared tests, run against thi
     test_batched_decode_matches_each_sequence_alone,
     test_bfloat16_packed_weights_match_the_plain_ones,
     test_chunked_prefill_matches_one_shot_prefill,
-    test_cpu_packed_weights_match_the_plain_ones,
     test_fused_expert_names_of_transformers_state_dict_load_the_same,
     test_greedy_generation_matches_transformers_generate,
     test_mixed_prefill_chunks_and_decodes_in_one_forward_match_separate_calls,
+    test_native_kernels_and_packed_weights_match_the_plain_pytorch_path,
 )
 
 

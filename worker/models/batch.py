@@ -37,6 +37,7 @@ class AttentionGroup:
     num_tokens: int
     block_tables: torch.Tensor  # [B, nb] padded with block 0 (masked out)
     kv_len: int  # key positions [0, kv_len) are attended to (the furthest query's position + 1)
+    seq_lens: torch.Tensor  # [B] each sequence's key count (its last query's position + 1)
     masks: dict[int | None, torch.Tensor]  # by sliding window: [B, 1, T, kv_len], True where a query sees a key
 
 
@@ -111,7 +112,8 @@ class ForwardBatch:
             for window in windows:
                 mask = causal if window is None else causal & (key_pos > query_pos - window)
                 masks[window] = mask.unsqueeze(1)  # [B, 1, T, L]
-            groups.append(AttentionGroup(start, stop, len(members), length, tables, kv_len, masks))
+            seq_lens = tensor([chunks[i].start + length for i in members])  # [B]
+            groups.append(AttentionGroup(start, stop, len(members), length, tables, kv_len, seq_lens, masks))
 
         if all_logits:
             logits_indices = None

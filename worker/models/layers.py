@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.worker import native
 from moemesh.worker.kv_cache import PagedKVCache
-from moemesh.worker.models.batch import ForwardBatch
+from moemesh.worker.models.batch import AttentionGroup, ForwardBatch
 from moemesh.worker.models.packing import pack_weight, packed_linear, packing_available
 
 
@@ -149,27 +150,34 @@ class Attention(nn.Module):
         k = apply_rotary(self.k_norm(k.view(N, self.num_kv_heads, self.head_dim)), rotation.cos, rotation.sin)
         cache.write(layer, batch.slots, k, v.view(N, self.num_kv_heads, self.head_dim))
         window = batch.layer_windows[layer]
-        # PyTorch's CPU attention kernel is several times slower in 16-bit floats than in float32
-        # (measured: bf16 2.4 ms vs fp32 0.4 ms for a 32-sequence decode); the casts cost far less.
-        upcast = x.device.type == "cpu" and x.dtype != torch.float32
-        outputs = []
-        for group in batch.groups:
-            B, T = group.num_seqs, group.num_tokens
-            keys, values = cache.gather(layer, group.block_tables)  # [B, nb*bs, n_kv, D]
-            queries = q[group.start : group.stop].view(B, T, self.num_heads, self.head_dim)
-            keys, values = keys[:, : group.kv_len], values[:, : group.kv_len]
-            if upcast:
-                queries, keys, values = queries.float(), keys.float(), values.float()
-            out = F.scaled_dot_product_attention(
-                queries.transpose(1, 2),  # [B, nh, T, D]
-                keys.transpose(1, 2),  # [B, n_kv, L, D]
-                values.transpose(1, 2),
-                attn_mask=group.masks[window],
-                enable_gqa=True,
-            )  # [B, nh, T, D]
-            outputs.append(out.transpose(1, 2).reshape(B * T, self.num_heads * self.head_dim).to(x.dtype))
+        outputs = [self._attend(q[group.start : group.stop], group, cache, layer, window) for group in batch.groups]
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, nh*D], groups are in row order
         return self.o_proj(attended)
+
+    def _attend(
+        self, q: torch.Tensor, group: AttentionGroup, cache: PagedKVCache, layer: int, window: int | None
+    ) -> torch.Tensor:
+        """One group's queries q [B*T, nh, D] against their cached keys -> [B*T, nh*D]."""
+        B, T = group.num_seqs, group.num_tokens
+        if T == 1 and native.decode_attention_supported(q, cache.k[layer]):
+            # Decode: the native kernel reads each sequence's blocks in place, no gathered copy.
+            out = native.paged_decode_attention(q, cache.k[layer], cache.v[layer], group.block_tables, group.seq_lens, window)
+            return out.view(B, self.num_heads * self.head_dim)
+        keys, values = cache.gather(layer, group.block_tables)  # [B, nb*bs, n_kv, D]
+        queries = q.view(B, T, self.num_heads, self.head_dim)
+        keys, values = keys[:, : group.kv_len], values[:, : group.kv_len]
+        # PyTorch's CPU attention kernel is several times slower in 16-bit floats than in float32
+        # (measured: bf16 2.4 ms vs fp32 0.4 ms for a 32-sequence decode); the casts cost far less.
+        if q.device.type == "cpu" and q.dtype != torch.float32:
+            queries, keys, values = queries.float(), keys.float(), values.float()
+        out = F.scaled_dot_product_attention(
+            queries.transpose(1, 2),  # [B, nh, T, D]
+            keys.transpose(1, 2),  # [B, n_kv, L, D]
+            values.transpose(1, 2),
+            attn_mask=group.masks[window],
+            enable_gqa=True,
+        )  # [B, nh, T, D]
+        return out.transpose(1, 2).reshape(B * T, self.num_heads * self.head_dim).to(q.dtype)
 
 
 class GateUpLinear(Linear):
@@ -213,6 +221,11 @@ class TopKRouter(nn.Module):
         return topk_ids, topk_weights
 
 
+# Most rows per expert for which the native kernel beats a library GEMM on the plain weights
+# (2-core bench machine: 3x faster at 8 rows, 1.4x at 32, even at about 100; see bench/engine_bench.py).
+NATIVE_MAX_ROWS = 64
+
+
 class MoEExperts(nn.Module):
     """SwiGLU experts stacked in tensors, addressed by expert index.
 
@@ -236,9 +249,11 @@ class MoEExperts(nn.Module):
         """Pack each expert's matrices for oneDNN when the device and dtype allow.
 
         Every expert path then runs on the packed copies; with `release` the
-        stacked tensors are dropped, so the weights are held once.
+        stacked tensors are dropped, so the weights are held once. Where the
+        native kernels run (float32 on the CPU), the stacked tensors stay as
+        they are: the native kernel reads them, faster than oneDNN at decode.
         """
-        if self.packed13 is not None or not packing_available(self.w13[0]):
+        if self.packed13 is not None or not packing_available(self.w13[0]) or native.kernels_supported(self.w13):
             return False
         self.packed13 = [pack_weight(w) for w in self.w13]
         self.packed2 = [pack_weight(w) for w in self.w2]
@@ -265,6 +280,10 @@ class MoEExperts(nn.Module):
         token_of = order // k  # [T*k] token of each grouped assignment
         weight_of = topk_weights.flatten()[order]  # [T*k]
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync
+        if self.packed13 is None and max(counts) <= NATIVE_MAX_ROWS and native.kernels_supported(x):
+            chosen = None if expert_ids is None else {int(e) for e in expert_ids}
+            wanted = [chosen is None or e in chosen for e in range(self.num_experts)]
+            return native.moe_experts(x, token_of, weight_of, counts, wanted, self.w13, self.w2)
         if expert_ids is None and self.packed13 is None and self._stack_pays(counts):
             return self._stacked_forward(x, flat_ids[order], token_of, weight_of, counts)
         wanted = range(self.num_experts) if expert_ids is None else {int(e) for e in expert_ids}

@@ -1,0 +1,140 @@
+"""The native CPU kernels (built here with the system C compiler) against plain PyTorch references."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moemesh.worker import native
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if (shutil.which("cc") or shutil.which("gcc")) is None:
+        pytest.skip("no C compiler on this machine: the native kernels cannot exist here")
+    loaded = native.load_kernels()
+    assert loaded.available, f"the native kernels failed to build: {loaded.reason}"
+    return loaded
+
+
+def paged_cache(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def reference_decode(q, k, v, tables, lens, window):
+    """Gather each sequence's blocks and run SDPA with a mask: the portable path."""
+    B, nb = tables.shape
+    block_size = k.shape[1]
+    keys = k[tables].view(B, nb * block_size, *k.shape[2:]).transpose(1, 2)
+    values = v[tables].view(B, nb * block_size, *v.shape[2:]).transpose(1, 2)
+    pos = torch.arange(nb * block_size)
+    mask = pos[None] < lens[:, None]
+    if window:
+        mask &= pos[None] >= lens[:, None] - window
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None], enable_gqa=True)
+    return out[:, :, 0]
+
+
+@pytest.mark.parametrize(
+    "num_seqs,num_heads,num_kv_heads,head_dim,window",
+    [(32, 8, 4, 64, None), (5, 4, 4, 32, None), (1, 8, 2, 48, None), (7, 6, 1, 16, 9), (3, 4, 2, 128, 40)],
+)
+def test_paged_decode_attention_matches_gather_and_sdpa(num_seqs, num_heads, num_kv_heads, head_dim, window):
+    block_size, per_seq = 4, 12
+    k, v = paged_cache(num_seqs * per_seq + 3, block_size, num_kv_heads, head_dim)
+    g = torch.Generator().manual_seed(1)
+    # Scattered, shuffled blocks, as a long-running block manager hands them out.
+    tables = torch.randperm(num_seqs * per_seq + 3, generator=g)[: num_seqs * per_seq].view(num_seqs, per_seq)
+    lens = torch.randint(1, per_seq * block_size + 1, (num_seqs,), generator=g)
+    q = torch.randn(num_seqs, num_heads, head_dim, generator=g)
+    got = native.paged_decode_attention(q, k, v, tables, lens, window)
+    torch.testing.assert_close(got, reference_decode(q, k, v, tables, lens, window), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_decode_attention_rejects_out_of_range_tables_and_lengths():
+    k, v = paged_cache(8, 4, 2, 16)
+    q = torch.randn(2, 4, 16)
+    tables = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match="out of range"):
+        native.paged_decode_attention(q, k, v, tables, torch.tensor([3, 9]), None)  # 9 keys need 3 blocks
+    with pytest.raises(ValueError, match="out of range"):
+        native.paged_decode_attention(q, k, v, torch.tensor([[0, 1], [2, 8]]), torch.tensor([3, 8]), None)
+    with pytest.raises(ValueError, match="shapes"):
+        native.paged_decode_attention(torch.randn(2, 3, 16), k, v, tables, torch.tensor([3, 8]), None)
+    # The kernel still serves a valid call afterwards.
+    lens = torch.tensor([3, 8])
+    torch.testing.assert_close(native.paged_decode_attention(q, k, v, tables, lens, None),
+                               reference_decode(q, k, v, tables, lens, None), rtol=1e-5, atol=1e-5)
+
+
+def reference_experts(x, token_of, weight_of, counts, wanted, w13, w2):
+    out, start = torch.zeros_like(x), 0
+    for e, count in enumerate(counts):
+        rows, weights = token_of[start : start + count], weight_of[start : start + count]
+        start += count
+        if count and wanted[e]:
+            gate, up = F.linear(x[rows], w13[e]).chunk(2, dim=-1)
+            out.index_add_(0, rows, F.linear(F.silu(gate) * up, w2[e]) * weights[:, None])
+    return out
+
+
+def routed(num_tokens: int, num_experts: int, top_k: int, seed: int):
+    """A random top-k routing, laid out as MoEExperts does: assignments grouped by expert."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)])  # [T, k]
+    weights = torch.rand(num_tokens, top_k, generator=g)
+    order = ids.flatten().argsort(stable=True)
+    counts = torch.bincount(ids.flatten(), minlength=num_experts).tolist()
+    return order // top_k, weights.flatten()[order], counts
+
+
+@pytest.mark.parametrize(
+    "num_tokens,hidden,inter,num_experts,top_k",
+    [(32, 64, 96, 8, 2), (3, 48, 40, 4, 2), (40, 33, 17, 4, 3), (1, 64, 64, 8, 2)],  # 33, 17: no 16-wide vector path
+)
+def test_moe_experts_match_the_per_expert_pytorch_loop(num_tokens, hidden, inter, num_experts, top_k):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(num_tokens, hidden, generator=g)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5
+    token_of, weight_of, counts = routed(num_tokens, num_experts, top_k, seed=3)
+    for wanted in ([True] * num_experts, [e % 2 == 1 for e in range(num_experts)]):
+        got = native.moe_experts(x, token_of, weight_of, counts, wanted, w13, w2)
+        expected = reference_experts(x, token_of, weight_of, counts, wanted, w13, w2)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_moe_experts_reject_inconsistent_assignments():
+    x, w13, w2 = torch.randn(4, 16), torch.randn(2, 32, 16), torch.randn(2, 16, 16)
+    with pytest.raises(ValueError, match="add up"):
+        native.moe_experts(x, torch.tensor([0, 1, 2]), torch.ones(3), [1, 1], [True, True], w13, w2)
+    with pytest.raises(ValueError, match="token_of"):
+        native.moe_experts(x, torch.tensor([0, 9]), torch.ones(2), [1, 1], [True, True], w13, w2)
+    with pytest.raises(ValueError, match="shapes"):
+        native.moe_experts(x, torch.tensor([0, 1]), torch.ones(2), [1, 1], [True, True], w13, torch.randn(2, 16, 8))
+
+
+def test_the_build_is_cached_and_a_failed_build_leaves_the_pytorch_path(tmp_path, monkeypatch):
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    first = native.build_library(compiler, tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert native.build_library(compiler, tmp_path) == first and first.stat().st_mtime_ns == stamp, "rebuilt needlessly"
+
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("MOEMESH_CACHE_DIR", str(tmp_path / "other"))
+    failed = native.load_kernels.__wrapped__()
+    assert not failed.available and "failed" in failed.reason
+    monkeypatch.setenv("MOEMESH_NATIVE_KERNELS", "0")
+    assert "MOEMESH_NATIVE_KERNELS" in native.load_kernels.__wrapped__().reason
+
+
+def test_loading_the_kernels_leaves_the_process_float_environment_alone():
+    # A library linked with -ffast-math would switch the whole process to flushing subnormals to zero.
+    smallest = 5e-324  # the smallest positive subnormal double
+    assert smallest * 1.0 > 0.0, "subnormal doubles are flushed to zero in this process"
+    assert torch.tensor(1e-40, dtype=torch.float32).mul(1.0).item() > 0.0, "subnormal floats are flushed to zero"

@@ -1,0 +1,229 @@
+"""Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
+
+PyTorch has no CPU attention that reads a paged KV cache in place; the
+portable path gathers each sequence's blocks into a dense copy first, which
+moves the cache three times per decode step. `paged_attention.c` reads it
+once. It is plain C (OpenMP and the compiler's vectorizer), built here
+rather than at install time so that it is tuned for the CPU it runs on
+(`-march=native`) and the package stays pure Python.
+
+The build is cached under `$MOEMESH_CACHE_DIR/native` (default
+`~/.cache/moemesh/native`), keyed by the source, the compiler, the flags and
+the CPU, and written atomically so that concurrent workers share it. Where no
+compiler is found or the build fails, `load_kernels` returns None with the
+reason and callers keep the portable PyTorch path; `MOEMESH_NATIVE_KERNELS=0`
+turns the kernels off.
+
+The library links the OpenMP runtime by its soname, `libgomp.so.1`. PyTorch
+(imported first, here) has already loaded its own copy under that soname,
+so the dynamic loader binds the kernels to it: one thread pool for both,
+rather than two pools fighting over the same cores.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("paged_attention.c", "moe_experts.c")
+# -ffast-math lets the compiler vectorize reductions and call glibc's vector expf. It is a compile
+# flag only: linked with it, gcc adds a start-up routine that flushes subnormal floats to zero for
+# the whole process (every thread, PyTorch included), so the library is linked in a second step.
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+LINK_FLAGS = ("-shared", "-fopenmp", "-lm")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The loaded library, or why there is none."""
+
+    library: ctypes.CDLL | None
+    reason: str = ""  # why `library` is None
+
+    @property
+    def available(self) -> bool:
+        return self.library is not None
+
+
+def _cpu_identity() -> str:
+    """What `-march=native` depends on: the machine and, on Linux, the CPU model and flags."""
+    parts = [platform.machine()]
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                parts.append(line)
+            if len(parts) == 3:
+                break
+    except OSError:
+        parts.append(platform.processor())
+    return "\n".join(parts)
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _cache_dir() -> pathlib.Path:
+    root = os.environ.get("MOEMESH_CACHE_DIR") or pathlib.Path.home() / ".cache" / "moemesh"
+    return pathlib.Path(root) / "native"
+
+
+def build_library(compiler: str, out_dir: pathlib.Path) -> pathlib.Path:
+    """Compile the kernels (or reuse a cached build); returns the shared library's path."""
+    here = pathlib.Path(__file__).resolve().parent
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    digest = hashlib.sha256()
+    for part in (*[(here / s).read_bytes() for s in SOURCES], version, " ".join(COMPILE_FLAGS + LINK_FLAGS), _cpu_identity()):
+        digest.update(part if isinstance(part, bytes) else part.encode())
+    target = out_dir / digest.hexdigest()[:20] / "libmoemesh_kernels.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        objects = []
+        for source in SOURCES:
+            objects.append(str(pathlib.Path(work) / f"{source}.o"))
+            _run([compiler, *COMPILE_FLAGS, "-c", str(here / source), "-o", objects[-1]])
+        partial = pathlib.Path(work) / target.name
+        _run([compiler, *objects, "-o", str(partial), *LINK_FLAGS])
+        os.replace(partial, target)  # atomic: a concurrent build of the same key is harmless
+    return target
+
+
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
+
+
+def _declare(library: ctypes.CDLL) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn = library.moemesh_paged_decode_attention
+    fn.argtypes = [ptr] * 6 + [i64] * 8 + [ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = library.moemesh_moe_experts
+    fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    fn.restype = None
+
+
+@functools.cache
+def load_kernels() -> Kernels:
+    """The native kernels for this process, built on first call; never raises."""
+    if os.environ.get("MOEMESH_NATIVE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+        return Kernels(None, "turned off by MOEMESH_NATIVE_KERNELS")
+    if platform.system() != "Linux":
+        return Kernels(None, f"native kernels are built on Linux only, not {platform.system()}")
+    compiler = _compiler()
+    if compiler is None:
+        return Kernels(None, "no C compiler found (set CC, or install gcc)")
+    try:
+        path = build_library(compiler, _cache_dir())
+        library = ctypes.CDLL(str(path))
+        _declare(library)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        log.warning("native CPU kernels unavailable, using the PyTorch path: %s", exc)
+        return Kernels(None, str(exc))
+    log.info("native CPU kernels loaded from %s", path)
+    return Kernels(library)
+
+
+def decode_attention_supported(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
+    """Whether `paged_decode_attention` handles these tensors: float32 on the CPU, kernels loaded."""
+    return q.device.type == "cpu" and q.dtype == torch.float32 and cache_k.dtype == torch.float32 and load_kernels().available
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    window: int | None,
+) -> torch.Tensor:
+    """One query per sequence attending to its cached keys: q [B, nh, D] -> [B, nh, D].
+
+    cache_k, cache_v [num_blocks, block_size, n_kv, D]; block_tables [B, nb]
+    int64; seq_lens [B] int64 (keys [0, seq_len), the query at seq_len - 1);
+    `window` limits each query to its last `window` keys.
+    """
+    library = load_kernels().library
+    if library is None:
+        raise RuntimeError(f"native kernels unavailable: {load_kernels().reason}")
+    B, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, _ = cache_k.shape
+    if num_heads % num_kv_heads or cache_k.shape != cache_v.shape or cache_k.shape[3] != head_dim:
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, cache {tuple(cache_k.shape)}")
+    q, tables, lens = q.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
+    if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    if tables.dtype != torch.int64 or lens.dtype != torch.int64 or tables.shape[0] != B or lens.shape != (B,):
+        raise ValueError("block_tables [B, nb] and seq_lens [B] must be int64")
+    out = torch.empty_like(q)
+    failed = library.moemesh_paged_decode_attention(
+        q.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        B, num_heads, num_kv_heads, head_dim, block_size, tables.shape[1], num_blocks, window or 0, head_dim**-0.5,
+        torch.get_num_threads(),
+    )
+    if failed == 2:
+        raise ValueError(f"a sequence length or block id is out of range ({num_blocks} blocks of {block_size})")
+    if failed:
+        raise MemoryError("paged decode attention could not allocate its scratch memory")
+    return out
+
+
+def kernels_supported(x: torch.Tensor) -> bool:
+    """Whether the native kernels handle tensors like `x`: float32 on the CPU, with the kernels loaded."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and load_kernels().available
+
+
+def moe_experts(
+    x: torch.Tensor,
+    token_of: torch.Tensor,
+    weight_of: torch.Tensor,
+    counts: list[int],
+    wanted: list[bool],
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+) -> torch.Tensor:
+    """The weighted sum of each token's experts, in one native call: x [T, H] -> [T, H].
+
+    token_of [R] int64 and weight_of [R] float32 list the (token, expert)
+    assignments grouped by expert, `counts[e]` of them for expert e;
+    experts with `wanted[e]` False contribute nothing. w13 [E, 2I, H] holds
+    each expert's gate then up rows, w2 [E, H, I] its down projection.
+    """
+    library = load_kernels().library
+    if library is None:
+        raise RuntimeError(f"native kernels unavailable: {load_kernels().reason}")
+    T, H = x.shape
+    E, I2, _ = w13.shape
+    if w13.shape[2] != H or w2.shape != (E, H, I2 // 2) or len(counts) != E or len(wanted) != E:
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    if sum(counts) != token_of.shape[0] or weight_of.shape != token_of.shape or min(counts, default=0) < 0:
+        raise ValueError("counts must add up to the assignments in token_of and weight_of")
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    token_of, weight_of = token_of.to(torch.int64).contiguous(), weight_of.to(torch.float32).contiguous()
+    if token_of.numel() and (int(token_of.min()) < 0 or int(token_of.max()) >= T):
+        raise ValueError(f"token_of must index rows of x [0, {T})")
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    wanted_t = torch.tensor([bool(w) for w in wanted], dtype=torch.uint8)
+    scratch = x.new_empty(max(max(counts, default=0), 1), I2)
+    out = torch.empty_like(x)
+    library.moemesh_moe_experts(
+        x.data_ptr(), T, token_of.data_ptr(), weight_of.data_ptr(), counts_t.data_ptr(), wanted_t.data_ptr(), E,
+        w13.data_ptr(), w2.data_ptr(), H, I2 // 2, scratch.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+    )
+    return out
