@@ -28,6 +28,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 LAYOUT_VERSION = 1  # bump when the payload layout changes: old entries then never match
 MAGIC = b"MMKV"
 _HEADER_LEN = struct.Struct("<4sI")  # magic, header length
+RECENT_LOOKUPS = 256  # lookup latencies kept for the p50 gauges
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class TierStats:
     dropped: int = 0  # blocks not written (writer queue full)
     bytes_read: int = 0
     bytes_written: int = 0
-    lookup_seconds: list[float] = field(default_factory=list)  # recent lookup latencies
+    lookup_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LOOKUPS))  # recent latencies
 
 
 class CircuitBreaker:
@@ -165,7 +167,7 @@ class RedisKVTier:
             self._failed("lookup", exc)
             return []
         self.breaker.success()
-        self._record_latency(time.perf_counter() - start)
+        self.stats.lookup_seconds.append(time.perf_counter() - start)
         payloads = []
         for raw, parent, token_ids in zip(raws, parents, tokens):
             if raw is None:
@@ -231,8 +233,3 @@ class RedisKVTier:
         self.stats.errors += 1
         self.breaker.failure()
         log.warning("KV tier %s failed: %s", what, exc)
-
-    def _record_latency(self, seconds: float) -> None:
-        self.stats.lookup_seconds.append(seconds)
-        if len(self.stats.lookup_seconds) > 1024:
-            del self.stats.lookup_seconds[:512]

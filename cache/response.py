@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from moemesh.cache.kv_tier import CircuitBreaker
+from moemesh.cache.kv_tier import RECENT_LOOKUPS, CircuitBreaker
 from moemesh.v1 import common_pb2, generation_pb2, worker_pb2
 
 FORMAT_VERSION = "v1"
@@ -53,12 +53,8 @@ class CacheStats:
     bytes_written: int = 0
     joined: int = 0  # single-flight followers (response cache)
     local_hits: int = 0  # hits served from the gateway's own memory
-    lookup_seconds: list[float] = field(default_factory=list)
-
-    def record_latency(self, seconds: float) -> None:
-        self.lookup_seconds.append(seconds)
-        if len(self.lookup_seconds) > 1024:
-            del self.lookup_seconds[:512]
+    # recent lookup latencies, for the p50 gauge
+    lookup_seconds: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=RECENT_LOOKUPS))
 
 
 def is_deterministic(sampling: common_pb2.SamplingParams, model_defaults_greedy: bool = False) -> bool:
@@ -195,7 +191,7 @@ class ResponseCache:
             self.breaker.failure()
             return None
         self.breaker.success()
-        self.stats.record_latency(time.perf_counter() - start)
+        self.stats.lookup_seconds.append(time.perf_counter() - start)
         if raw is None:
             self.stats.misses += 1
             return None
@@ -308,7 +304,7 @@ class EmbeddingCache:
             self.breaker.failure()
             return [None] * len(keys)
         self.breaker.success()
-        self.stats.record_latency(time.perf_counter() - start)
+        self.stats.lookup_seconds.append(time.perf_counter() - start)
         found = []
         for raw in raws:
             if raw is not None and len(raw) == 4 * dimensions + 4:

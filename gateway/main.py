@@ -17,7 +17,7 @@ from moemesh.gateway.journal import Journal
 from moemesh.gateway.service import EmbeddingsServicer, GenerationServicer, ModelsServicer
 from moemesh.gateway.tenants import Authenticator, TenantRegistry
 from moemesh.services.core.entrypoint import service_main
-from moemesh.services.core.metrics import counter, gauge, serve_metrics
+from moemesh.services.core.metrics import counter, gauge, median, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.scheduler.client import SchedulerClient
 from moemesh.v1 import (
@@ -99,7 +99,6 @@ def cache_metrics(caches: GatewayCaches | None) -> list:
     families = []
     for tier, stats in (("response", caches.responses.stats), ("embedding", caches.embeddings.stats)):
         labels = {"tier": tier}
-        recent = sorted(stats.lookup_seconds[-256:])
         families += [
             counter("moemesh_cache_hits", "Cache hits.", stats.hits, labels),
             counter("moemesh_cache_misses", "Cache misses.", stats.misses, labels),
@@ -108,7 +107,7 @@ def cache_metrics(caches: GatewayCaches | None) -> list:
             counter("moemesh_cache_read_bytes", "Bytes read from the cache.", stats.bytes_read, labels),
             counter("moemesh_cache_written_bytes", "Bytes written to the cache.", stats.bytes_written, labels),
             gauge("moemesh_cache_lookup_seconds_p50", "Median of recent lookups.",
-                  {(tier,): recent[len(recent) // 2] if recent else 0.0}, ["tier"]),
+                  {(tier,): median(stats.lookup_seconds)}, ["tier"]),
         ]
     families.append(counter("moemesh_cache_single_flight_joined", "Requests that followed an identical one.",
                             caches.responses.stats.joined, {"tier": "response"}))

@@ -116,6 +116,7 @@ def test_cache_metrics_count_hits_misses_and_bytes_per_tier(mesh):
     assert values[("moemesh_cache_misses_total", "response")] >= 1
     assert values[("moemesh_cache_written_bytes_total", "response")] > 0
     assert ("moemesh_cache_hits_total", "embedding") in values
+    assert values[("moemesh_cache_lookup_seconds_p50", "response")] > 0, "the median of recent Redis lookups is missing"
 
 
 def audit_records(mesh) -> list[dict]:

@@ -14,7 +14,7 @@ import torch
 
 from moemesh.cache.kv_tier import BlockSpec, RedisKVTier
 from moemesh.services.core.entrypoint import service_main
-from moemesh.services.core.metrics import counter, gauge, serve_metrics
+from moemesh.services.core.metrics import counter, gauge, median, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.core.tls import aio_channel, server_credentials
 from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
@@ -149,8 +149,6 @@ class WorkerProcess:
         if tier is None:
             return []
         t = tier.stats
-        recent = sorted(t.lookup_seconds[-256:])
-        p50 = recent[len(recent) // 2] if recent else 0.0
         return [
             counter("moemesh_kv_tier_hit_blocks", "Prefix blocks served from the Redis tier.", t.hits, labels),
             counter("moemesh_kv_tier_miss_blocks", "Prefix blocks looked up and absent.", t.misses, labels),
@@ -160,7 +158,7 @@ class WorkerProcess:
             counter("moemesh_kv_tier_stored_blocks", "Blocks written to the tier.", t.stored, labels),
             counter("moemesh_kv_tier_read_bytes", "Bytes read from the tier.", t.bytes_read, labels),
             counter("moemesh_kv_tier_written_bytes", "Bytes written to the tier.", t.bytes_written, labels),
-            gauge("moemesh_kv_tier_lookup_seconds_p50", "Median of recent tier lookups.", p50),
+            gauge("moemesh_kv_tier_lookup_seconds_p50", "Median of recent tier lookups.", median(t.lookup_seconds)),
         ]
 
     def registration(self) -> scheduler_pb2.RegisterRequest:

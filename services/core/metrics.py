@@ -42,6 +42,12 @@ def gauge(name: str, doc: str, samples: dict[tuple[str, ...], float] | float, la
     return family
 
 
+def median(samples: Iterable[float]) -> float:
+    """The median of `samples` (0.0 for none): the p50 gauges of recent latencies."""
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 2] if ordered else 0.0
+
+
 def serve_metrics(host: str, port: int, snapshot: Callable[[], Iterable[Metric]]) -> tuple[str, Callable[[], None]]:
     """Expose `snapshot`'s metrics on http://host:port/metrics (port 0: a free one); returns (address, stop)."""
     registry = CollectorRegistry()
