@@ -9,7 +9,7 @@
 Shapes follow the ~100M bench checkpoint (hidden 512, 8 heads / 4 kv heads
 of 64, 8 experts of 1024). Each contender keeps its best of --repeats.
 
-    python bench/native_bench.py [--context 165] [--repeats 20]
+    python bench/native_bench.py [--context 165] [--tokens 32] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -59,15 +59,15 @@ def attention(context: int, repeats: int) -> None:
           f"gather + SDPA {b:.2f} ms, ratio {b / a:.2f}x")
 
 
-def experts(repeats: int) -> None:
+def experts(tokens: int, repeats: int) -> None:
     w13 = [torch.randn(EXPERTS, 2 * INTER, HIDDEN) for _ in range(LAYERS)]
     w2 = [torch.randn(EXPERTS, HIDDEN, INTER) for _ in range(LAYERS)]
     packed = [([torch.ops.mkldnn._reorder_linear_weight(w) for w in a], [torch.ops.mkldnn._reorder_linear_weight(w) for w in b])
               for a, b in zip(w13, w2)]
-    x = torch.randn(SEQS, HIDDEN)
-    ids = torch.stack([torch.randperm(EXPERTS)[:TOP_K] for _ in range(SEQS)])
+    x = torch.randn(tokens, HIDDEN)
+    ids = torch.stack([torch.randperm(EXPERTS)[:TOP_K] for _ in range(tokens)])
     order = ids.flatten().argsort(stable=True)
-    token_of, weight_of = order // TOP_K, torch.rand(SEQS * TOP_K)[order]
+    token_of, weight_of = order // TOP_K, torch.rand(tokens * TOP_K)[order]
     counts = torch.bincount(ids.flatten(), minlength=EXPERTS).tolist()
 
     def fused():
@@ -95,13 +95,14 @@ def experts(repeats: int) -> None:
     b = best_ms(looped(onednn(0), onednn(1)), repeats)
     c = best_ms(looped(plain(w13), plain(w2)), repeats)
     gbs = LAYERS * EXPERTS * 3 * HIDDEN * INTER * 4 / a / 1e6
-    print(f"experts, {LAYERS} layers, {SEQS} tokens top-{TOP_K} of {EXPERTS}: native {a:.2f} ms ({gbs:.0f} GB/s of weights), "
+    print(f"experts, {LAYERS} layers, {tokens} tokens top-{TOP_K} of {EXPERTS}: native {a:.2f} ms ({gbs:.0f} GB/s of weights), "
           f"oneDNN packed {b:.2f} ms ({b / a:.2f}x), F.linear {c:.2f} ms ({c / a:.2f}x)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=165, help="keys per sequence (mid-run of the engine benchmark)")
+    parser.add_argument("--tokens", type=int, default=SEQS, help="token rows of the expert layer (32: a decode step)")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     kernels = native.load_kernels()
@@ -109,7 +110,7 @@ def main() -> None:
         raise SystemExit(f"native kernels unavailable: {kernels.reason}")
     print(f"{torch.get_num_threads()} threads")
     attention(args.context, args.repeats)
-    experts(args.repeats)
+    experts(args.tokens, args.repeats)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """One group's queries q [B*T, nh, D] against their cached keys -> [B*T, nh*D]."""
         B, T = group.num_seqs, group.num_tokens
-        if T == 1 and native.decode_attention_supported(q, cache.k[layer]):
+        if T == 1 and native.kernels_supported(q):  # the cache has the model dtype, as q does
             # Decode: the native kernel reads each sequence's blocks in place, no gathered copy.
             out = native.paged_decode_attention(q, cache.k[layer], cache.v[layer], group.block_tables, group.seq_lens, window)
             return out.view(B, self.num_heads * self.head_dim)
@@ -221,8 +221,10 @@ class TopKRouter(nn.Module):
         return topk_ids, topk_weights
 
 
-# Most rows per expert for which the native kernel beats a library GEMM on the plain weights
-# (2-core bench machine: 3x faster at 8 rows, 1.4x at 32, even at about 100; see bench/engine_bench.py).
+# Most rows per expert sent to the native kernel; larger batches (prefill) take the library GEMM on
+# the plain weights. Against that GEMM the kernel measured 3.0x faster at 8 rows, 1.9x at 32, 1.3x
+# at 64 and 1.1x at 128 on the 2-core bench machine, with its lead shrinking as rows grow
+# (bench/native_bench.py --tokens 32 / 128 / 256 / 512, top-2 of 8 experts).
 NATIVE_MAX_ROWS = 64
 
 

@@ -140,9 +140,16 @@ def load_kernels() -> Kernels:
     return Kernels(library)
 
 
-def decode_attention_supported(q: torch.Tensor, cache_k: torch.Tensor) -> bool:
-    """Whether `paged_decode_attention` handles these tensors: float32 on the CPU, kernels loaded."""
-    return q.device.type == "cpu" and q.dtype == torch.float32 and cache_k.dtype == torch.float32 and load_kernels().available
+def kernels_supported(x: torch.Tensor) -> bool:
+    """Whether the native kernels handle tensors like `x`: float32 on the CPU, with the kernels loaded."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and load_kernels().available
+
+
+def _library() -> ctypes.CDLL:
+    kernels = load_kernels()
+    if kernels.library is None:
+        raise RuntimeError(f"native kernels unavailable: {kernels.reason}")
+    return kernels.library
 
 
 def paged_decode_attention(
@@ -159,9 +166,7 @@ def paged_decode_attention(
     int64; seq_lens [B] int64 (keys [0, seq_len), the query at seq_len - 1);
     `window` limits each query to its last `window` keys.
     """
-    library = load_kernels().library
-    if library is None:
-        raise RuntimeError(f"native kernels unavailable: {load_kernels().reason}")
+    library = _library()
     B, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, _ = cache_k.shape
     if num_heads % num_kv_heads or cache_k.shape != cache_v.shape or cache_k.shape[3] != head_dim:
@@ -184,11 +189,6 @@ def paged_decode_attention(
     return out
 
 
-def kernels_supported(x: torch.Tensor) -> bool:
-    """Whether the native kernels handle tensors like `x`: float32 on the CPU, with the kernels loaded."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and load_kernels().available
-
-
 def moe_experts(
     x: torch.Tensor,
     token_of: torch.Tensor,
@@ -205,9 +205,7 @@ def moe_experts(
     experts with `wanted[e]` False contribute nothing. w13 [E, 2I, H] holds
     each expert's gate then up rows, w2 [E, H, I] its down projection.
     """
-    library = load_kernels().library
-    if library is None:
-        raise RuntimeError(f"native kernels unavailable: {load_kernels().reason}")
+    library = _library()
     T, H = x.shape
     E, I2, _ = w13.shape
     if w13.shape[2] != H or w2.shape != (E, H, I2 // 2) or len(counts) != E or len(wanted) != E:

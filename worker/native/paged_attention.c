@@ -36,14 +36,19 @@ static inline const float *position_row(const Pages *pages, int64_t t) {
     return pages->pool + (pages->table[t / pages->block_size] * pages->block_size + t % pages->block_size) * pages->row;
 }
 
+/* The end of the run of positions from t that share t's block (one contiguous stretch of rows), capped at len. */
+static inline int64_t block_run_end(const Pages *pages, int64_t t, int64_t len) {
+    const int64_t block_end = t - t % pages->block_size + pages->block_size;
+    return block_end < len ? block_end : len;
+}
+
 /* Scores of query heads [h0, h1) against keys [start, len): scores[h * span + i], each row's maximum in maxima[h]. */
 static void head_scores(const float *q, const Pages *keys, int64_t start, int64_t len, int64_t h0, int64_t h1, int64_t group,
                         int64_t head_dim, float scale, float *scores, float *maxima) {
     const int64_t span = len - start;
     for (int64_t h = h0; h < h1; h++) maxima[h] = -INFINITY;
     for (int64_t t = start; t < len;) {
-        /* the run of positions that share t's block: one contiguous stretch of rows */
-        const int64_t run_end = t - t % keys->block_size + keys->block_size < len ? t - t % keys->block_size + keys->block_size : len;
+        const int64_t run_end = block_run_end(keys, t, len);
         const float *row = position_row(keys, t);
         for (; t < run_end; t++, row += keys->row) {
             for (int64_t h = h0; h < h1; h++) {
@@ -80,7 +85,7 @@ static void head_values(const float *scores, const float *inv_sums, const Pages 
     const int64_t span = len - start;
     for (int64_t i = h0 * head_dim; i < h1 * head_dim; i++) out[i] = 0.0f;
     for (int64_t t = start; t < len;) {
-        const int64_t run_end = t - t % values->block_size + values->block_size < len ? t - t % values->block_size + values->block_size : len;
+        const int64_t run_end = block_run_end(values, t, len);
         const float *row = position_row(values, t);
         for (; t < run_end; t++, row += values->row) {
             for (int64_t h = h0; h < h1; h++) {
