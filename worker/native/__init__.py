@@ -116,7 +116,7 @@ def _declare(library: ctypes.CDLL) -> None:
     fn.restype = ctypes.c_int
     fn = library.moemesh_moe_experts
     fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int]
-    fn.restype = None
+    fn.restype = ctypes.c_int
 
 
 @functools.cache
@@ -214,14 +214,14 @@ def moe_experts(
         raise ValueError("counts must add up to the assignments in token_of and weight_of")
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     token_of, weight_of = token_of.to(torch.int64).contiguous(), weight_of.to(torch.float32).contiguous()
-    if token_of.numel() and (int(token_of.min()) < 0 or int(token_of.max()) >= T):
-        raise ValueError(f"token_of must index rows of x [0, {T})")
     counts_t = torch.tensor(counts, dtype=torch.int64)
     wanted_t = torch.tensor([bool(w) for w in wanted], dtype=torch.uint8)
     scratch = x.new_empty(max(max(counts, default=0), 1), I2)
     out = torch.empty_like(x)
-    library.moemesh_moe_experts(
+    failed = library.moemesh_moe_experts(
         x.data_ptr(), T, token_of.data_ptr(), weight_of.data_ptr(), counts_t.data_ptr(), wanted_t.data_ptr(), E,
         w13.data_ptr(), w2.data_ptr(), H, I2 // 2, scratch.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )
+    if failed:
+        raise ValueError(f"token_of must index rows of x [0, {T})")
     return out

@@ -123,11 +123,15 @@ static void swiglu(int64_t count, int64_t inter, float *hidden) {
 }
 
 /* x [T, H]; token_of, weight_of [R] grouped by expert; counts, wanted [E]; w13 [E, 2I, H]; w2 [E, H, I];
-   scratch [max count, 2I]; out [T, H] (overwritten). */
-void moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *token_of, const float *weight_of,
+   scratch [max count, 2I]; out [T, H] (overwritten). Returns 0, or 2 when an assignment names no row of x. */
+int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *token_of, const float *weight_of,
                          const int64_t *counts, const uint8_t *wanted, int64_t num_experts, const float *w13,
                          const float *w2, int64_t hidden_size, int64_t inter, float *scratch, float *out,
                          int num_threads) {
+    int64_t assignments = 0;
+    for (int64_t e = 0; e < num_experts; e++) assignments += counts[e];
+    for (int64_t r = 0; r < assignments; r++)
+        if (token_of[r] < 0 || token_of[r] >= num_tokens) return 2;
     memset(out, 0, sizeof(float) * (size_t)(num_tokens * hidden_size));
 #pragma omp parallel num_threads(num_threads)
     {
@@ -144,4 +148,5 @@ void moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *toke
             project(&down, count, w2 + e * hidden_size * inter, inter, hidden_size);
         }
     }
+    return 0;
 }
