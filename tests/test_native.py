@@ -42,7 +42,8 @@ def reference_decode(q, k, v, tables, lens, window):
 
 @pytest.mark.parametrize(
     "num_seqs,num_heads,num_kv_heads,head_dim,window",
-    [(32, 8, 4, 64, None), (5, 4, 4, 32, None), (1, 8, 2, 48, None), (7, 6, 1, 16, 9), (3, 4, 2, 128, 40)],
+    [(32, 8, 4, 64, None), (5, 4, 4, 32, None), (1, 8, 2, 48, None), (7, 6, 1, 16, 9), (3, 4, 2, 128, 40),
+     (4, 4, 2, 40, None), (3, 2, 1, 256, 7)],  # 40, 256: outside the 16-wide vector path
 )
 def test_paged_decode_attention_matches_gather_and_sdpa(num_seqs, num_heads, num_kv_heads, head_dim, window):
     block_size, per_seq = 4, 12
@@ -95,7 +96,10 @@ def routed(num_tokens: int, num_experts: int, top_k: int, seed: int):
 
 @pytest.mark.parametrize(
     "num_tokens,hidden,inter,num_experts,top_k",
-    [(32, 64, 96, 8, 2), (3, 48, 40, 4, 2), (40, 33, 17, 4, 3), (1, 64, 64, 8, 2)],  # 33, 17: no 16-wide vector path
+    # A dimension that is not a multiple of 16 takes the plain loop for the product that runs along it;
+    # an odd intermediate size and a hidden size that is not a multiple of 4 leave partial tiles.
+    [(32, 64, 96, 8, 2), (3, 48, 40, 4, 2), (40, 33, 17, 4, 3), (1, 64, 64, 8, 2), (20, 32, 23, 4, 2),
+     (20, 18, 32, 4, 2), (100, 64, 32, 4, 2)],
 )
 def test_moe_experts_match_the_per_expert_pytorch_loop(num_tokens, hidden, inter, num_experts, top_k):
     g = torch.Generator().manual_seed(2)

@@ -221,11 +221,11 @@ class TopKRouter(nn.Module):
         return topk_ids, topk_weights
 
 
-# Most rows per expert sent to the native kernel; larger batches (prefill) take the library GEMM on
-# the plain weights. Against that GEMM the kernel measured 3.0x faster at 8 rows, 1.9x at 32, 1.3x
-# at 64 and 1.1x at 128 on the 2-core bench machine, with its lead shrinking as rows grow
-# (bench/native_bench.py --tokens 32 / 128 / 256 / 512, top-2 of 8 experts).
-NATIVE_MAX_ROWS = 64
+# Most rows per expert sent to the native kernel; larger batches (long prefills) take the library GEMM
+# on the plain weights. Against that GEMM the kernel measured 4.7x faster at 8 rows per expert, 1.9x
+# at 32, 2.0x at 64, 1.6x at 128 and 1.1x at 256, and 0.8x at 512, on the 2-core bench machine
+# (bench/native_bench.py --tokens 32 / 128 / 256 / 512 / 1024 / 2048, top-2 of 8 experts).
+NATIVE_MAX_ROWS = 256
 
 
 class MoEExperts(nn.Module):

@@ -39,6 +39,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = ("paged_attention.c", "moe_experts.c")
+HEADERS = ("simd.h",)
 # -ffast-math lets the compiler vectorize reductions and call glibc's vector expf. It is a compile
 # flag only: linked with it, gcc adds a start-up routine that flushes subnormal floats to zero for
 # the whole process (every thread, PyTorch included), so the library is linked in a second step.
@@ -86,7 +87,8 @@ def build_library(compiler: str, out_dir: pathlib.Path) -> pathlib.Path:
     here = pathlib.Path(__file__).resolve().parent
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256()
-    for part in (*[(here / s).read_bytes() for s in SOURCES], version, " ".join(COMPILE_FLAGS + LINK_FLAGS), _cpu_identity()):
+    sources = [(here / name).read_bytes() for name in SOURCES + HEADERS]
+    for part in (*sources, version, " ".join(COMPILE_FLAGS + LINK_FLAGS), _cpu_identity()):
         digest.update(part if isinstance(part, bytes) else part.encode())
     target = out_dir / digest.hexdigest()[:20] / "libmoemesh_kernels.so"
     if target.exists():
@@ -216,7 +218,7 @@ def moe_experts(
     token_of, weight_of = token_of.to(torch.int64).contiguous(), weight_of.to(torch.float32).contiguous()
     counts_t = torch.tensor(counts, dtype=torch.int64)
     wanted_t = torch.tensor([bool(w) for w in wanted], dtype=torch.uint8)
-    scratch = x.new_empty(max(max(counts, default=0), 1), I2)
+    scratch = x.new_empty(max(sum(counts), 1), I2)
     out = torch.empty_like(x)
     failed = library.moemesh_moe_experts(
         x.data_ptr(), T, token_of.data_ptr(), weight_of.data_ptr(), counts_t.data_ptr(), wanted_t.data_ptr(), E,

@@ -2,18 +2,27 @@
  *
  * In a decode step each expert sees a handful of rows (32 sequences, top-2
  * of 8 experts: about 8 each), so its SwiGLU is two matrix products that
- * read every weight once and do little arithmetic per weight: the time is
- * the weight stream. Library GEMMs are tuned for large products; at a
+ * read every weight once and do about as much arithmetic per weight as the
+ * cores can keep up with. Library GEMMs are tuned for large products; at a
  * handful of rows, with one call per matrix and per expert, they reach
  * about two thirds of the memory bandwidth. This kernel computes every
  * expert of the layer in one call, straight from the checkpoint layout
- * (w13 [E, 2I, H]: gate rows then up rows; w2 [E, H, I]): each weight row
- * is read once and multiplied with all of its expert's token rows, the
- * threads split each matrix's rows between them, and the SwiGLU, the
- * routing weights and the sum over each token's experts are fused in.
+ * (w13 [E, 2I, H]: gate rows then up rows; w2 [E, H, I]):
  *
  *   out[t] = sum over the (token t, expert e, weight g) assignments of
  *            g * w2[e] @ (silu(w1[e] @ x[t]) * (w3[e] @ x[t]))
+ *
+ * Two stages, one barrier between them. Stage 1: each thread owns a range of
+ * intermediate columns of every expert and computes the gate and up dots of
+ * those columns together, so the SwiGLU is applied as they come out. Stage 2:
+ * each thread owns a range of output columns and adds every expert's
+ * weighted down projection into them; a column has one writer, so the sums
+ * need no locks.
+ *
+ * The inner tile multiplies 4 weight rows with up to 6 token rows (24
+ * accumulators), loads each operand into a register once, and turns the 24
+ * accumulators into sums with a transposing shuffle tree rather than one
+ * horizontal reduction each.
  *
  * Assignments come grouped by expert: rows [offset_e, offset_e + counts[e])
  * of token_of / weight_of belong to expert e. Experts with wanted[e] == 0
@@ -22,108 +31,147 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
+#include <omp.h>
 
-#define TILE_ROWS 8 /* token rows multiplied with each weight row per pass */
-#define PREFETCH_ROWS 8
+#include "simd.h"
 
-/* dots[m][j] = row m of x . weight row j, for m < rows (<= TILE_ROWS) and j < 2; inputs are length k_len. */
-static inline __attribute__((always_inline)) void tile_dots(const float *const *x, int rows, const float *w0,
-                                                            const float *w1, int64_t k_len, float dots[][2]) {
+#define W_ROWS 4        /* weight rows per tile */
+#define T_ROWS 6        /* token rows per tile, at most */
+#define PREFETCH_ROWS 6 /* how far ahead (in weight rows) the stream is requested, on every pass */
+
+/* dots[m][j] = x row m . weight row j, for m < rows (<= T_ROWS) and j < W_ROWS; every row is k_len long.
+   The weight rows PREFETCH_ROWS ahead are requested into L2 as this tile reads its own: on this kind of
+   machine the hardware prefetcher alone reaches about half the bandwidth of a plain read
+   (bench/native_bench.py). */
+static inline __attribute__((always_inline)) void tile_dots(const float *const *x, int rows, const float *const *w,
+                                                            int64_t k_len, float dots[T_ROWS][W_ROWS]) {
 #if defined(__AVX512F__)
     if (k_len % 16 == 0) {
-        __m512 acc0[TILE_ROWS], acc1[TILE_ROWS];
-        for (int m = 0; m < rows; m++) acc0[m] = acc1[m] = _mm512_setzero_ps();
+        __m512 acc[T_ROWS * W_ROWS]; /* acc[m * W_ROWS + j] */
+#pragma GCC unroll 24
+        for (int i = 0; i < rows * W_ROWS; i++) acc[i] = _mm512_setzero_ps();
         for (int64_t k = 0; k < k_len; k += 16) {
-            /* the weight rows stream from memory: ask for the lines PREFETCH_ROWS rows ahead */
-            _mm_prefetch((const char *)(w0 + k + PREFETCH_ROWS * k_len), _MM_HINT_T1);
-            _mm_prefetch((const char *)(w1 + k + PREFETCH_ROWS * k_len), _MM_HINT_T1);
-            const __m512 a = _mm512_loadu_ps(w0 + k), b = _mm512_loadu_ps(w1 + k);
+            __m512 wv[W_ROWS];
+#pragma GCC unroll 4
+            for (int j = 0; j < W_ROWS; j++) {
+                _mm_prefetch((const char *)(w[j] + k + PREFETCH_ROWS * k_len), _MM_HINT_T1);
+                wv[j] = _mm512_loadu_ps(w[j] + k);
+                IN_REGISTER(wv[j]);
+            }
+#pragma GCC unroll 6
             for (int m = 0; m < rows; m++) {
-                const __m512 xm = _mm512_loadu_ps(x[m] + k);
-                acc0[m] = _mm512_fmadd_ps(xm, a, acc0[m]);
-                acc1[m] = _mm512_fmadd_ps(xm, b, acc1[m]);
+                __m512 xm = _mm512_loadu_ps(x[m] + k);
+                IN_REGISTER(xm);
+#pragma GCC unroll 4
+                for (int j = 0; j < W_ROWS; j++) acc[m * W_ROWS + j] = _mm512_fmadd_ps(xm, wv[j], acc[m * W_ROWS + j]);
             }
         }
-        for (int m = 0; m < rows; m++) {
-            dots[m][0] = _mm512_reduce_add_ps(acc0[m]);
-            dots[m][1] = _mm512_reduce_add_ps(acc1[m]);
+        float sums[32];
+#pragma GCC unroll 2
+        for (int half = 0; half * 16 < rows * W_ROWS; half++) {
+            __m512 part[16];
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++)
+                part[i] = half * 16 + i < rows * W_ROWS ? acc[half * 16 + i] : _mm512_setzero_ps();
+            _mm512_storeu_ps(sums + 16 * half, hsum16(part));
         }
+        for (int m = 0; m < rows; m++)
+            for (int j = 0; j < W_ROWS; j++) {
+                const int i = m * W_ROWS + j;
+                dots[m][j] = sums[16 * (i / 16) + SUM_LANE(i % 16)];
+            }
         return;
     }
 #endif
-    for (int m = 0; m < rows; m++) {
-        float d0 = 0.0f, d1 = 0.0f;
-#pragma omp simd reduction(+ : d0, d1)
-        for (int64_t k = 0; k < k_len; k++) {
-            d0 += x[m][k] * w0[k];
-            d1 += x[m][k] * w1[k];
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < W_ROWS; j++) {
+            float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+            for (int64_t k = 0; k < k_len; k++) d += x[m][k] * w[j][k];
+            dots[m][j] = d;
         }
-        dots[m][0] = d0;
-        dots[m][1] = d1;
-    }
 }
 
 /* The same for a compile-time row count, so that the accumulators stay in registers. */
-#define TILE_CASE(n)                                 \
-    case n:                                          \
-        tile_dots(x, n, w0, w1, k_len, dots);        \
+#define TILE_CASE(n)                                              \
+    case n:                                                       \
+        tile_dots(x, n, w, k_len, dots);                \
         break;
 
-static void tile(const float *const *x, int rows, const float *w0, const float *w1, int64_t k_len, float dots[][2]) {
+static void tile(const float *const *x, int rows, const float *const *w, int64_t k_len, float dots[T_ROWS][W_ROWS]) {
     switch (rows) {
-        TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6) TILE_CASE(7) TILE_CASE(8)
+        TILE_CASE(1) TILE_CASE(2) TILE_CASE(3) TILE_CASE(4) TILE_CASE(5) TILE_CASE(6)
     }
 }
 
-/* Token rows times weight rows: for m < count and n < n_out, dot(in row m, w row n) is stored into
-   out[out_row(m)][n] (weights == NULL) or added to it times weights[m]. Input row m is in + in_rows[m] * in_stride
-   (in_rows == NULL: row m itself); out_row(m) is out_rows[m] (NULL: m). The threads split the weight rows, so no two
-   write the same output column; an expert sees each token once, so the sums need no locks. */
-typedef struct {
-    const float *in;
-    const int64_t *in_rows;
-    int64_t in_stride;
-    float *out;
-    const int64_t *out_rows;
-    int64_t out_stride;
-    const float *weights;
-} Rows;
+/* Token rows [0, count) split into `tiles` tiles of near-equal size: tile `index` starts at *first. */
+static inline int tile_rows(int64_t count, int64_t tiles, int64_t index, int64_t *first) {
+    const int64_t size = count / tiles, extra = count % tiles;
+    *first = index * size + (index < extra ? index : extra);
+    return (int)(size + (index < extra));
+}
 
-static void project(const Rows *io, int64_t count, const float *w, int64_t k_len, int64_t n_out) {
-    float dots[TILE_ROWS][2];
-    const float *rows[TILE_ROWS];
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < n_out; n += 2) {
-        const float *w0 = w + n * k_len, *w1 = n + 1 < n_out ? w0 + k_len : w0;
-        const int pair = n + 1 < n_out ? 2 : 1;
-        for (int64_t m0 = 0; m0 < count; m0 += TILE_ROWS) {
-            const int tile_rows = count - m0 < TILE_ROWS ? (int)(count - m0) : TILE_ROWS;
-            for (int m = 0; m < tile_rows; m++)
-                rows[m] = io->in + (io->in_rows ? io->in_rows[m0 + m] : m0 + m) * io->in_stride;
-            tile(rows, tile_rows, w0, w1, k_len, dots);
-            for (int m = 0; m < tile_rows; m++) {
-                float *dest = io->out + (io->out_rows ? io->out_rows[m0 + m] : m0 + m) * io->out_stride + n;
-                for (int j = 0; j < pair; j++) dest[j] = io->weights ? dest[j] + io->weights[m0 + m] * dots[m][j] : dots[m][j];
+/* This thread's share [*lo, *hi) of n columns, in multiples of `step`. */
+static inline void thread_range(int64_t n, int64_t step, int64_t *lo, int64_t *hi) {
+    const int threads = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t chunks = (n + step - 1) / step, per = (chunks + threads - 1) / threads;
+    *lo = me * per * step < n ? me * per * step : n;
+    *hi = (me + 1) * per * step < n ? (me + 1) * per * step : n;
+}
+
+/* Stage 1 for one expert, this thread's intermediate columns [lo, hi): the gate and up dots of each token row
+   into hidden[r][i] and hidden[r][I + i], then hidden[r][i] = silu(gate) * up over the same columns (its own, so
+   no other thread waits for them). */
+static void gate_up(const float *x, const int64_t *token_of, int64_t count, const float *w13, int64_t hidden_size,
+                    int64_t inter, int64_t lo, int64_t hi, float *hidden) {
+    const float *rows[T_ROWS], *w[W_ROWS];
+    float dots[T_ROWS][W_ROWS];
+    const int64_t tiles = (count + T_ROWS - 1) / T_ROWS;
+    for (int64_t i = lo; i < hi; i += 2) {
+        const int64_t i1 = i + 1 < hi ? i + 1 : i; /* an odd last column repeats itself and is written once */
+        w[0] = w13 + i * hidden_size, w[1] = w13 + i1 * hidden_size;
+        w[2] = w13 + (inter + i) * hidden_size, w[3] = w13 + (inter + i1) * hidden_size;
+        for (int64_t t = 0, first; t < tiles; t++) {
+            const int n = tile_rows(count, tiles, t, &first);
+            for (int m = 0; m < n; m++) rows[m] = x + token_of[first + m] * hidden_size;
+            tile(rows, n, w, hidden_size, dots);
+            for (int m = 0; m < n; m++) {
+                float *h = hidden + (first + m) * 2 * inter;
+                h[i] = dots[m][0], h[inter + i] = dots[m][2];
+                h[i1] = dots[m][1], h[inter + i1] = dots[m][3];
             }
         }
     }
+    for (int64_t r = 0; r < count; r++) {
+        float *h = hidden + r * 2 * inter;
+#pragma omp simd
+        for (int64_t i = lo; i < hi; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * h[inter + i];
+    }
 }
 
-/* hidden[m][:I] = silu(gate) * up, in place, for this thread's share of the rows. */
-static void swiglu(int64_t count, int64_t inter, float *hidden) {
-#pragma omp for schedule(static)
-    for (int64_t m = 0; m < count; m++) {
-        float *row = hidden + m * 2 * inter;
-#pragma omp simd
-        for (int64_t i = 0; i < inter; i++) row[i] = row[i] / (1.0f + expf(-row[i])) * row[inter + i];
+/* Stage 2 for one expert: out[token r][n] += weight r * (w2 row n . hidden[r][:I]) for this thread's columns n. */
+static void down(const float *hidden, const int64_t *token_of, const float *weight_of, int64_t count, const float *w2,
+                 int64_t hidden_size, int64_t inter, int64_t lo, int64_t hi, float *out) {
+    const float *rows[T_ROWS], *w[W_ROWS];
+    float dots[T_ROWS][W_ROWS];
+    const int64_t tiles = (count + T_ROWS - 1) / T_ROWS;
+    for (int64_t n = lo; n < hi; n += W_ROWS) {
+        const int width = hi - n < W_ROWS ? (int)(hi - n) : W_ROWS;
+        for (int j = 0; j < W_ROWS; j++) w[j] = w2 + (n + (j < width ? j : 0)) * inter;
+        for (int64_t t = 0, first; t < tiles; t++) {
+            const int rows_n = tile_rows(count, tiles, t, &first);
+            for (int m = 0; m < rows_n; m++) rows[m] = hidden + (first + m) * 2 * inter;
+            tile(rows, rows_n, w, inter, dots);
+            for (int m = 0; m < rows_n; m++) {
+                float *dest = out + token_of[first + m] * hidden_size + n;
+                for (int j = 0; j < width; j++) dest[j] += weight_of[first + m] * dots[m][j];
+            }
+        }
     }
 }
 
 /* x [T, H]; token_of, weight_of [R] grouped by expert; counts, wanted [E]; w13 [E, 2I, H]; w2 [E, H, I];
-   scratch [max count, 2I]; out [T, H] (overwritten). Returns 0, or 2 when an assignment names no row of x. */
+   scratch [R, 2I]; out [T, H] (overwritten). Returns 0, or 2 when an assignment names no row of x. */
 int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *token_of, const float *weight_of,
                          const int64_t *counts, const uint8_t *wanted, int64_t num_experts, const float *w13,
                          const float *w2, int64_t hidden_size, int64_t inter, float *scratch, float *out,
@@ -135,18 +183,19 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *token
     memset(out, 0, sizeof(float) * (size_t)(num_tokens * hidden_size));
 #pragma omp parallel num_threads(num_threads)
     {
-        int64_t offset = 0;
-        for (int64_t e = 0; e < num_experts; e++) {
-            const int64_t count = counts[e], first = offset;
-            offset += count;
-            if (count == 0 || !wanted[e]) continue;
-            /* each `omp for` ends in a barrier: a stage's rows are complete before the next reads them */
-            const Rows gate_up = {x, token_of + first, hidden_size, scratch, NULL, 2 * inter, NULL};
-            project(&gate_up, count, w13 + e * 2 * inter * hidden_size, hidden_size, 2 * inter);
-            swiglu(count, inter, scratch);
-            const Rows down = {scratch, NULL, 2 * inter, out, token_of + first, hidden_size, weight_of + first};
-            project(&down, count, w2 + e * hidden_size * inter, inter, hidden_size);
-        }
+        int64_t lo, hi, first = 0;
+        thread_range(inter, 2, &lo, &hi);
+        for (int64_t e = 0; e < num_experts; first += counts[e], e++)
+            if (counts[e] > 0 && wanted[e])
+                gate_up(x, token_of + first, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size, inter, lo, hi,
+                        scratch + first * 2 * inter);
+#pragma omp barrier
+        thread_range(hidden_size, W_ROWS, &lo, &hi);
+        first = 0;
+        for (int64_t e = 0; e < num_experts; first += counts[e], e++)
+            if (counts[e] > 0 && wanted[e])
+                down(scratch + first * 2 * inter, token_of + first, weight_of + first, counts[e], w2 + e * hidden_size * inter,
+                     hidden_size, inter, lo, hi, out);
     }
     return 0;
 }

@@ -25,6 +25,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 /* The keys (or values) of one sequence, read block by block: each block's rows are contiguous in memory. */
 typedef struct {
     const float *pool;     /* [num_blocks, block_size, num_kv_heads, head_dim] */
@@ -42,6 +44,19 @@ static inline int64_t block_run_end(const Pages *pages, int64_t t, int64_t len) 
     return block_end < len ? block_end : len;
 }
 
+/* Ask for the lines of floats [from, to) of position t's row, into L2. */
+static inline void prefetch_row(const Pages *pages, int64_t t, int64_t from, int64_t to) {
+    const char *row = (const char *)position_row(pages, t);
+    for (int64_t i = from * 4; i < to * 4; i += 64) __builtin_prefetch(row + i, 0, 2);
+}
+
+/* The same for row t + block_size, the same row of the sequence's next block, while row t is being read:
+   a block is one contiguous run, and the runs are scattered over the pool, so the hardware prefetcher
+   loses the stream at every block boundary. */
+static inline void prefetch_next_block(const Pages *pages, int64_t t, int64_t len, int64_t from, int64_t to) {
+    if (t + pages->block_size < len) prefetch_row(pages, t + pages->block_size, from, to);
+}
+
 /* Scores of query heads [h0, h1) against keys [start, len): scores[h * span + i], each row's maximum in maxima[h]. */
 static void head_scores(const float *q, const Pages *keys, int64_t start, int64_t len, int64_t h0, int64_t h1, int64_t group,
                         int64_t head_dim, float scale, float *scores, float *maxima) {
@@ -51,6 +66,7 @@ static void head_scores(const float *q, const Pages *keys, int64_t start, int64_
         const int64_t run_end = block_run_end(keys, t, len);
         const float *row = position_row(keys, t);
         for (; t < run_end; t++, row += keys->row) {
+            prefetch_next_block(keys, t, len, (h0 / group) * head_dim, ((h1 - 1) / group + 1) * head_dim);
             for (int64_t h = h0; h < h1; h++) {
                 const float *qh = q + h * head_dim, *key = row + (h / group) * head_dim;
                 float dot = 0.0f;
@@ -88,6 +104,7 @@ static void head_values(const float *scores, const float *inv_sums, const Pages 
         const int64_t run_end = block_run_end(values, t, len);
         const float *row = position_row(values, t);
         for (; t < run_end; t++, row += values->row) {
+            prefetch_next_block(values, t, len, (h0 / group) * head_dim, ((h1 - 1) / group + 1) * head_dim);
             for (int64_t h = h0; h < h1; h++) {
                 const float p = scores[h * span + (t - start)], *value = row + (h / group) * head_dim;
                 float *oh = out + h * head_dim;
@@ -99,6 +116,74 @@ static void head_values(const float *scores, const float *inv_sums, const Pages 
     for (int64_t h = h0; h < h1; h++)
         for (int64_t d = 0; d < head_dim; d++) out[h * head_dim + d] *= inv_sums[h];
 }
+
+#if defined(__AVX512F__)
+#define MAX_CHUNKS 8 /* the vector path takes head_dim = 16 * chunks up to 128 */
+
+/* head_scores for head_dim % 16 == 0: sixteen positions at a time, their dot products summed with one
+   shuffle tree (the per-key horizontal sums dominated the plain loop). */
+static void head_scores_16(const float *q, const Pages *keys, const Pages *values, int64_t start, int64_t len, int64_t h0,
+                           int64_t h1, int64_t group, int64_t head_dim, float scale, float *scores, float *maxima) {
+    const int64_t span = len - start, chunks = head_dim / 16;
+    const int64_t kv_from = (h0 / group) * head_dim, kv_to = ((h1 - 1) / group + 1) * head_dim;
+    for (int64_t h = h0; h < h1; h++) maxima[h] = -INFINITY;
+    for (int64_t t0 = start; t0 < len; t0 += 16) {
+        const int n = len - t0 < 16 ? (int)(len - t0) : 16;
+        const __mmask16 valid = (__mmask16)((1u << n) - 1);
+        const float *rows[16];
+        for (int p = 0; p < 16; p++) rows[p] = position_row(keys, t0 + (p < n ? p : n - 1)); /* past the end: masked */
+        const int64_t per_head = (n + (h1 - h0) - 1) / (h1 - h0);
+        for (int64_t h = h0; h < h1; h++) {
+            /* a share of the next block's keys and of these positions' values (read next), spread over the heads */
+            for (int64_t p = (h - h0) * per_head; p < n && p < (h - h0 + 1) * per_head; p++) {
+                prefetch_next_block(keys, t0 + p, len, kv_from, kv_to);
+                prefetch_row(values, t0 + p, kv_from, kv_to);
+            }
+            const float *qh = q + h * head_dim;
+            const int64_t offset = (h / group) * head_dim;
+            __m512 acc[16];
+#pragma GCC unroll 16
+            for (int p = 0; p < 16; p++) acc[p] = _mm512_setzero_ps();
+            for (int64_t c = 0; c < chunks; c++) {
+                __m512 qc = _mm512_loadu_ps(qh + 16 * c);
+                IN_REGISTER(qc);
+#pragma GCC unroll 16
+                for (int p = 0; p < 16; p++) acc[p] = _mm512_fmadd_ps(_mm512_loadu_ps(rows[p] + offset + 16 * c), qc, acc[p]);
+            }
+            const __m512 dots = _mm512_mul_ps(hsum16_ordered(acc), _mm512_set1_ps(scale));
+            _mm512_mask_storeu_ps(scores + h * span + (t0 - start), valid, dots);
+            const float top = _mm512_mask_reduce_max_ps(valid, dots);
+            maxima[h] = top > maxima[h] ? top : maxima[h];
+        }
+    }
+}
+
+/* head_values for head_dim % 16 == 0, head_dim <= 16 * MAX_CHUNKS: each head's output stays in registers
+   while its positions stream past (the plain loop went through memory for every position). */
+static void head_values_16(const float *scores, const float *inv_sums, const Pages *values, int64_t start, int64_t len,
+                           int64_t h0, int64_t h1, int64_t group, int64_t head_dim, float *out) {
+    const int64_t span = len - start, chunks = head_dim / 16;
+    for (int64_t h = h0; h < h1; h++) {
+        const float *p = scores + h * span - start;
+        const int64_t offset = (h / group) * head_dim;
+        __m512 acc[MAX_CHUNKS];
+#pragma GCC unroll 8
+        for (int c = 0; c < MAX_CHUNKS; c++) acc[c] = _mm512_setzero_ps();
+        for (int64_t t = start; t < len;) {
+            const int64_t run_end = block_run_end(values, t, len);
+            const float *row = position_row(values, t) + offset;
+            for (; t < run_end; t++, row += values->row) {
+                const __m512 weight = _mm512_set1_ps(p[t]);
+#pragma GCC unroll 8
+                for (int c = 0; c < MAX_CHUNKS; c++)
+                    if (c < chunks) acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(row + 16 * c), acc[c]);
+            }
+        }
+        const __m512 inv = _mm512_set1_ps(inv_sums[h]);
+        for (int c = 0; c < MAX_CHUNKS && c < chunks; c++) _mm512_storeu_ps(out + h * head_dim + 16 * c, _mm512_mul_ps(acc[c], inv));
+    }
+}
+#endif
 
 /* Whether every sequence's keys lie in blocks its table names, and every block it reads exists. */
 static int tables_valid(const int64_t *block_tables, const int64_t *seq_lens, int64_t num_seqs, int64_t max_blocks,
@@ -147,6 +232,14 @@ int moemesh_paged_decode_attention(const float *q, const float *k_cache, const f
             }
             const Pages keys = {k_cache, block_tables + b * max_blocks, block_size, num_kv_heads * head_dim};
             const Pages values = {v_cache, keys.table, block_size, keys.row};
+#if defined(__AVX512F__)
+            if (head_dim % 16 == 0 && head_dim <= 16 * MAX_CHUNKS) {
+                head_scores_16(qb, &keys, &values, start, len, h0, h1, group, head_dim, scale, scores, maxima);
+                head_softmax(scores, maxima, h0, h1, len - start, inv_sums);
+                head_values_16(scores, inv_sums, &values, start, len, h0, h1, group, head_dim, ob);
+                continue;
+            }
+#endif
             head_scores(qb, &keys, start, len, h0, h1, group, head_dim, scale, scores, maxima);
             head_softmax(scores, maxima, h0, h1, len - start, inv_sums);
             head_values(scores, inv_sums, &values, start, len, h0, h1, group, head_dim, ob);
