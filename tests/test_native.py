@@ -73,54 +73,61 @@ def test_paged_decode_attention_rejects_out_of_range_tables_and_lengths():
                                reference_decode(q, k, v, tables, lens, None), rtol=1e-5, atol=1e-5)
 
 
-def reference_experts(x, token_of, weight_of, counts, wanted, w13, w2):
-    out, start = torch.zeros_like(x), 0
-    for e, count in enumerate(counts):
-        rows, weights = token_of[start : start + count], weight_of[start : start + count]
-        start += count
-        if count and wanted[e]:
-            gate, up = F.linear(x[rows], w13[e]).chunk(2, dim=-1)
-            out.index_add_(0, rows, F.linear(F.silu(gate) * up, w2[e]) * weights[:, None])
+def reference_experts(x, topk_ids, topk_weights, w13, w2, expert_ids=None):
+    """Each wanted expert's SwiGLU on its rows, weighted and summed per token: the portable loop."""
+    out = torch.zeros_like(x)
+    for e in range(w13.shape[0]):
+        token, choice = (topk_ids == e).nonzero(as_tuple=True)
+        if token.numel() and (expert_ids is None or e in expert_ids):
+            gate, up = F.linear(x[token], w13[e]).chunk(2, dim=-1)
+            out.index_add_(0, token, F.linear(F.silu(gate) * up, w2[e]) * topk_weights[token, choice][:, None])
     return out
 
 
-def routed(num_tokens: int, num_experts: int, top_k: int, seed: int):
-    """A random top-k routing, laid out as MoEExperts does: assignments grouped by expert."""
+def routed(num_tokens: int, num_experts: int, top_k: int, seed: int, skew: bool = False):
+    """A random top-k routing: ids [T, k] (distinct per token) and weights [T, k]; `skew` favours expert 0."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(num_tokens)])  # [T, k]
-    weights = torch.rand(num_tokens, top_k, generator=g)
-    order = ids.flatten().argsort(stable=True)
-    counts = torch.bincount(ids.flatten(), minlength=num_experts).tolist()
-    return order // top_k, weights.flatten()[order], counts
+    scores = torch.rand(num_tokens, num_experts, generator=g)
+    if skew:
+        scores[:, 0] += 1.0
+    ids = scores.topk(top_k, dim=-1).indices
+    return ids, torch.rand(num_tokens, top_k, generator=g)
 
 
 @pytest.mark.parametrize(
     "num_tokens,hidden,inter,num_experts,top_k",
     # A dimension that is not a multiple of 16 takes the plain loop for the product that runs along it;
-    # an odd intermediate size and a hidden size that is not a multiple of 4 leave partial tiles.
+    # an odd intermediate size and a hidden size that is not a multiple of 4 leave partial tiles;
+    # 700 tokens give one expert more rows than one pass over its weights takes.
     [(32, 64, 96, 8, 2), (3, 48, 40, 4, 2), (40, 33, 17, 4, 3), (1, 64, 64, 8, 2), (20, 32, 23, 4, 2),
-     (20, 18, 32, 4, 2), (100, 64, 32, 4, 2)],
+     (20, 18, 32, 4, 2), (100, 64, 32, 4, 2), (700, 32, 32, 4, 2)],
 )
 def test_moe_experts_match_the_per_expert_pytorch_loop(num_tokens, hidden, inter, num_experts, top_k):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(num_tokens, hidden, generator=g)
     w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5
     w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5
-    token_of, weight_of, counts = routed(num_tokens, num_experts, top_k, seed=3)
-    for wanted in ([True] * num_experts, [e % 2 == 1 for e in range(num_experts)]):
-        got = native.moe_experts(x, token_of, weight_of, counts, wanted, w13, w2)
-        expected = reference_experts(x, token_of, weight_of, counts, wanted, w13, w2)
+    ids, weights = routed(num_tokens, num_experts, top_k, seed=3, skew=num_tokens > 500)
+    for expert_ids in (None, [e for e in range(num_experts) if e % 2 == 1], []):
+        got = native.moe_experts(x, ids, weights, w13, w2, expert_ids)
+        expected = reference_experts(x, ids, weights, w13, w2, expert_ids)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_moe_experts_reject_inconsistent_assignments():
+def test_moe_experts_reject_bad_routing_and_shapes():
     x, w13, w2 = torch.randn(4, 16), torch.randn(2, 32, 16), torch.randn(2, 16, 16)
-    with pytest.raises(ValueError, match="add up"):
-        native.moe_experts(x, torch.tensor([0, 1, 2]), torch.ones(3), [1, 1], [True, True], w13, w2)
-    with pytest.raises(ValueError, match="token_of"):
-        native.moe_experts(x, torch.tensor([0, 9]), torch.ones(2), [1, 1], [True, True], w13, w2)
+    ids, weights = torch.tensor([[0], [1], [1], [0]]), torch.ones(4, 1)
+    with pytest.raises(ValueError, match="topk_ids"):
+        native.moe_experts(x, torch.tensor([[0], [2], [1], [0]]), weights, w13, w2)
+    with pytest.raises(ValueError, match="topk_ids"):
+        native.moe_experts(x, torch.tensor([[0], [-1], [1], [0]]), weights, w13, w2)
     with pytest.raises(ValueError, match="shapes"):
-        native.moe_experts(x, torch.tensor([0, 1]), torch.ones(2), [1, 1], [True, True], w13, torch.randn(2, 16, 8))
+        native.moe_experts(x, ids, weights, w13, torch.randn(2, 16, 8))
+    with pytest.raises(ValueError, match="shapes"):
+        native.moe_experts(x, ids[:3], weights[:3], w13, w2)
+    # The kernel still serves a valid call afterwards.
+    torch.testing.assert_close(native.moe_experts(x, ids, weights, w13, w2),
+                               reference_experts(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-5)
 
 
 def test_the_build_is_cached_and_a_failed_build_leaves_the_pytorch_path(tmp_path, monkeypatch):

@@ -221,13 +221,6 @@ class TopKRouter(nn.Module):
         return topk_ids, topk_weights
 
 
-# Most rows per expert sent to the native kernel; larger batches (long prefills) take the library GEMM
-# on the plain weights. Against that GEMM the kernel measured 4.7x faster at 8 rows per expert, 1.9x
-# at 32, 2.0x at 64, 1.6x at 128 and 1.1x at 256, and 0.8x at 512, on the 2-core bench machine
-# (bench/native_bench.py --tokens 32 / 128 / 256 / 512 / 1024 / 2048, top-2 of 8 experts).
-NATIVE_MAX_ROWS = 256
-
-
 class MoEExperts(nn.Module):
     """SwiGLU experts stacked in tensors, addressed by expert index.
 
@@ -276,16 +269,14 @@ class MoEExperts(nn.Module):
         contribute nothing, so that the sum of the outputs over a partition
         of the experts equals the full output.
         """
+        if self.packed13 is None and native.kernels_supported(x):
+            return native.moe_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids)
         k = topk_ids.shape[1]
         flat_ids = topk_ids.flatten()  # [T*k] expert of each (token, choice)
         order = flat_ids.argsort(stable=True)  # assignments grouped by expert
         token_of = order // k  # [T*k] token of each grouped assignment
         weight_of = topk_weights.flatten()[order]  # [T*k]
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync
-        if self.packed13 is None and max(counts) <= NATIVE_MAX_ROWS and native.kernels_supported(x):
-            chosen = None if expert_ids is None else {int(e) for e in expert_ids}
-            wanted = [chosen is None or e in chosen for e in range(self.num_experts)]
-            return native.moe_experts(x, token_of, weight_of, counts, wanted, self.w13, self.w2)
         if expert_ids is None and self.packed13 is None and self._stack_pays(counts):
             return self._stacked_forward(x, flat_ids[order], token_of, weight_of, counts)
         wanted = range(self.num_experts) if expert_ids is None else {int(e) for e in expert_ids}

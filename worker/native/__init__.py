@@ -32,6 +32,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -117,7 +119,7 @@ def _declare(library: ctypes.CDLL) -> None:
     fn.argtypes = [ptr] * 6 + [i64] * 8 + [ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = library.moemesh_moe_experts
-    fn.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int]
     fn.restype = ctypes.c_int
 
 
@@ -145,6 +147,21 @@ def load_kernels() -> Kernels:
 def kernels_supported(x: torch.Tensor) -> bool:
     """Whether the native kernels handle tensors like `x`: float32 on the CPU, with the kernels loaded."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and load_kernels().available
+
+
+_scratch = threading.local()
+
+
+def _scratch_floats(count: int) -> torch.Tensor:
+    """A float32 work buffer of at least `count` elements, kept per thread and reused across calls.
+
+    Fresh large buffers come from the OS page by page: for a prefill chunk the experts' work buffer is
+    tens of MB, and faulting it in on every call cost about a tenth of the kernel's time.
+    """
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < count:
+        buffer = _scratch.buffer = torch.empty(max(count, 2 * (0 if buffer is None else buffer.numel())))
+    return buffer[:count]
 
 
 def _library() -> ctypes.CDLL:
@@ -193,37 +210,38 @@ def paged_decode_attention(
 
 def moe_experts(
     x: torch.Tensor,
-    token_of: torch.Tensor,
-    weight_of: torch.Tensor,
-    counts: list[int],
-    wanted: list[bool],
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
+    expert_ids: Iterable[int] | None = None,
 ) -> torch.Tensor:
     """The weighted sum of each token's experts, in one native call: x [T, H] -> [T, H].
 
-    token_of [R] int64 and weight_of [R] float32 list the (token, expert)
-    assignments grouped by expert, `counts[e]` of them for expert e;
-    experts with `wanted[e]` False contribute nothing. w13 [E, 2I, H] holds
-    each expert's gate then up rows, w2 [E, H, I] its down projection.
+    topk_ids [T, k] and topk_weights [T, k] are the router's choices. w13
+    [E, 2I, H] holds each expert's gate then up rows, w2 [E, H, I] its down
+    projection. With `expert_ids`, only those experts contribute.
     """
     library = _library()
     T, H = x.shape
     E, I2, _ = w13.shape
-    if w13.shape[2] != H or w2.shape != (E, H, I2 // 2) or len(counts) != E or len(wanted) != E:
-        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
-    if sum(counts) != token_of.shape[0] or weight_of.shape != token_of.shape or min(counts, default=0) < 0:
-        raise ValueError("counts must add up to the assignments in token_of and weight_of")
+    if w13.shape[2] != H or w2.shape != (E, H, I2 // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != T:
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, topk {tuple(topk_ids.shape)}, "
+                         f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    token_of, weight_of = token_of.to(torch.int64).contiguous(), weight_of.to(torch.float32).contiguous()
-    counts_t = torch.tensor(counts, dtype=torch.int64)
-    wanted_t = torch.tensor([bool(w) for w in wanted], dtype=torch.uint8)
-    scratch = x.new_empty(max(sum(counts), 1), I2)
+    ids, weights = topk_ids.to(torch.int64).contiguous(), topk_weights.to(torch.float32).contiguous()
+    wanted = None
+    if expert_ids is not None:
+        chosen = {int(e) for e in expert_ids}
+        wanted = torch.tensor([e in chosen for e in range(E)], dtype=torch.uint8)
+    scratch = _scratch_floats(max(ids.numel(), 1) * I2)
     out = torch.empty_like(x)
     failed = library.moemesh_moe_experts(
-        x.data_ptr(), T, token_of.data_ptr(), weight_of.data_ptr(), counts_t.data_ptr(), wanted_t.data_ptr(), E,
-        w13.data_ptr(), w2.data_ptr(), H, I2 // 2, scratch.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(), T, ids.data_ptr(), weights.data_ptr(), ids.shape[1], None if wanted is None else wanted.data_ptr(),
+        E, w13.data_ptr(), w2.data_ptr(), H, I2 // 2, scratch.data_ptr(), out.data_ptr(), torch.get_num_threads(),
     )
+    if failed == 2:
+        raise ValueError(f"topk_ids must name experts in [0, {E})")
     if failed:
-        raise ValueError(f"token_of must index rows of x [0, {T})")
+        raise MemoryError("the experts kernel could not allocate its working memory")
     return out

@@ -1,35 +1,36 @@
-/* The routed experts of one MoE layer for a few token rows per expert (CPU, float32).
+/* The routed experts of one MoE layer (CPU, float32), every expert in one call.
  *
  * In a decode step each expert sees a handful of rows (32 sequences, top-2
  * of 8 experts: about 8 each), so its SwiGLU is two matrix products that
  * read every weight once and do about as much arithmetic per weight as the
  * cores can keep up with. Library GEMMs are tuned for large products; at a
  * handful of rows, with one call per matrix and per expert, they reach
- * about two thirds of the memory bandwidth. This kernel computes every
- * expert of the layer in one call, straight from the checkpoint layout
- * (w13 [E, 2I, H]: gate rows then up rows; w2 [E, H, I]):
+ * about two thirds of the memory bandwidth. This kernel takes the router's
+ * choices as they are, groups them by expert, and computes every expert of
+ * the layer straight from the checkpoint layout (w13 [E, 2I, H]: gate rows
+ * then up rows; w2 [E, H, I]):
  *
  *   out[t] = sum over the (token t, expert e, weight g) assignments of
  *            g * w2[e] @ (silu(w1[e] @ x[t]) * (w3[e] @ x[t]))
  *
  * Two stages, one barrier between them. Stage 1: each thread owns a range of
  * intermediate columns of every expert and computes the gate and up dots of
- * those columns together, so the SwiGLU is applied as they come out. Stage 2:
- * each thread owns a range of output columns and adds every expert's
- * weighted down projection into them; a column has one writer, so the sums
- * need no locks.
+ * those columns, then the SwiGLU over them. Stage 2: each thread owns a
+ * range of output columns and adds every expert's weighted down projection
+ * into them; a column has one writer, so the sums need no locks.
  *
  * The inner tile multiplies 4 weight rows with up to 6 token rows (24
  * accumulators), loads each operand into a register once, and turns the 24
  * accumulators into sums with a transposing shuffle tree rather than one
- * horizontal reduction each.
+ * horizontal reduction each. Prefill-sized batches take an expert's rows
+ * ROW_BLOCK at a time, which keeps the tile fed from L2.
  *
- * Assignments come grouped by expert: rows [offset_e, offset_e + counts[e])
- * of token_of / weight_of belong to expert e. Experts with wanted[e] == 0
- * are skipped (expert parallelism: another process computes them).
+ * Experts with wanted[e] == 0 are skipped (expert parallelism: another
+ * process computes them).
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <omp.h>
 
@@ -38,6 +39,8 @@
 #define W_ROWS 4        /* weight rows per tile */
 #define T_ROWS 6        /* token rows per tile, at most */
 #define PREFETCH_ROWS 6 /* how far ahead (in weight rows) the stream is requested, on every pass */
+#define PANEL 32        /* weight rows held in L2 while a block of token rows passes */
+#define ROW_BLOCK 128   /* token rows held in L2 while a panel of weight rows passes */
 
 /* dots[m][j] = x row m . weight row j, for m < rows (<= T_ROWS) and j < W_ROWS; every row is k_len long.
    The weight rows PREFETCH_ROWS ahead are requested into L2 as this tile reads its own: on this kind of
@@ -119,6 +122,11 @@ static inline void thread_range(int64_t n, int64_t step, int64_t *lo, int64_t *h
     *hi = (me + 1) * per * step < n ? (me + 1) * per * step : n;
 }
 
+/* The loops of both stages are blocked for the caches: a panel of PANEL weight rows is multiplied with a
+   block of ROW_BLOCK token rows at a time, both held in L2, so that the weights stream from memory once
+   per call and each token row is read once per panel. At decode sizes there is one block. */
+static inline int64_t block_end(int64_t start, int64_t step, int64_t end) { return end - start < step ? end : start + step; }
+
 /* Stage 1 for one expert, this thread's intermediate columns [lo, hi): the gate and up dots of each token row
    into hidden[r][i] and hidden[r][I + i], then hidden[r][i] = silu(gate) * up over the same columns (its own, so
    no other thread waits for them). */
@@ -126,19 +134,25 @@ static void gate_up(const float *x, const int64_t *token_of, int64_t count, cons
                     int64_t inter, int64_t lo, int64_t hi, float *hidden) {
     const float *rows[T_ROWS], *w[W_ROWS];
     float dots[T_ROWS][W_ROWS];
-    const int64_t tiles = (count + T_ROWS - 1) / T_ROWS;
-    for (int64_t i = lo; i < hi; i += 2) {
-        const int64_t i1 = i + 1 < hi ? i + 1 : i; /* an odd last column repeats itself and is written once */
-        w[0] = w13 + i * hidden_size, w[1] = w13 + i1 * hidden_size;
-        w[2] = w13 + (inter + i) * hidden_size, w[3] = w13 + (inter + i1) * hidden_size;
-        for (int64_t t = 0, first; t < tiles; t++) {
-            const int n = tile_rows(count, tiles, t, &first);
-            for (int m = 0; m < n; m++) rows[m] = x + token_of[first + m] * hidden_size;
-            tile(rows, n, w, hidden_size, dots);
-            for (int m = 0; m < n; m++) {
-                float *h = hidden + (first + m) * 2 * inter;
-                h[i] = dots[m][0], h[inter + i] = dots[m][2];
-                h[i1] = dots[m][1], h[inter + i1] = dots[m][3];
+    for (int64_t p0 = lo; p0 < hi; p0 += PANEL / 2) { /* PANEL / 2 columns: as many gate rows, as many up rows */
+        const int64_t p1 = block_end(p0, PANEL / 2, hi);
+        for (int64_t b0 = 0; b0 < count; b0 += ROW_BLOCK) {
+            const int64_t block = block_end(b0, ROW_BLOCK, count) - b0, tiles = (block + T_ROWS - 1) / T_ROWS;
+            for (int64_t i = p0; i < p1; i += 2) {
+                const int64_t i1 = i + 1 < p1 ? i + 1 : i; /* an odd last column repeats itself and is written once */
+                w[0] = w13 + i * hidden_size, w[1] = w13 + i1 * hidden_size;
+                w[2] = w13 + (inter + i) * hidden_size, w[3] = w13 + (inter + i1) * hidden_size;
+                for (int64_t t = 0, first; t < tiles; t++) {
+                    const int n = tile_rows(block, tiles, t, &first);
+                    first += b0;
+                    for (int m = 0; m < n; m++) rows[m] = x + token_of[first + m] * hidden_size;
+                    tile(rows, n, w, hidden_size, dots);
+                    for (int m = 0; m < n; m++) {
+                        float *h = hidden + (first + m) * 2 * inter;
+                        h[i] = dots[m][0], h[inter + i] = dots[m][2];
+                        h[i1] = dots[m][1], h[inter + i1] = dots[m][3];
+                    }
+                }
             }
         }
     }
@@ -154,48 +168,78 @@ static void down(const float *hidden, const int64_t *token_of, const float *weig
                  int64_t hidden_size, int64_t inter, int64_t lo, int64_t hi, float *out) {
     const float *rows[T_ROWS], *w[W_ROWS];
     float dots[T_ROWS][W_ROWS];
-    const int64_t tiles = (count + T_ROWS - 1) / T_ROWS;
-    for (int64_t n = lo; n < hi; n += W_ROWS) {
-        const int width = hi - n < W_ROWS ? (int)(hi - n) : W_ROWS;
-        for (int j = 0; j < W_ROWS; j++) w[j] = w2 + (n + (j < width ? j : 0)) * inter;
-        for (int64_t t = 0, first; t < tiles; t++) {
-            const int rows_n = tile_rows(count, tiles, t, &first);
-            for (int m = 0; m < rows_n; m++) rows[m] = hidden + (first + m) * 2 * inter;
-            tile(rows, rows_n, w, inter, dots);
-            for (int m = 0; m < rows_n; m++) {
-                float *dest = out + token_of[first + m] * hidden_size + n;
-                for (int j = 0; j < width; j++) dest[j] += weight_of[first + m] * dots[m][j];
+    for (int64_t p0 = lo; p0 < hi; p0 += PANEL) {
+        const int64_t p1 = block_end(p0, PANEL, hi);
+        for (int64_t b0 = 0; b0 < count; b0 += ROW_BLOCK) {
+            const int64_t block = block_end(b0, ROW_BLOCK, count) - b0, tiles = (block + T_ROWS - 1) / T_ROWS;
+            for (int64_t n = p0; n < p1; n += W_ROWS) {
+                const int width = p1 - n < W_ROWS ? (int)(p1 - n) : W_ROWS;
+                for (int j = 0; j < W_ROWS; j++) w[j] = w2 + (n + (j < width ? j : 0)) * inter;
+                for (int64_t t = 0, first; t < tiles; t++) {
+                    const int rows_n = tile_rows(block, tiles, t, &first);
+                    first += b0;
+                    for (int m = 0; m < rows_n; m++) rows[m] = hidden + (first + m) * 2 * inter;
+                    tile(rows, rows_n, w, inter, dots);
+                    for (int m = 0; m < rows_n; m++) {
+                        float *dest = out + token_of[first + m] * hidden_size + n;
+                        for (int j = 0; j < width; j++) dest[j] += weight_of[first + m] * dots[m][j];
+                    }
+                }
             }
         }
     }
 }
 
-/* x [T, H]; token_of, weight_of [R] grouped by expert; counts, wanted [E]; w13 [E, 2I, H]; w2 [E, H, I];
-   scratch [R, 2I]; out [T, H] (overwritten). Returns 0, or 2 when an assignment names no row of x. */
-int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *token_of, const float *weight_of,
-                         const int64_t *counts, const uint8_t *wanted, int64_t num_experts, const float *w13,
-                         const float *w2, int64_t hidden_size, int64_t inter, float *scratch, float *out,
-                         int num_threads) {
-    int64_t assignments = 0;
-    for (int64_t e = 0; e < num_experts; e++) assignments += counts[e];
-    for (int64_t r = 0; r < assignments; r++)
-        if (token_of[r] < 0 || token_of[r] >= num_tokens) return 2;
-    memset(out, 0, sizeof(float) * (size_t)(num_tokens * hidden_size));
-#pragma omp parallel num_threads(num_threads)
-    {
-        int64_t lo, hi, first = 0;
-        thread_range(inter, 2, &lo, &hi);
-        for (int64_t e = 0; e < num_experts; first += counts[e], e++)
-            if (counts[e] > 0 && wanted[e])
-                gate_up(x, token_of + first, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size, inter, lo, hi,
-                        scratch + first * 2 * inter);
-#pragma omp barrier
-        thread_range(hidden_size, W_ROWS, &lo, &hi);
-        first = 0;
-        for (int64_t e = 0; e < num_experts; first += counts[e], e++)
-            if (counts[e] > 0 && wanted[e])
-                down(scratch + first * 2 * inter, token_of + first, weight_of + first, counts[e], w2 + e * hidden_size * inter,
-                     hidden_size, inter, lo, hi, out);
+/* The (token, choice) assignments grouped by expert, in token order within each (a counting sort):
+   token_of / weight_of [T * k], counts [E]. Returns 0, or 2 when an expert id is out of range. */
+static int group_by_expert(const int64_t *topk_ids, const float *topk_weights, int64_t num_tokens, int64_t top_k,
+                           int64_t num_experts, int64_t *token_of, float *weight_of, int64_t *counts, int64_t *next) {
+    for (int64_t e = 0; e < num_experts; e++) counts[e] = 0;
+    for (int64_t r = 0; r < num_tokens * top_k; r++) {
+        if (topk_ids[r] < 0 || topk_ids[r] >= num_experts) return 2;
+        counts[topk_ids[r]]++;
+    }
+    for (int64_t e = 0, offset = 0; e < num_experts; offset += counts[e], e++) next[e] = offset;
+    for (int64_t r = 0; r < num_tokens * top_k; r++) {
+        const int64_t slot = next[topk_ids[r]]++;
+        token_of[slot] = r / top_k, weight_of[slot] = topk_weights[r];
     }
     return 0;
+}
+
+/* x [T, H]; topk_ids [T, k] (int64), topk_weights [T, k]; wanted [E] or NULL for every expert; w13 [E, 2I, H];
+   w2 [E, H, I]; scratch [T * k, 2I]; out [T, H] (overwritten).
+   Returns 0, 1 when working memory could not be allocated, 2 when an expert id is out of range. */
+int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_ids, const float *topk_weights,
+                         int64_t top_k, const uint8_t *wanted, int64_t num_experts, const float *w13, const float *w2,
+                         int64_t hidden_size, int64_t inter, float *scratch, float *out, int num_threads) {
+    const int64_t assignments = num_tokens * top_k;
+    int64_t *token_of = malloc(sizeof(int64_t) * (size_t)(assignments + 2 * num_experts + 1));
+    float *weight_of = malloc(sizeof(float) * (size_t)(assignments + 1));
+    if (token_of == NULL || weight_of == NULL) {
+        free(token_of), free(weight_of);
+        return 1;
+    }
+    int64_t *counts = token_of + assignments, *next = counts + num_experts;
+    const int failed = group_by_expert(topk_ids, topk_weights, num_tokens, top_k, num_experts, token_of, weight_of, counts, next);
+    if (!failed) {
+        memset(out, 0, sizeof(float) * (size_t)(num_tokens * hidden_size));
+#pragma omp parallel num_threads(num_threads)
+        {
+            int64_t lo, hi;
+            thread_range(inter, 2, &lo, &hi);
+            for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++)
+                if (counts[e] > 0 && (wanted == NULL || wanted[e]))
+                    gate_up(x, token_of + first, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size, inter, lo, hi,
+                            scratch + first * 2 * inter);
+#pragma omp barrier
+            thread_range(hidden_size, W_ROWS, &lo, &hi);
+            for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++)
+                if (counts[e] > 0 && (wanted == NULL || wanted[e]))
+                    down(scratch + first * 2 * inter, token_of + first, weight_of + first, counts[e],
+                         w2 + e * hidden_size * inter, hidden_size, inter, lo, hi, out);
+        }
+    }
+    free(token_of), free(weight_of);
+    return failed;
 }
