@@ -1,11 +1,17 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-PyTorch has no CPU attention that reads a paged KV cache in place; the
-portable path gathers each sequence's blocks into a dense copy first, which
-moves the cache three times per decode step. `paged_attention.c` reads it
-once. It is plain C (OpenMP and the compiler's vectorizer), built here
-rather than at install time so that it is tuned for the CPU it runs on
-(`-march=native`) and the package stays pure Python.
+Two kernels, float32, where PyTorch's CPU path moves far more memory than
+the work needs:
+  - `paged_attention.c`: decode attention that reads a paged KV cache in
+    place (PyTorch gathers each sequence's blocks into a dense copy first,
+    which moves the cache three times per decode step);
+  - `moe_experts.c`: a layer's routed experts in one call, straight from the
+    router's choices and the checkpoint layout (the library path runs two
+    GEMMs per expert, at a handful of rows each in a decode step).
+They are plain C with OpenMP, AVX-512 intrinsics where the CPU has them
+(`simd.h`) and portable loops elsewhere, built here rather than at install
+time so that they are tuned for the CPU they run on (`-march=native`) and
+the package stays pure Python.
 
 The build is cached under `$MOEMESH_CACHE_DIR/native` (default
 `~/.cache/moemesh/native`), keyed by the source, the compiler, the flags and
