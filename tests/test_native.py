@@ -130,6 +130,19 @@ def test_moe_experts_reject_bad_routing_and_shapes():
                                reference_experts(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,in_features,out_features", [(1, 64, 96), (5, 512, 1024), (16, 48, 37), (3, 33, 18), (40, 64, 64)])
+def test_linear_matches_f_linear(rows, in_features, out_features):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, in_features, generator=g)
+    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
+    bias = torch.randn(out_features, generator=g)
+    torch.testing.assert_close(native.linear(x, weight), F.linear(x, weight), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(native.linear(x.view(1, rows, -1), weight, bias), F.linear(x, weight, bias)[None],
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="shapes"):
+        native.linear(x, weight[:, 1:])
+
+
 def test_the_build_is_cached_and_a_failed_build_leaves_the_pytorch_path(tmp_path, monkeypatch):
     compiler = shutil.which("cc") or shutil.which("gcc")
     first = native.build_library(compiler, tmp_path)

@@ -7,7 +7,8 @@ the work needs:
     which moves the cache three times per decode step);
   - `moe_experts.c`: a layer's routed experts in one call, straight from the
     router's choices and the checkpoint layout (the library path runs two
-    GEMMs per expert, at a handful of rows each in a decode step).
+    GEMMs per expert, at a handful of rows each in a decode step); its tile
+    also serves the dense projections of small decode batches (`linear`).
 They are plain C with OpenMP, AVX-512 intrinsics where the CPU has them
 (`simd.h`) and portable loops elsewhere, built here rather than at install
 time so that they are tuned for the CPU they run on (`-march=native`) and
@@ -126,6 +127,9 @@ def _declare(library: ctypes.CDLL) -> None:
     fn.restype = ctypes.c_int
     fn = library.moemesh_moe_experts
     fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = library.moemesh_linear
+    fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ctypes.c_int]
     fn.restype = ctypes.c_int
 
 
@@ -251,3 +255,19 @@ def moe_experts(
     if failed:
         raise MemoryError("the experts kernel could not allocate its working memory")
     return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` in one native call: x [..., in] -> [..., out]."""
+    library = _library()
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    rows, weight = x.reshape(-1, in_features).contiguous(), weight.contiguous()
+    out = x.new_empty(rows.shape[0], out_features)
+    if rows.shape[0]:
+        library.moemesh_linear(rows.data_ptr(), rows.shape[0], weight.data_ptr(), in_features, out_features, out.data_ptr(),
+                               torch.get_num_threads())
+    if bias is not None:
+        out += bias
+    return out.view(*x.shape[:-1], out_features)

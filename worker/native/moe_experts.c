@@ -1,4 +1,5 @@
-/* The routed experts of one MoE layer (CPU, float32), every expert in one call.
+/* The routed experts of one MoE layer (CPU, float32), every expert in one call; and, with the same tile,
+ * the dense projections of small decode batches (moemesh_linear).
  *
  * In a decode step each expert sees a handful of rows (32 sequences, top-2
  * of 8 experts: about 8 each), so its SwiGLU is two matrix products that
@@ -163,10 +164,13 @@ static void gate_up(const float *x, const int64_t *token_of, int64_t count, cons
     }
 }
 
-/* Stage 2 for one expert: out[token r][n] += weight r * (w2 row n . hidden[r][:I]) for this thread's columns n. */
-static void down(const float *hidden, const int64_t *token_of, const float *weight_of, int64_t count, const float *w2,
-                 int64_t hidden_size, int64_t inter, int64_t lo, int64_t hi, float *out) {
-    const float *rows[T_ROWS], *w[W_ROWS];
+/* Rows times weight rows, this thread's output columns [lo, hi): for m < count and column n,
+   d = (in row m) . (w row n) over k_len; out[out_row(m)][n] = d, or += weights[m] * d when weights is given.
+   Input row m is in + m * in_stride; out_row(m) is out_rows[m], or m when out_rows is NULL.
+   Stage 2 of the experts (out_rows: the tokens, weights: the routing weights) and the dense projections. */
+static void project(const float *in, int64_t in_stride, int64_t count, const float *w, int64_t k_len, float *out,
+                    const int64_t *out_rows, int64_t out_stride, const float *weights, int64_t lo, int64_t hi) {
+    const float *rows[T_ROWS], *wr[W_ROWS];
     float dots[T_ROWS][W_ROWS];
     for (int64_t p0 = lo; p0 < hi; p0 += PANEL) {
         const int64_t p1 = block_end(p0, PANEL, hi);
@@ -174,15 +178,18 @@ static void down(const float *hidden, const int64_t *token_of, const float *weig
             const int64_t block = block_end(b0, ROW_BLOCK, count) - b0, tiles = (block + T_ROWS - 1) / T_ROWS;
             for (int64_t n = p0; n < p1; n += W_ROWS) {
                 const int width = p1 - n < W_ROWS ? (int)(p1 - n) : W_ROWS;
-                for (int j = 0; j < W_ROWS; j++) w[j] = w2 + (n + (j < width ? j : 0)) * inter;
+                for (int j = 0; j < W_ROWS; j++) wr[j] = w + (n + (j < width ? j : 0)) * k_len;
                 for (int64_t t = 0, first; t < tiles; t++) {
                     const int rows_n = tile_rows(block, tiles, t, &first);
                     first += b0;
-                    for (int m = 0; m < rows_n; m++) rows[m] = hidden + (first + m) * 2 * inter;
-                    tile(rows, rows_n, w, inter, dots);
+                    for (int m = 0; m < rows_n; m++) rows[m] = in + (first + m) * in_stride;
+                    tile(rows, rows_n, wr, k_len, dots);
                     for (int m = 0; m < rows_n; m++) {
-                        float *dest = out + token_of[first + m] * hidden_size + n;
-                        for (int j = 0; j < width; j++) dest[j] += weight_of[first + m] * dots[m][j];
+                        float *dest = out + (out_rows ? out_rows[first + m] : first + m) * out_stride + n;
+                        if (weights)
+                            for (int j = 0; j < width; j++) dest[j] += weights[first + m] * dots[m][j];
+                        else
+                            for (int j = 0; j < width; j++) dest[j] = dots[m][j];
                     }
                 }
             }
@@ -236,10 +243,23 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_
             thread_range(hidden_size, W_ROWS, &lo, &hi);
             for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++)
                 if (counts[e] > 0 && (wanted == NULL || wanted[e]))
-                    down(scratch + first * 2 * inter, token_of + first, weight_of + first, counts[e],
-                         w2 + e * hidden_size * inter, hidden_size, inter, lo, hi, out);
+                    project(scratch + first * 2 * inter, 2 * inter, counts[e], w2 + e * hidden_size * inter, inter, out,
+                            token_of + first, hidden_size, weight_of + first, lo, hi);
         }
     }
     free(token_of), free(weight_of);
     return failed;
+}
+
+/* out [rows, out_features] = x [rows, in_features] @ w [out_features, in_features]^T, the threads splitting the
+   output columns: the experts' tile for the dense projections of small decode batches. */
+int moemesh_linear(const float *x, int64_t rows, const float *w, int64_t in_features, int64_t out_features, float *out,
+                   int num_threads) {
+#pragma omp parallel num_threads(num_threads)
+    {
+        int64_t lo, hi;
+        thread_range(out_features, W_ROWS, &lo, &hi);
+        project(x, in_features, rows, w, in_features, out, NULL, out_features, NULL, lo, hi);
+    }
+    return 0;
 }
