@@ -2,14 +2,17 @@
 
   1. decode attention over a paged KV cache, 8 layers: the native kernel
      reading blocks in place vs gathering them (index_select) + SDPA;
-  2. one MoE layer's experts at decode size (32 tokens, top-2 of 8), 8 layers
-     of distinct weights: the native kernel vs oneDNN-packed weights vs
-     `F.linear` on the plain weights.
+  2. one MoE layer's experts (--tokens rows, top-2 of 8; 32 is a decode step,
+     2048 a prefill chunk), 8 layers of distinct weights: the native kernel vs
+     oneDNN-packed weights vs `F.linear` on the plain weights;
+  3. the dense projections of a decode step of --rows sequences (8 layers of
+     q/k/v and o, and the head): the native kernel vs oneDNN-packed weights vs
+     `F.linear`.
 
 Shapes follow the ~100M bench checkpoint (hidden 512, 8 heads / 4 kv heads
-of 64, 8 experts of 1024). Each contender keeps its best of --repeats.
+of 64, 8 experts of 1024, vocab 4096). Each contender keeps its best of --repeats.
 
-    python bench/native_bench.py [--context 165] [--tokens 32] [--repeats 20]
+    python bench/native_bench.py [--context 165] [--tokens 32] [--rows 8] [--repeats 20]
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 from moemesh.worker import native
 
 LAYERS, SEQS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 8, 32, 8, 4, 64, 16
-EXPERTS, HIDDEN, INTER, TOP_K = 8, 512, 1024, 2
+EXPERTS, HIDDEN, INTER, TOP_K, VOCAB = 8, 512, 1024, 2, 4096
 
 
 def best_ms(fn, repeats: int) -> float:
@@ -101,10 +104,23 @@ def experts(tokens: int, repeats: int) -> None:
           f"oneDNN packed {b:.2f} ms ({b / a:.2f}x), F.linear {c:.2f} ms ({c / a:.2f}x)")
 
 
+def projections(rows: int, repeats: int) -> None:
+    shapes = [((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), (HIDDEN, HEADS * HEAD_DIM)] * LAYERS + [(VOCAB, HIDDEN)]
+    weights = [torch.randn(shape) / shape[1] ** 0.5 for shape in shapes]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
+    x = torch.randn(rows, HIDDEN)
+    a = best_ms(lambda: [native.linear(x, w) for w in weights], repeats)
+    b = best_ms(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed], repeats)
+    c = best_ms(lambda: [F.linear(x, w) for w in weights], repeats)
+    print(f"dense projections, {LAYERS} layers + head, {rows} rows: native {a:.2f} ms, oneDNN packed {b:.2f} ms "
+          f"({b / a:.2f}x), F.linear {c:.2f} ms ({c / a:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=165, help="keys per sequence (mid-run of the engine benchmark)")
     parser.add_argument("--tokens", type=int, default=SEQS, help="token rows of the expert layer (32: a decode step)")
+    parser.add_argument("--rows", type=int, default=8, help="token rows of the dense projections")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     kernels = native.load_kernels()
@@ -113,6 +129,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads")
     attention(args.context, args.repeats)
     experts(args.tokens, args.repeats)
+    projections(args.rows, args.repeats)
 
 
 if __name__ == "__main__":

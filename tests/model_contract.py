@@ -165,8 +165,8 @@ def without_native_kernels(monkeypatch) -> None:
 
 
 def test_native_kernels_and_packed_weights_match_the_plain_pytorch_path(model, ckpt_dir, monkeypatch):
-    # The default CPU model runs decode attention and small expert batches in the native kernels
-    # (built with the system C compiler) and the other matmuls on oneDNN-packed weights.
+    # The default CPU model runs decode attention, the experts and the projections of small batches in the
+    # native kernels (built with the system C compiler), and larger dense matmuls on oneDNN-packed weights.
     compiler = shutil.which("cc") or shutil.which("gcc")
     assert native.load_kernels().available == (compiler is not None), native.load_kernels().reason
     expected_native = prefill_and_decode(model)

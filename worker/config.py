@@ -48,7 +48,8 @@ class WorkerConfig(ServiceConfig):
     # Also serve "<model_id>-pooled": mean-pooled hidden states of the generation model as embeddings.
     pooled_embeddings: bool = True
     num_threads: int = pydantic.Field(default=0, ge=0, description="torch threads; 0 = torch's default")
-    # On CPU, lay the matmul weights out once for oneDNN (faster decode steps; weights held once either way).
+    # On CPU, lay the matmul weights out once for oneDNN (faster matmuls). The experts' weights are held once
+    # either way; float32 dense projections also keep their plain copy for the native small-batch kernel.
     pack_weights: bool = True
     cluster_token: str | None = None
     drain_grace: float = pydantic.Field(default=30.0, ge=0)

@@ -27,8 +27,9 @@ def released(param: nn.Parameter) -> nn.Parameter:
 
 
 # Most token rows a dense projection sends to the native kernel (float32 CPU); more go to oneDNN. Over
-# the bench checkpoint's projections (8 layers of q/k/v and o, and the head) the kernel measured 1.9x
-# faster than oneDNN-packed weights at 1 row, 1.4x at 8, on par at 32 and 64, and 0.9x at 128.
+# the bench checkpoint's projections (8 layers of q/k/v and o, and the head) the kernel measured 1.5x
+# faster than oneDNN-packed weights at 1 row, 1.4x at 8, on par at 32 and 0.9x at 128 on the 2-core
+# bench machine (bench/native_bench.py --rows 1 / 8 / 32 / 128).
 NATIVE_LINEAR_ROWS = 16
 
 

@@ -10,7 +10,8 @@ at 8 rows per expert (see bench/engine_bench.py).
 
 Packed weights are opaque tensors for oneDNN alone; the modules that use them
 (`layers.Linear`, `layers.MoEExperts`) keep the plain weight only when
-something else shares it (a tied embedding).
+something else reads it: a tied embedding, or (for `Linear`, float32) the
+native kernel that serves small batches.
 """
 
 from __future__ import annotations

@@ -97,9 +97,9 @@ static inline __attribute__((always_inline)) void tile_dots(const float *const *
 }
 
 /* The same for a compile-time row count, so that the accumulators stay in registers. */
-#define TILE_CASE(n)                                              \
-    case n:                                                       \
-        tile_dots(x, n, w, k_len, dots);                \
+#define TILE_CASE(n)                     \
+    case n:                              \
+        tile_dots(x, n, w, k_len, dots); \
         break;
 
 static void tile(const float *const *x, int rows, const float *const *w, int64_t k_len, float dots[T_ROWS][W_ROWS]) {
@@ -128,48 +128,15 @@ static inline void thread_range(int64_t n, int64_t step, int64_t *lo, int64_t *h
    per call and each token row is read once per panel. At decode sizes there is one block. */
 static inline int64_t block_end(int64_t start, int64_t step, int64_t end) { return end - start < step ? end : start + step; }
 
-/* Stage 1 for one expert, this thread's intermediate columns [lo, hi): the gate and up dots of each token row
-   into hidden[r][i] and hidden[r][I + i], then hidden[r][i] = silu(gate) * up over the same columns (its own, so
-   no other thread waits for them). */
-static void gate_up(const float *x, const int64_t *token_of, int64_t count, const float *w13, int64_t hidden_size,
-                    int64_t inter, int64_t lo, int64_t hi, float *hidden) {
-    const float *rows[T_ROWS], *w[W_ROWS];
-    float dots[T_ROWS][W_ROWS];
-    for (int64_t p0 = lo; p0 < hi; p0 += PANEL / 2) { /* PANEL / 2 columns: as many gate rows, as many up rows */
-        const int64_t p1 = block_end(p0, PANEL / 2, hi);
-        for (int64_t b0 = 0; b0 < count; b0 += ROW_BLOCK) {
-            const int64_t block = block_end(b0, ROW_BLOCK, count) - b0, tiles = (block + T_ROWS - 1) / T_ROWS;
-            for (int64_t i = p0; i < p1; i += 2) {
-                const int64_t i1 = i + 1 < p1 ? i + 1 : i; /* an odd last column repeats itself and is written once */
-                w[0] = w13 + i * hidden_size, w[1] = w13 + i1 * hidden_size;
-                w[2] = w13 + (inter + i) * hidden_size, w[3] = w13 + (inter + i1) * hidden_size;
-                for (int64_t t = 0, first; t < tiles; t++) {
-                    const int n = tile_rows(block, tiles, t, &first);
-                    first += b0;
-                    for (int m = 0; m < n; m++) rows[m] = x + token_of[first + m] * hidden_size;
-                    tile(rows, n, w, hidden_size, dots);
-                    for (int m = 0; m < n; m++) {
-                        float *h = hidden + (first + m) * 2 * inter;
-                        h[i] = dots[m][0], h[inter + i] = dots[m][2];
-                        h[i1] = dots[m][1], h[inter + i1] = dots[m][3];
-                    }
-                }
-            }
-        }
-    }
-    for (int64_t r = 0; r < count; r++) {
-        float *h = hidden + r * 2 * inter;
-#pragma omp simd
-        for (int64_t i = lo; i < hi; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * h[inter + i];
-    }
-}
-
 /* Rows times weight rows, this thread's output columns [lo, hi): for m < count and column n,
    d = (in row m) . (w row n) over k_len; out[out_row(m)][n] = d, or += weights[m] * d when weights is given.
-   Input row m is in + m * in_stride; out_row(m) is out_rows[m], or m when out_rows is NULL.
-   Stage 2 of the experts (out_rows: the tokens, weights: the routing weights) and the dense projections. */
-static void project(const float *in, int64_t in_stride, int64_t count, const float *w, int64_t k_len, float *out,
-                    const int64_t *out_rows, int64_t out_stride, const float *weights, int64_t lo, int64_t hi) {
+   Input row m is in + in_row(m) * in_stride, output row out + out_row(m) * out_stride; in_row(m) and
+   out_row(m) are in_rows[m] and out_rows[m], or m itself where those are NULL. Both expert stages (stage 1
+   reads its tokens' rows through in_rows; stage 2 adds into them through out_rows with the routing weights)
+   and the dense projections. */
+static void project(const float *in, const int64_t *in_rows, int64_t in_stride, int64_t count, const float *w,
+                    int64_t k_len, float *out, const int64_t *out_rows, int64_t out_stride, const float *weights,
+                    int64_t lo, int64_t hi) {
     const float *rows[T_ROWS], *wr[W_ROWS];
     float dots[T_ROWS][W_ROWS];
     for (int64_t p0 = lo; p0 < hi; p0 += PANEL) {
@@ -182,7 +149,7 @@ static void project(const float *in, int64_t in_stride, int64_t count, const flo
                 for (int64_t t = 0, first; t < tiles; t++) {
                     const int rows_n = tile_rows(block, tiles, t, &first);
                     first += b0;
-                    for (int m = 0; m < rows_n; m++) rows[m] = in + (first + m) * in_stride;
+                    for (int m = 0; m < rows_n; m++) rows[m] = in + (in_rows ? in_rows[first + m] : first + m) * in_stride;
                     tile(rows, rows_n, wr, k_len, dots);
                     for (int m = 0; m < rows_n; m++) {
                         float *dest = out + (out_rows ? out_rows[first + m] : first + m) * out_stride + n;
@@ -194,6 +161,21 @@ static void project(const float *in, int64_t in_stride, int64_t count, const flo
                 }
             }
         }
+    }
+}
+
+/* Stage 1 for one expert, this thread's intermediate columns [lo, hi): the gate and up dots of each token's
+   row into hidden[r][i] and hidden[r][I + i], then hidden[r][i] = silu(gate) * up over the same columns (the
+   thread's own, so no other thread waits for them). */
+static void gate_up(const float *x, const int64_t *token_of, int64_t count, const float *w13, int64_t hidden_size,
+                    int64_t inter, int64_t lo, int64_t hi, float *hidden) {
+    project(x, token_of, hidden_size, count, w13, hidden_size, hidden, NULL, 2 * inter, NULL, lo, hi);
+    project(x, token_of, hidden_size, count, w13 + inter * hidden_size, hidden_size, hidden + inter, NULL, 2 * inter,
+            NULL, lo, hi);
+    for (int64_t r = 0; r < count; r++) {
+        float *h = hidden + r * 2 * inter;
+#pragma omp simd
+        for (int64_t i = lo; i < hi; i++) h[i] = h[i] / (1.0f + expf(-h[i])) * h[inter + i];
     }
 }
 
@@ -234,7 +216,7 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_
 #pragma omp parallel num_threads(num_threads)
         {
             int64_t lo, hi;
-            thread_range(inter, 2, &lo, &hi);
+            thread_range(inter, W_ROWS, &lo, &hi);
             for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++)
                 if (counts[e] > 0 && (wanted == NULL || wanted[e]))
                     gate_up(x, token_of + first, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size, inter, lo, hi,
@@ -243,8 +225,8 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_
             thread_range(hidden_size, W_ROWS, &lo, &hi);
             for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++)
                 if (counts[e] > 0 && (wanted == NULL || wanted[e]))
-                    project(scratch + first * 2 * inter, 2 * inter, counts[e], w2 + e * hidden_size * inter, inter, out,
-                            token_of + first, hidden_size, weight_of + first, lo, hi);
+                    project(scratch + first * 2 * inter, NULL, 2 * inter, counts[e], w2 + e * hidden_size * inter, inter,
+                            out, token_of + first, hidden_size, weight_of + first, lo, hi);
         }
     }
     free(token_of), free(weight_of);
@@ -259,7 +241,7 @@ int moemesh_linear(const float *x, int64_t rows, const float *w, int64_t in_feat
     {
         int64_t lo, hi;
         thread_range(out_features, W_ROWS, &lo, &hi);
-        project(x, in_features, rows, w, in_features, out, NULL, out_features, NULL, lo, hi);
+        project(x, NULL, in_features, rows, w, in_features, out, NULL, out_features, NULL, lo, hi);
     }
     return 0;
 }
