@@ -143,6 +143,78 @@ def test_linear_matches_f_linear(rows, in_features, out_features):
         native.linear(x, weight[:, 1:])
 
 
+def reference_rms_norm(x, weight, eps):
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (32, 512), (3, 5, 40), (300, 384), (4, 7)])  # 300 x 384: threads split the rows
+def test_rms_norm_and_the_fused_residual_add_match_pytorch(shape):
+    g = torch.Generator().manual_seed(5)
+    x, residual = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    weight = torch.rand(shape[-1], generator=g) + 0.5
+    torch.testing.assert_close(native.rms_norm(x, weight, 1e-6), reference_rms_norm(x, weight, 1e-6), rtol=1e-5, atol=1e-6)
+    before = x.clone(), residual.clone()
+    normed, summed = native.rms_norm(x, weight, 1e-5, residual)
+    assert torch.equal(summed, x + residual), "the residual stream must be the exact sum"
+    torch.testing.assert_close(normed, reference_rms_norm(x + residual, weight, 1e-5), rtol=1e-5, atol=1e-6)
+    assert torch.equal(x, before[0]) and torch.equal(residual, before[1]), "the inputs were modified"
+    with pytest.raises(ValueError, match="shapes"):
+        native.rms_norm(x, weight[1:], 1e-6)
+    with pytest.raises(ValueError, match="shapes"):
+        native.rms_norm(x, weight, 1e-6, residual[..., 1:])
+
+
+@pytest.mark.parametrize("rows,num_heads,num_kv_heads,head_dim", [(32, 8, 4, 64), (1, 4, 4, 32), (5, 6, 2, 40), (300, 8, 2, 64)])
+def test_rotary_store_matches_apply_rotary_and_the_cache_write(rows, num_heads, num_kv_heads, head_dim):
+    from moemesh.worker.models.layers import RotaryEmbedding, apply_rotary
+
+    g = torch.Generator().manual_seed(6)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(rows, q_size + 2 * kv_size, generator=g)  # q, k, v as views of one fused projection
+    q, k, v = (t.view(rows, -1, head_dim) for t in qkv.split([q_size, kv_size, kv_size], dim=-1))
+    cos, sin = RotaryEmbedding(head_dim, 10000.0)(torch.randint(0, 4000, (rows,), generator=g))
+    block_size, num_blocks = 4, rows // 4 + 6
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:rows]  # scattered, as the block manager hands out
+    cache_k, cache_v = paged_cache(num_blocks, block_size, num_kv_heads, head_dim, seed=7)
+    expected_k, expected_v = cache_k.clone(), cache_v.clone()
+    expected_k.view(-1, num_kv_heads, head_dim)[slots] = apply_rotary(k, cos, sin)
+    expected_v.view(-1, num_kv_heads, head_dim)[slots] = v
+    got_q = native.rotary_store(q, k, v, cos, sin, slots, cache_k, cache_v)
+    torch.testing.assert_close(got_q, apply_rotary(q, cos, sin), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache_k, expected_k, rtol=1e-5, atol=1e-5)
+    assert torch.equal(cache_v, expected_v)
+
+
+def test_rotary_store_rejects_bad_slots_and_writes_nothing():
+    cache_k, cache_v = paged_cache(2, 4, 2, 16)
+    before = cache_k.clone(), cache_v.clone()
+    q, k, v = torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    cos, sin = torch.randn(3, 16), torch.randn(3, 16)
+    for bad in ([0, 1, 8], [0, -1, 2]):
+        with pytest.raises(ValueError, match="out of range"):
+            native.rotary_store(q, k, v, cos, sin, torch.tensor(bad), cache_k, cache_v)
+    assert torch.equal(cache_k, before[0]) and torch.equal(cache_v, before[1]), "a rejected call wrote to the cache"
+    with pytest.raises(ValueError, match="shapes"):
+        native.rotary_store(q, k, v, cos[:, :8], sin[:, :8], torch.tensor([0, 1, 2]), cache_k, cache_v)
+
+
+@pytest.mark.parametrize("rows,hidden,num_experts,top_k", [(32, 512, 8, 2), (1, 64, 60, 4), (7, 40, 6, 1), (300, 64, 16, 3)])
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_route_matches_softmax_top_k(rows, hidden, num_experts, top_k, renormalize):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(rows, hidden, generator=g)
+    weight = torch.randn(num_experts, hidden, generator=g) / hidden**0.5
+    probs = F.linear(x, weight).softmax(dim=-1)
+    expected_weights, expected_ids = probs.topk(top_k, dim=-1)
+    if renormalize:
+        expected_weights = expected_weights / expected_weights.sum(dim=-1, keepdim=True)
+    ids, weights = native.route(x, weight, top_k, renormalize)
+    assert ids.dtype == torch.int64 and torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="top_k"):
+        native.route(x, weight, num_experts + 1, renormalize)
+
+
 def test_the_build_is_cached_and_a_failed_build_leaves_the_pytorch_path(tmp_path, monkeypatch):
     compiler = shutil.which("cc") or shutil.which("gcc")
     first = native.build_library(compiler, tmp_path)

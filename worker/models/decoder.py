@@ -122,8 +122,9 @@ class DecoderLayer(nn.Module):
         self, h: torch.Tensor, batch: ForwardBatch, rotation: Rotation, cache: PagedKVCache, layer: int
     ) -> torch.Tensor:
         """h [N, H] -> [N, H]."""
-        h = h + self.self_attn(self.input_layernorm(h), batch, rotation, cache, layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attended = self.self_attn(self.input_layernorm(h), batch, rotation, cache, layer)
+        x, h = self.post_attention_layernorm.add_norm(attended, h)  # h + attended, and its norm
+        return h + self.mlp(x)
 
 
 class DecoderForCausalLM(nn.Module):

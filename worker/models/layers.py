@@ -28,9 +28,9 @@ def released(param: nn.Parameter) -> nn.Parameter:
 
 # Most token rows a dense projection sends to the native kernel (float32 CPU); more go to oneDNN. Over
 # the bench checkpoint's projections (8 layers of q/k/v and o, and the head) the kernel measured 1.5x
-# faster than oneDNN-packed weights at 1 row, 1.4x at 8, on par at 32 and 0.9x at 128 on the 2-core
-# bench machine (bench/native_bench.py --rows 1 / 8 / 32 / 128).
-NATIVE_LINEAR_ROWS = 16
+# faster than oneDNN-packed weights at 8 rows, 1.2x at 16, 1.14x at 32, and 0.96x at 48 and 64 on the
+# 2-core bench machine (bench/native_bench.py --rows 8 / 16 / 32 / 48 / 64).
+NATIVE_LINEAR_ROWS = 32
 
 
 class Linear(nn.Linear):
@@ -70,9 +70,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if native.kernels_supported(x) and self.weight.dtype == x.dtype:
+            return native.rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): a decoder layer's residual add and the next norm, in one pass
+        where the native kernels run."""
+        if native.kernels_supported(x) and self.weight.dtype == x.dtype == residual.dtype:
+            return native.rms_norm(x, self.weight, self.eps, residual)
+        summed = x + residual
+        return self(summed), summed
 
 
 class RotaryEmbedding(nn.Module):
@@ -161,9 +171,15 @@ class Attention(nn.Module):
         """x [N, H] -> [N, H]; stores the new keys and values in the cache, then attends per group."""
         N = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.sizes, dim=-1)
-        q = apply_rotary(self.q_norm(q.view(N, self.num_heads, self.head_dim)), rotation.cos, rotation.sin)
-        k = apply_rotary(self.k_norm(k.view(N, self.num_kv_heads, self.head_dim)), rotation.cos, rotation.sin)
-        cache.write(layer, batch.slots, k, v.view(N, self.num_kv_heads, self.head_dim))
+        q = self.q_norm(q.view(N, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(N, self.num_kv_heads, self.head_dim))
+        v = v.view(N, self.num_kv_heads, self.head_dim)
+        if native.kernels_supported(q) and cache.k[layer].dtype == q.dtype:
+            # One pass: rotate q and k, store k and v in their cache slots (the same as the lines below).
+            q = native.rotary_store(q, k, v, rotation.cos, rotation.sin, batch.slots, cache.k[layer], cache.v[layer])
+        else:
+            q = apply_rotary(q, rotation.cos, rotation.sin)
+            cache.write(layer, batch.slots, apply_rotary(k, rotation.cos, rotation.sin), v)
         window = batch.layer_windows[layer]
         outputs = [self._attend(q[group.start : group.stop], group, cache, layer, window) for group in batch.groups]
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, nh*D], groups are in row order
@@ -229,6 +245,8 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, k], topk_weights [T, k] float32)."""
+        if native.kernels_supported(x) and self.weight.dtype == x.dtype:
+            return native.route(x, self.weight, self.top_k, self.renormalize)
         probs = F.linear(x, self.weight).float().softmax(dim=-1)  # [T, E]
         topk_weights, topk_ids = probs.topk(self.top_k, dim=-1)  # [T, k]
         if self.renormalize:

@@ -1,14 +1,17 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-Two kernels, float32, where PyTorch's CPU path moves far more memory than
-the work needs:
+Float32 kernels for where PyTorch's CPU path moves far more memory, or
+spends far more time in dispatch, than the work needs:
   - `paged_attention.c`: decode attention that reads a paged KV cache in
     place (PyTorch gathers each sequence's blocks into a dense copy first,
     which moves the cache three times per decode step);
   - `moe_experts.c`: a layer's routed experts in one call, straight from the
     router's choices and the checkpoint layout (the library path runs two
     GEMMs per expert, at a handful of rows each in a decode step); its tile
-    also serves the dense projections of small decode batches (`linear`).
+    also serves the dense projections of small decode batches (`linear`)
+    and the router's logits (`route`, with the softmax and top-k);
+  - `layer_ops.c`: RMSNorm with the residual add, and rotary embedding with
+    the KV cache write, each one call instead of tens of small operators.
 They are plain C with OpenMP, AVX-512 intrinsics where the CPU has them
 (`simd.h`) and portable loops elsewhere, built here rather than at install
 time so that they are tuned for the CPU they run on (`-march=native`) and
@@ -47,7 +50,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("paged_attention.c", "moe_experts.c")
+SOURCES = ("paged_attention.c", "moe_experts.c", "layer_ops.c")
 HEADERS = ("simd.h",)
 # -ffast-math lets the compiler vectorize reductions and call glibc's vector expf. It is a compile
 # flag only: linked with it, gcc adds a start-up routine that flushes subnormal floats to zero for
@@ -130,6 +133,15 @@ def _declare(library: ctypes.CDLL) -> None:
     fn.restype = ctypes.c_int
     fn = library.moemesh_linear
     fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = library.moemesh_route
+    fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = library.moemesh_rms_norm
+    fn.argtypes = [ptr] * 5 + [i64, i64, ctypes.c_float, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = library.moemesh_rotary_store
+    fn.argtypes = [ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int]
     fn.restype = ctypes.c_int
 
 
@@ -271,3 +283,95 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], out_features)
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """An MoE router in one native call: softmax(x @ weight.T) and its top-k.
+
+    x [T, H], weight [E, H] -> (topk_ids [T, k] int64, topk_weights [T, k]
+    float32), highest first, the weights rescaled to sum to 1 when `renormalize`.
+    """
+    library = _library()
+    T, H = x.shape
+    E = weight.shape[0]
+    if weight.shape != (E, H):
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, router weight {tuple(weight.shape)}")
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
+    x, weight = x.contiguous(), weight.contiguous()
+    probs = x.new_empty(T, E)
+    ids = torch.empty(T, top_k, dtype=torch.int64)
+    weights = x.new_empty(T, top_k)
+    if T:
+        library.moemesh_route(x.data_ptr(), T, weight.data_ptr(), E, H, top_k, int(renormalize), probs.data_ptr(),
+                              ids.data_ptr(), weights.data_ptr(), torch.get_num_threads())
+    return ids, weights
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of x [..., D] by weight [D] in one native call.
+
+    With `residual`, the norm is of x + residual, and the call returns
+    (normed, x + residual): the residual add of a decoder layer and the
+    next norm in one pass.
+    """
+    library = _library()
+    dim = weight.shape[0]
+    if x.shape[-1] != dim or (residual is not None and residual.shape != x.shape):
+        raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+                         + ("" if residual is None else f", residual {tuple(residual.shape)}"))
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    summed = None if residual is None else torch.empty_like(x)
+    rows = x.numel() // dim if dim else 0
+    if rows:
+        library.moemesh_rms_norm(
+            x.data_ptr(), None if residual is None else residual.contiguous().data_ptr(),
+            None if summed is None else summed.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, dim, eps,
+            torch.get_num_threads(),
+        )
+    return out if summed is None else (out, summed)
+
+
+def rotary_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    slots: torch.Tensor,
+    cache_k: torch.Tensor,
+    cache_v: torch.Tensor,
+) -> torch.Tensor:
+    """Rotary embedding of q and k with the cache write, in one native call; returns the rotated q.
+
+    q [N, nh, D], k and v [N, n_kv, D] (each token's heads contiguous; rows
+    may be views into a fused qkv output); cos, sin [N, D]; slots [N] int64
+    flat cache positions. The rotated k and v are stored at `slots` in
+    cache_k and cache_v ([num_blocks, block_size, n_kv, D]), as
+    `PagedKVCache.write` does. Returns the rotated q [N, nh, D], contiguous.
+    """
+    library = _library()
+    N, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if (k.shape != (N, num_kv_heads, head_dim) or v.shape != k.shape or cos.shape != (N, head_dim)
+            or sin.shape != cos.shape or slots.shape != (N,) or cache_k.shape[2:] != (num_kv_heads, head_dim)
+            or cache_v.shape != cache_k.shape or head_dim % 2):
+        raise ValueError(f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"cos {tuple(cos.shape)}, slots {tuple(slots.shape)}, cache {tuple(cache_k.shape)}")
+    if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
+        raise ValueError("the KV cache must be contiguous")
+    q, k, v = (t if t.stride()[1:] == (head_dim, 1) else t.contiguous() for t in (q, k, v))
+    cos, sin, slots = cos.contiguous(), sin.contiguous(), slots.to(torch.int64).contiguous()
+    out = torch.empty(N, num_heads, head_dim, dtype=q.dtype)
+    num_slots = cache_k.shape[0] * cache_k.shape[1]
+    failed = library.moemesh_rotary_store(
+        q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(), sin.data_ptr(),
+        slots.data_ptr(), N, num_heads, num_kv_heads, head_dim, out.data_ptr(), cache_k.data_ptr(), cache_v.data_ptr(),
+        num_slots, torch.get_num_threads(),
+    )
+    if failed:
+        raise ValueError(f"a cache slot is out of range [0, {num_slots})")
+    return out

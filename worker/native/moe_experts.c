@@ -245,3 +245,40 @@ int moemesh_linear(const float *x, int64_t rows, const float *w, int64_t in_feat
     }
     return 0;
 }
+
+/* The router of an MoE layer: for each token row r < rows, probs[r] = softmax(w @ x[r]) over the experts,
+   then its top_k experts by probability (ties: the lower index first) into ids[r] and their probabilities
+   into weights[r], rescaled to sum to 1 when `renormalize`. x [rows, hidden], w [experts, hidden],
+   probs [rows, experts] (work space), ids [rows, top_k] (int64), weights [rows, top_k]. */
+int moemesh_route(const float *x, int64_t rows, const float *w, int64_t experts, int64_t hidden, int64_t top_k,
+                  int renormalize, float *probs, int64_t *ids, float *weights, int num_threads) {
+    if (top_k < 1 || top_k > experts) return 2;
+#pragma omp parallel num_threads(num_threads)
+    {
+        int64_t lo, hi;
+        thread_range(experts, W_ROWS, &lo, &hi);
+        project(x, NULL, hidden, rows, w, hidden, probs, NULL, experts, NULL, lo, hi);
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; r++) {
+            float *p = probs + r * experts, top = p[0], sum = 0.0f;
+            for (int64_t e = 1; e < experts; e++) top = p[e] > top ? p[e] : top;
+            for (int64_t e = 0; e < experts; e++) sum += p[e] = expf(p[e] - top);
+            for (int64_t e = 0; e < experts; e++) p[e] /= sum;
+            int64_t *chosen = ids + r * top_k;
+            float *chosen_weight = weights + r * top_k, picked = 0.0f;
+            for (int64_t j = 0; j < top_k; j++) {
+                int64_t best = -1;
+                for (int64_t e = 0; e < experts; e++) {
+                    int taken = 0;
+                    for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
+                    if (!taken && (best < 0 || p[e] > p[best])) best = e; /* a NaN never wins but is still a valid id */
+                }
+                chosen[j] = best, chosen_weight[j] = p[best], picked += p[best];
+            }
+            if (renormalize)
+                for (int64_t j = 0; j < top_k; j++) chosen_weight[j] /= picked;
+        }
+    }
+    return 0;
+}
