@@ -7,7 +7,11 @@
      oneDNN-packed weights vs `F.linear` on the plain weights;
   3. the dense projections of a decode step of --rows sequences (8 layers of
      q/k/v and o, and the head): the native kernel vs oneDNN-packed weights vs
-     `F.linear`.
+     `F.linear`;
+  4. the small operations of a decode step of 32 sequences, 8 layers: two
+     RMSNorms (one after the residual add), rotary embedding of q and k with
+     the KV cache write, and the router's softmax and top-k; the native calls
+     vs the PyTorch operators they replace.
 
 Shapes follow the ~100M bench checkpoint (hidden 512, 8 heads / 4 kv heads
 of 64, 8 experts of 1024, vocab 4096). Each contender keeps its best of --repeats.
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from moemesh.worker import native
+from moemesh.worker.models.layers import RotaryEmbedding, apply_rotary
 
 LAYERS, SEQS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 8, 32, 8, 4, 64, 16
 EXPERTS, HIDDEN, INTER, TOP_K, VOCAB = 8, 512, 1024, 2, 4096
@@ -116,6 +121,43 @@ def projections(rows: int, repeats: int) -> None:
           f"({b / a:.2f}x), F.linear {c:.2f} ms ({c / a:.2f}x)")
 
 
+def layer_ops(repeats: int) -> None:
+    eps, weight = 1e-5, torch.rand(HIDDEN) + 0.5
+    router = torch.randn(EXPERTS, HIDDEN) / HIDDEN**0.5
+    h, attended = torch.randn(SEQS, HIDDEN), torch.randn(SEQS, HIDDEN)
+    qkv = torch.randn(SEQS, (HEADS + 2 * KV_HEADS) * HEAD_DIM)
+    q, k, v = (t.view(SEQS, -1, HEAD_DIM) for t in qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1))
+    cos, sin = RotaryEmbedding(HEAD_DIM, 1e6)(torch.arange(SEQS) + 160)
+    cache_k, cache_v = torch.zeros(SEQS * 12, BLOCK, KV_HEADS, HEAD_DIM), torch.zeros(SEQS * 12, BLOCK, KV_HEADS, HEAD_DIM)
+    slots = torch.arange(SEQS) * 12 * BLOCK + 160
+
+    def fused():
+        for _ in range(LAYERS):
+            native.rms_norm(h, weight, eps)
+            native.rotary_store(q, k, v, cos, sin, slots, cache_k, cache_v)
+            x, _ = native.rms_norm(attended, weight, eps, h)
+            native.route(x, router, TOP_K, True)
+
+    def norm(x):
+        x32 = x.float()
+        return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def operators():  # layers.py's PyTorch path, operator for operator
+        for _ in range(LAYERS):
+            norm(h)
+            apply_rotary(q, cos, sin)
+            cache_k.view(-1, KV_HEADS, HEAD_DIM).index_copy_(0, slots, apply_rotary(k, cos, sin))
+            cache_v.view(-1, KV_HEADS, HEAD_DIM).index_copy_(0, slots, v)
+            summed = h + attended
+            probs = F.linear(norm(summed), router).float().softmax(dim=-1)
+            top, _ = probs.topk(TOP_K, dim=-1)
+            top / top.sum(dim=-1, keepdim=True)
+
+    a, b = best_ms(fused, repeats), best_ms(operators, repeats)
+    print(f"layer ops (norms, rotary + cache write, router), {LAYERS} layers x {SEQS} seqs: native {a:.2f} ms, "
+          f"PyTorch operators {b:.2f} ms ({b / a:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--context", type=int, default=165, help="keys per sequence (mid-run of the engine benchmark)")
@@ -130,6 +172,7 @@ def main() -> None:
     attention(args.context, args.repeats)
     experts(args.tokens, args.repeats)
     projections(args.rows, args.repeats)
+    layer_ops(args.repeats)
 
 
 if __name__ == "__main__":

@@ -253,7 +253,9 @@ int moemesh_linear(const float *x, int64_t rows, const float *w, int64_t in_feat
 int moemesh_route(const float *x, int64_t rows, const float *w, int64_t experts, int64_t hidden, int64_t top_k,
                   int renormalize, float *probs, int64_t *ids, float *weights, int num_threads) {
     if (top_k < 1 || top_k > experts) return 2;
-#pragma omp parallel num_threads(num_threads)
+    /* A decode step's router is a few thousand multiply-adds per row: waking the other threads costs more. */
+    const int threads = rows * experts * hidden >= (1 << 20) ? num_threads : 1;
+#pragma omp parallel num_threads(threads)
     {
         int64_t lo, hi;
         thread_range(experts, W_ROWS, &lo, &hi);
