@@ -11,6 +11,7 @@ chunks of the same length are stacked into attention groups of shape
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,7 +39,25 @@ class AttentionGroup:
     block_tables: torch.Tensor  # [B, nb] padded with block 0 (masked out)
     kv_len: int  # key positions [0, kv_len) are attended to (the furthest query's position + 1)
     seq_lens: torch.Tensor  # [B] each sequence's key count (its last query's position + 1)
-    masks: dict[int | None, torch.Tensor]  # by sliding window: [B, 1, T, kv_len], True where a query sees a key
+    query_positions: Sequence[int]  # [B * T] each row's position
+    windows: Sequence[int | None]  # the sliding windows the layers use (None: full attention)
+
+    @functools.cached_property
+    def masks(self) -> dict[int | None, torch.Tensor]:
+        """By sliding window: [B, 1, T, kv_len], True where a query sees a key.
+
+        Built on first use: decode steps that attend in the native kernel never need them.
+        """
+        device = self.block_tables.device
+        query_pos = torch.tensor(self.query_positions, dtype=torch.long, device=device)
+        query_pos = query_pos.view(self.num_seqs, self.num_tokens, 1)  # [B, T, 1]
+        key_pos = torch.arange(self.kv_len, device=device)  # [L]
+        causal = key_pos <= query_pos  # [B, T, L]
+        masks = {}
+        for window in self.windows:
+            mask = causal if window is None else causal & (key_pos > query_pos - window)
+            masks[window] = mask.unsqueeze(1)  # [B, 1, T, L]
+        return masks
 
 
 @dataclass
@@ -98,25 +117,20 @@ class ForwardBatch:
         def tensor(values) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long, device=device)
 
-        windows = set(layer_windows)
+        windows = tuple(set(layer_windows))
         groups = []
         for start, stop, members, length in group_specs:
             kv_len = max(chunks[i].start for i in members) + length
             num_blocks = -(-kv_len // block_size)
             tables = [list(chunks[i].block_table[:num_blocks]) for i in members]
             tables = tensor([t + [0] * (num_blocks - len(t)) for t in tables])  # [B, nb]
-            query_pos = tensor(positions[start:stop]).view(len(members), length, 1)  # [B, T, 1]
-            key_pos = torch.arange(kv_len, device=device)  # [L]
-            causal = key_pos <= query_pos  # [B, T, L]
-            masks = {}
-            for window in windows:
-                mask = causal if window is None else causal & (key_pos > query_pos - window)
-                masks[window] = mask.unsqueeze(1)  # [B, 1, T, L]
             seq_lens = tensor([chunks[i].start + length for i in members])  # [B]
-            groups.append(AttentionGroup(start, stop, len(members), length, tables, kv_len, seq_lens, masks))
+            groups.append(AttentionGroup(start, stop, len(members), length, tables, kv_len, seq_lens,
+                                         positions[start:stop], windows))
 
         if all_logits:
             logits_indices = None
         else:
             logits_indices = tensor([rows[i].stop - 1 for i, c in enumerate(chunks) if c.want_logits])
-        return cls(tensor(ids), tensor(positions), tensor(slots), groups, list(layer_windows), logits_indices, rows)
+        input_ids, input_positions, input_slots = tensor([ids, positions, slots])  # one tensor, three row views
+        return cls(input_ids, input_positions, input_slots, groups, list(layer_windows), logits_indices, rows)
