@@ -94,6 +94,16 @@ def routed(num_tokens: int, num_experts: int, top_k: int, seed: int, skew: bool 
     return ids, torch.rand(num_tokens, top_k, generator=g)
 
 
+def expert_layer(num_tokens: int, hidden: int, inter: int, num_experts: int, top_k: int, seed: int):
+    """Random inputs, expert weights (checkpoint layout) and routing for one MoE layer."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g)
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5
+    ids, weights = routed(num_tokens, num_experts, top_k, seed=seed + 1, skew=num_tokens > 500)
+    return x, w13, w2, ids, weights
+
+
 @pytest.mark.parametrize(
     "num_tokens,hidden,inter,num_experts,top_k",
     # A dimension that is not a multiple of 16 takes the plain loop for the product that runs along it;
@@ -103,11 +113,7 @@ def routed(num_tokens: int, num_experts: int, top_k: int, seed: int, skew: bool 
      (20, 18, 32, 4, 2), (100, 64, 32, 4, 2), (700, 32, 32, 4, 2)],
 )
 def test_moe_experts_match_the_per_expert_pytorch_loop(num_tokens, hidden, inter, num_experts, top_k):
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(num_tokens, hidden, generator=g)
-    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5
-    w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5
-    ids, weights = routed(num_tokens, num_experts, top_k, seed=3, skew=num_tokens > 500)
+    x, w13, w2, ids, weights = expert_layer(num_tokens, hidden, inter, num_experts, top_k, seed=2)
     for expert_ids in (None, [e for e in range(num_experts) if e % 2 == 1], []):
         got = native.moe_experts(x, ids, weights, w13, w2, expert_ids)
         expected = reference_experts(x, ids, weights, w13, w2, expert_ids)
@@ -128,6 +134,43 @@ def test_moe_experts_reject_bad_routing_and_shapes():
     # The kernel still serves a valid call afterwards.
     torch.testing.assert_close(native.moe_experts(x, ids, weights, w13, w2),
                                reference_experts(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "num_tokens,hidden,inter,num_experts,top_k",
+    # 1 token: one row per tile; 32: a decode step's handful of rows per expert; 90 and 13 experts' worth
+    # of rows: tiles of up to twelve rows and a last short one; 700 (skewed): one expert has more rows than
+    # one block (128) and several panels pass each block.
+    [(1, 64, 32, 8, 2), (32, 64, 96, 8, 2), (90, 32, 16, 4, 2), (13, 96, 48, 6, 3), (700, 64, 32, 4, 2)],
+)
+def test_moe_experts_from_panels_match_the_checkpoint_layout(num_tokens, hidden, inter, num_experts, top_k):
+    x, w13, w2, ids, weights = expert_layer(num_tokens, hidden, inter, num_experts, top_k, seed=5)
+    p13, p2 = native.pack_experts(w13, w2)
+    assert p13.shape == (num_experts, inter // 16, hidden, 32) and p2.shape == (num_experts, hidden // 32, inter, 32)
+    # Panel 0 of p13: the gate rows 0..15, then the up rows 0..15, column by column of the input.
+    torch.testing.assert_close(p13[0, 0, 3], torch.cat([w13[0, :16, 3], w13[0, inter:inter + 16, 3]]), rtol=0, atol=0)
+    unpacked = native.unpack_experts(p13, p2)
+    assert torch.equal(unpacked[0], w13) and torch.equal(unpacked[1], w2)
+    for expert_ids in (None, [e for e in range(num_experts) if e % 2 == 0], []):
+        got = native.moe_experts(x, ids, weights, p13, p2, expert_ids)
+        expected = reference_experts(x, ids, weights, w13, w2, expert_ids)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_panels_reject_sizes_they_cannot_hold_and_mismatched_shapes():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.pack_experts(torch.randn(2, 64, 48), torch.randn(2, 48, 32))  # hidden 48
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.pack_experts(torch.randn(2, 40, 64), torch.randn(2, 64, 20))  # intermediate 20
+    assert native.experts_packable(64, 32) and not native.experts_packable(48, 32) and not native.experts_packable(64, 24)
+    x, ids, weights = torch.randn(4, 64), torch.tensor([[0], [1], [1], [0]]), torch.ones(4, 1)
+    p13, p2 = native.pack_experts(torch.randn(2, 64, 64), torch.randn(2, 64, 32))
+    with pytest.raises(ValueError, match="shapes"):
+        native.moe_experts(x, ids, weights, p13, p2[:, :, :16])
+    with pytest.raises(ValueError, match="shapes"):
+        native.moe_experts(torch.randn(4, 32), ids, weights, p13, p2)
+    with pytest.raises(ValueError, match="topk_ids"):
+        native.moe_experts(x, torch.tensor([[0], [2], [1], [0]]), weights, p13, p2)
 
 
 @pytest.mark.parametrize("rows,in_features,out_features", [(1, 64, 96), (5, 512, 1024), (16, 48, 37), (3, 33, 18), (40, 64, 64)])

@@ -272,23 +272,42 @@ class MoEExperts(nn.Module):
         # Per-expert weights packed for oneDNN (see `pack`); None: the stacked tensors are used.
         self.packed13: list[torch.Tensor] | None = None
         self.packed2: list[torch.Tensor] | None = None
+        # The same weights in the native kernel's panel layout (see `pack`); None: not packed so.
+        self.panels: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def pack(self, release: bool) -> bool:
-        """Pack each expert's matrices for oneDNN when the device and dtype allow.
+        """Lay the experts out once for the fastest kernel the device and dtype allow.
 
-        Every expert path then runs on the packed copies; with `release` the
-        stacked tensors are dropped, so the weights are held once. Where the
-        native kernels run (float32 on the CPU), the stacked tensors stay as
-        they are: the native kernel reads them, 1.5x faster than oneDNN at
-        decode and on par at prefill (bench/native_bench.py).
+        Where the native kernels run (float32 on the CPU), that is the native
+        kernel's panel layout (`native.pack_experts`): 1.08x faster than the
+        checkpoint layout in a decode step and 1.15x at prefill, and 1.7x and
+        1.08x faster than oneDNN (bench/native_bench.py). Experts whose sizes
+        the panels cannot hold keep the checkpoint layout, which the kernel
+        also reads. Elsewhere each
+        expert's matrices are packed for oneDNN. Every expert path then runs
+        on the packed copies; with `release` the stacked tensors are dropped,
+        so the weights are held once.
         """
-        if self.packed13 is not None or not packing_available(self.w13[0]) or native.kernels_supported(self.w13):
+        if self.packed13 is not None or self.panels is not None:
             return False
-        self.packed13 = [pack_weight(w) for w in self.w13]
-        self.packed2 = [pack_weight(w) for w in self.w2]
+        if native.kernels_supported(self.w13):
+            if not native.experts_packable(self.hidden_size, self.intermediate_size):
+                return False  # the native kernel reads the checkpoint layout
+            self.panels = native.pack_experts(self.w13.detach(), self.w2.detach())
+        elif packing_available(self.w13[0]):
+            self.packed13 = [pack_weight(w) for w in self.w13]
+            self.packed2 = [pack_weight(w) for w in self.w2]
+        else:
+            return False
         if release:
             self.w13, self.w2 = released(self.w13), released(self.w2)
         return True
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) in the checkpoint layout, rebuilt from the panels when only those are held."""
+        if self.w13.numel() == 0 and self.panels is not None:
+            return native.unpack_experts(*self.panels)
+        return self.w13, self.w2
 
     def forward(
         self,
@@ -303,7 +322,9 @@ class MoEExperts(nn.Module):
         contribute nothing, so that the sum of the outputs over a partition
         of the experts equals the full output.
         """
-        if self.packed13 is None and native.kernels_supported(x):
+        if self.panels is not None and native.kernels_supported(x):
+            return native.moe_experts(x, topk_ids, topk_weights, *self.panels, expert_ids)
+        if self.packed13 is None and self.w13.numel() and native.kernels_supported(x):
             return native.moe_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids)
         k = topk_ids.shape[1]
         flat_ids = topk_ids.flatten()  # [T*k] expert of each (token, choice)
@@ -311,8 +332,9 @@ class MoEExperts(nn.Module):
         token_of = order // k  # [T*k] token of each grouped assignment
         weight_of = topk_weights.flatten()[order]  # [T*k]
         counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync
+        w13, w2 = self.stacked_weights() if self.packed13 is None else (None, None)
         if expert_ids is None and self.packed13 is None and self._stack_pays(counts):
-            return self._stacked_forward(x, flat_ids[order], token_of, weight_of, counts)
+            return self._stacked_forward(x, flat_ids[order], token_of, weight_of, counts, w13, w2)
         wanted = range(self.num_experts) if expert_ids is None else {int(e) for e in expert_ids}
         gathered = x[token_of]  # [T*k, H] each expert's rows contiguous
         outputs, rows_done = [], []
@@ -322,7 +344,7 @@ class MoEExperts(nn.Module):
             start += count
             if count == 0 or expert not in wanted:
                 continue
-            outputs.append(self.expert_forward(expert, gathered[rows]))  # [n, H]
+            outputs.append(self.expert_forward(expert, gathered[rows], w13, w2))  # [n, H]
             rows_done.append(rows)
         out = torch.zeros_like(x)
         if not outputs:
@@ -346,7 +368,14 @@ class MoEExperts(nn.Module):
         return min(counts) > 0 and busiest * self.num_experts <= 2 * sum(counts) and busiest <= 64
 
     def _stacked_forward(
-        self, x: torch.Tensor, expert_of: torch.Tensor, token_of: torch.Tensor, weight_of: torch.Tensor, counts: list[int]
+        self,
+        x: torch.Tensor,
+        expert_of: torch.Tensor,
+        token_of: torch.Tensor,
+        weight_of: torch.Tensor,
+        counts: list[int],
+        w13: torch.Tensor,
+        w2: torch.Tensor,
     ) -> torch.Tensor:
         """The same sum as the loop, with each expert's rows padded to C and run as [E, C, H] bmm calls."""
         E, C, H = self.num_experts, max(counts), x.shape[1]
@@ -355,19 +384,23 @@ class MoEExperts(nn.Module):
         dest = expert_of * C + rank  # [T*k] row of the padded stack
         stacked = x.new_zeros(E * C, H)
         stacked[dest] = x[token_of]
-        gate, up = torch.bmm(stacked.view(E, C, H), self.w13.transpose(1, 2)).chunk(2, dim=-1)  # 2 x [E, C, I]
-        y = torch.bmm(F.silu(gate) * up, self.w2.transpose(1, 2)).view(E * C, H)  # [E*C, H]
+        gate, up = torch.bmm(stacked.view(E, C, H), w13.transpose(1, 2)).chunk(2, dim=-1)  # 2 x [E, C, I]
+        y = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2)).view(E * C, H)  # [E*C, H]
         out = torch.zeros_like(x)
         out.index_add_(0, token_of, (y[dest] * weight_of[:, None]).to(out.dtype))
         return out
 
-    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert's SwiGLU MLP: x [n, H] -> [n, H]."""
+    def expert_forward(
+        self, expert: int, x: torch.Tensor, w13: torch.Tensor | None = None, w2: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One expert's SwiGLU MLP: x [n, H] -> [n, H] (w13, w2: `stacked_weights()`, when the caller holds them)."""
         if self.packed13 is not None:
             gate, up = packed_linear(x, self.packed13[expert], 2 * self.intermediate_size).chunk(2, dim=-1)
             return packed_linear(F.silu(gate) * up, self.packed2[expert], self.hidden_size)
-        gate, up = F.linear(x, self.w13[expert]).chunk(2, dim=-1)  # 2 x [n, I]
-        return F.linear(F.silu(gate) * up, self.w2[expert])
+        if w13 is None or w2 is None:
+            w13, w2 = self.stacked_weights()
+        gate, up = F.linear(x, w13[expert]).chunk(2, dim=-1)  # 2 x [n, I]
+        return F.linear(F.silu(gate) * up, w2[expert])
 
 
 class SparseMoeBlock(nn.Module):

@@ -6,8 +6,9 @@ spends far more time in dispatch, than the work needs:
     place (PyTorch gathers each sequence's blocks into a dense copy first,
     which moves the cache three times per decode step);
   - `moe_experts.c`: a layer's routed experts in one call, straight from the
-    router's choices and the checkpoint layout (the library path runs two
-    GEMMs per expert, at a handful of rows each in a decode step); its tile
+    router's choices, on weights laid out once in panels (`pack_experts`) or
+    in the checkpoint layout (the library path runs two GEMMs per expert, at
+    a handful of rows each in a decode step); its dot-product tile
     also serves the dense projections of small decode batches (`linear`)
     and the router's logits (`route`, with the softmax and top-k);
   - `layer_ops.c`: RMSNorm with the residual add, and rotary embedding with
@@ -129,7 +130,7 @@ def _declare(library: ctypes.CDLL) -> None:
     fn.argtypes = [ptr] * 6 + [i64] * 8 + [ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = library.moemesh_moe_experts
-    fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = library.moemesh_linear
     fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ctypes.c_int]
@@ -230,6 +231,41 @@ def paged_decode_attention(
     return out
 
 
+def experts_packable(hidden_size: int, intermediate_size: int) -> bool:
+    """Whether experts of these sizes can take the panel layout of `pack_experts`."""
+    return hidden_size % 32 == 0 and intermediate_size % 16 == 0 and hidden_size > 0 and intermediate_size > 0
+
+
+def pack_experts(w13: torch.Tensor, w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay the experts out in panels for `moe_experts`: (p13 [E, I/16, H, 32], p2 [E, H/32, I, 32]).
+
+    Panel p of p13 holds, for each of the H inputs, the gate weights of
+    intermediate columns [16p, 16p + 16) and then their up weights; panel p of
+    p2 the down weights of output columns [32p, 32p + 32). The copies hold the
+    same values; `unpack_experts` gives back the checkpoint layout.
+    """
+    E, I2, H = w13.shape
+    inter = I2 // 2
+    if w2.shape != (E, H, inter) or not experts_packable(H, inter):
+        raise ValueError(f"experts of shapes w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)} cannot be packed "
+                         "(the hidden size must be a multiple of 32 and the intermediate size of 16)")
+    gate = w13[:, :inter].reshape(E, inter // 16, 16, H)
+    up = w13[:, inter:].reshape(E, inter // 16, 16, H)
+    p13 = torch.cat([gate, up], dim=2).transpose(2, 3).contiguous()
+    p2 = w2.reshape(E, H // 32, 32, inter).transpose(2, 3).contiguous()
+    return p13, p2
+
+
+def unpack_experts(p13: torch.Tensor, p2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The checkpoint layout (w13 [E, 2I, H], w2 [E, H, I]) of panels made by `pack_experts`."""
+    E, panels, H, _ = p13.shape
+    inter = panels * 16
+    columns = p13.transpose(2, 3)  # [E, I/16, 32, H]
+    w13 = torch.cat([columns[:, :, :16].reshape(E, inter, H), columns[:, :, 16:].reshape(E, inter, H)], dim=1)
+    w2 = p2.transpose(2, 3).reshape(E, H, inter)
+    return w13.contiguous(), w2.contiguous()
+
+
 def moe_experts(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -240,14 +276,23 @@ def moe_experts(
 ) -> torch.Tensor:
     """The weighted sum of each token's experts, in one native call: x [T, H] -> [T, H].
 
-    topk_ids [T, k] and topk_weights [T, k] are the router's choices. w13
-    [E, 2I, H] holds each expert's gate then up rows, w2 [E, H, I] its down
-    projection. With `expert_ids`, only those experts contribute.
+    topk_ids [T, k] and topk_weights [T, k] are the router's choices. The
+    weights are either as the checkpoint has them, w13 [E, 2I, H] (each
+    expert's gate then up rows) and w2 [E, H, I], or the panels of
+    `pack_experts` (p13 [E, I/16, H, 32], p2 [E, H/32, I, 32]), which the
+    kernel reads faster. With `expert_ids`, only those experts contribute.
     """
     library = _library()
     T, H = x.shape
-    E, I2, _ = w13.shape
-    if w13.shape[2] != H or w2.shape != (E, H, I2 // 2) or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != T:
+    packed = w13.dim() == 4
+    if packed:
+        E, inter = w13.shape[0], w13.shape[1] * 16
+        expected = ((E, inter // 16, H, 32), (E, H // 32, inter, 32))
+    else:
+        E, inter = w13.shape[0], w13.shape[1] // 2
+        expected = ((E, 2 * inter, H), (E, H, inter))
+    if (tuple(w13.shape), tuple(w2.shape)) != expected or (packed and H % 32) or topk_ids.shape != topk_weights.shape \
+            or topk_ids.shape[0] != T:
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, topk {tuple(topk_ids.shape)}, "
                          f"w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
@@ -256,11 +301,12 @@ def moe_experts(
     if expert_ids is not None:
         chosen = {int(e) for e in expert_ids}
         wanted = torch.tensor([e in chosen for e in range(E)], dtype=torch.uint8)
-    scratch = _scratch_floats(max(ids.numel(), 1) * I2)
+    scratch = _scratch_floats(max(ids.numel(), 1) * 2 * inter)
     out = torch.empty_like(x)
     failed = library.moemesh_moe_experts(
         x.data_ptr(), T, ids.data_ptr(), weights.data_ptr(), ids.shape[1], None if wanted is None else wanted.data_ptr(),
-        E, w13.data_ptr(), w2.data_ptr(), H, I2 // 2, scratch.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        E, w13.data_ptr(), w2.data_ptr(), H, inter, scratch.data_ptr(), out.data_ptr(), int(packed),
+        torch.get_num_threads(),
     )
     if failed == 2:
         raise ValueError(f"topk_ids must name experts in [0, {E})")

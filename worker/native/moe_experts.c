@@ -28,6 +28,12 @@
  *
  * Experts with wanted[e] == 0 are skipped (expert parallelism: another
  * process computes them).
+ *
+ * The models lay their experts out once in panels instead (see "The experts
+ * from panel-packed weights" below), which the same entry point reads with
+ * `packed` set: a broadcast tile without horizontal sums, 1.08x faster at a
+ * decode step and 1.15x at prefill. The checkpoint layout stays for expert
+ * sizes the panels cannot hold, and its tile for the dense projections.
  */
 #include <math.h>
 #include <stdint.h>
@@ -196,12 +202,123 @@ static int group_by_expert(const int64_t *topk_ids, const float *topk_weights, i
     return 0;
 }
 
-/* x [T, H]; topk_ids [T, k] (int64), topk_weights [T, k]; wanted [E] or NULL for every expert; w13 [E, 2I, H];
-   w2 [E, H, I]; scratch [T * k, 2I]; out [T, H] (overwritten).
+/* ---- The experts from panel-packed weights ----
+ *
+ * The tile above takes dot products, so every one of its accumulators ends in a horizontal sum. At a
+ * decode step's handful of rows per expert (32 sequences, top-2 of 8: about 8 rows each) the kernel is
+ * bound by arithmetic as much as by memory, and those sums, the scalar stores after them and the second
+ * pass over each weight group for the second tile of rows cost a good part of it. Here the weights are
+ * laid out once (`moemesh.worker.native.pack_experts`) as panels of 32 columns, each panel [k_len][32]
+ * contiguous:
+ *
+ *   p13 [E, I/16, H, 32]: panel p holds the gate columns [16p, 16p + 16) and then the up columns of the
+ *                         same intermediate indices, so the SwiGLU of a panel is done as it leaves the tile;
+ *   p2  [E, H/32, I, 32]: panel p holds output columns [32p, 32p + 32) of the down projection.
+ *
+ * The tile broadcasts one input value per row and step and multiplies it with the panel's two vectors:
+ * up to PK_TOKENS rows, two accumulators each, no horizontal sums, and the weights arrive as one
+ * sequential stream per thread. Threads own ranges of panels (stage 1: intermediate columns, stage 2:
+ * output columns), with the same single barrier between the stages. Token rows go ROW_BLOCK at a time
+ * so that they stay in L2 while the panels pass; at decode sizes there is one block and one tile, and
+ * every weight is read from memory once. bench/native_bench.py measures both layouts side by side. */
+
+#define PK_TOKENS 12  /* token rows per tile: 24 accumulators */
+#define PK_AHEAD 2048 /* floats (8 KB) ahead of the tile that the weight stream is requested into L2 */
+
+/* acc_out[m][0..32) = sum over k < k_len of x[m][k] * panel[k][0..32), for m < rows (<= PK_TOKENS). */
+static inline __attribute__((always_inline)) void panel_tile(const float *const *x, int rows, const float *panel, int64_t k_len,
+                                                             float acc_out[PK_TOKENS][32]) {
+#if defined(__AVX512F__)
+    __m512 acc[2 * PK_TOKENS];
+#pragma GCC unroll 24
+    for (int i = 0; i < 2 * rows; i++) acc[i] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < k_len; k++) {
+        const float *w = panel + 32 * k;
+        _mm_prefetch((const char *)(w + PK_AHEAD), _MM_HINT_T1);
+        _mm_prefetch((const char *)(w + PK_AHEAD + 16), _MM_HINT_T1);
+        __m512 w0 = _mm512_loadu_ps(w), w1 = _mm512_loadu_ps(w + 16);
+        IN_REGISTER(w0);
+        IN_REGISTER(w1);
+#pragma GCC unroll 12
+        for (int m = 0; m < rows; m++) {
+            const __m512 xm = _mm512_set1_ps(x[m][k]);
+            acc[2 * m] = _mm512_fmadd_ps(xm, w0, acc[2 * m]);
+            acc[2 * m + 1] = _mm512_fmadd_ps(xm, w1, acc[2 * m + 1]);
+        }
+    }
+#pragma GCC unroll 12
+    for (int m = 0; m < rows; m++) {
+        _mm512_storeu_ps(acc_out[m], acc[2 * m]);
+        _mm512_storeu_ps(acc_out[m] + 16, acc[2 * m + 1]);
+    }
+#else
+    for (int m = 0; m < rows; m++)
+        for (int j = 0; j < 32; j++) acc_out[m][j] = 0.0f;
+    for (int64_t k = 0; k < k_len; k++) {
+        const float *w = panel + 32 * k;
+        for (int m = 0; m < rows; m++) {
+            const float xm = x[m][k];
+#pragma omp simd
+            for (int j = 0; j < 32; j++) acc_out[m][j] += xm * w[j];
+        }
+    }
+#endif
+}
+
+#define PANEL_CASE(n)                            \
+    case n:                                      \
+        panel_tile(x, n, panel, k_len, acc_out); \
+        break;
+
+static void panel_tiles(const float *const *x, int rows, const float *panel, int64_t k_len, float acc_out[PK_TOKENS][32]) {
+    switch (rows) {
+        PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) PANEL_CASE(6)
+        PANEL_CASE(7) PANEL_CASE(8) PANEL_CASE(9) PANEL_CASE(10) PANEL_CASE(11) PANEL_CASE(12)
+    }
+}
+
+/* One stage of one expert over this thread's panels [lo, hi), each [k_len][32] at panels + p * 32 * k_len,
+   for the expert's `count` assignments. Input row m is in + in_row(m) * in_stride (in_row(m) = in_rows[m],
+   or m where in_rows is NULL).
+   Stage 1 (weights == NULL): dest row m, columns [16p, 16p + 16) = silu(gate) * up of panel p.
+   Stage 2: dest row out_rows[m], columns [32p, 32p + 32) += weights[m] * panel p's sums. */
+static void panel_stage(const float *in, const int64_t *in_rows, int64_t in_stride, int64_t count, const float *panels,
+                        int64_t k_len, int64_t lo, int64_t hi, float *dest, const int64_t *out_rows, int64_t dest_stride,
+                        const float *weights) {
+    const float *rows[PK_TOKENS];
+    float sums[PK_TOKENS][32];
+    for (int64_t b0 = 0; b0 < count; b0 += ROW_BLOCK) {
+        const int64_t block = block_end(b0, ROW_BLOCK, count) - b0, tiles = (block + PK_TOKENS - 1) / PK_TOKENS;
+        for (int64_t p = lo; p < hi; p++)
+            for (int64_t t = 0, first; t < tiles; t++) {
+                const int n = tile_rows(block, tiles, t, &first);
+                first += b0;
+                for (int m = 0; m < n; m++) rows[m] = in + (in_rows ? in_rows[first + m] : first + m) * in_stride;
+                panel_tiles(rows, n, panels + p * 32 * k_len, k_len, sums);
+                for (int m = 0; m < n; m++) {
+                    if (weights == NULL) {
+                        float *h = dest + (first + m) * dest_stride + 16 * p;
+#pragma omp simd
+                        for (int i = 0; i < 16; i++) h[i] = sums[m][i] / (1.0f + expf(-sums[m][i])) * sums[m][16 + i];
+                    } else {
+                        float *o = dest + out_rows[first + m] * dest_stride + 32 * p;
+                        const float g = weights[first + m];
+#pragma omp simd
+                        for (int i = 0; i < 32; i++) o[i] += g * sums[m][i];
+                    }
+                }
+            }
+    }
+}
+
+/* x [T, H]; topk_ids [T, k] (int64), topk_weights [T, k]; wanted [E] or NULL for every expert; scratch
+   [T * k, 2I]; out [T, H] (overwritten). The weights are w13 [E, 2I, H] and w2 [E, H, I] as the checkpoint
+   has them, or with `packed` the panels p13 [E, I/16, H, 32] and p2 [E, H/32, I, 32] (H % 32 == 0,
+   I % 16 == 0; see above).
    Returns 0, 1 when working memory could not be allocated, 2 when an expert id is out of range. */
 int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_ids, const float *topk_weights,
                          int64_t top_k, const uint8_t *wanted, int64_t num_experts, const float *w13, const float *w2,
-                         int64_t hidden_size, int64_t inter, float *scratch, float *out, int num_threads) {
+                         int64_t hidden_size, int64_t inter, float *scratch, float *out, int packed, int num_threads) {
     const int64_t assignments = num_tokens * top_k;
     int64_t *token_of = malloc(sizeof(int64_t) * (size_t)(assignments + 2 * num_experts + 1));
     float *weight_of = malloc(sizeof(float) * (size_t)(assignments + 1));
@@ -216,17 +333,33 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_
 #pragma omp parallel num_threads(num_threads)
         {
             int64_t lo, hi;
-            thread_range(inter, W_ROWS, &lo, &hi);
-            for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++)
-                if (counts[e] > 0 && (wanted == NULL || wanted[e]))
+            if (packed)
+                thread_range(inter / 16, 1, &lo, &hi);
+            else
+                thread_range(inter, W_ROWS, &lo, &hi);
+            for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++) {
+                if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
+                if (packed)
+                    panel_stage(x, token_of + first, hidden_size, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size,
+                                lo, hi, scratch + first * inter, NULL, inter, NULL);
+                else
                     gate_up(x, token_of + first, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size, inter, lo, hi,
                             scratch + first * 2 * inter);
+            }
 #pragma omp barrier
-            thread_range(hidden_size, W_ROWS, &lo, &hi);
-            for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++)
-                if (counts[e] > 0 && (wanted == NULL || wanted[e]))
+            if (packed)
+                thread_range(hidden_size / 32, 1, &lo, &hi);
+            else
+                thread_range(hidden_size, W_ROWS, &lo, &hi);
+            for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++) {
+                if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
+                if (packed)
+                    panel_stage(scratch + first * inter, NULL, inter, counts[e], w2 + e * hidden_size * inter, inter, lo, hi,
+                                out, token_of + first, hidden_size, weight_of + first);
+                else
                     project(scratch + first * 2 * inter, NULL, 2 * inter, counts[e], w2 + e * hidden_size * inter, inter,
                             out, token_of + first, hidden_size, weight_of + first, lo, hi);
+            }
         }
     }
     free(token_of), free(weight_of);
