@@ -50,11 +50,22 @@ static inline void prefetch_row(const Pages *pages, int64_t t, int64_t from, int
     for (int64_t i = from * 4; i < to * 4; i += 64) __builtin_prefetch(row + i, 0, 2);
 }
 
-/* The same for row t + block_size, the same row of the sequence's next block, while row t is being read:
-   a block is one contiguous run, and the runs are scattered over the pool, so the hardware prefetcher
-   loses the stream at every block boundary. */
+/* How many blocks ahead of the one being read the stream is requested. */
+#define PREFETCH_BLOCKS 2
+
+/* The same for row t + PREFETCH_BLOCKS * block_size, the same row of a block further on, while row t is
+   being read: a block is one contiguous run, and the runs are scattered over the pool, so the hardware
+   prefetcher loses the stream at every block boundary. Two blocks rather than one: when neighbours load
+   the memory system, one block's lead was not always enough (native decode attention 4.3 -> 3.7 ms in
+   such a spell, equal otherwise). */
 static inline void prefetch_next_block(const Pages *pages, int64_t t, int64_t len, int64_t from, int64_t to) {
-    if (t + pages->block_size < len) prefetch_row(pages, t + pages->block_size, from, to);
+    if (t + PREFETCH_BLOCKS * pages->block_size < len) prefetch_row(pages, t + PREFETCH_BLOCKS * pages->block_size, from, to);
+}
+
+/* The rows of the first PREFETCH_BLOCKS blocks from `start`, which nothing earlier asked for. */
+static inline void prefetch_first_blocks(const Pages *pages, int64_t start, int64_t len, int64_t from, int64_t to) {
+    const int64_t end = start - start % pages->block_size + PREFETCH_BLOCKS * pages->block_size;
+    for (int64_t t = start; t < len && t < end; t++) prefetch_row(pages, t, from, to);
 }
 
 /* Scores of query heads [h0, h1) against keys [start, len): scores[h * span + i], each row's maximum in maxima[h]. */
@@ -232,6 +243,7 @@ int moemesh_paged_decode_attention(const float *q, const float *k_cache, const f
             }
             const Pages keys = {k_cache, block_tables + b * max_blocks, block_size, num_kv_heads * head_dim};
             const Pages values = {v_cache, keys.table, block_size, keys.row};
+            prefetch_first_blocks(&keys, start, len, (h0 / group) * head_dim, ((h1 - 1) / group + 1) * head_dim);
 #if defined(__AVX512F__)
             if (head_dim % 16 == 0 && head_dim <= 16 * MAX_CHUNKS) {
                 head_scores_16(qb, &keys, &values, start, len, h0, h1, group, head_dim, scale, scores, maxima);
