@@ -8,8 +8,8 @@
      checkpoint layout vs oneDNN-packed weights vs `F.linear` on the plain
      weights;
   3. the dense projections of a decode step of --rows sequences (8 layers of
-     q/k/v and o, and the head): the native kernel vs oneDNN-packed weights vs
-     `F.linear`;
+     q/k/v and o, and the head): the native kernel on panels (what the models
+     use) vs on the plain layout vs oneDNN-packed weights vs `F.linear`;
   4. the small operations of a decode step of 32 sequences, 8 layers: two
      RMSNorms (one after the residual add), rotary embedding of q and k with
      the KV cache write, and the router's softmax and top-k; the native calls
@@ -126,12 +126,16 @@ def projections(rows: int, repeats: int) -> None:
     shapes = [((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN), (HIDDEN, HEADS * HEAD_DIM)] * LAYERS + [(VOCAB, HIDDEN)]
     weights = [torch.randn(shape) / shape[1] ** 0.5 for shape in shapes]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
+    panels = [native.pack_linear(w) for w in weights]
     x = torch.randn(rows, HIDDEN)
-    a = best_ms(lambda: [native.linear(x, w) for w in weights], repeats)
-    b = best_ms(lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed], repeats)
+    a, d, b = best_ms_alternating([
+        lambda: [native.linear(x, p) for p in panels],
+        lambda: [native.linear(x, w) for w in weights],
+        lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed],
+    ], repeats)
     c = best_ms(lambda: [F.linear(x, w) for w in weights], repeats)
-    print(f"dense projections, {LAYERS} layers + head, {rows} rows: native {a:.2f} ms, oneDNN packed {b:.2f} ms "
-          f"({b / a:.2f}x), F.linear {c:.2f} ms ({c / a:.2f}x)")
+    print(f"dense projections, {LAYERS} layers + head, {rows} rows: native on panels {a:.2f} ms, native on the plain "
+          f"layout {d:.2f} ms ({d / a:.2f}x), oneDNN packed {b:.2f} ms ({b / a:.2f}x), F.linear {c:.2f} ms ({c / a:.2f}x)")
 
 
 def layer_ops(repeats: int) -> None:

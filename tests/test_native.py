@@ -173,7 +173,8 @@ def test_panels_reject_sizes_they_cannot_hold_and_mismatched_shapes():
         native.moe_experts(x, torch.tensor([[0], [2], [1], [0]]), weights, p13, p2)
 
 
-@pytest.mark.parametrize("rows,in_features,out_features", [(1, 64, 96), (5, 512, 1024), (16, 48, 37), (3, 33, 18), (40, 64, 64)])
+@pytest.mark.parametrize("rows,in_features,out_features",
+                         [(1, 64, 96), (5, 512, 1024), (16, 48, 37), (3, 33, 18), (40, 64, 64), (64, 40, 32)])
 def test_linear_matches_f_linear(rows, in_features, out_features):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(rows, in_features, generator=g)
@@ -184,6 +185,19 @@ def test_linear_matches_f_linear(rows, in_features, out_features):
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="shapes"):
         native.linear(x, weight[:, 1:])
+    if out_features % 32 == 0:  # the same on panels; 200 rows take more than one block of rows
+        panels = native.pack_linear(weight)
+        assert panels.shape == (out_features // 32, in_features, 32)
+        torch.testing.assert_close(panels[-1, 5], weight[-32:, 5], rtol=0, atol=0)
+        torch.testing.assert_close(native.linear(x.view(1, rows, -1), panels, bias), F.linear(x, weight, bias)[None],
+                                   rtol=1e-4, atol=1e-5)
+        tall = torch.randn(200, in_features, generator=g)
+        torch.testing.assert_close(native.linear(tall, panels), F.linear(tall, weight), rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="shapes"):
+            native.linear(x[:, 1:], panels)
+    else:
+        with pytest.raises(ValueError, match="multiple of 32"):
+            native.pack_linear(weight)
 
 
 def reference_rms_norm(x, weight, eps):

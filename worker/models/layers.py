@@ -27,35 +27,49 @@ def released(param: nn.Parameter) -> nn.Parameter:
 
 
 # Most token rows a dense projection sends to the native kernel (float32 CPU); more go to oneDNN. Over
-# the bench checkpoint's projections (8 layers of q/k/v and o, and the head) the kernel measured 1.5x
-# faster than oneDNN-packed weights at 8 rows, 1.2x at 16, 1.14x at 32, and 0.96x at 48 and 64 on the
-# 2-core bench machine (bench/native_bench.py --rows 8 / 16 / 32 / 48 / 64).
+# the bench checkpoint's projections (8 layers of q/k/v and o, and the head) on the 2-core bench machine
+# (bench/native_bench.py --rows N), the kernel on the panel layout measured 1.7x faster than oneDNN-packed
+# weights at 8 rows, 1.17x at 32, 1.08x at 64 and even at 128; on the plain layout (for output sizes the
+# panels cannot hold) 1.14x at 32 rows and 0.96x at 48 and 64.
+NATIVE_PANEL_ROWS = 64
 NATIVE_LINEAR_ROWS = 32
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` whose weight can be packed once for oneDNN (CPU); see `packing`.
+    """`nn.Linear` whose weight can be laid out once for faster CPU kernels; see `pack`."""
 
-    Where the native kernels run, small batches (single-stream and lightly
-    loaded decode) take the native kernel on the plain weight instead, so
-    that weight is kept beside the packed copy.
-    """
-
-    packed: torch.Tensor | None = None
+    packed: torch.Tensor | None = None  # oneDNN's blocked layout (`packing`)
+    panels: torch.Tensor | None = None  # the native kernel's panel layout (`native.pack_linear`)
 
     def pack(self, release: bool) -> bool:
-        """Pack the weight when the device and dtype allow; with `release`, drop the plain copy unless the
-        native kernel reads it."""
-        if self.packed is not None or not packing_available(self.weight):
+        """Lay the weight out for the kernels the device and dtype allow.
+
+        Where the native kernels run (float32 on the CPU), small batches
+        (single-stream and decode steps) take the native kernel on panels of
+        32 output columns, and larger ones (prefill) oneDNN's packed copy.
+        With `release`, the plain weight is dropped when those copies serve
+        every batch; it stays where the native kernel reads it (an output
+        size the panels cannot hold) or oneDNN cannot pack.
+        """
+        if self.packed is not None or self.panels is not None:
             return False
-        self.packed = pack_weight(self.weight)
-        if release and not native.kernels_supported(self.weight):
+        native_here = native.kernels_supported(self.weight)
+        if native_here and self.out_features % 32 == 0:
+            self.panels = native.pack_linear(self.weight.detach())
+        if packing_available(self.weight):
+            self.packed = pack_weight(self.weight)
+        if self.packed is None and self.panels is None:
+            return False
+        if release and self.packed is not None and (self.panels is not None or not native_here):
             self.weight = released(self.weight)
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.numel() and x.numel() <= NATIVE_LINEAR_ROWS * self.in_features and native.kernels_supported(x):
-            return native.linear(x, self.weight, self.bias)
+        if native.kernels_supported(x):
+            if self.panels is not None and x.numel() <= NATIVE_PANEL_ROWS * self.in_features:
+                return native.linear(x, self.panels, self.bias)
+            if self.weight.numel() and x.numel() <= NATIVE_LINEAR_ROWS * self.in_features:
+                return native.linear(x, self.weight, self.bias)
         if self.packed is None:
             return super().forward(x)
         return packed_linear(x, self.packed, self.out_features, self.bias)

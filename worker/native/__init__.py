@@ -133,7 +133,7 @@ def _declare(library: ctypes.CDLL) -> None:
     fn.argtypes = [ptr, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = library.moemesh_linear
-    fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, i64, ptr, i64, i64, ptr, ctypes.c_int, ctypes.c_int]
     fn.restype = ctypes.c_int
     fn = library.moemesh_route
     fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int]
@@ -315,17 +315,35 @@ def moe_experts(
     return out
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` in one native call: x [..., in] -> [..., out]."""
-    library = _library()
+def pack_linear(weight: torch.Tensor) -> torch.Tensor:
+    """A projection's weight [out, in] in panels for `linear`: [out / 32, in, 32], panel p holding output
+    columns [32p, 32p + 32) for each input. out must be a multiple of 32."""
     out_features, in_features = weight.shape
-    if x.shape[-1] != in_features:
+    if out_features % 32 or not out_features:
+        raise ValueError(f"a weight of shape {tuple(weight.shape)} cannot be packed: out_features must be a multiple of 32")
+    return weight.reshape(out_features // 32, 32, in_features).transpose(1, 2).contiguous()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` in one native call: x [..., in] -> [..., out].
+
+    weight is [out, in], or its panels from `pack_linear` ([out / 32, in, 32]),
+    which the kernel reads faster (1.1x at 8 to 64 rows).
+    """
+    library = _library()
+    packed = weight.dim() == 3
+    if packed:
+        out_features, in_features = weight.shape[0] * weight.shape[2], weight.shape[1]
+        ok = weight.shape[2] == 32
+    else:
+        (out_features, in_features), ok = weight.shape, True
+    if x.shape[-1] != in_features or not ok:
         raise ValueError(f"shapes do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     rows, weight = x.reshape(-1, in_features).contiguous(), weight.contiguous()
     out = x.new_empty(rows.shape[0], out_features)
     if rows.shape[0]:
         library.moemesh_linear(rows.data_ptr(), rows.shape[0], weight.data_ptr(), in_features, out_features, out.data_ptr(),
-                               torch.get_num_threads())
+                               int(packed), torch.get_num_threads())
     if bias is not None:
         out += bias
     return out.view(*x.shape[:-1], out_features)

@@ -277,14 +277,19 @@ static void panel_tiles(const float *const *x, int rows, const float *panel, int
     }
 }
 
-/* One stage of one expert over this thread's panels [lo, hi), each [k_len][32] at panels + p * 32 * k_len,
-   for the expert's `count` assignments. Input row m is in + in_row(m) * in_stride (in_row(m) = in_rows[m],
-   or m where in_rows is NULL).
-   Stage 1 (weights == NULL): dest row m, columns [16p, 16p + 16) = silu(gate) * up of panel p.
-   Stage 2: dest row out_rows[m], columns [32p, 32p + 32) += weights[m] * panel p's sums. */
+/* What a panel's sums become. */
+enum panel_out {
+    PANEL_SWIGLU, /* dest row m, columns [16p, 16p + 16) = silu(gate) * up (an expert's stage 1) */
+    PANEL_ADD,    /* dest row out_rows[m], columns [32p, 32p + 32) += weights[m] * sums (stage 2) */
+    PANEL_STORE,  /* dest row m, columns [32p, 32p + 32) = sums (a dense projection) */
+};
+
+/* Rows times this thread's panels [lo, hi), each [k_len][32] at panels + p * 32 * k_len, for `count` rows.
+   Input row m is in + in_row(m) * in_stride (in_row(m) = in_rows[m], or m where in_rows is NULL); the sums
+   go to dest (row stride dest_stride) as `kind` says. */
 static void panel_stage(const float *in, const int64_t *in_rows, int64_t in_stride, int64_t count, const float *panels,
-                        int64_t k_len, int64_t lo, int64_t hi, float *dest, const int64_t *out_rows, int64_t dest_stride,
-                        const float *weights) {
+                        int64_t k_len, int64_t lo, int64_t hi, float *dest, int64_t dest_stride, enum panel_out kind,
+                        const int64_t *out_rows, const float *weights) {
     const float *rows[PK_TOKENS];
     float sums[PK_TOKENS][32];
     for (int64_t b0 = 0; b0 < count; b0 += ROW_BLOCK) {
@@ -296,15 +301,17 @@ static void panel_stage(const float *in, const int64_t *in_rows, int64_t in_stri
                 for (int m = 0; m < n; m++) rows[m] = in + (in_rows ? in_rows[first + m] : first + m) * in_stride;
                 panel_tiles(rows, n, panels + p * 32 * k_len, k_len, sums);
                 for (int m = 0; m < n; m++) {
-                    if (weights == NULL) {
+                    if (kind == PANEL_SWIGLU) {
                         float *h = dest + (first + m) * dest_stride + 16 * p;
 #pragma omp simd
                         for (int i = 0; i < 16; i++) h[i] = sums[m][i] / (1.0f + expf(-sums[m][i])) * sums[m][16 + i];
-                    } else {
+                    } else if (kind == PANEL_ADD) {
                         float *o = dest + out_rows[first + m] * dest_stride + 32 * p;
                         const float g = weights[first + m];
 #pragma omp simd
                         for (int i = 0; i < 32; i++) o[i] += g * sums[m][i];
+                    } else {
+                        memcpy(dest + (first + m) * dest_stride + 32 * p, sums[m], sizeof sums[m]);
                     }
                 }
             }
@@ -341,7 +348,7 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_
                 if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
                 if (packed)
                     panel_stage(x, token_of + first, hidden_size, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size,
-                                lo, hi, scratch + first * inter, NULL, inter, NULL);
+                                lo, hi, scratch + first * inter, inter, PANEL_SWIGLU, NULL, NULL);
                 else
                     gate_up(x, token_of + first, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size, inter, lo, hi,
                             scratch + first * 2 * inter);
@@ -355,7 +362,7 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_
                 if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
                 if (packed)
                     panel_stage(scratch + first * inter, NULL, inter, counts[e], w2 + e * hidden_size * inter, inter, lo, hi,
-                                out, token_of + first, hidden_size, weight_of + first);
+                                out, hidden_size, PANEL_ADD, token_of + first, weight_of + first);
                 else
                     project(scratch + first * 2 * inter, NULL, 2 * inter, counts[e], w2 + e * hidden_size * inter, inter,
                             out, token_of + first, hidden_size, weight_of + first, lo, hi);
@@ -367,14 +374,21 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_
 }
 
 /* out [rows, out_features] = x [rows, in_features] @ w [out_features, in_features]^T, the threads splitting the
-   output columns: the experts' tile for the dense projections of small decode batches. */
+   output columns: the experts' tiles for the dense projections of small decode batches. With `packed`, w is
+   in panels [out_features / 32, in_features, 32] (panel p: output columns [32p, 32p + 32)) and goes through
+   the broadcast tile, else through the dot-product tile. */
 int moemesh_linear(const float *x, int64_t rows, const float *w, int64_t in_features, int64_t out_features, float *out,
-                   int num_threads) {
+                   int packed, int num_threads) {
 #pragma omp parallel num_threads(num_threads)
     {
         int64_t lo, hi;
-        thread_range(out_features, W_ROWS, &lo, &hi);
-        project(x, NULL, in_features, rows, w, in_features, out, NULL, out_features, NULL, lo, hi);
+        if (packed) {
+            thread_range(out_features / 32, 1, &lo, &hi);
+            panel_stage(x, NULL, in_features, rows, w, in_features, lo, hi, out, out_features, PANEL_STORE, NULL, NULL);
+        } else {
+            thread_range(out_features, W_ROWS, &lo, &hi);
+            project(x, NULL, in_features, rows, w, in_features, out, NULL, out_features, NULL, lo, hi);
+        }
     }
     return 0;
 }
