@@ -297,10 +297,9 @@ class MoEExperts(nn.Module):
         checkpoint layout in a decode step and 1.15x at prefill, and 1.7x and
         1.08x faster than oneDNN (bench/native_bench.py). Experts whose sizes
         the panels cannot hold keep the checkpoint layout, which the kernel
-        also reads. Elsewhere each
-        expert's matrices are packed for oneDNN. Every expert path then runs
-        on the packed copies; with `release` the stacked tensors are dropped,
-        so the weights are held once.
+        also reads. Elsewhere each expert's matrices are packed for oneDNN.
+        Every expert path then runs on the packed copies; with `release` the
+        stacked tensors are dropped, so the weights are held once.
         """
         if self.packed13 is not None or self.panels is not None:
             return False
@@ -338,7 +337,7 @@ class MoEExperts(nn.Module):
         """
         if self.panels is not None and native.kernels_supported(x):
             return native.moe_experts(x, topk_ids, topk_weights, *self.panels, expert_ids)
-        if self.packed13 is None and self.w13.numel() and native.kernels_supported(x):
+        if self.packed13 is None and native.kernels_supported(x):
             return native.moe_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids)
         k = topk_ids.shape[1]
         flat_ids = topk_ids.flatten()  # [T*k] expert of each (token, choice)
