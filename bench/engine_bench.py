@@ -56,20 +56,37 @@ def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def bench_transformers(ckpt: pathlib.Path, batch: list[list[int]], new_tokens: int, dtype: torch.dtype) -> float:
-    """Tokens/s of transformers generate on a padded batch (equal lengths: no padding waste)."""
+def load_transformers(ckpt: pathlib.Path, dtype: torch.dtype, device: str = "cpu"):
+    """transformers' Mixtral on the same checkpoint, in `dtype` on `device`."""
     from transformers import MixtralForCausalLM
 
-    model = MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype).eval()
-    ids = torch.tensor(batch)
+    return MixtralForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+
+
+def bench_transformers(ckpt: pathlib.Path, batch: list[list[int]], new_tokens: int, dtype: torch.dtype) -> float:
+    """Tokens/s of transformers generate on a padded batch (equal lengths: no padding waste)."""
+    return run_transformers(load_transformers(ckpt, dtype), batch, new_tokens)
+
+
+def run_transformers(model, batch: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s of a loaded transformers model's greedy generate on the batch (after a short warm-up)."""
+    ids = torch.tensor(batch, device=model.device)
     with torch.inference_mode():
-        model.generate(ids[:, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+        model.generate(ids[:, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+        synchronize(model.device)
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        synchronize(model.device)
         elapsed = time.perf_counter() - start
     assert out.shape[1] == ids.shape[1] + new_tokens
     return len(batch) * new_tokens / elapsed
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that a host clock times it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_engine(engine: Engine, batch: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
@@ -105,19 +122,22 @@ def bench_bare_step(model, batch: list[list[int]], new_tokens: int, max_batched_
     n, length, block_size = len(batch), len(batch[0]), 16
     per_seq = -(-(length + new_tokens) // block_size)
     cache = model.make_cache(n * per_seq, block_size)
+    device = cache.k[0].device
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(n)]
     windows = model.layer_windows
     per_call = max(1, max_batched_tokens // length)
     prefills = [ForwardBatch.build([SequenceChunk(p, 0, t) for p, t in zip(batch[i : i + per_call], tables[i : i + per_call])],
-                                   block_size, windows) for i in range(0, n, per_call)]
-    steps = [ForwardBatch.build([SequenceChunk([0], length + step, t) for t in tables], block_size, windows)
+                                   block_size, windows, device) for i in range(0, n, per_call)]
+    steps = [ForwardBatch.build([SequenceChunk([0], length + step, t) for t in tables], block_size, windows, device)
              for step in range(new_tokens - 1)]
     with torch.inference_mode():
+        synchronize(device)
         start = time.perf_counter()
         ids = torch.cat([model(prefill, cache).argmax(-1) for prefill in prefills])
         for step in steps:
             step.input_ids = ids  # greedy feedback, so that routing sees real tokens
             ids = model(step, cache).argmax(-1)
+        synchronize(device)
         elapsed = time.perf_counter() - start
     return n * new_tokens / elapsed
 

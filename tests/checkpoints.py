@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -234,3 +236,25 @@ def build_tiny_qwen3_moe(
     torch.manual_seed(seed)
     model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(**overrides))
     return _save_tiny(model, Path(out_dir), seed, save_dtype, max_shard_size)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family under test: how to build its tiny checkpoint and its transformers class."""
+
+    name: str
+    build: Callable[..., Path]
+    architecture: str
+
+    def reference(self, ckpt_dir, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        """transformers' model of this family, loaded from `ckpt_dir` in `dtype` on `device`."""
+        import transformers
+
+        return getattr(transformers, self.architecture).from_pretrained(ckpt_dir, dtype=dtype).to(device).eval()
+
+
+FAMILIES = {
+    "mixtral": Family("mixtral", build_tiny_mixtral, "MixtralForCausalLM"),
+    "qwen2_moe": Family("qwen2_moe", build_tiny_qwen2_moe, "Qwen2MoeForCausalLM"),
+    "qwen3_moe": Family("qwen3_moe", build_tiny_qwen3_moe, "Qwen3MoeForCausalLM"),
+}

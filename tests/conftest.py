@@ -1,4 +1,4 @@
-"""Shared fixtures: a local mesh started exactly as the CLI starts it."""
+"""Shared fixtures: a local mesh started exactly as the CLI starts it; `gpu` tests only where CUDA is."""
 
 from __future__ import annotations
 
@@ -12,10 +12,21 @@ import time
 from dataclasses import dataclass
 
 import pytest
+import torch
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEMO_MODEL = REPO / "worker" / "demo" / "demo-moe"
 MESH_START_TIMEOUT = 240.0
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` report as skipped, not applicable, on a machine without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    not_applicable = pytest.mark.skip(reason="not applicable: no CUDA device on this machine")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(not_applicable)
 
 
 @dataclass

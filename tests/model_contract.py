@@ -36,8 +36,9 @@ def new_cache(model, tokens: int = 128, block_size: int = BLOCK_SIZE):
 
 
 def forward(model, cache, chunks: list[SequenceChunk], all_logits: bool = False) -> torch.Tensor:
-    """One forward call over `chunks`."""
-    return model(ForwardBatch.build(chunks, cache.block_size, model.layer_windows, all_logits=all_logits), cache)
+    """One forward call over `chunks`, on the cache's device."""
+    batch = ForwardBatch.build(chunks, cache.block_size, model.layer_windows, cache.k[0].device, all_logits=all_logits)
+    return model(batch, cache)
 
 
 def prefill(model, cache, ids: torch.Tensor, start: int = 0, blocks: list[int] | None = None) -> torch.Tensor:
@@ -65,7 +66,7 @@ def test_greedy_generation_matches_transformers_generate(model, hf_model):
     prompt = random_ids(PROMPT_LEN, seed=2)
     with torch.no_grad():
         expected = hf_model.generate(
-            prompt[None], do_sample=False, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=None, pad_token_id=0
+            prompt[None].to(hf_model.device), do_sample=False, max_new_tokens=MAX_NEW_TOKENS, eos_token_id=None, pad_token_id=0
         )[0, PROMPT_LEN:].tolist()
     assert len(expected) == MAX_NEW_TOKENS, "transformers stopped early; the comparison needs 64 tokens"
     assert len(set(expected)) > 4, "reference output is degenerate; the comparison would prove little"

@@ -32,9 +32,12 @@ class WorkerConfig(ServiceConfig):
     max_num_seqs: int = pydantic.Field(default=16, ge=1, le=4096)
     max_model_len: int = pydantic.Field(default=2048, ge=16)
     max_output_tokens: int = pydantic.Field(default=1024, ge=1)
-    # Paged KV cache: tokens per block, and blocks in the pool (0: enough for max_num_seqs at max_model_len).
+    # Paged KV cache: tokens per block, and blocks in the pool (0: on CUDA, what gpu_memory_utilization leaves;
+    # on the CPU, enough for max_num_seqs at max_model_len).
     block_size: int = pydantic.Field(default=16, ge=1, le=1024)
     num_kv_blocks: int = pydantic.Field(default=0, ge=0)
+    # On CUDA, the fraction of the device's memory the worker fills: weights, a step's activations, the KV pool.
+    gpu_memory_utilization: float = pydantic.Field(default=0.9, gt=0, le=1)
     # Most new tokens one engine step computes (prompt chunks plus one per decoding sequence).
     max_num_batched_tokens: int = pydantic.Field(default=2048, ge=1)
     enable_prefix_caching: bool = True

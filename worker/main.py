@@ -22,6 +22,7 @@ from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.config import WorkerConfig
 from moemesh.worker.embeddings import EmbeddingModel, SentenceEmbedder
 from moemesh.worker.engine import Engine
+from moemesh.worker.kv_sizing import plan_gpu_kv_pool
 from moemesh.worker.membership import Membership
 from moemesh.worker.models.registry import build_model
 from moemesh.worker.pooled import PooledEmbedder
@@ -72,7 +73,7 @@ class WorkerProcess:
             self.tokenizer,
             max_num_seqs=config.max_num_seqs,
             max_model_len=config.max_model_len,
-            num_blocks=config.num_kv_blocks or None,
+            num_blocks=self._kv_blocks(model),
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
@@ -91,6 +92,18 @@ class WorkerProcess:
             pooled = PooledEmbedder(model, self.tokenizer, self.model_id, self.checkpoint.revision, engine.max_model_len)
             self.embedders[pooled.model_id] = pooled
         return engine
+
+    def _kv_blocks(self, model: torch.nn.Module) -> int | None:
+        """The KV pool's size: as configured; on CUDA, what the memory budget leaves; else None (the engine's
+        default, every sequence slot at full length)."""
+        config = self.config
+        if config.num_kv_blocks or not config.device.startswith("cuda"):
+            return config.num_kv_blocks or None
+        plan = plan_gpu_kv_pool(model, block_size=config.block_size, utilization=config.gpu_memory_utilization,
+                                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                                max_model_len=config.max_model_len)
+        log.info(plan.describe(config.block_size))
+        return plan.num_blocks
 
     def models(self) -> list[models_pb2.ModelInfo]:
         served = [models_pb2.ModelInfo(
@@ -227,6 +240,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype")
     parser.add_argument("--max-num-seqs", type=int)
     parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--gpu-memory-utilization", type=float)
     parser.add_argument("--num-threads", type=int)
     parser.add_argument("--cluster-token")
     parser.add_argument("--kv-tier-url")

@@ -1,0 +1,110 @@
+"""Sizing the KV pool from the GPU's memory: a utilisation fraction, as other serving systems do.
+
+On CUDA a worker started without an explicit block count gives the KV cache
+what is left of `gpu_memory_utilization` of the device's memory once the
+CUDA context, the weights (and anything else already on the device) and the
+peak of one profiled engine step are counted. The profiled step is the
+largest the engine schedules: a prompt chunk filling the token budget beside
+one-token decodes up to the sequence limit, with logits for every sequence
+and a sampling pass over them (the sort of top-p/top-k is the largest
+temporary outside the model).
+
+The pool is capped at `POOL_CAP_FACTOR` times what every sequence slot needs
+at full length: past that, blocks only lengthen the prefix cache, and each
+costs host-side bookkeeping (a small model on a large GPU would otherwise
+get millions of blocks).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
+from moemesh.worker.sampling import SamplingBatch, SamplingParams, sample_tokens
+
+log = logging.getLogger(__name__)
+
+GIB = 1 << 30
+POOL_CAP_FACTOR = 16
+
+
+@dataclass(frozen=True)
+class KVPoolPlan:
+    """How the device's memory splits, and the blocks the KV pool gets."""
+
+    num_blocks: int
+    bytes_per_block: int
+    total_bytes: int  # the device's memory
+    utilization: float  # fraction of it the worker may fill
+    in_use_bytes: int  # taken before the pool: CUDA context, weights, other processes
+    step_bytes: int  # peak of one profiled engine step beyond that
+    capped: bool = False  # the budget held more than POOL_CAP_FACTOR times the slots' need
+
+    def describe(self, block_size: int) -> str:
+        """One start-up line: the pool and where the rest of the memory went."""
+        share = (f"capped at {POOL_CAP_FACTOR}x what every sequence slot needs at full length, within "
+                 if self.capped else "= ")
+        return (f"KV pool: {self.num_blocks} blocks of {block_size} tokens ({self.num_blocks * block_size} tokens, "
+                f"{self.num_blocks * self.bytes_per_block / GIB:.2f} GiB) {share}{self.utilization:.2f} of "
+                f"{self.total_bytes / GIB:.1f} GiB, less {self.in_use_bytes / GIB:.2f} GiB in use before it "
+                f"(CUDA context, weights) and {self.step_bytes / GIB:.2f} GiB for a step's activations")
+
+
+def blocks_in_budget(total_bytes: int, utilization: float, in_use_bytes: int, step_bytes: int,
+                     bytes_per_block: int) -> int:
+    """Blocks that fit in `utilization` of `total_bytes` beside what is in use and a step's peak.
+
+    ValueError naming `gpu_memory_utilization` when not even one block fits.
+    """
+    room = int(total_bytes * utilization) - in_use_bytes - step_bytes
+    if room < bytes_per_block:
+        raise ValueError(
+            f"gpu_memory_utilization {utilization:.2f} of {total_bytes / GIB:.1f} GiB leaves no room for the KV cache: "
+            f"{in_use_bytes / GIB:.2f} GiB are in use (CUDA context, weights, other processes) and a step needs "
+            f"{step_bytes / GIB:.2f} GiB; raise gpu_memory_utilization or set num_kv_blocks"
+        )
+    return room // bytes_per_block
+
+
+def plan_gpu_kv_pool(model: torch.nn.Module, *, block_size: int, utilization: float, max_num_seqs: int,
+                     max_num_batched_tokens: int, max_model_len: int) -> KVPoolPlan:
+    """Measure the device and one worst-case step of `model` (on CUDA), and size the pool."""
+    device = model.embed_tokens.weight.device
+    probe = model.make_cache(num_blocks=1, block_size=block_size)
+    bytes_per_block = probe.bytes_per_block
+    del probe
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    step = profile_step_bytes(model, block_size, max_num_seqs, min(max_num_batched_tokens, max_model_len))
+    blocks = blocks_in_budget(total, utilization, total - free, step, bytes_per_block)
+    cap = POOL_CAP_FACTOR * max_num_seqs * -(-max_model_len // block_size)
+    return KVPoolPlan(min(blocks, cap), bytes_per_block, total, utilization, total - free, step, capped=blocks > cap)
+
+
+def profile_step_bytes(model: torch.nn.Module, block_size: int, max_num_seqs: int, tokens: int) -> int:
+    """Peak device memory one worst-case step takes beyond what is allocated before it (bytes)."""
+    device = model.embed_tokens.weight.device
+    decodes = min(max_num_seqs, tokens) - 1
+    prompt = tokens - decodes
+    vocab = model.vocab_size
+    chunks = [SequenceChunk([i % vocab for i in range(prompt)], 0, list(range(-(-prompt // block_size))))]
+    first_free = len(chunks[0].block_table)
+    chunks += [SequenceChunk([i % vocab], 0, [first_free + i]) for i in range(decodes)]
+    cache = model.make_cache(num_blocks=first_free + decodes, block_size=block_size)
+    batch = ForwardBatch.build(chunks, block_size, model.layer_windows, device)
+    params = [SamplingParams(temperature=1.0, top_p=0.9)] * len(chunks)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        logits = model(batch, cache)  # [S, V]
+        sample_tokens(logits, SamplingBatch.build(params, [0] * len(chunks), [0] * len(chunks), device), params)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del cache, logits
+    torch.cuda.empty_cache()
+    return peak
