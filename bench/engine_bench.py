@@ -26,14 +26,14 @@ import time
 
 import torch
 
-from moemesh.worker.checkpoint import open_checkpoint
-from moemesh.worker.engine import Engine
+from moemesh.worker.engine.engine import Engine
+from moemesh.worker.engine.requests import GenerationRequest
+from moemesh.worker.engine.sampling import SamplingParams
+from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
-from moemesh.worker.native import load_kernels
-from moemesh.worker.requests import GenerationRequest
-from moemesh.worker.sampling import SamplingParams
-from moemesh.worker.tokenizer import Tokenizer
+from moemesh.worker.ops.native import load_kernels
 
 BENCH_CONFIG = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
                     num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=4096,

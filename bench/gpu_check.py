@@ -42,10 +42,10 @@ from dataclasses import asdict, dataclass
 import torch
 from engine_bench import bench_bare_step, load_transformers, prompts, run_engine, run_transformers, synchronize
 
-from moemesh.worker.checkpoint import open_checkpoint
-from moemesh.worker.engine import Engine
+from moemesh.worker.engine.engine import Engine
+from moemesh.worker.engine.tokenizer import Tokenizer
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
-from moemesh.worker.tokenizer import Tokenizer
 
 GPU_BENCH_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
                         num_attention_heads=16, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,

@@ -33,12 +33,12 @@ from engine_bench import BENCH_CONFIG, build_checkpoint, prompts, run_engine  # 
 
 from moemesh.cache.embedded import free_port, redis_server_argv  # noqa: E402
 from moemesh.cache.kv_tier import BlockSpec, RedisKVTier  # noqa: E402
-from moemesh.worker.checkpoint import open_checkpoint  # noqa: E402
-from moemesh.worker.engine import Engine  # noqa: E402
+from moemesh.worker.engine.engine import Engine  # noqa: E402
+from moemesh.worker.engine.requests import GenerationRequest  # noqa: E402
+from moemesh.worker.engine.sampling import SamplingParams  # noqa: E402
+from moemesh.worker.engine.tokenizer import Tokenizer  # noqa: E402
+from moemesh.worker.models.checkpoint import open_checkpoint  # noqa: E402
 from moemesh.worker.models.registry import build_model  # noqa: E402
-from moemesh.worker.requests import GenerationRequest  # noqa: E402
-from moemesh.worker.sampling import SamplingParams  # noqa: E402
-from moemesh.worker.tokenizer import Tokenizer  # noqa: E402
 
 
 def start_redis() -> tuple[subprocess.Popen, str]:

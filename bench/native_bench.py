@@ -29,8 +29,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moemesh.worker import native
 from moemesh.worker.models.layers import RotaryEmbedding, apply_rotary
+from moemesh.worker.ops import native
 
 LAYERS, SEQS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 8, 32, 8, 4, 64, 16
 EXPERTS, HIDDEN, INTER, TOP_K, VOCAB = 8, 512, 1024, 2, 4096

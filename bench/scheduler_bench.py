@@ -152,10 +152,10 @@ def engine_in_process(model_dir: pathlib.Path, streams: int, new_tokens: int):
     import torch
     from engine_bench import run_engine
 
-    from moemesh.worker.checkpoint import open_checkpoint
-    from moemesh.worker.engine import Engine
+    from moemesh.worker.engine.engine import Engine
+    from moemesh.worker.engine.tokenizer import Tokenizer
+    from moemesh.worker.models.checkpoint import open_checkpoint
     from moemesh.worker.models.registry import build_model
-    from moemesh.worker.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_dir(model_dir)
     model = build_model(open_checkpoint(model_dir), dtype=torch.float32)

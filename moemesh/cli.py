@@ -96,7 +96,7 @@ def up(model_dir, workers, port, http_port, no_http, redis_url, embeddings, devi
 
     embedding_dir = None
     if embeddings:
-        from moemesh.worker.embeddings import default_embedding_model_dir
+        from moemesh.worker.embeddings.sentence import default_embedding_model_dir
 
         embedding_dir = default_embedding_model_dir()
     options = MeshOptions(

@@ -76,7 +76,8 @@ class Mesh:
         scheduler = await self._start_service("scheduler", "moemesh.services.scheduler.main",
                                               ["--host", self.options.host, "--port", "0", *tls])
         workers = await asyncio.gather(*[
-            self._start_service(f"worker-{i}", "moemesh.worker.main", [*self._worker_args(scheduler.info["address"]), *tls])
+            self._start_service(f"worker-{i}", "moemesh.worker.server.main",
+                                [*self._worker_args(scheduler.info["address"]), *tls])
             for i in range(self.options.workers)
         ])
         gateway_args = ["--host", self.options.host, "--port", str(self.options.port),

@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.engine.requests import GenerationRequest
+from moemesh.worker.engine.sampling import SamplingParams
+from moemesh.worker.engine.tokenizer import Tokenizer
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
-from moemesh.worker.requests import GenerationRequest
-from moemesh.worker.sampling import SamplingParams
-from moemesh.worker.tokenizer import Tokenizer
 from tests.checkpoints import build_tiny_mixtral
 
 

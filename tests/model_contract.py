@@ -12,11 +12,11 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from moemesh.worker import native
-from moemesh.worker.checkpoint import open_checkpoint
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.layers import Linear, MoEExperts
 from moemesh.worker.models.registry import build_model
+from moemesh.worker.ops import native
 
 PROMPT_LEN = 20
 MAX_NEW_TOKENS = 64

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from moemesh.worker.checkpoint import iter_tensors, open_checkpoint
+from moemesh.worker.models.checkpoint import iter_tensors, open_checkpoint
 from moemesh.worker.models.registry import build_model
 from tests.checkpoints import build_tiny_mixtral
 

@@ -9,7 +9,7 @@ import pytest
 from moemesh.gateway.config import GatewayConfig
 from moemesh.services.core.config import load_config
 from moemesh.services.scheduler.config import SchedulerConfig
-from moemesh.worker.config import WorkerConfig
+from moemesh.worker.server.config import WorkerConfig
 
 
 def test_flags_override_env_which_overrides_file(tmp_path):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from moemesh.v1 import common_pb2, worker_pb2
-from moemesh.worker.convert import output_to_pb, sampling_from_pb
-from moemesh.worker.requests import RequestOutput
-from moemesh.worker.sampling import SamplingParams, TokenLogprobs
+from moemesh.worker.engine.requests import RequestOutput
+from moemesh.worker.engine.sampling import SamplingParams, TokenLogprobs
+from moemesh.worker.server.convert import output_to_pb, sampling_from_pb
 
 
 def test_unset_penalties_and_logprobs_are_neutral():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moemesh.services.core.errors import InvalidRequest
-from moemesh.worker.embeddings import SentenceEmbedder, default_embedding_model_dir
+from moemesh.worker.embeddings.sentence import SentenceEmbedder, default_embedding_model_dir
 
 CAT = "The cat sits on the mat."
 CAT_PARAPHRASE = "A cat is sitting on a mat."

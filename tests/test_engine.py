@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.worker.engine import Engine
-from moemesh.worker.requests import GenerationRequest
+from moemesh.worker.engine.engine import Engine
+from moemesh.worker.engine.requests import GenerationRequest
 from tests.engine_support import (  # noqa: F401 - shared fixtures, registered by name
     checkpoint_dir_fixture,
     model_fixture,

@@ -15,9 +15,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.worker.checkpoint import open_checkpoint
-from moemesh.worker.engine import Engine
-from moemesh.worker.kv_sizing import GIB, POOL_CAP_FACTOR, plan_gpu_kv_pool
+from moemesh.worker.engine.engine import Engine
+from moemesh.worker.engine.kv_sizing import GIB, POOL_CAP_FACTOR, plan_gpu_kv_pool
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
 from tests.engine_support import checkpoint_dir_fixture, request, tokenizer_fixture  # noqa: F401 - fixtures by name
 from tests.test_engine import (  # noqa: F401 - the CPU tests, run against this module's CUDA model

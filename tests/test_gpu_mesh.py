@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
-from moemesh.worker.tokenizer import Tokenizer
+from moemesh.worker.engine.tokenizer import Tokenizer
 from tests.conftest import DEMO_MODEL, start_mesh, stop_mesh
 
 pytestmark = pytest.mark.gpu

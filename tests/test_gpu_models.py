@@ -24,7 +24,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
 from tests.checkpoints import FAMILIES, Family
 from tests.model_contract import (  # noqa: F401 - shared tests, run against this module's fixtures

@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.worker.kv_cache import PagedKVCache
-from moemesh.worker.sampling import SamplingBatch, SamplingParams, sample_tokens
+from moemesh.worker.engine.kv_cache import PagedKVCache
+from moemesh.worker.engine.sampling import SamplingBatch, SamplingParams, sample_tokens
 
 pytestmark = pytest.mark.gpu
 

@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-from moemesh.worker.kv_cache import ROOT_HASH, BlockManager, OutOfBlocks, PagedKVCache, block_hash, prefix_hashes
+from moemesh.worker.engine.kv_cache import ROOT_HASH, BlockManager, OutOfBlocks, PagedKVCache, block_hash, prefix_hashes
 
 BS = 4  # block size of most tests
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moemesh.worker.kv_sizing import GIB, KVPoolPlan, blocks_in_budget
+from moemesh.worker.engine.kv_sizing import GIB, KVPoolPlan, blocks_in_budget
 
 
 def test_the_pool_gets_the_budget_less_what_is_in_use_and_a_steps_peak():

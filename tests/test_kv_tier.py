@@ -9,13 +9,13 @@ import redis
 import torch
 
 from moemesh.cache.kv_tier import BlockSpec, RedisKVTier, decode_entry, encode_entry
-from moemesh.worker.checkpoint import open_checkpoint
-from moemesh.worker.engine import Engine
-from moemesh.worker.kv_cache import ROOT_HASH, prefix_hashes
+from moemesh.worker.engine.engine import Engine
+from moemesh.worker.engine.kv_cache import ROOT_HASH, prefix_hashes
+from moemesh.worker.engine.requests import GenerationRequest
+from moemesh.worker.engine.sampling import SamplingParams
+from moemesh.worker.engine.tokenizer import Tokenizer
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
-from moemesh.worker.requests import GenerationRequest
-from moemesh.worker.sampling import SamplingParams
-from moemesh.worker.tokenizer import Tokenizer
 from tests.checkpoints import build_tiny_mixtral
 from tests.redis_server import RedisServer
 

@@ -25,7 +25,7 @@ from moemesh.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
-from moemesh.worker.tokenizer import Tokenizer
+from moemesh.worker.engine.tokenizer import Tokenizer
 from tests.conftest import DEMO_MODEL, pid_alive, start_mesh, stop_mesh
 
 PROMPT = "def fibonacci(n):"

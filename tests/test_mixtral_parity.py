@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import MODEL_REGISTRY, build_model
 from tests.checkpoints import build_tiny_mixtral
 from tests.model_contract import (  # noqa: F401 - shared tests, run against this module's fixtures

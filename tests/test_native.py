@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moemesh.worker import native
+from moemesh.worker.ops import native
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from moemesh.services.core.errors import InvalidRequest
-from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.embeddings.pooled import PooledEmbedder
+from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
-from moemesh.worker.pooled import PooledEmbedder
-from moemesh.worker.tokenizer import Tokenizer
 from tests.checkpoints import build_tiny_mixtral
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moemesh.worker.checkpoint import open_checkpoint
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.layers import SparseMoeBlock, SwiGLUMLP
 from moemesh.worker.models.qwen2_moe import Qwen2MoeArgs, Qwen2MoeSparseMoeBlock
 from moemesh.worker.models.qwen3_moe import Qwen3MoeArgs

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moemesh.worker.sampling import SampleResult, SamplingBatch, SamplingParams, TokenLogprobs, sample, sample_tokens
+from moemesh.worker.engine.sampling import SampleResult, SamplingBatch, SamplingParams, TokenLogprobs, sample, sample_tokens
 
 
 def draw(logits: torch.Tensor, params: list[SamplingParams], seeds: list[int], positions: list[int]) -> list[int]:

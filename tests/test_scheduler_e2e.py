@@ -284,7 +284,7 @@ def test_scheduler_restart_workers_reregister_and_new_requests_succeed(tmp_path)
     try:
         scheduler = Service("moemesh.services.scheduler.main", *scheduler_args, log=tmp_path / "s1.log")
         services.append(scheduler)
-        worker = Service("moemesh.worker.main", "--port", "0", "--scheduler", f"127.0.0.1:{port}",
+        worker = Service("moemesh.worker.server.main", "--port", "0", "--scheduler", f"127.0.0.1:{port}",
                          "--model-dir", str(DEMO_MODEL), "--max-num-seqs", "4", log=tmp_path / "w.log")
         services.append(worker)
         gateway = Service("moemesh.gateway.main", "--port", "0", "--scheduler", f"127.0.0.1:{port}",

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from moemesh.worker.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
+from moemesh.worker.engine.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
 from tests.checkpoints import build_tiny_tokenizer
 
 MULTIBYTE_TEXT = "héllo 世界 🎉"

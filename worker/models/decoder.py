@@ -14,9 +14,9 @@ from typing import Any, ClassVar, Self
 import torch
 from torch import nn
 
-from moemesh.worker.checkpoint import WeightRule
-from moemesh.worker.kv_cache import PagedKVCache
+from moemesh.worker.engine.kv_cache import PagedKVCache
 from moemesh.worker.models.batch import ForwardBatch
+from moemesh.worker.models.checkpoint import WeightRule
 from moemesh.worker.models.layers import Linear, MoEExperts, RMSNorm, RotaryEmbedding, Rotation
 
 # Checkpoint names every family shares: embeddings, head, norms, attention projections.

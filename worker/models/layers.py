@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemesh.worker import native
-from moemesh.worker.kv_cache import PagedKVCache
+from moemesh.worker.engine.kv_cache import PagedKVCache
 from moemesh.worker.models.batch import AttentionGroup, ForwardBatch
-from moemesh.worker.models.packing import pack_weight, packed_linear, packing_available
+from moemesh.worker.ops import native
+from moemesh.worker.ops.packing import pack_weight, packed_linear, packing_available
 
 
 def released(param: nn.Parameter) -> nn.Parameter:

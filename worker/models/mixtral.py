@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moemesh.worker.checkpoint import WeightRule
-from moemesh.worker.kv_cache import PagedKVCache
+from moemesh.worker.engine.kv_cache import PagedKVCache
 from moemesh.worker.models.batch import ForwardBatch
+from moemesh.worker.models.checkpoint import WeightRule
 from moemesh.worker.models.decoder import DECODER_CHECKPOINT_RULES, DecoderArgs, DecoderForCausalLM
 from moemesh.worker.models.layers import Attention, RMSNorm, Rotation, SparseMoeBlock
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moemesh.worker.checkpoint import WeightRule
+from moemesh.worker.models.checkpoint import WeightRule
 from moemesh.worker.models.decoder import (
     DECODER_CHECKPOINT_RULES,
     QKV_BIAS_RULES,

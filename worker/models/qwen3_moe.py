@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moemesh.worker.checkpoint import WeightRule
+from moemesh.worker.models.checkpoint import WeightRule
 from moemesh.worker.models.decoder import (
     DECODER_CHECKPOINT_RULES,
     QKV_BIAS_RULES,

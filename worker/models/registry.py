@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moemesh.worker.checkpoint import Checkpoint, iter_tensors, load_weights
+from moemesh.worker.models.checkpoint import Checkpoint, iter_tensors, load_weights
 from moemesh.worker.models.mixtral import MixtralForCausalLM
 from moemesh.worker.models.qwen2_moe import Qwen2MoeForCausalLM
 from moemesh.worker.models.qwen3_moe import Qwen3MoeForCausalLM

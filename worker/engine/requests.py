@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moemesh.worker.sampling import SamplingParams, TokenLogprobs
+from moemesh.worker.engine.sampling import SamplingParams, TokenLogprobs
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,17 @@ from moemesh.services.core.metrics import counter, gauge, median, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.core.tls import aio_channel, server_credentials
 from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
-from moemesh.worker.checkpoint import open_checkpoint
-from moemesh.worker.config import WorkerConfig
-from moemesh.worker.embeddings import EmbeddingModel, SentenceEmbedder
-from moemesh.worker.engine import Engine
-from moemesh.worker.kv_sizing import plan_gpu_kv_pool
-from moemesh.worker.membership import Membership
+from moemesh.worker.embeddings.pooled import PooledEmbedder
+from moemesh.worker.embeddings.sentence import EmbeddingModel, SentenceEmbedder
+from moemesh.worker.engine.engine import Engine
+from moemesh.worker.engine.kv_sizing import plan_gpu_kv_pool
+from moemesh.worker.engine.tokenizer import Tokenizer
+from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
-from moemesh.worker.pooled import PooledEmbedder
-from moemesh.worker.runner import EngineRunner
-from moemesh.worker.service import WorkerServicer
-from moemesh.worker.tokenizer import Tokenizer
+from moemesh.worker.server.config import WorkerConfig
+from moemesh.worker.server.membership import Membership
+from moemesh.worker.server.runner import EngineRunner
+from moemesh.worker.server.service import WorkerServicer
 
 log = logging.getLogger("moemesh.worker")
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moemesh.worker.embeddings import EmbeddingModel
+from moemesh.worker.embeddings.sentence import EmbeddingModel
+from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
-from moemesh.worker.tokenizer import Tokenizer
 
 POOLED_SUFFIX = "-pooled"
 TOKENS_PER_FORWARD = 2048  # bounds the scratch cache and activations of one forward call

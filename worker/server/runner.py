@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from moemesh.worker.engine import Engine
-from moemesh.worker.requests import GenerationRequest, RequestOutput
+from moemesh.worker.engine.engine import Engine
+from moemesh.worker.engine.requests import GenerationRequest, RequestOutput
 
 log = logging.getLogger(__name__)
 

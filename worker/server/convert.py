@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from moemesh.v1 import common_pb2, worker_pb2
-from moemesh.worker.requests import GenerationRequest, RequestOutput
-from moemesh.worker.sampling import SamplingParams, TokenLogprobs
-from moemesh.worker.tokenizer import Tokenizer
+from moemesh.worker.engine.requests import GenerationRequest, RequestOutput
+from moemesh.worker.engine.sampling import SamplingParams, TokenLogprobs
+from moemesh.worker.engine.tokenizer import Tokenizer
 
 FINISH_REASONS = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,

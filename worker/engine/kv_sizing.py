@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moemesh.worker.engine.sampling import SamplingBatch, SamplingParams, sample_tokens
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
-from moemesh.worker.sampling import SamplingBatch, SamplingParams, sample_tokens
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ import torch
 
 from moemesh.cache.kv_tier import RedisKVTier
 from moemesh.services.core.errors import InvalidRequest
-from moemesh.worker.kv_cache import ROOT_HASH, BlockManager, block_hash
+from moemesh.worker.engine.kv_cache import ROOT_HASH, BlockManager, block_hash
+from moemesh.worker.engine.requests import GenerationRequest, RequestOutput
+from moemesh.worker.engine.sampling import SamplingBatch, TokenLogprobs, sample_tokens
+from moemesh.worker.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
-from moemesh.worker.requests import GenerationRequest, RequestOutput
-from moemesh.worker.sampling import SamplingBatch, TokenLogprobs, sample_tokens
-from moemesh.worker.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ import torch
 from moemesh.services.core import tensors
 from moemesh.services.core.errors import InvalidRequest, MeshError, NotFound, Unavailable
 from moemesh.v1 import worker_pb2, worker_pb2_grpc
-from moemesh.worker.convert import output_to_pb, request_from_pb
-from moemesh.worker.embeddings import EmbeddingModel
-from moemesh.worker.requests import RequestOutput
-from moemesh.worker.runner import EngineRunner
-from moemesh.worker.tokenizer import Tokenizer
+from moemesh.worker.embeddings.sentence import EmbeddingModel
+from moemesh.worker.engine.requests import RequestOutput
+from moemesh.worker.engine.tokenizer import Tokenizer
+from moemesh.worker.server.convert import output_to_pb, request_from_pb
+from moemesh.worker.server.runner import EngineRunner
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Embedding models a worker serves beside its generation model."""

@@ -1,0 +1,1 @@
+"""The generation engine: scheduling, the paged KV cache, sampling, tokenization."""

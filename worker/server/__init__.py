@@ -1,0 +1,1 @@
+"""The worker process: configuration, the gRPC service, membership, and the engine's thread."""
