@@ -9,9 +9,10 @@ shared by every worker serving the same model revision.
 Each entry carries a header (format version, dtype, shape, the block's token
 ids and parent hash) and a CRC32 of its payload; an entry that does not
 match what the reader expects in every respect is ignored and counted,
-never used. Redis is never needed for correctness: every call has a short
-timeout, and after repeated failures a circuit breaker skips the tier for a
-while; requests are then served by computing, as without the tier.
+never used. Redis is never needed for correctness: every call runs under the
+cache's `RedisGuard` (a short timeout, and a circuit breaker that skips the
+tier for a while after repeated failures); requests are then served by
+computing, as without the tier.
 
 Size: entries expire after `ttl` seconds, and the Redis server's own
 `maxmemory` policy (allkeys-lru on the embedded one) bounds the total.
@@ -36,12 +37,18 @@ import numpy as np
 import redis
 import torch
 
+from moemesh.cache.guard import REDIS_UNAVAILABLE, CircuitBreaker, RedisGuard
+from moemesh.cache.stats import RECENT_LOOKUPS, recent_latencies
+
+__all__ = ["RECENT_LOOKUPS", "BlockSpec", "CircuitBreaker", "RedisKVTier", "TierStats", "decode_entry", "encode_entry"]
+
 log = logging.getLogger(__name__)
 
 LAYOUT_VERSION = 1  # bump when the payload layout changes: old entries then never match
 MAGIC = b"MMKV"
 _HEADER_LEN = struct.Struct("<4sI")  # magic, header length
-RECENT_LOOKUPS = 256  # lookup latencies kept for the p50 gauges
+
+PendingBlock = tuple[bytes, bytes, Sequence[int], bytes]  # (hash, parent hash, token ids, payload) waiting to be written
 
 
 @dataclass(frozen=True)
@@ -66,34 +73,7 @@ class TierStats:
     dropped: int = 0  # blocks not written (writer queue full)
     bytes_read: int = 0
     bytes_written: int = 0
-    lookup_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_LOOKUPS))  # recent latencies
-
-
-class CircuitBreaker:
-    """Opens after `threshold` consecutive failures; lets one call through after `cooldown` seconds."""
-
-    def __init__(self, threshold: int = 3, cooldown: float = 5.0) -> None:
-        self.threshold = threshold
-        self.cooldown = cooldown
-        self.failures = 0
-        self.opened_at: float | None = None
-
-    def allow(self) -> bool:
-        if self.opened_at is None:
-            return True
-        if time.monotonic() - self.opened_at >= self.cooldown:
-            self.opened_at = time.monotonic()  # half-open: one try per cooldown
-            return True
-        return False
-
-    def success(self) -> None:
-        self.failures = 0
-        self.opened_at = None
-
-    def failure(self) -> None:
-        self.failures += 1
-        if self.failures >= self.threshold:
-            self.opened_at = time.monotonic()
+    lookup_seconds: deque[float] = field(default_factory=recent_latencies)  # recent latencies
 
 
 def encode_entry(spec: BlockSpec, token_ids: Sequence[int], parent: bytes, payload: bytes) -> bytes:
@@ -142,13 +122,15 @@ class RedisKVTier:
         self.prefix = f"moemesh:kv:v{LAYOUT_VERSION}:{model_id}:{revision}:{scope}:"
         self.ttl = ttl
         self.client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self.breaker = CircuitBreaker()
         self.stats = TierStats()
-        self._writes: queue.Queue[list[tuple[bytes, bytes]] | None] = queue.Queue(max_pending_writes)
+        self.guard = RedisGuard("KV tier", stats=self.stats, bypasses="bypassed", log_level=logging.WARNING)
+        self.breaker = self.guard.breaker
+        self._writes: queue.Queue[list[PendingBlock] | None] = queue.Queue(max_pending_writes)
         self._writer = threading.Thread(target=self._write_forever, name="kv-tier-writer", daemon=True)
         self._writer.start()
 
     def key(self, block_hash: bytes) -> str:
+        """The Redis key of one block."""
         return self.prefix + block_hash.hex()
 
     # ---- reads (engine thread) ----------------------------------------------
@@ -156,17 +138,10 @@ class RedisKVTier:
         """Payloads of the leading blocks found valid (stops at the first miss or bad entry); one round trip."""
         if not hashes:
             return []
-        if not self.breaker.allow():
-            self.stats.bypassed += 1
-            return []
-        self.stats.lookups += len(hashes)
         start = time.perf_counter()
-        try:
-            raws = self.client.mget([self.key(h) for h in hashes])
-        except (redis.RedisError, OSError) as exc:
-            self._failed("lookup", exc)
+        raws = self.guard.call(self._lookup, hashes, what="lookup")
+        if raws is REDIS_UNAVAILABLE:
             return []
-        self.breaker.success()
         self.stats.lookup_seconds.append(time.perf_counter() - start)
         payloads = []
         for raw, parent, token_ids in zip(raws, parents, tokens):
@@ -183,8 +158,13 @@ class RedisKVTier:
         self.stats.hits += len(payloads)
         return payloads
 
+    def _lookup(self, hashes: Sequence[bytes]) -> list[bytes | None]:
+        """One MGET of the blocks' entries (counted as looked up only when it is actually sent)."""
+        self.stats.lookups += len(hashes)
+        return self.client.mget([self.key(h) for h in hashes])
+
     # ---- writes (any thread; done in the background) -------------------------------
-    def store(self, blocks: list[tuple[bytes, bytes, Sequence[int], bytes]]) -> None:
+    def store(self, blocks: list[PendingBlock]) -> None:
         """Queue (hash, parent, token ids, payload) blocks for writing; dropped (and counted) when the queue is full."""
         if not blocks:
             return
@@ -200,6 +180,7 @@ class RedisKVTier:
             time.sleep(0.005)
 
     def close(self) -> None:
+        """Finish queued writes, stop the writer and close the connection pool."""
         self._writes.put(None)
         self._writer.join(timeout=5)
         self.client.close()
@@ -210,26 +191,20 @@ class RedisKVTier:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while (batch := self._writes.get()) is not None:
             try:
-                if not self.breaker.allow():
-                    self.stats.bypassed += len(batch)
-                    continue
-                pipe = self.client.pipeline(transaction=False)
-                size = 0
-                for block_hash, parent, token_ids, payload in batch:
-                    entry = encode_entry(self.spec, token_ids, parent, payload)
-                    size += len(entry)
-                    pipe.set(self.key(block_hash), entry, ex=int(self.ttl), nx=True)
-                pipe.execute()
-                self.breaker.success()
-                self.stats.stored += len(batch)
-                self.stats.bytes_written += size
-            except (redis.RedisError, OSError) as exc:
-                self._failed("store", exc)
+                # Encoding happens inside the guarded call: nothing is encoded while the circuit is open.
+                self.guard.call(self._write, batch, weight=len(batch), what="store")
             finally:
                 self._writes.task_done()
         self._writes.task_done()
 
-    def _failed(self, what: str, exc: Exception) -> None:
-        self.stats.errors += 1
-        self.breaker.failure()
-        log.warning("KV tier %s failed: %s", what, exc)
+    def _write(self, batch: list[PendingBlock]) -> None:
+        """Write one batch of blocks in one pipelined round trip (SET NX: an existing entry is kept)."""
+        pipe = self.client.pipeline(transaction=False)
+        size = 0
+        for block_hash, parent, token_ids, payload in batch:
+            entry = encode_entry(self.spec, token_ids, parent, payload)
+            size += len(entry)
+            pipe.set(self.key(block_hash), entry, ex=int(self.ttl), nx=True)
+        pipe.execute()
+        self.stats.stored += len(batch)
+        self.stats.bytes_written += size

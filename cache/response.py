@@ -1,12 +1,13 @@
-"""The gateway's Redis caches: whole answers of deterministic requests, and embedding vectors.
+"""The response cache: whole answers of deterministic requests in Redis, with single-flight of identical ones.
 
-Response cache. Only requests whose output is fully determined by their
-inputs are cached: greedy decoding, or sampling with a seed. The key hashes
-a format version, the tenant scope, the model id and revision, the prompt
-(text, chat messages or token ids) and every sampling field that changes the
-output; two tenants never share an entry unless the operator puts them in
-one scope. A hit returns the stored answer, as one event, without touching the
-scheduler.
+The caller decides which requests may be cached (the gateway caches only
+those whose output is fully determined by their inputs: greedy decoding, or
+sampling with a seed). The key hashes a format version, the tenant scope,
+the model id and revision, the prompt (text, chat messages or token ids) and
+every sampling field that changes the output; two tenants never share an
+entry unless the operator puts them in one scope. A hit returns the stored
+answer, as one event, without touching the scheduler. Only finished answers
+(stop or length) are stored.
 
 The hottest answers are also kept in a small in-process LRU, so a repeated
 hit costs no Redis round trip.
@@ -15,12 +16,12 @@ Single-flight: while a request is being generated, identical requests to
 the same gateway join it and stream the same events as they are produced,
 so a burst of the same question costs one generation.
 
-Embedding cache: one entry per (model, revision, normalize, text); a batch
-reads all of its inputs in one MGET and computes only the missing ones.
+The embedding cache lives in `cache/embeddings.py` (re-exported here).
 
-Redis is never needed for correctness: every call has a short timeout, a
-circuit breaker skips Redis after repeated failures, and any failure counts
-as a miss (reads) or is dropped (writes).
+Redis is never needed for correctness: every call runs under the cache's
+`RedisGuard` (a short timeout, and a circuit breaker that skips Redis after
+repeated failures), and any failure counts as a miss (reads) or is dropped
+(writes).
 """
 
 from __future__ import annotations
@@ -30,40 +31,18 @@ import collections
 import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 
-from moemesh.cache.kv_tier import RECENT_LOOKUPS, CircuitBreaker
+from moemesh.cache.embeddings import EmbeddingCache
+from moemesh.cache.guard import REDIS_UNAVAILABLE, RedisGuard
+from moemesh.cache.stats import CacheStats
 from moemesh.v1 import common_pb2, generation_pb2, worker_pb2
 
+__all__ = ["CacheStats", "EmbeddingCache", "LocalAnswers", "ResponseCache", "merge_events", "response_key"]
+
 FORMAT_VERSION = "v1"
-
-
-@dataclass
-class CacheStats:
-    """Counters for one cache tier."""
-
-    hits: int = 0
-    misses: int = 0
-    bypasses: int = 0  # not cacheable, cache control said no, or the circuit was open
-    errors: int = 0
-    stores: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    joined: int = 0  # single-flight followers (response cache)
-    local_hits: int = 0  # hits served from the gateway's own memory
-    # recent lookup latencies, for the p50 gauge
-    lookup_seconds: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=RECENT_LOOKUPS))
-
-
-def is_deterministic(sampling: common_pb2.SamplingParams, model_defaults_greedy: bool = False) -> bool:
-    """Greedy (temperature 0) or seeded sampling: the same inputs give the same output."""
-    if sampling.HasField("seed"):
-        return True
-    if sampling.HasField("temperature"):
-        return sampling.temperature == 0.0
-    return model_defaults_greedy
+STORED_FINISHES = (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGTH)  # complete answers only
 
 
 def response_key(scope: str, model: str, revision: str, request: generation_pb2.GenerateRequest) -> str:
@@ -136,6 +115,7 @@ class LocalAnswers:
         self._entries: collections.OrderedDict[str, tuple[float, bytes]] = collections.OrderedDict()
 
     def get(self, key: str) -> bytes | None:
+        """The stored answer of `key`, unless absent or expired (a hit makes it the most recent)."""
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -146,6 +126,7 @@ class LocalAnswers:
         return entry[1]
 
     def put(self, key: str, raw: bytes) -> None:
+        """Keep an answer (one larger than an eighth of the budget is not kept), evicting the least recent."""
         if len(raw) > self.max_bytes // 8:
             return
         self._drop(key)
@@ -168,8 +149,9 @@ class ResponseCache:
         self.client = client
         self.ttl = ttl
         self.max_entry_bytes = max_entry_bytes
-        self.breaker = CircuitBreaker()
         self.stats = CacheStats()
+        self.guard = RedisGuard("response cache", stats=self.stats)
+        self.breaker = self.guard.breaker
         self.local = LocalAnswers(local_bytes, ttl) if local_bytes else None
         self._flights: dict[str, _Flight] = {}
 
@@ -180,18 +162,21 @@ class ResponseCache:
             self.stats.hits += 1
             self.stats.local_hits += 1
             return list(worker_pb2.EventBatch.FromString(raw).events)
-        if self.client is None or not self.breaker.allow():
+        if self.client is None:
             self.stats.bypasses += 1
             return None
         start = time.perf_counter()
-        try:
-            raw = await self.client.get(key)
-        except (aioredis.RedisError, OSError):
-            self.stats.errors += 1
-            self.breaker.failure()
+        raw = await self.guard.run(self.client.get, key, what="lookup")
+        if raw is REDIS_UNAVAILABLE:
             return None
-        self.breaker.success()
         self.stats.lookup_seconds.append(time.perf_counter() - start)
+        events = self._answer(raw)
+        if events is not None and self.local is not None:
+            self.local.put(key, raw)
+        return events
+
+    def _answer(self, raw: bytes | None) -> list[worker_pb2.RequestEvent] | None:
+        """The events of a stored entry (a hit), or None when absent, corrupt or unfinished (counted)."""
         if raw is None:
             self.stats.misses += 1
             return None
@@ -206,13 +191,11 @@ class ResponseCache:
             return None
         self.stats.hits += 1
         self.stats.bytes_read += len(raw)
-        if self.local is not None:
-            self.local.put(key, raw)
         return list(batch.events)
 
     async def put(self, key: str, events: list[worker_pb2.RequestEvent]) -> None:
         """Store a finished answer (errors are counted, never raised)."""
-        if self.client is None or not events or not self.breaker.allow():
+        if self.client is None or not events:
             return
         raw = worker_pb2.EventBatch(events=[merge_events(events)]).SerializeToString()
         if len(raw) > self.max_entry_bytes:
@@ -220,15 +203,12 @@ class ResponseCache:
             return
         if self.local is not None:
             self.local.put(key, raw)
-        try:
-            await self.client.set(key, raw, ex=int(self.ttl))
-        except (aioredis.RedisError, OSError):
-            self.stats.errors += 1
-            self.breaker.failure()
-            return
-        self.breaker.success()
-        self.stats.stores += 1
-        self.stats.bytes_written += len(raw)
+        if await self.guard.run(self._write, key, raw, weight=0, what="store") is not REDIS_UNAVAILABLE:
+            self.stats.stores += 1
+            self.stats.bytes_written += len(raw)
+
+    async def _write(self, key: str, raw: bytes) -> None:
+        await self.client.set(key, raw, ex=int(self.ttl))
 
     async def serve(
         self,
@@ -271,63 +251,5 @@ class ResponseCache:
                 del self._flights[key]
             if not flight.done:  # the leader's caller went away early: followers must not hang
                 await flight.publish(None, asyncio.CancelledError("the request being followed was cancelled"))
-        if write and events and events[-1].finish_reason in (common_pb2.FINISH_REASON_STOP,
-                                                              common_pb2.FINISH_REASON_LENGTH):
+        if write and events and events[-1].finish_reason in STORED_FINISHES:
             await self.put(key, events)
-
-
-class EmbeddingCache:
-    """Vectors per (model, revision, normalize, text) in Redis: a uint32 token count, then float32 bytes."""
-
-    def __init__(self, client: aioredis.Redis | None, ttl: float = 86400.0) -> None:
-        self.client = client
-        self.ttl = ttl
-        self.breaker = CircuitBreaker()
-        self.stats = CacheStats()
-
-    @staticmethod
-    def key(model: str, revision: str, normalize: bool, text: str) -> str:
-        digest = hashlib.sha256(f"{FORMAT_VERSION}\0{model}\0{revision}\0{int(normalize)}\0".encode())
-        digest.update(text.encode("utf-8", "surrogatepass"))
-        return f"moemesh:emb:{FORMAT_VERSION}:{digest.hexdigest()}"
-
-    async def get_many(self, keys: list[str], dimensions: int) -> list[bytes | None]:
-        """Stored entries (4-byte count + float32 vector of the right size) or None, per key; one round trip."""
-        if self.client is None or not keys or not self.breaker.allow():
-            self.stats.bypasses += len(keys)
-            return [None] * len(keys)
-        start = time.perf_counter()
-        try:
-            raws = await self.client.mget(keys)
-        except (aioredis.RedisError, OSError):
-            self.stats.errors += 1
-            self.breaker.failure()
-            return [None] * len(keys)
-        self.breaker.success()
-        self.stats.lookup_seconds.append(time.perf_counter() - start)
-        found = []
-        for raw in raws:
-            if raw is not None and len(raw) == 4 * dimensions + 4:
-                self.stats.hits += 1
-                self.stats.bytes_read += len(raw)
-                found.append(raw)
-            else:
-                self.stats.misses += 1
-                found.append(None)
-        return found
-
-    async def put_many(self, items: dict[str, bytes]) -> None:
-        if self.client is None or not items or not self.breaker.allow():
-            return
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for key, value in items.items():
-                pipe.set(key, value, ex=int(self.ttl))
-            await pipe.execute()
-        except (aioredis.RedisError, OSError):
-            self.stats.errors += 1
-            self.breaker.failure()
-            return
-        self.breaker.success()
-        self.stats.stores += len(items)
-        self.stats.bytes_written += sum(len(v) for v in items.values())

@@ -1,17 +1,33 @@
-"""The gateway's use of the Redis caches: which requests go through them and how hits look to clients."""
+"""The gateway's use of the Redis caches: which requests go through them and how hits look to clients.
+
+The caches themselves (Redis keys, entry formats, single-flight, timeouts
+and breakers) live in `cache/`; the policy lives here: only deterministic
+requests are cached, cache control is honoured, tenants are kept apart
+unless the operator shares one scope.
+"""
 
 from __future__ import annotations
 
-import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import torch
-
-from moemesh.cache.response import EmbeddingCache, ResponseCache, is_deterministic, response_key
+from moemesh.cache.embeddings import EmbeddingCache, pack_embedding, unpack_embedding
+from moemesh.cache.response import ResponseCache, response_key
 from moemesh.gateway.journal import Journal
-from moemesh.gateway.tenants import DEFAULT_TENANT  # noqa: F401 - re-exported: open mode's one tenant
+from moemesh.gateway.tenants import DEFAULT_TENANT
 from moemesh.v1 import common_pb2, generation_pb2, models_pb2, worker_pb2
+
+# DEFAULT_TENANT: open mode's one tenant; the embedding entry format is re-exported for the gateway's service.
+__all__ = ["DEFAULT_TENANT", "GatewayCaches", "is_deterministic", "pack_embedding", "unpack_embedding"]
+
+
+def is_deterministic(sampling: common_pb2.SamplingParams, model_defaults_greedy: bool = False) -> bool:
+    """Greedy (temperature 0) or seeded sampling: the same inputs give the same output, so it may be cached."""
+    if sampling.HasField("seed"):
+        return True
+    if sampling.HasField("temperature"):
+        return sampling.temperature == 0.0
+    return model_defaults_greedy
 
 
 @dataclass
@@ -24,6 +40,7 @@ class GatewayCaches:
     journal: Journal | None = None  # resumable streams (requests that name their own id)
 
     def scope(self, tenant: str) -> str:
+        """The cache scope of a tenant's entries."""
         return "shared" if self.shared_scope else f"tenant:{tenant}"
 
     def events(self, request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo, tenant: str,
@@ -37,6 +54,7 @@ class GatewayCaches:
         return _mark_hits(self.responses.serve(key, generate, read=mode == common_pb2.CACHE_MODE_DEFAULT))
 
     def embedding_key(self, model: models_pb2.ModelInfo, normalize: bool, text: str) -> str:
+        """The embedding cache key of one input."""
         return EmbeddingCache.key(model.id, model.revision, normalize, text)
 
 
@@ -48,12 +66,3 @@ async def _mark_hits(pairs) -> AsyncIterator[worker_pb2.RequestEvent]:
             event.usage.cached_tokens = event.usage.prompt_tokens
         yield event
 
-
-def pack_embedding(vector: torch.Tensor, token_count: int) -> bytes:
-    """An embedding cache entry: uint32 token count, then the float32 vector."""
-    return struct.pack("<I", token_count) + vector.to(torch.float32).contiguous().numpy().tobytes()
-
-
-def unpack_embedding(raw: bytes) -> tuple[torch.Tensor, int]:
-    (count,) = struct.unpack_from("<I", raw)
-    return torch.frombuffer(bytearray(raw[4:]), dtype=torch.float32), count

@@ -176,4 +176,4 @@ def test_token_estimate_is_prompt_chars_over_four_plus_max_tokens():
     work = worker_pb2.GenerationWork(prompt=common_pb2.Prompt(text="x" * 40),
                                      sampling=common_pb2.SamplingParams(max_tokens=20))
     assert estimate_tokens(work) == 10 + 1 + 20
-    assert estimate_tokens(worker_pb2.GenerationWork()) == 1 + ratelimit.DEFAULT_MAX_TOKENS
+    assert estimate_tokens(worker_pb2.GenerationWork()) == 1 + 128, "an unset max_tokens counts the contract's 128"

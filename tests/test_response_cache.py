@@ -7,7 +7,8 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from moemesh.cache.response import EmbeddingCache, LocalAnswers, ResponseCache, is_deterministic, response_key
+from moemesh.cache.response import EmbeddingCache, LocalAnswers, ResponseCache, response_key
+from moemesh.gateway.caches import is_deterministic
 from moemesh.v1 import common_pb2, generation_pb2, worker_pb2
 from tests.redis_server import RedisServer
 

@@ -205,6 +205,15 @@ async def test_token_bound_is_resource_exhausted():
     assert mesh.links["A"].added_ids() == ["small"]
 
 
+async def test_an_unset_max_tokens_costs_the_contracts_default_of_128():
+    mesh = Mesh()
+    mesh.add_node("A")
+    session = Session()
+    unset = worker_pb2.GenerationWork(request_id="unset", model="demo", prompt=common_pb2.Prompt(text="hello there"))
+    mesh.dispatcher.submit(unset, session)
+    assert mesh.dispatcher.routes["unset"].cost == 11 // 4 + 1 + 128, "prompt chars / 4 + 1, plus the default 128"
+
+
 async def test_duplicate_request_id_is_refused():
     mesh = Mesh()
     mesh.add_node("A")

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from moemesh.services.core.costs import estimate_tokens
 from moemesh.services.core.errors import Overloaded
 from moemesh.services.scheduler.links import WorkerLink
 from moemesh.services.scheduler.queue import RETRY_PRIORITY, AdmissionQueue, Pending, QueueLimits
@@ -36,8 +37,6 @@ from moemesh.services.scheduler.router import HashRing, affinity_key, choose
 from moemesh.v1 import common_pb2, worker_pb2
 
 log = logging.getLogger(__name__)
-
-CHARS_PER_TOKEN = 4  # prompt size estimate before tokenization (the worker tokenizes)
 
 
 class Session:
@@ -134,7 +133,7 @@ class Dispatcher:
             session.send([_error_event(work.request_id, grpc.StatusCode.DEADLINE_EXCEEDED,
                                        "deadline passed before the request was queued")])
             return
-        route = Route(work, session, cost=_estimate_tokens(work))
+        route = Route(work, session, cost=estimate_tokens(work))
         queue = self._queue(work.model)
         try:
             queue.push(self._pending(route), retry_after=self.retry_after())
@@ -367,17 +366,6 @@ class Dispatcher:
 def _has_retry(queue: AdmissionQueue) -> bool:
     head = queue.peek()
     return head is not None and head.priority == RETRY_PRIORITY
-
-
-def _estimate_tokens(work: worker_pb2.GenerationWork) -> int:
-    """Prompt tokens (or chars / 4 before tokenization) plus the most it may generate."""
-    if work.prompt_token_ids:
-        prompt = len(work.prompt_token_ids)
-    else:
-        chars = len(work.prompt.text) + sum(len(m.content) for m in work.prompt.chat.messages)
-        prompt = chars // CHARS_PER_TOKEN + 1
-    max_tokens = work.sampling.max_tokens if work.sampling.HasField("max_tokens") else 256
-    return prompt + max_tokens
 
 
 def _error_event(request_id: str, code: grpc.StatusCode, message: str,
