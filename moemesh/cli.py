@@ -24,6 +24,7 @@ from moemesh.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
+from moemesh.worker.server.config import DEFAULT_MAX_NUM_SEQS
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -80,8 +81,8 @@ def certs(out, hosts) -> None:
 @click.option("--device", default="cpu", show_default=True, help='"cpu" or "cuda[:N]"')
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto = bf16 on CUDA, fp32 on CPU")
-@click.option("--max-num-seqs", type=click.IntRange(1, 4096), default=16, show_default=True,
-              help="sequences per engine step, per worker")
+@click.option("--max-num-seqs", type=click.IntRange(1, 4096), default=None,
+              help=f"sequences per engine step, per worker [default: {DEFAULT_MAX_NUM_SEQS}, the worker's]")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="once every service is healthy, write their addresses and pids here (JSON)")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),

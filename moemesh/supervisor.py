@@ -42,7 +42,7 @@ class MeshOptions:
     embedding_model_dir: pathlib.Path | None = None
     device: str = "cpu"
     dtype: str = "auto"
-    max_num_seqs: int = 16
+    max_num_seqs: int | None = None  # None: the worker's own default
     threads_per_worker: int = 0
     log_dir: pathlib.Path | None = None
     tls_dir: pathlib.Path | None = None  # mutual TLS between the services (made by `moemesh certs`)
@@ -97,8 +97,9 @@ class Mesh:
     def _worker_args(self, scheduler_address: str) -> list[str]:
         o = self.options
         args = ["--host", o.host, "--port", "0", "--scheduler", scheduler_address, "--model-dir", str(o.model_dir),
-                "--device", o.device, "--dtype", o.dtype, "--max-num-seqs", str(o.max_num_seqs),
-                "--kv-tier-url", self.redis_url]
+                "--device", o.device, "--dtype", o.dtype, "--kv-tier-url", self.redis_url]
+        if o.max_num_seqs is not None:
+            args += ["--max-num-seqs", str(o.max_num_seqs)]
         if o.threads_per_worker:
             args += ["--num-threads", str(o.threads_per_worker)]
         if o.embedding_model_dir is not None:

@@ -1,13 +1,15 @@
-"""Service configuration: merge order and errors that name the field."""
+"""Service settings: merge order (file, secret files, environment, flags), typed values, flags with help, errors
+naming the field."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 
 from moemesh.gateway.config import GatewayConfig
-from moemesh.services.core.config import load_config
+from moemesh.services.core.config import add_flags, flag_values, load_config
 from moemesh.services.scheduler.config import SchedulerConfig
 from moemesh.worker.server.config import WorkerConfig
 
@@ -52,3 +54,53 @@ def test_unreadable_config_file_is_a_clear_error(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="bad.json"):
         load_config(SchedulerConfig, file=bad)
+
+
+def test_environment_values_are_typed_by_their_field():
+    env = {"MOEMESH_SCHEDULER_CLUSTER_TOKEN": "12345678", "MOEMESH_SCHEDULER_PREFERRED_BATCH_SIZES": "[4, 8]",
+           "MOEMESH_SCHEDULER_TENANT_WEIGHTS": '{"alpha": 2}'}
+    config = load_config(SchedulerConfig, env=env)
+    assert config.cluster_token == "12345678", "a numeric-looking token is still a token"
+    assert config.preferred_batch_sizes == [4, 8] and config.tenant_weights == {"alpha": 2.0}
+    with pytest.raises(ValueError, match=r"\bmetrics_port\b"):
+        load_config(SchedulerConfig, env={"MOEMESH_SCHEDULER_METRICS_PORT": "null"})  # not silently None
+
+
+def test_secret_files_override_the_file_and_yield_to_the_environment(tmp_path):
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "MOEMESH_SCHEDULER_CLUSTER_TOKEN").write_text("from-a-secret")
+    (secrets / "MOEMESH_SCHEDULER_PORT").write_text("4444")
+    file = tmp_path / "scheduler.json"
+    file.write_text(json.dumps({"cluster_token": "from-the-file", "port": 1111}))
+    config = load_config(SchedulerConfig, file=file, secrets_dir=secrets, env={"MOEMESH_SCHEDULER_PORT": "5555"})
+    assert config.cluster_token == "from-a-secret", "a secret file must win over the config file"
+    assert config.port == 5555, "the environment must win over a secret file"
+    with pytest.raises(ValueError, match="secrets directory"):
+        load_config(SchedulerConfig, secrets_dir=tmp_path / "missing")
+
+
+@pytest.mark.parametrize("cls", [GatewayConfig, SchedulerConfig, WorkerConfig])
+def test_every_setting_is_a_flag_whose_help_is_its_description(cls):
+    parser = argparse.ArgumentParser(prog="moemesh-test")
+    add_flags(parser, cls)
+    text = " ".join(parser.format_help().split())
+    for name, field in cls.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in text, f"{cls.__name__}.{name} has no flag"
+        assert field.description, f"{cls.__name__}.{name} has no description for its --help"
+        assert " ".join(field.description.split())[:40] in text, f"{cls.__name__}.{name}: help is not its description"
+
+
+def test_flags_are_typed_and_only_the_given_ones_override(tmp_path):
+    parser = argparse.ArgumentParser(prog="moemesh-test")
+    source = add_flags(parser, SchedulerConfig)
+    args = parser.parse_args(["--port", "7", "--preferred-batch-sizes", "[2, 4]", "--cluster-token", "000123"])
+    config = load_config(SchedulerConfig, env={"MOEMESH_SCHEDULER_HEARTBEAT_INTERVAL": "0.25"},
+                         flags=flag_values(source, args))
+    assert (config.port, config.preferred_batch_sizes, config.cluster_token) == (7, [2, 4], "000123")
+    assert config.heartbeat_interval == 0.25, "a flag that was not given must not hide the environment"
+    parser = argparse.ArgumentParser(prog="moemesh-test")
+    source = add_flags(parser, WorkerConfig)
+    (tmp_path / "config.json").write_text("{}")
+    args = parser.parse_args(["--model-dir", str(tmp_path), "--scheduler", "x:1", "--no-enable-prefix-caching"])
+    assert load_config(WorkerConfig, flags=flag_values(source, args)).enable_prefix_caching is False

@@ -1,31 +1,51 @@
-"""Validated service configuration, merged from a file, the environment and flags.
+"""Validated service settings (pydantic-settings), merged from a file, secret files, the environment and flags.
 
-Each service declares one pydantic model (a subclass of ``ServiceConfig``);
-``main()`` builds it once with ``load_config`` and passes it down. Sources
-are merged in order of increasing precedence: defaults < JSON file <
-environment (``<ENV_PREFIX><FIELD>``, e.g. ``MOEMESH_GATEWAY_PORT``) < command-line flags. Invalid values raise
-``ValueError`` naming the field.
+Each service declares one settings model, a subclass of ``ServiceConfig`` with
+its own ``env_prefix``; ``main()`` builds it once with ``load_config`` and
+passes it down. Sources, in increasing precedence:
+
+    defaults < JSON file (``--config``) < secret files (``--secrets-dir``)
+             < environment (``MOEMESH_GATEWAY_PORT``) < flags (``--port``)
+
+A secret file holds one setting and is named like its environment variable
+(``MOEMESH_SCHEDULER_CLUSTER_TOKEN``), as Kubernetes mounts a Secret's keys.
+Values from the environment and files are typed by their field: a string
+field takes the text as it is (``MOEMESH_SCHEDULER_CLUSTER_TOKEN=12345678``
+is a token, ``null`` is the word "null"); lists and mappings are JSON. Every
+field is a flag too (``--max-num-seqs``; booleans ``--x`` / ``--no-x``), its
+help the field's description. Invalid values raise ``ValueError`` naming the
+field.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 from collections.abc import Mapping
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import pydantic
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    EnvSettingsSource,
+    JsonConfigSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
+from pydantic_settings.sources.utils import parse_env_vars
 
 
-class ServiceConfig(pydantic.BaseModel):
-    """Base of every service's configuration: frozen, unknown keys rejected."""
+class ServiceConfig(BaseSettings):
+    """Base of every service's settings: frozen, unknown keys rejected, one environment prefix per service."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-    # Environment variables named <ENV_PREFIX><FIELD NAME IN CAPITALS> set fields.
-    ENV_PREFIX: ClassVar[str] = "MOEMESH_"
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix="MOEMESH_")
 
-    # Mutual TLS between the services: a directory made by `moemesh certs` (ca.crt, <role>.crt/.key); None = plaintext.
-    tls_dir: pathlib.Path | None = None
+    tls_dir: pathlib.Path | None = pydantic.Field(
+        default=None,
+        description="mutual TLS between the services: a directory made by `moemesh certs` (ca.crt, <role>.crt/.key); "
+                    "unset: plaintext")
 
 
 C = TypeVar("C", bound=ServiceConfig)
@@ -35,19 +55,30 @@ def load_config(
     cls: type[C],
     *,
     file: str | pathlib.Path | None = None,
+    secrets_dir: str | pathlib.Path | None = None,
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
 ) -> C:
     """Build ``cls`` from the merged sources; flags whose value is None are ignored."""
     values: dict[str, Any] = {}
-    if file:
-        values.update(_read_file(pathlib.Path(file)))
-    values.update(_from_env(cls, env or {}))
-    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    for layer in (_file_values(cls, file), _secret_values(cls, secrets_dir), _EnvValues(cls, env or {})(),
+                  {k: v for k, v in (flags or {}).items() if v is not None}):
+        values.update(layer)
     try:
         return cls.model_validate(values)
     except pydantic.ValidationError as exc:
         raise ValueError(describe_validation_error(exc)) from None
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type[ServiceConfig]) -> CliSettingsSource:
+    """Every field of ``cls`` as a flag of ``parser``; the returned source reads them back (`flag_values`)."""
+    return CliSettingsSource(cls, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
+                             cli_enforce_required=False, cli_prog_name=parser.prog)
+
+
+def flag_values(source: CliSettingsSource, args: argparse.Namespace) -> dict[str, Any]:
+    """The fields the command line set (absent ones are left to the other sources)."""
+    return source(parsed_args=args)()
 
 
 def describe_validation_error(exc: pydantic.ValidationError) -> str:
@@ -59,25 +90,35 @@ def describe_validation_error(exc: pydantic.ValidationError) -> str:
     return "invalid configuration: " + "; ".join(lines)
 
 
-def _read_file(path: pathlib.Path) -> dict[str, Any]:
+class _EnvValues(EnvSettingsSource):
+    """The library's environment source, reading a given mapping instead of this process's environment."""
+
+    def __init__(self, cls: type[ServiceConfig], env: Mapping[str, str]) -> None:
+        self._mapping = env
+        super().__init__(cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._mapping, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+
+def _file_values(cls: type[ServiceConfig], file: str | pathlib.Path | None) -> dict[str, Any]:
+    if not file:
+        return {}
+    path = pathlib.Path(file)
+    if not path.is_file():
+        raise ValueError(f"config file {path}: no such file")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        values = JsonConfigSettingsSource(cls, json_file=path)()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"config file {path}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path}: expected a JSON object")
-    return data
+    except TypeError as exc:  # a JSON document that is not an object
+        raise ValueError(f"config file {path}: expected a JSON object ({exc})") from None
+    return values
 
 
-def _from_env(cls: type[ServiceConfig], env: Mapping[str, str]) -> dict[str, Any]:
-    """Fields set as <ENV_PREFIX><FIELD>; values are parsed as JSON when they can be."""
-    found: dict[str, Any] = {}
-    for name in cls.model_fields:
-        raw = env.get(cls.ENV_PREFIX + name.upper())
-        if raw is None:
-            continue
-        try:
-            found[name] = json.loads(raw)
-        except json.JSONDecodeError:
-            found[name] = raw
-    return found
+def _secret_values(cls: type[ServiceConfig], secrets_dir: str | pathlib.Path | None) -> dict[str, Any]:
+    if not secrets_dir:
+        return {}
+    if not pathlib.Path(secrets_dir).is_dir():
+        raise ValueError(f"secrets directory {secrets_dir}: no such directory")
+    return SecretsSettingsSource(cls, secrets_dir=secrets_dir)()

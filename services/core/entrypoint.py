@@ -9,10 +9,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from moemesh.services.core.config import ServiceConfig, load_config
+from moemesh.services.core.config import ServiceConfig, add_flags, flag_values, load_config
 from moemesh.services.core.logs import setup_logging
 
 C = TypeVar("C", bound=ServiceConfig)
+SECRETS_DIR_ENV = "MOEMESH_SECRETS_DIR"
 
 
 def service_main(
@@ -21,24 +22,26 @@ def service_main(
     service: str,
     description: str | None,
     config_cls: type[C],
-    add_arguments: Callable[[argparse.ArgumentParser], None],
     serve: Callable[[C, int | None], Awaitable[None]],
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """Parse flags, build the validated config, set up JSON logs, run ``serve`` until stopped.
 
-    Every flag added by ``add_arguments`` must be named after a config field
-    (``--max-num-seqs`` sets ``max_num_seqs``); ``--config FILE`` and
-    ``--ready-fd N`` are added here. An invalid config exits with status 2 and
-    a message naming the field.
+    Every field of ``config_cls`` is a flag (``--max-num-seqs`` sets ``max_num_seqs``, with the field's
+    description as its help); ``--config FILE``, ``--secrets-dir DIR`` and ``--ready-fd N`` are added
+    here. An invalid config exits with status 2 and a message naming the field.
     """
     parser = argparse.ArgumentParser(prog=f"moemesh-{service}", description=description)
-    parser.add_argument("--config", help="JSON config file (flags and environment override it)")
+    parser.add_argument("--config", help="JSON config file (secret files, environment and flags override it)")
+    parser.add_argument("--secrets-dir", default=os.environ.get(SECRETS_DIR_ENV),
+                        help=f"directory of secret files, one per setting named like its environment variable "
+                             f"(a mounted Kubernetes Secret) [env {SECRETS_DIR_ENV}]")
     parser.add_argument("--ready-fd", type=int, help="write one JSON line (address, pid) here once serving")
-    add_arguments(parser)
+    flags = add_flags(parser, config_cls)
     args = parser.parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "ready_fd")}
     try:
-        config = load_config(config_cls, file=args.config, env=os.environ, flags=flags)
+        config = load_config(config_cls, file=args.config, secrets_dir=args.secrets_dir, env=os.environ,
+                             flags=flag_values(flags, args))
     except ValueError as exc:
         print(f"moemesh-{service}: {exc}", file=sys.stderr)
         return 2

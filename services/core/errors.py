@@ -1,10 +1,17 @@
-"""Domain exceptions and their one mapping to gRPC status codes and HTTP codes."""
+"""Domain exceptions, each with its canonical status code (google.rpc.Code) and HTTP status.
+
+The engine, the scheduler and the caches raise these without knowing about
+gRPC: a status code here is the protocol-neutral number that the contract's
+`RequestError.code` carries and that gRPC statuses share. The gRPC edge
+(`interceptors.py`) turns them into statuses, the HTTP edge into responses.
+"""
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
-import grpc
+from google.rpc import code_pb2
 
 log = logging.getLogger(__name__)
 
@@ -12,14 +19,21 @@ log = logging.getLogger(__name__)
 class MeshError(Exception):
     """Base of the errors a caller can act on."""
 
-    grpc_code = grpc.StatusCode.UNKNOWN
+    code: int = code_pb2.UNKNOWN  # google.rpc.Code
     http_status = 500
+
+    @property
+    def grpc_code(self):
+        """The gRPC status code of this error (imported here only when a gRPC edge asks)."""
+        from moemesh.services.core.interceptors import grpc_status_code
+
+        return grpc_status_code(self.code)
 
 
 class InvalidRequest(MeshError):
     """The request breaks a documented limit; the message names the field."""
 
-    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    code = code_pb2.INVALID_ARGUMENT
     http_status = 400
 
     def __init__(self, field: str, message: str) -> None:
@@ -28,24 +42,24 @@ class InvalidRequest(MeshError):
 
 
 class NotFound(MeshError):
-    grpc_code = grpc.StatusCode.NOT_FOUND
+    code = code_pb2.NOT_FOUND
     http_status = 404
 
 
 class Unauthenticated(MeshError):
-    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    code = code_pb2.UNAUTHENTICATED
     http_status = 401
 
 
 class PermissionDenied(MeshError):
-    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    code = code_pb2.PERMISSION_DENIED
     http_status = 403
 
 
 class Overloaded(MeshError):
     """No capacity now; retry after `retry_after` seconds."""
 
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = code_pb2.RESOURCE_EXHAUSTED
     http_status = 429
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
@@ -53,33 +67,37 @@ class Overloaded(MeshError):
         self.retry_after = retry_after
 
 
+class RateLimited(Overloaded):
+    """A tenant's rate limit refused the request (a quota, not the mesh's capacity)."""
+
+
 class Unavailable(MeshError):
     """No replica can serve the model right now (retryable)."""
 
-    grpc_code = grpc.StatusCode.UNAVAILABLE
+    code = code_pb2.UNAVAILABLE
     http_status = 503
 
 
 class DeadlineExceeded(MeshError):
-    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = code_pb2.DEADLINE_EXCEEDED
     http_status = 504
 
 
 class Cancelled(MeshError):
-    grpc_code = grpc.StatusCode.CANCELLED
+    code = code_pb2.CANCELLED
     http_status = 499
 
 
 # google.rpc.Code numbers (as carried in RequestError.code) -> exception class.
 _BY_CODE = {
-    cls.grpc_code.value[0]: cls
+    cls.code: cls
     for cls in (NotFound, Unauthenticated, PermissionDenied, Overloaded, Unavailable, DeadlineExceeded, Cancelled)
 }
 
 
 def error_from_code(code: int, message: str, retry_after: float = 0.0) -> MeshError:
     """Rebuild a domain error from a status code number sent across a hop."""
-    if code == grpc.StatusCode.INVALID_ARGUMENT.value[0]:
+    if code == code_pb2.INVALID_ARGUMENT:
         field, _, rest = message.partition(": ")
         return InvalidRequest(field, rest or message)
     cls = _BY_CODE.get(code)
@@ -88,15 +106,14 @@ def error_from_code(code: int, message: str, retry_after: float = 0.0) -> MeshEr
     return cls(message) if cls else MeshError(message)
 
 
-def error_from_rpc(exc: grpc.aio.AioRpcError) -> MeshError:
+class FailedCall(Protocol):
+    """What a failed gRPC call (grpc.aio.AioRpcError) tells: its status code and details."""
+
+    def code(self): ...
+
+    def details(self) -> str | None: ...
+
+
+def error_from_rpc(exc: FailedCall) -> MeshError:
     """A failed call to another service, as the domain error to pass on."""
     return error_from_code(exc.code().value[0], exc.details() or exc.code().name)
-
-
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status for any exception; INTERNAL only for bugs."""
-    if isinstance(exc, MeshError):
-        return exc.grpc_code, str(exc)
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code(), exc.details() or ""
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"

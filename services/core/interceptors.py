@@ -1,4 +1,4 @@
-"""The one place where exceptions become gRPC statuses (a server interceptor)."""
+"""The one place where exceptions become gRPC statuses (a server interceptor, and `status_of`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,25 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from moemesh.services.core.errors import InvalidRequest, MeshError, Overloaded, status_of
+from moemesh.services.core.errors import InvalidRequest, MeshError, Overloaded, RateLimited
 
 log = logging.getLogger(__name__)
+
+_STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def grpc_status_code(code: int) -> grpc.StatusCode:
+    """The gRPC status code of a google.rpc.Code number (UNKNOWN for a number gRPC does not define)."""
+    return _STATUS_BY_CODE.get(code, grpc.StatusCode.UNKNOWN)
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for any exception; INTERNAL only for bugs."""
+    if isinstance(exc, MeshError):
+        return grpc_status_code(exc.code), str(exc)
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
@@ -48,7 +64,7 @@ def error_details(exc: BaseException) -> list[Any]:
         seconds = max(exc.retry_after, 0.001)
         delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
         details = [error_details_pb2.RetryInfo(retry_delay=delay)]
-        if "rate limit" in str(exc):
+        if isinstance(exc, RateLimited):
             details.append(error_details_pb2.QuotaFailure(violations=[
                 error_details_pb2.QuotaFailure.Violation(subject="tenant", description=str(exc))]))
         return details

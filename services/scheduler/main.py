@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
@@ -90,17 +89,9 @@ async def serve(config: SchedulerConfig, ready_fd: int | None) -> None:
     await server.stop()
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--heartbeat-interval", type=float)
-    parser.add_argument("--max-missed-heartbeats", type=int)
-    parser.add_argument("--tls-dir")
-
-
 def main(argv: list[str] | None = None) -> int:
     return service_main(argv, service="scheduler", description=__doc__, config_cls=SchedulerConfig,
-                        add_arguments=add_arguments, serve=serve)
+                        serve=serve)
 
 
 if __name__ == "__main__":

@@ -3,62 +3,72 @@
 from __future__ import annotations
 
 import pathlib
-from typing import ClassVar, Literal
+from typing import Literal
 
 import pydantic
+from pydantic_settings import SettingsConfigDict
 
 from moemesh.services.core.config import ServiceConfig
+
+# Sequences a worker's engine runs at once, unless configured: the one default `moemesh up` and the
+# worker share.
+DEFAULT_MAX_NUM_SEQS = 16
 
 
 class WorkerConfig(ServiceConfig):
     """Everything a worker process needs; built once in ``main()``."""
 
-    ENV_PREFIX: ClassVar[str] = "MOEMESH_WORKER_"
+    model_config = SettingsConfigDict(env_prefix="MOEMESH_WORKER_")
 
-    model_dir: pathlib.Path
-    # Id clients use; default: the checkpoint directory's name.
-    model_id: str | None = None
-    # Embedding model directory; "" disables embeddings on this worker.
-    embedding_model_dir: pathlib.Path | None = None
-    host: str = "127.0.0.1"
-    port: int = pydantic.Field(default=0, ge=0, le=65535)
-    # This worker's address as others should dial it; default host:bound port.
-    advertise_address: str | None = None
+    model_dir: pathlib.Path = pydantic.Field(description="Hugging Face checkpoint directory of the generation model")
+    model_id: str | None = pydantic.Field(default=None, description="id clients use; default: the checkpoint directory's name")
+    embedding_model_dir: pathlib.Path | None = pydantic.Field(
+        default=None, description="sentence-embedding model directory to serve beside the generation model; unset: none")
+    host: str = pydantic.Field(default="127.0.0.1", description="address the worker's gRPC server binds")
+    port: int = pydantic.Field(default=0, ge=0, le=65535, description="gRPC port (0: a free one)")
+    advertise_address: str | None = pydantic.Field(
+        default=None, description="this worker's address as others should dial it; default host:bound port")
     scheduler: str = pydantic.Field(min_length=3, description="scheduler host:port")
-    node_id: str | None = None
-    replica_group: str | None = None
-    device: str = "cpu"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_num_seqs: int = pydantic.Field(default=16, ge=1, le=4096)
-    max_model_len: int = pydantic.Field(default=2048, ge=16)
-    max_output_tokens: int = pydantic.Field(default=1024, ge=1)
-    # Paged KV cache: tokens per block, and blocks in the pool (0: on CUDA, what gpu_memory_utilization leaves;
-    # on the CPU, enough for max_num_seqs at max_model_len).
-    block_size: int = pydantic.Field(default=16, ge=1, le=1024)
-    num_kv_blocks: int = pydantic.Field(default=0, ge=0)
-    # On CUDA, the fraction of the device's memory the worker fills: weights, a step's activations, the KV pool.
-    gpu_memory_utilization: float = pydantic.Field(default=0.9, gt=0, le=1)
-    # Most new tokens one engine step computes (prompt chunks plus one per decoding sequence).
-    max_num_batched_tokens: int = pydantic.Field(default=2048, ge=1)
-    enable_prefix_caching: bool = True
-    # Shared prefix-KV tier in Redis (None = off): entry lifetime, per-call timeout, key scope.
-    kv_tier_url: str | None = None
-    kv_tier_ttl: float = pydantic.Field(default=3600.0, gt=0)
-    kv_tier_timeout: float = pydantic.Field(default=0.2, gt=0, le=10)
-    kv_tier_scope: str = "shared"
-    # Which prompt blocks are written: "reused" (after a local prefix hit shows they recur) or "all".
-    kv_tier_writes: Literal["reused", "all"] = "reused"
-    # Also serve "<model_id>-pooled": mean-pooled hidden states of the generation model as embeddings.
-    pooled_embeddings: bool = True
-    num_threads: int = pydantic.Field(default=0, ge=0, description="torch threads; 0 = torch's default")
-    # On CPU, lay the matmul weights out once for oneDNN (faster matmuls). The experts' weights are held once
-    # either way; float32 dense projections also keep their plain copy for the native small-batch kernel.
-    pack_weights: bool = True
-    cluster_token: str | None = None
-    drain_grace: float = pydantic.Field(default=30.0, ge=0)
-    log_level: str = "info"
-    # Prometheus /metrics on this port (0: a free one); None = off.
-    metrics_port: int | None = pydantic.Field(default=None, ge=0, le=65535)
+    node_id: str | None = pydantic.Field(default=None, description="unique node id; default hostname-pid-random")
+    replica_group: str | None = pydantic.Field(default=None, description="replica group id; default the node id")
+    device: str = pydantic.Field(default="cpu", description='"cpu" or "cuda[:N]"')
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = pydantic.Field(
+        default="auto", description="weights and KV cache dtype; auto: bfloat16 on CUDA, float32 on the CPU")
+    max_num_seqs: int = pydantic.Field(default=DEFAULT_MAX_NUM_SEQS, ge=1, le=4096,
+                                       description="sequences the engine runs at once")
+    max_model_len: int = pydantic.Field(default=2048, ge=16, description="longest sequence (prompt + output), tokens")
+    max_output_tokens: int = pydantic.Field(default=1024, ge=1, description="most tokens one request may generate")
+    block_size: int = pydantic.Field(default=16, ge=1, le=1024, description="tokens per paged KV cache block")
+    num_kv_blocks: int = pydantic.Field(
+        default=0, ge=0, description="KV cache blocks in the pool; 0: on CUDA what gpu_memory_utilization leaves, "
+                                     "on the CPU enough for max_num_seqs at max_model_len")
+    gpu_memory_utilization: float = pydantic.Field(
+        default=0.9, gt=0, le=1,
+        description="on CUDA, the fraction of the device's memory the worker fills: weights, a step's activations, "
+                    "the KV pool")
+    max_num_batched_tokens: int = pydantic.Field(
+        default=2048, ge=1, description="most new tokens one engine step computes (prompt chunks plus one per decode)")
+    enable_prefix_caching: bool = pydantic.Field(default=True, description="reuse the KV blocks of shared prompt prefixes")
+    kv_tier_url: str | None = pydantic.Field(
+        default=None, description="Redis URL of the shared prefix-KV tier; unset: off")
+    kv_tier_ttl: float = pydantic.Field(default=3600.0, gt=0, description="lifetime of a KV-tier entry, seconds")
+    kv_tier_timeout: float = pydantic.Field(default=0.2, gt=0, le=10, description="timeout of one KV-tier call, seconds")
+    kv_tier_scope: str = pydantic.Field(default="shared", description="key scope of the KV tier")
+    kv_tier_writes: Literal["reused", "all"] = pydantic.Field(
+        default="reused", description='which prompt blocks go to the tier: "reused" (after a local prefix hit shows '
+                                      'they recur) or "all"')
+    pooled_embeddings: bool = pydantic.Field(
+        default=True, description='also serve "<model_id>-pooled": mean-pooled hidden states of the generation model')
+    num_threads: int = pydantic.Field(default=0, ge=0, description="torch threads; 0: torch's default")
+    pack_weights: bool = pydantic.Field(
+        default=True, description="on the CPU, lay the matmul weights out once for the fastest kernels at load")
+    cluster_token: str | None = pydantic.Field(
+        default=None, description="token presented to the scheduler (metadata authorization: Bearer ...)")
+    drain_grace: float = pydantic.Field(
+        default=30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
+    log_level: str = pydantic.Field(default="info", description="log level")
+    metrics_port: int | None = pydantic.Field(
+        default=None, ge=0, le=65535, description="Prometheus /metrics port (0: a free one); unset: off")
 
     @pydantic.model_validator(mode="after")
     def _budget_covers_the_batch(self) -> WorkerConfig:

@@ -99,7 +99,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         except MeshError as exc:
             return worker_pb2.RequestEvent(
                 request_id=work.request_id,
-                error=worker_pb2.RequestError(code=exc.grpc_code.value[0], message=str(exc)),
+                error=worker_pb2.RequestError(code=exc.code, message=str(exc)),
             )
         return None
 
