@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from moemesh.gateway.tenants import Tenant
 from moemesh.services.core.errors import InvalidRequest, Unavailable
 from moemesh.services.scheduler.client import SchedulerClient
 from moemesh.v1 import models_pb2
@@ -22,10 +23,15 @@ class ModelCatalogue:
         self._fetched_at = float("-inf")
 
     async def models(self) -> list[models_pb2.ModelInfo]:
+        """Every served model, as the scheduler listed it at most REFRESH_SECONDS ago."""
         if time.monotonic() - self._fetched_at > REFRESH_SECONDS:
             self._models = list((await self.client.list_models()).models)
             self._fetched_at = time.monotonic()
         return self._models
+
+    async def visible_to(self, tenant: Tenant) -> list[models_pb2.ModelInfo]:
+        """The served models a tenant may use."""
+        return [m for m in await self.models() if tenant.allows(m.id)]
 
     async def resolve(self, model_id: str, kind: int) -> models_pb2.ModelInfo:
         """The served model a request names; InvalidRequest naming `model` if none."""

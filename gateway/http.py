@@ -1,77 +1,73 @@
-"""The gateway's HTTP API (FastAPI): health checks, the model list and the OpenAI-compatible routes
-(gateway/openai_api.py: /v1/completions, /v1/chat/completions, /v1/embeddings).
+"""The gateway's HTTP API (FastAPI): the app, its health routes and the server it runs on.
+
+The OpenAI-compatible routes are gateway/openai_api.py's router; every route reaches the gateway's dependencies
+object through FastAPI dependency injection (gateway/http_deps.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Callable
 
 import fastapi
-import redis.asyncio as aioredis
 import uvicorn
+from starlette.types import Receive, Scope, Send
 
 from moemesh.cache.client import reachable
 from moemesh.gateway import openai_api
-from moemesh.gateway.caches import GatewayCaches
-from moemesh.gateway.catalogue import ModelCatalogue
-from moemesh.gateway.config import GatewayConfig
-from moemesh.gateway.ratelimit import RateLimiter
-from moemesh.gateway.tenants import Authenticator, Tenant
-from moemesh.services.core.errors import NotFound
-from moemesh.services.scheduler.client import SchedulerClient
-from moemesh.v1 import models_pb2
+from moemesh.gateway.deps import GatewayDeps
+from moemesh.gateway.http_deps import Deps
+from moemesh.gateway.openai_errors import add_error_handlers, error_response
 
-_KIND_NAMES = {models_pb2.MODEL_KIND_GENERATION: "generation", models_pb2.MODEL_KIND_EMBEDDING: "embedding"}
+health = fastapi.APIRouter()
 
 
-def _model_object(m: models_pb2.ModelInfo) -> dict:
-    return {"id": m.id, "object": "model", "owned_by": "moemesh", "revision": m.revision,
-            "kind": _KIND_NAMES.get(m.kind, "unknown"), "max_context_tokens": m.max_context_tokens,
-            "ready_replicas": m.ready_replicas}
+@health.get("/healthz")
+async def healthz() -> dict:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
 
 
-def create_app(catalogue: ModelCatalogue, ready: asyncio.Event, redis: aioredis.Redis | None, *,
-               config: GatewayConfig, client: SchedulerClient, caches: GatewayCaches | None = None,
-               auth: Authenticator | None = None, limiter: RateLimiter | None = None) -> fastapi.FastAPI:
+@health.get("/readyz")
+async def readyz(response: fastapi.Response, deps: Deps) -> dict:
+    """Readiness: connected to the scheduler. Redis is reported, not required."""
+    if deps.redis is None:
+        cache = "disabled"
+    else:
+        cache = "up" if await reachable(deps.redis) else "unreachable"
+    if not deps.ready.is_set():
+        response.status_code = 503
+        return {"status": "not ready", "redis": cache}
+    return {"status": "ready", "redis": cache}
+
+
+def create_app(deps: GatewayDeps) -> fastapi.FastAPI:
     """The HTTP API; /healthz and /readyz are open, every /v1 route needs a credential unless in open mode."""
     app = fastapi.FastAPI(title="moemesh gateway", version="v1")
-    auth = auth or Authenticator()
-    openai_api.register(app, config=config, client=client, catalogue=catalogue, caches=caches, auth=auth,
-                        limiter=limiter)
-    caller = fastapi.Depends(openai_api.tenant_dependency(auth))
-
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
-
-    @app.get("/readyz")
-    async def readyz(response: fastapi.Response) -> dict:
-        """Readiness: connected to the scheduler. Redis is reported, not required."""
-        if redis is None:
-            cache = "disabled"
-        else:
-            cache = "up" if await reachable(redis) else "unreachable"
-        if not ready.is_set():
-            response.status_code = 503
-            return {"status": "not ready", "redis": cache}
-        return {"status": "ready", "redis": cache}
-
-    @app.get("/v1/models")
-    async def list_models(tenant: Tenant = caller) -> dict:
-        """The served models the caller's tenant may use."""
-        models = [m for m in await catalogue.models() if tenant.allows(m.id)]
-        return {"object": "list", "data": [_model_object(m) for m in models]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, tenant: Tenant = caller) -> dict:
-        for m in await catalogue.models():
-            if m.id == model_id and tenant.allows(m.id):
-                return _model_object(m)
-        raise NotFound(f"model {model_id!r} is not served")
-
+    app.state.deps = deps
+    add_error_handlers(app)
+    app.add_middleware(BodyLimit, limit=deps.config.max_request_bytes)
+    app.include_router(openai_api.router)
+    app.include_router(health)
     return app
+
+
+class BodyLimit:
+    """Refuses a body above the gateway's max_request_bytes (as gRPC does) before it is read: 413."""
+
+    def __init__(self, app: Callable, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit:
+                response = error_response(413, f"request body is {int(length)} bytes; the limit is {self.limit}",
+                                          "invalid_request_error", code="request_too_large")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class HttpServer:
@@ -87,12 +83,15 @@ class HttpServer:
 
     @property
     def address(self) -> str:
+        """host:port the server listens on."""
         return f"{self.host}:{self.port}"
 
     def start(self) -> None:
+        """Serve in a background task."""
         self._task = asyncio.create_task(self.server.serve(sockets=[self.socket]), name="http")
 
     async def stop(self) -> None:
+        """Stop accepting, finish the open requests, and return when the server is down."""
         self.server.should_exit = True
         if self._task is not None:
             await self._task

@@ -18,6 +18,7 @@ import pytest
 
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
+from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.http import create_app
 from moemesh.services.core.errors import DeadlineExceeded, Overloaded, Unavailable
 from moemesh.v1 import (
@@ -319,8 +320,8 @@ class ScriptedClient:
 
 def app_for(script):
     fake = ScriptedClient(script)
-    app = create_app(ModelCatalogue(fake, None, None), fake.connected, None,
-                     config=GatewayConfig(scheduler="127.0.0.1:1", max_request_bytes=4096), client=fake)
+    app = create_app(GatewayDeps(config=GatewayConfig(scheduler="127.0.0.1:1", max_request_bytes=4096), client=fake,
+                                 catalogue=ModelCatalogue(fake, None, None)))
     return app, fake
 
 

@@ -179,8 +179,9 @@ def test_start_generation_carries_tenant_priority_and_charges_the_limiter():
     import asyncio
 
     from moemesh.gateway.config import GatewayConfig
+    from moemesh.gateway.deps import GatewayDeps
+    from moemesh.gateway.generation import start_generation
     from moemesh.gateway.ratelimit import RateLimiter
-    from moemesh.gateway.service import start_generation
     from moemesh.services.core.errors import Overloaded
     from moemesh.v1 import common_pb2, generation_pb2, models_pb2
 
@@ -190,20 +191,18 @@ def test_start_generation_carries_tenant_priority_and_charges_the_limiter():
                                         max_output_tokens=256)
 
     acme = registry().authenticate("acme-key").model_copy(update={"requests_per_second": 1.0})
-    limiter = RateLimiter(None)
+    deps = GatewayDeps(config=GatewayConfig(scheduler="127.0.0.1:1"), client=None, catalogue=Catalogue(),
+                       limiter=RateLimiter(None))
 
     async def go():
         request = generation_pb2.GenerateRequest(model="demo-moe", prompt=common_pb2.Prompt(text="x"), priority=9)
-        generation = await start_generation(request, config=GatewayConfig(scheduler="127.0.0.1:1"), client=None,
-                                            catalogue=Catalogue(), timeout=None, tenant=acme, limiter=limiter)
+        generation = await start_generation(deps, request, tenant=acme, timeout=None)
         assert generation.work.tenant == "acme" and generation.tenant == "acme"
         assert generation.work.priority == 6  # capped by the tenant's max_priority
         with pytest.raises(Overloaded):
-            await start_generation(request, config=GatewayConfig(scheduler="127.0.0.1:1"), client=None,
-                                   catalogue=Catalogue(), timeout=None, tenant=acme, limiter=limiter)
+            await start_generation(deps, request, tenant=acme, timeout=None)
         with pytest.raises(PermissionDenied):
-            await start_generation(generation_pb2.GenerateRequest(model="other", prompt=common_pb2.Prompt(text="x")),
-                                   config=GatewayConfig(scheduler="127.0.0.1:1"), client=None,
-                                   catalogue=Catalogue(), timeout=None, tenant=acme, limiter=limiter)
+            await start_generation(deps, generation_pb2.GenerateRequest(model="other", prompt=common_pb2.Prompt(text="x")),
+                                   tenant=acme, timeout=None)
 
     asyncio.run(go())

@@ -1,0 +1,42 @@
+"""The audit log: one structured record per request (logger `moemesh.audit`), prompt text only when configured."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from moemesh.services.core.errors import MeshError
+from moemesh.v1 import generation_pb2
+
+audit_log = logging.getLogger("moemesh.audit")
+
+
+def status_name(exc: BaseException) -> str:
+    """The gRPC status name an exception ends a request with."""
+    if isinstance(exc, MeshError):
+        return exc.grpc_code.name
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"
+    return "INTERNAL"
+
+
+class AuditLog:
+    """Writes the audit records; `prompts` (GatewayConfig.audit_prompts) adds a generation's prompt text."""
+
+    def __init__(self, prompts: bool = False) -> None:
+        self.prompts = prompts
+
+    def record(self, kind: str, request_id: str, tenant: str, model: str, status: str, started: float,
+               **fields) -> None:
+        """One record: who, what, how much, how long (since `started`, a perf_counter time), how it ended."""
+        audit_log.info("request", extra={"audit": {
+            "kind": kind, "request_id": request_id, "tenant": tenant, "model": model, "status": status,
+            "latency_s": round(time.perf_counter() - started, 6), **fields,
+        }})
+
+    def prompt_fields(self, request: generation_pb2.GenerateRequest) -> dict[str, str]:
+        """The record's `prompt` field when prompts are audited (the text, or the chat's messages), else none."""
+        if not self.prompts:
+            return {}
+        return {"prompt": request.prompt.text or "\n".join(m.content for m in request.prompt.chat.messages)}

@@ -1,0 +1,105 @@
+"""The one embedding path, shared by gRPC `Embed` and the OpenAI embeddings route.
+
+Resolve the model, authorize the tenant, validate the inputs, charge the rate limits, take what the embedding
+cache holds, embed only the rest upstream (and store them), and write the request's audit record.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import torch
+
+from moemesh.cache.embeddings import pack_embedding, unpack_embedding
+from moemesh.gateway.audit import status_name
+from moemesh.gateway.caches import GatewayCaches
+from moemesh.gateway.deps import GatewayDeps
+from moemesh.gateway.ratelimit import estimate_text_tokens
+from moemesh.gateway.tenants import OPEN_TENANT, Tenant
+from moemesh.gateway.validation import validate_embed_inputs
+from moemesh.services.core import tensors
+from moemesh.services.core.errors import error_from_rpc
+from moemesh.services.scheduler.client import SchedulerClient
+from moemesh.v1 import common_pb2, embeddings_pb2, models_pb2, worker_pb2
+
+
+async def embed(deps: GatewayDeps, request: embeddings_pb2.EmbedRequest, *, tenant: Tenant = OPEN_TENANT,
+                timeout: float | None = None) -> embeddings_pb2.EmbedResponse:
+    """Validate an EmbedRequest and embed its inputs (shared by the gRPC servicer and the HTTP API).
+
+    With the embedding cache, inputs found there are not sent upstream; only the rest are embedded.
+    """
+    started = time.perf_counter()
+    try:
+        response = await _embed(deps, request, tenant, timeout)
+    except BaseException as exc:
+        deps.audit.record("embed", request.request_id, tenant.id, request.model, status_name(exc), started,
+                          inputs=len(request.inputs))
+        raise
+    deps.audit.record("embed", response.request_id, tenant.id, response.model, "OK", started,
+                      inputs=len(request.inputs), prompt_tokens=response.usage.prompt_tokens,
+                      cached_tokens=response.usage.cached_tokens)
+    return response
+
+
+async def _embed(deps: GatewayDeps, request: embeddings_pb2.EmbedRequest, tenant: Tenant,
+                 timeout: float | None) -> embeddings_pb2.EmbedResponse:
+    model = await deps.catalogue.resolve(request.model, models_pb2.MODEL_KIND_EMBEDDING)
+    tenant.check_model(model.id)
+    inputs = list(request.inputs)
+    validate_embed_inputs(inputs, model)
+    if deps.limiter is not None:
+        await deps.limiter.check(tenant, estimate_text_tokens(inputs))
+    normalize = request.normalize if request.HasField("normalize") else True
+    use_cache = deps.caches is not None and request.cache_mode == common_pb2.CACHE_MODE_DEFAULT and model.dimensions > 0
+    caches = deps.caches if use_cache else None
+    vectors: list[torch.Tensor | None] = [None] * len(inputs)
+    counts = [0] * len(inputs)
+    keys = await _from_cache(caches, model, normalize, inputs, vectors, counts)
+    missing = [i for i, v in enumerate(vectors) if v is None]
+    if missing:
+        await _compute(deps.client, model, normalize, inputs, missing, vectors, counts, timeout)
+        if caches is not None and request.cache_mode != common_pb2.CACHE_MODE_NO_STORE:
+            await caches.embeddings.put_many({keys[i]: pack_embedding(vectors[i], counts[i]) for i in missing})
+    return _response(request, model, vectors, counts, set(missing))
+
+
+async def _from_cache(caches: GatewayCaches | None, model: models_pb2.ModelInfo, normalize: bool, inputs: list[str],
+                      vectors: list[torch.Tensor | None], counts: list[int]) -> list[str]:
+    """Fill `vectors` and `counts` with the cached entries; the inputs' cache keys (none without a cache)."""
+    if caches is None:
+        return []
+    keys = [caches.embedding_key(model, normalize, text) for text in inputs]
+    for i, raw in enumerate(await caches.embeddings.get_many(keys, model.dimensions)):
+        if raw is not None:
+            vectors[i], counts[i] = unpack_embedding(raw)
+    return keys
+
+
+async def _compute(client: SchedulerClient, model: models_pb2.ModelInfo, normalize: bool, inputs: list[str],
+                   missing: list[int], vectors: list[torch.Tensor | None], counts: list[int],
+                   timeout: float | None) -> None:
+    """Embed the `missing` inputs upstream, filling their `vectors` and `counts`."""
+    work = worker_pb2.EmbedWork(model=model.id, inputs=[inputs[i] for i in missing], normalize=normalize)
+    try:
+        result = await client.embed(work, timeout=timeout)
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from None
+    computed = tensors.from_pb(result.vectors)  # [len(missing), D]
+    for row, i in enumerate(missing):
+        vectors[i], counts[i] = computed[row], result.token_counts[row]
+
+
+def _response(request: embeddings_pb2.EmbedRequest, model: models_pb2.ModelInfo, vectors: list[torch.Tensor],
+              counts: list[int], fresh: set[int]) -> embeddings_pb2.EmbedResponse:
+    matrix = torch.stack(vectors)  # [N, D]
+    return embeddings_pb2.EmbedResponse(
+        request_id=request.request_id or uuid.uuid4().hex,
+        model=model.id,
+        dimensions=matrix.shape[1],
+        embeddings=[embeddings_pb2.Embedding(index=i, values=row) for i, row in enumerate(matrix.tolist())],
+        usage=common_pb2.Usage(prompt_tokens=sum(counts),
+                               cached_tokens=sum(c for i, c in enumerate(counts) if i not in fresh)),
+    )

@@ -1,0 +1,179 @@
+"""The one generation path, shared by gRPC `Generate`/`Complete` and the OpenAI completions and chat routes.
+
+`start_generation` resolves the model, authorizes the tenant, validates the request, claims its journal (a
+resumable request) and charges the rate limits; nothing is sent yet. `Generation.responses` then streams its
+events: through the response cache when it may, dispatched to the scheduler on a miss, through the journal when
+resumable, and writes the request's audit record when it ends.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from moemesh.gateway.audit import status_name
+from moemesh.gateway.deps import GatewayDeps
+from moemesh.gateway.journal import Journal
+from moemesh.gateway.ratelimit import estimate_tokens
+from moemesh.gateway.tenants import OPEN_TENANT, Tenant
+from moemesh.gateway.validation import validate_generate
+from moemesh.services.core.errors import MeshError
+from moemesh.v1 import common_pb2, generation_pb2, models_pb2, worker_pb2
+
+
+class StreamClock:
+    """Timings of one streamed request, measured at the gateway."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first_token: float | None = None
+
+    def token(self) -> None:
+        """Note a token's arrival (the first one sets the time to first token)."""
+        if self.first_token is None:
+            self.first_token = time.perf_counter()
+
+    def timings(self, completion_tokens: int) -> common_pb2.Timings:
+        """The request's timings as it ends with `completion_tokens` generated."""
+        end = time.perf_counter()
+        first = self.first_token or end
+        decode_tokens = max(completion_tokens - 1, 1)
+        return common_pb2.Timings(
+            time_to_first_token=first - self.start,
+            total=end - self.start,
+            time_per_output_token=(end - first) / decode_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class JournalClaim:
+    """A resumable request's journal, and whether this call generates into it or follows another call's."""
+
+    journal: Journal
+    key: str
+    owner: bool
+
+    def events(self, upstream) -> AsyncIterator[worker_pb2.RequestEvent]:
+        """The journaled events; the owner first starts generating into the journal in the background, so that
+        a disconnect does not stop it (a reconnect may want the rest)."""
+        if self.owner:
+            self.journal.start(self.key, upstream)
+        return self.journal.follow(self.key)
+
+
+class Generation:
+    """One admitted generation request on its way through the mesh: the model, the work and its events."""
+
+    def __init__(self, deps: GatewayDeps, request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo,
+                 work: worker_pb2.GenerationWork, tenant: str, clock: StreamClock,
+                 journal: JournalClaim | None = None) -> None:
+        self.deps = deps
+        self.request = request
+        self.model = model
+        self.work = work
+        self.tenant = tenant
+        self.clock = clock
+        self.journal = journal  # set for a resumable (caller-named) request
+        self.public_id = request.request_id or work.request_id  # the caller's id (the work's is tenant-scoped)
+
+    @property
+    def request_id(self) -> str:
+        """The id the caller knows the request by."""
+        return self.public_id
+
+    def _upstream(self) -> AsyncIterator[worker_pb2.RequestEvent]:
+        """The work's events from the scheduler, through the response cache when there is one."""
+        client, caches = self.deps.client, self.deps.caches
+        if caches is None:
+            return client.generate(self.work)
+        return caches.events(self.request, self.model, self.tenant, lambda: client.generate(self.work))
+
+    async def responses(self) -> AsyncIterator[generation_pb2.GenerateResponse]:
+        """The response events from `resume_from_index` on; closing early cancels the request upstream."""
+        index = 0
+        events = self.journal.events(self._upstream) if self.journal is not None else self._upstream()
+        status, usage, finish = "CANCELLED", common_pb2.Usage(), 0
+        try:
+            async for event in events:
+                if event.token_ids:
+                    self.clock.token()
+                response = generation_pb2.GenerateResponse(
+                    request_id=self.public_id, index=index, text=event.text, token_ids=event.token_ids,
+                    logprobs=event.logprobs, model=self.model.id,
+                )
+                if event.finish_reason:
+                    response.finish_reason = event.finish_reason
+                    response.usage.CopyFrom(event.usage)
+                    response.timings.CopyFrom(self.clock.timings(event.usage.completion_tokens))
+                    status, usage, finish = "OK", event.usage, event.finish_reason
+                if index >= self.request.resume_from_index:
+                    yield response
+                index += 1
+        except BaseException as exc:
+            status = status_name(exc)
+            raise
+        finally:
+            await events.aclose()  # sends the cancel when the caller stopped before the end
+            self._audit(status, usage, finish)
+
+    def _audit(self, status: str, usage: common_pb2.Usage, finish: int) -> None:
+        audit = self.deps.audit
+        audit.record("generate", self.public_id, self.tenant, self.model.id, status, self.clock.start,
+                     prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                     cached_tokens=usage.cached_tokens, response_cache=usage.from_response_cache,
+                     finish_reason=common_pb2.FinishReason.Name(finish), **audit.prompt_fields(self.request))
+
+
+async def start_generation(deps: GatewayDeps, request: generation_pb2.GenerateRequest, *,
+                           tenant: Tenant = OPEN_TENANT, timeout: float | None = None) -> Generation:
+    """Resolve the model, check the tenant may use it, validate the request (InvalidRequest naming the field)
+    and charge the tenant's rate limits (Overloaded when over); nothing is sent yet.
+
+    The one path from a GenerateRequest to its events, shared by the gRPC servicer and the HTTP API.
+    `timeout` is the caller's remaining time in seconds (None: no deadline).
+    """
+    clock = StreamClock()
+    try:
+        return await _admit(deps, request, tenant, timeout, clock)
+    except MeshError as exc:
+        deps.audit.record("generate", request.request_id, tenant.id, request.model, status_name(exc), clock.start,
+                          error=str(exc))
+        raise
+
+
+async def _admit(deps: GatewayDeps, request: generation_pb2.GenerateRequest, tenant: Tenant,
+                 timeout: float | None, clock: StreamClock) -> Generation:
+    model = await deps.catalogue.resolve(request.model, models_pb2.MODEL_KIND_GENERATION)
+    tenant.check_model(model.id)
+    validate_generate(request, model, deps.config)
+    work = _work(request, model, tenant, timeout)
+    journal = await _claim_journal(deps.journal, tenant, request)
+    if deps.limiter is not None and (journal is None or journal.owner):  # following a journal costs nothing more
+        await deps.limiter.check(tenant, estimate_tokens(work))
+    return Generation(deps, request, model, work, tenant.id, clock, journal)
+
+
+def _work(request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo, tenant: Tenant,
+          timeout: float | None) -> worker_pb2.GenerationWork:
+    return worker_pb2.GenerationWork(
+        # A caller's id is unique per tenant only; the mesh-wide one carries the tenant.
+        request_id=f"{tenant.id}/{request.request_id}" if request.request_id else uuid.uuid4().hex,
+        model=model.id,
+        prompt=request.prompt,
+        sampling=request.sampling,
+        deadline_unix=time.time() + timeout if timeout is not None else 0.0,
+        priority=tenant.effective_priority(request.priority),
+        tenant=tenant.id,
+    )
+
+
+async def _claim_journal(journal: Journal | None, tenant: Tenant,
+                         request: generation_pb2.GenerateRequest) -> JournalClaim | None:
+    """The journal of a request that names its own id (None: unnamed, no journal, or Redis away)."""
+    if journal is None or not request.request_id:
+        return None
+    key = Journal.key(tenant.id, request.request_id)
+    owner = await journal.claim(key)
+    return JournalClaim(journal, key, owner) if owner is not None else None
