@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import pydantic
+from pydantic_settings import SettingsConfigDict
 
 from moemesh.services.core.config import ServiceConfig
 
@@ -12,39 +11,42 @@ from moemesh.services.core.config import ServiceConfig
 class GatewayConfig(ServiceConfig):
     """Public endpoints, upstream scheduler and request limits of the gateway."""
 
-    ENV_PREFIX: ClassVar[str] = "MOEMESH_GATEWAY_"
+    model_config = SettingsConfigDict(env_prefix="MOEMESH_GATEWAY_")
 
-    host: str = "127.0.0.1"
-    port: int = pydantic.Field(default=0, ge=0, le=65535)
-    # HTTP API port; 0 picks a free one, None disables the HTTP API.
-    http_port: int | None = pydantic.Field(default=None, ge=0, le=65535)
+    host: str = pydantic.Field(default="127.0.0.1", description="address the gateway's gRPC and HTTP servers bind")
+    port: int = pydantic.Field(default=0, ge=0, le=65535, description="public gRPC port (0: a free one)")
+    http_port: int | None = pydantic.Field(
+        default=None, ge=0, le=65535, description="HTTP API port (0: a free one); unset: no HTTP API")
     scheduler: str = pydantic.Field(min_length=3, description="scheduler host:port")
-    # Redis for the caches; None runs without them.
-    redis_url: str | None = None
-    # Model used when a request names none; default: the first the mesh serves.
-    default_model: str | None = None
-    default_embedding_model: str | None = None
-    # Largest request message accepted, bytes (gRPC refuses bigger ones).
-    max_request_bytes: int = pydantic.Field(default=4 * 1024 * 1024, ge=1024)
-    max_stop_sequences: int = pydantic.Field(default=8, ge=0, le=64)
-    max_stop_sequence_bytes: int = pydantic.Field(default=128, ge=1)
-    grace: float = pydantic.Field(default=10.0, ge=0)
-    # Response and embedding caches in Redis (need redis_url); entry lifetimes; one scope for all tenants.
-    response_cache: bool = True
-    response_cache_ttl: float = pydantic.Field(default=3600.0, gt=0)
-    embedding_cache_ttl: float = pydantic.Field(default=86400.0, gt=0)
-    cache_shared_scope: bool = False
-    # Resumable streams: how long a journaled request's events stay replayable.
-    journal_ttl: float = pydantic.Field(default=3600.0, gt=0)
-    # Tenants file (JSON: API key hashes, JWT settings, allowed models, priority, rate limits; see
-    # gateway/tenants.py); None = open mode: no authentication, one "default" tenant, no rate limits.
-    tenants_file: str | None = None
-    # Enforce the tenants' requests_per_second / tokens_per_minute (in Redis when redis_url is set, shared
-    # by every gateway; in-process otherwise and while Redis is unreachable).
-    rate_limits: bool = True
-    rate_limit_redis_timeout: float = pydantic.Field(default=0.1, gt=0, le=5)
-    # Audit records (logger "moemesh.audit") carry the prompt text only when this is on.
-    audit_prompts: bool = False
-    # Prometheus /metrics on this port (0: a free one); None = off.
-    metrics_port: int | None = pydantic.Field(default=None, ge=0, le=65535)
-    log_level: str = "info"
+    redis_url: str | None = pydantic.Field(default=None, description="Redis for the caches; unset: no caches")
+    default_model: str | None = pydantic.Field(
+        default=None, description="model used when a request names none; default: the first the mesh serves")
+    default_embedding_model: str | None = pydantic.Field(
+        default=None, description="embedding model used when a request names none; default: the first served")
+    max_request_bytes: int = pydantic.Field(
+        default=4 * 1024 * 1024, ge=1024, description="largest request accepted, bytes (gRPC message or HTTP body)")
+    max_stop_sequences: int = pydantic.Field(default=8, ge=0, le=64, description="most stop strings per request")
+    max_stop_sequence_bytes: int = pydantic.Field(default=128, ge=1, description="longest stop string, bytes")
+    grace: float = pydantic.Field(default=10.0, ge=0, description="seconds in-flight calls get on shutdown")
+    response_cache: bool = pydantic.Field(
+        default=True, description="cache deterministic answers (greedy or seeded) in Redis (needs redis_url)")
+    response_cache_ttl: float = pydantic.Field(default=3600.0, gt=0, description="lifetime of a cached answer, seconds")
+    embedding_cache_ttl: float = pydantic.Field(
+        default=86400.0, gt=0, description="lifetime of a cached embedding, seconds")
+    cache_shared_scope: bool = pydantic.Field(
+        default=False, description="one cache scope for all tenants (off: each tenant sees only its own entries)")
+    journal_ttl: float = pydantic.Field(
+        default=3600.0, gt=0, description="how long a resumable stream's events stay replayable, seconds")
+    tenants_file: str | None = pydantic.Field(
+        default=None, description="tenants file (JSON: API key hashes, JWT settings, allowed models, priority, "
+                                  "rate limits; see gateway/tenants.py); unset: open mode, one default tenant")
+    rate_limits: bool = pydantic.Field(
+        default=True, description="enforce the tenants' requests_per_second and tokens_per_minute (in Redis when "
+                                  "redis_url is set, shared by every gateway; in-process otherwise)")
+    rate_limit_redis_timeout: float = pydantic.Field(
+        default=0.1, gt=0, le=5, description="timeout of one rate-limit call to Redis, seconds")
+    audit_prompts: bool = pydantic.Field(
+        default=False, description='audit records (logger "moemesh.audit") carry the prompt text')
+    metrics_port: int | None = pydantic.Field(
+        default=None, ge=0, le=65535, description="Prometheus /metrics port (0: a free one); unset: off")
+    log_level: str = pydantic.Field(default="info", description="log level")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
@@ -73,21 +72,10 @@ def cache_metrics(caches: GatewayCaches | None) -> list:
     return families
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The gateway's command-line flags (each overrides its GatewayConfig field)."""
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--http-port", type=int)
-    parser.add_argument("--scheduler")
-    parser.add_argument("--redis-url")
-    parser.add_argument("--tls-dir")
-    parser.add_argument("--default-model")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the gateway process."""
     return service_main(argv, service="gateway", description=__doc__, config_cls=GatewayConfig,
-                        add_arguments=add_arguments, serve=serve)
+                        serve=serve)
 
 
 if __name__ == "__main__":

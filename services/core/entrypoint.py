@@ -23,7 +23,6 @@ def service_main(
     description: str | None,
     config_cls: type[C],
     serve: Callable[[C, int | None], Awaitable[None]],
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """Parse flags, build the validated config, set up JSON logs, run ``serve`` until stopped.
 
