@@ -166,7 +166,7 @@ def main() -> None:
     ckpt = build_checkpoint(args.workdir)
     model = build_model(open_checkpoint(ckpt), dtype=dtype, pack_weights=False)
     params = sum(p.numel() for p in model.parameters())  # counted before packing releases the plain copies
-    packed = model.pack_weights() if not args.no_pack else 0
+    packed = model.choose_backends() if not args.no_pack else 0
     tokenizer = Tokenizer.from_dir(ckpt)
     print(f"checkpoint {ckpt} ({params / 1e6:.1f}M parameters), {args.dtype}, {torch.get_num_threads()} threads, "
           f"{packed} modules with packed weights, native CPU kernels: {'on' if kernels.available else kernels.reason}")

@@ -29,8 +29,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from moemesh.worker.models.layers import RotaryEmbedding, apply_rotary
+from moemesh.worker.models.layers import RotaryEmbedding
 from moemesh.worker.ops import native
+from moemesh.worker.ops.attention import apply_rotary
 
 LAYERS, SEQS, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 8, 32, 8, 4, 64, 16
 EXPERTS, HIDDEN, INTER, TOP_K, VOCAB = 8, 512, 1024, 2, 4096
@@ -159,7 +160,7 @@ def layer_ops(repeats: int) -> None:
         x32 = x.float()
         return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
-    def operators():  # layers.py's PyTorch path, operator for operator
+    def operators():  # the PyTorch backends (worker/ops), operator for operator
         for _ in range(LAYERS):
             norm(h)
             apply_rotary(q, cos, sin)

@@ -161,8 +161,24 @@ def prefill_and_decode(model) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def without_native_kernels(monkeypatch) -> None:
-    """Make every layer take the portable PyTorch path, as on a machine without a C compiler."""
+    """Make every model built from now on choose the portable backends, as on a machine without a C compiler."""
     monkeypatch.setattr(native, "load_kernels", lambda: native.Kernels(None, "turned off by the test"))
+
+
+def panels_checked_against_plain_weights(model, plain) -> int:
+    """How many modules of `model` hold panels, each asserted to unpack exactly to the weights of `plain`."""
+    plain_modules, checked = dict(plain.named_modules()), 0
+    for name, module in model.named_modules():
+        if isinstance(module, MoEExperts) and module.backend.panels is not None:
+            w13, w2 = native.unpack_experts(*module.backend.panels)
+            reference = plain_modules[name]
+            assert torch.equal(w13, reference.w13) and torch.equal(w2, reference.w2), f"{name}: panels != weights"
+            checked += 1
+        elif isinstance(module, Linear) and module.backend.panels is not None:
+            unpacked = native.unpack_linear(module.backend.panels)
+            assert torch.equal(unpacked, plain_modules[name].weight), f"{name}: panels != weight"
+            checked += 1
+    return checked
 
 
 def test_native_kernels_and_packed_weights_match_the_plain_pytorch_path(model, ckpt_dir, monkeypatch):
@@ -175,30 +191,32 @@ def test_native_kernels_and_packed_weights_match_the_plain_pytorch_path(model, c
     # With the native kernels the experts are held once, in the kernel's panel layout; without them, packed
     # for oneDNN.
     available = native.load_kernels().available
-    assert experts and all((e.panels is not None) == available and (e.packed13 is None) == available for e in experts)
+    assert experts and all(
+        (e.backend.panels is not None) == available and (e.backend.packed13 is None) == available for e in experts
+    )
     assert all(e.w13.numel() == 0 and e.w2.numel() == 0 for e in experts)
-    assert any(m.packed is not None for m in model.modules() if isinstance(m, Linear)), "the CPU model was not packed"
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert any(m.backend.packed is not None for m in linears), "the CPU model was not packed"
     # Small decode batches (the four-sequence step below) run the projections in the native kernel on
     # panels, larger ones on the oneDNN copy; the plain weight stays only where something still reads it
     # (an output size the panels cannot hold, or the embedding a tied head shares).
-    linears = [m for m in model.modules() if isinstance(m, Linear)]
-    assert all((m.panels is not None) == (available and m.out_features % 32 == 0) for m in linears)
+    assert all((m.backend.panels is not None) == (available and m.out_features % 32 == 0) for m in linears)
     tied = model.lm_head.weight is model.embed_tokens.weight
     for m in linears:
-        assert (m.weight.numel() > 0) == (m.panels is None and available or (m is model.lm_head and tied)), m
+        assert (m.weight.numel() > 0) == (m.backend.panels is None and available or (m is model.lm_head and tied)), m
 
     without_native_kernels(monkeypatch)
     # Without the native kernels the experts are packed for oneDNN instead, and hold no plain copy.
     packed = build_model(open_checkpoint(ckpt_dir))
     experts = [m for m in packed.modules() if isinstance(m, MoEExperts)]
-    assert all(e.packed13 is not None and e.w13.numel() == 0 and e.w2.numel() == 0 for e in experts)
+    assert all(e.backend.packed13 is not None and e.w13.numel() == 0 and e.w2.numel() == 0 for e in experts)
     plain = build_model(open_checkpoint(ckpt_dir), pack_weights=False)
-    assert all(m.packed is None for m in plain.modules() if isinstance(m, Linear))
+    assert all(m.backend.packed is None for m in plain.modules() if isinstance(m, Linear))
     reference = prefill_and_decode(plain)
-    # A model packed for the native kernels still runs where they are gone (the panels are unpacked).
-    fallback = prefill_and_decode(model)
-    for name, got in (("native kernels", expected_native), ("oneDNN-packed", prefill_and_decode(packed)),
-                      ("panels on the PyTorch path", fallback)):
+    # The panels are a lossless layout: unpacked, they are the checkpoint's weights exactly (so the PyTorch
+    # path on them is the plain model itself).
+    assert (panels_checked_against_plain_weights(model, plain) > 0) == available
+    for name, got in (("native kernels", expected_native), ("oneDNN-packed", prefill_and_decode(packed))):
         for part, a, b in zip(("prefill", "decode"), got, reference):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"{name} {part} logits differ from plain PyTorch")
 
@@ -208,7 +226,7 @@ def test_bfloat16_packed_weights_match_the_plain_ones(ckpt_dir):
     plain = build_model(open_checkpoint(ckpt_dir), dtype=torch.bfloat16, pack_weights=False)
     # oneDNN packs bfloat16 where the CPU supports it (AVX-512 and newer); elsewhere the plain weights stay.
     supported = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert any(isinstance(m, MoEExperts) and m.packed13 is not None for m in packed.modules()) == supported
+    assert any(isinstance(m, MoEExperts) and m.backend.packed13 is not None for m in packed.modules()) == supported
     ids = random_ids(PROMPT_LEN, seed=7)
     a, b = prefill(packed, new_cache(packed), ids), prefill(plain, new_cache(plain), ids)
     assert relative_error(a, b) < 3e-2, "bfloat16 packed logits stray from the plain bfloat16 ones"

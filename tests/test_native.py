@@ -67,6 +67,8 @@ def test_paged_decode_attention_rejects_out_of_range_tables_and_lengths():
         native.paged_decode_attention(q, k, v, torch.tensor([[0, 1], [2, 8]]), torch.tensor([3, 8]), None)
     with pytest.raises(ValueError, match="shapes"):
         native.paged_decode_attention(torch.randn(2, 3, 16), k, v, tables, torch.tensor([3, 8]), None)
+    with pytest.raises(ValueError, match="float32"):  # the kernel would read past a 16-bit cache
+        native.paged_decode_attention(q, k.bfloat16(), v.bfloat16(), tables, torch.tensor([3, 8]), None)
     # The kernel still serves a valid call afterwards.
     lens = torch.tensor([3, 8])
     torch.testing.assert_close(native.paged_decode_attention(q, k, v, tables, lens, None),
@@ -189,6 +191,7 @@ def test_linear_matches_f_linear(rows, in_features, out_features):
         panels = native.pack_linear(weight)
         assert panels.shape == (out_features // 32, in_features, 32)
         torch.testing.assert_close(panels[-1, 5], weight[-32:, 5], rtol=0, atol=0)
+        assert torch.equal(native.unpack_linear(panels), weight), "the panels must unpack to the weight exactly"
         torch.testing.assert_close(native.linear(x.view(1, rows, -1), panels, bias), F.linear(x, weight, bias)[None],
                                    rtol=1e-4, atol=1e-5)
         tall = torch.randn(200, in_features, generator=g)
@@ -223,7 +226,8 @@ def test_rms_norm_and_the_fused_residual_add_match_pytorch(shape):
 
 @pytest.mark.parametrize("rows,num_heads,num_kv_heads,head_dim", [(32, 8, 4, 64), (1, 4, 4, 32), (5, 6, 2, 40), (300, 8, 2, 64)])
 def test_rotary_store_matches_apply_rotary_and_the_cache_write(rows, num_heads, num_kv_heads, head_dim):
-    from moemesh.worker.models.layers import RotaryEmbedding, apply_rotary
+    from moemesh.worker.models.layers import RotaryEmbedding
+    from moemesh.worker.ops.attention import apply_rotary
 
     g = torch.Generator().manual_seed(6)
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
@@ -253,6 +257,9 @@ def test_rotary_store_rejects_bad_slots_and_writes_nothing():
     assert torch.equal(cache_k, before[0]) and torch.equal(cache_v, before[1]), "a rejected call wrote to the cache"
     with pytest.raises(ValueError, match="shapes"):
         native.rotary_store(q, k, v, cos[:, :8], sin[:, :8], torch.tensor([0, 1, 2]), cache_k, cache_v)
+    with pytest.raises(ValueError, match="float32"):
+        native.rotary_store(q, k, v, cos, sin, torch.tensor([0, 1, 2]), cache_k.bfloat16(), cache_v.bfloat16())
+    assert torch.equal(cache_k, before[0]) and torch.equal(cache_v, before[1]), "a rejected call wrote to the cache"
 
 
 @pytest.mark.parametrize("rows,hidden,num_experts,top_k", [(32, 512, 8, 2), (1, 64, 60, 4), (7, 40, 6, 1), (300, 64, 16, 3)])

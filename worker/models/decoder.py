@@ -8,6 +8,7 @@ the paged cache live here once.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -17,7 +18,8 @@ from torch import nn
 from moemesh.worker.engine.kv_cache import PagedKVCache
 from moemesh.worker.models.batch import ForwardBatch
 from moemesh.worker.models.checkpoint import WeightRule
-from moemesh.worker.models.layers import Linear, MoEExperts, RMSNorm, RotaryEmbedding, Rotation
+from moemesh.worker.models.layers import Linear, OpModule, RMSNorm, RotaryEmbedding, Rotation
+from moemesh.worker.ops.backends import Target
 
 # Checkpoint names every family shares: embeddings, head, norms, attention projections.
 DECODER_CHECKPOINT_RULES: tuple[WeightRule, ...] = (
@@ -161,26 +163,23 @@ class DecoderForCausalLM(nn.Module):
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def pack_weights(self) -> int:
-        """Pack the matmul weights for oneDNN where the device and dtype allow (CPU); how many modules were packed.
+    def choose_backends(self, relayout: bool = True) -> int:
+        """Give every operation its backend for the model's device and dtype, once, at load (see worker/ops).
 
-        A weight that another module also uses (the embedding of a tied head)
-        keeps its plain copy; the others are held packed only.
+        With `relayout`, weights also take the layout of the kernel that reads
+        them (the native kernel's panels, oneDNN's packed copies) and are held
+        in that layout only; a weight that another module also holds (the
+        embedding of a tied head) keeps its plain copy. Returns how many
+        modules laid their weights out anew.
         """
-        packable = (Linear, MoEExperts)
-        shared = {
-            id(param)
-            for module in self.modules()
-            if not isinstance(module, packable)
-            for param in module.parameters(recurse=False)
-        }
-        packed = 0
+        target = Target.of(self.embed_tokens.weight, relayout)
+        holders = Counter(id(param) for module in self.modules() for param in module.parameters(recurse=False))
+        relaid = 0
         for module in self.modules():
-            if isinstance(module, Linear):
-                packed += module.pack(release=id(module.weight) not in shared)
-            elif isinstance(module, MoEExperts):
-                packed += module.pack(release=id(module.w13) not in shared and id(module.w2) not in shared)
-        return packed
+            if isinstance(module, OpModule):
+                alone = all(holders[id(param)] == 1 for param in module.parameters(recurse=False))
+                relaid += module.choose_backend(target, release=alone)
+        return relaid
 
     @property
     def num_layers(self) -> int:

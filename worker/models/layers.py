@@ -3,7 +3,9 @@
 Shapes use N (token rows of the flat batch), B and T (sequences and new
 tokens per sequence of an attention group), L (key positions attended to), H (hidden size), D (head dim), E (experts), k (experts
 per token), I (expert intermediate size). Modules are plain PyTorch; models
-build them on the meta device and the checkpoint loader fills them.
+build them on the meta device and the checkpoint loader fills them. Each
+module that computes an operation of worker/ops (`OpModule`) gets its backend
+once, at load (`choose_backend`), and calls it: no module tests for backends.
 """
 
 from __future__ import annotations
@@ -16,87 +18,73 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemesh.worker.engine.kv_cache import PagedKVCache
-from moemesh.worker.models.batch import AttentionGroup, ForwardBatch
-from moemesh.worker.ops import native
-from moemesh.worker.ops.packing import pack_weight, packed_linear, packing_available
+from moemesh.worker.models.batch import ForwardBatch
+from moemesh.worker.ops.attention import AttentionBackend, choose_attention
+from moemesh.worker.ops.backends import NOT_CHOSEN, Target
+from moemesh.worker.ops.experts import ExpertsBackend, choose_experts
+from moemesh.worker.ops.linear import LinearBackend, choose_linear
+from moemesh.worker.ops.norm import RMSNormBackend, choose_rms_norm
+from moemesh.worker.ops.router import RouterBackend, choose_router
 
 
 def released(param: nn.Parameter) -> nn.Parameter:
-    """An empty stand-in for a weight whose packed copy replaces it (same dtype and device, no memory)."""
+    """An empty stand-in for a weight whose backend holds its own copy (same dtype and device, no memory)."""
     return nn.Parameter(param.new_empty(0), requires_grad=False)
 
 
-# Most token rows a dense projection sends to the native kernel (float32 CPU); more go to oneDNN. Over
-# the bench checkpoint's projections (8 layers of q/k/v and o, and the head) on the 2-core bench machine
-# (bench/native_bench.py --rows N), the kernel on the panel layout measured 1.7x faster than oneDNN-packed
-# weights at 8 rows, 1.17x at 32, 1.08x at 64 and even at 128; on the plain layout (for output sizes the
-# panels cannot hold) 1.14x at 32 rows and 0.96x at 48 and 64.
-NATIVE_PANEL_ROWS = 64
-NATIVE_LINEAR_ROWS = 32
+class OpModule(nn.Module):
+    """A module whose work is an operation of worker/ops, run on the backend `choose_backend` picked at load."""
 
+    backend = NOT_CHOSEN  # until the model's `choose_backends` runs
 
-class Linear(nn.Linear):
-    """`nn.Linear` whose weight can be laid out once for faster CPU kernels; see `pack`."""
+    def choose_backend(self, target: Target, release: bool) -> bool:
+        """Pick this module's backend for `target`; with `release`, drop the plain weights that no backend reads.
 
-    packed: torch.Tensor | None = None  # oneDNN's blocked layout (`packing`)
-    panels: torch.Tensor | None = None  # the native kernel's panel layout (`native.pack_linear`)
-
-    def pack(self, release: bool) -> bool:
-        """Lay the weight out for the kernels the device and dtype allow.
-
-        Where the native kernels run (float32 on the CPU), small batches
-        (single-stream and decode steps) take the native kernel on panels of
-        32 output columns, and larger ones (prefill) oneDNN's packed copy.
-        With `release`, the plain weight is dropped when those copies serve
-        every batch; it stays where the native kernel reads it (an output
-        size the panels cannot hold) or oneDNN cannot pack.
+        Returns whether weights were laid out anew for the backend.
         """
-        if self.packed is not None or self.panels is not None:
-            return False
-        native_here = native.kernels_supported(self.weight)
-        if native_here and self.out_features % 32 == 0:
-            self.panels = native.pack_linear(self.weight.detach())
-        if packing_available(self.weight):
-            self.packed = pack_weight(self.weight)
-        if self.packed is None and self.panels is None:
-            return False
-        if release and self.packed is not None and (self.panels is not None or not native_here):
+        raise NotImplementedError
+
+
+class Linear(nn.Linear, OpModule):
+    """`nn.Linear` on the backend chosen at load (see `ops.linear`)."""
+
+    backend: LinearBackend
+
+    def choose_backend(self, target: Target, release: bool) -> bool:
+        if not self.weight.numel():
+            return False  # released at an earlier choice: its backend holds the only copy, and stays
+        self.backend = choose_linear(self.weight, self.bias, target)
+        if release and not self.backend.reads_plain_weight:
             self.weight = released(self.weight)
-        return True
+        return self.backend.relaid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native.kernels_supported(x):
-            if self.panels is not None and x.numel() <= NATIVE_PANEL_ROWS * self.in_features:
-                return native.linear(x, self.panels, self.bias)
-            if self.weight.numel() and x.numel() <= NATIVE_LINEAR_ROWS * self.in_features:
-                return native.linear(x, self.weight, self.bias)
-        if self.packed is None:
-            return super().forward(x)
-        return packed_linear(x, self.packed, self.out_features, self.bias)
+        """x [..., in] -> [..., out]."""
+        return self.backend(x)
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm, computed in float32 (as transformers does)."""
+class RMSNorm(OpModule):
+    """Root-mean-square norm, computed in float32 (as transformers does); see `ops.norm`."""
+
+    backend: RMSNormBackend
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
+    def choose_backend(self, target: Target, release: bool) -> bool:
+        self.backend = choose_rms_norm(self.weight, self.eps, target)
+        return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if native.kernels_supported(x) and self.weight.dtype == x.dtype:
-            return native.rms_norm(x, self.weight, self.eps)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        """x [..., D] -> [..., D]."""
+        return self.backend(x)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x + residual), x + residual): a decoder layer's residual add and the next norm, in one pass
-        where the native kernels run."""
-        if native.kernels_supported(x) and self.weight.dtype == x.dtype == residual.dtype:
-            return native.rms_norm(x, self.weight, self.eps, residual)
-        summed = x + residual
-        return self(summed), summed
+        """(norm(x + residual), x + residual): a decoder layer's residual add and the next norm, fused where the
+        backend fuses them."""
+        return self.backend.add_norm(x, residual)
 
 
 class RotaryEmbedding(nn.Module):
@@ -118,19 +106,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dim's two halves."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, heads, D] by cos, sin [N, D]."""
-    cos = cos.to(x.dtype)[:, None]  # [N, 1, D]
-    sin = sin.to(x.dtype)[:, None]
-    return x * cos + rotate_half(x) * sin
-
-
 @dataclass
 class Rotation:
     """cos and sin of every row of a forward batch, computed once and shared by the layers."""
@@ -150,13 +125,15 @@ class QKVLinear(Linear):
         self.shard_offsets = {"q": (0, q_size), "k": (q_size, kv_size), "v": (q_size + kv_size, kv_size)}
 
 
-class Attention(nn.Module):
-    """Grouped-query attention over the paged KV cache.
+class Attention(OpModule):
+    """Grouped-query attention over the paged KV cache; see `ops.attention`.
 
     Options for the families that need them: biases on the q/k/v projections
     (`qkv_bias`) and on the output projection (`o_bias`), and a per-head
     RMSNorm of queries and keys before rotary (`qk_norm_eps`, None for none).
     """
+
+    backend: AttentionBackend
 
     def __init__(
         self,
@@ -179,6 +156,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
         self.k_norm = RMSNorm(head_dim, qk_norm_eps) if qk_norm_eps is not None else nn.Identity()
 
+    def choose_backend(self, target: Target, release: bool) -> bool:
+        self.backend = choose_attention(self.num_heads, self.num_kv_heads, self.head_dim, target)
+        return False
+
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, rotation: Rotation, cache: PagedKVCache, layer: int
     ) -> torch.Tensor:
@@ -188,41 +169,13 @@ class Attention(nn.Module):
         q = self.q_norm(q.view(N, self.num_heads, self.head_dim))
         k = self.k_norm(k.view(N, self.num_kv_heads, self.head_dim))
         v = v.view(N, self.num_kv_heads, self.head_dim)
-        if native.kernels_supported(q) and cache.k[layer].dtype == q.dtype:
-            # One pass: rotate q and k, store k and v in their cache slots (the same as the lines below).
-            q = native.rotary_store(q, k, v, rotation.cos, rotation.sin, batch.slots, cache.k[layer], cache.v[layer])
-        else:
-            q = apply_rotary(q, rotation.cos, rotation.sin)
-            cache.write(layer, batch.slots, apply_rotary(k, rotation.cos, rotation.sin), v)
+        q = self.backend.rotate_and_store(q, k, v, rotation.cos, rotation.sin, batch.slots, cache, layer)
         window = batch.layer_windows[layer]
-        outputs = [self._attend(q[group.start : group.stop], group, cache, layer, window) for group in batch.groups]
+        outputs = [
+            self.backend.attend(q[group.start : group.stop], group, cache, layer, window) for group in batch.groups
+        ]
         attended = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [N, nh*D], groups are in row order
         return self.o_proj(attended)
-
-    def _attend(
-        self, q: torch.Tensor, group: AttentionGroup, cache: PagedKVCache, layer: int, window: int | None
-    ) -> torch.Tensor:
-        """One group's queries q [B*T, nh, D] against their cached keys -> [B*T, nh*D]."""
-        B, T = group.num_seqs, group.num_tokens
-        if T == 1 and native.kernels_supported(q):  # the cache has the model dtype, as q does
-            # Decode: the native kernel reads each sequence's blocks in place, no gathered copy.
-            out = native.paged_decode_attention(q, cache.k[layer], cache.v[layer], group.block_tables, group.seq_lens, window)
-            return out.view(B, self.num_heads * self.head_dim)
-        keys, values = cache.gather(layer, group.block_tables)  # [B, nb*bs, n_kv, D]
-        queries = q.view(B, T, self.num_heads, self.head_dim)
-        keys, values = keys[:, : group.kv_len], values[:, : group.kv_len]
-        # PyTorch's CPU attention kernel is several times slower in 16-bit floats than in float32
-        # (measured: bf16 2.4 ms vs fp32 0.4 ms for a 32-sequence decode); the casts cost far less.
-        if q.device.type == "cpu" and q.dtype != torch.float32:
-            queries, keys, values = queries.float(), keys.float(), values.float()
-        out = F.scaled_dot_product_attention(
-            queries.transpose(1, 2),  # [B, nh, T, D]
-            keys.transpose(1, 2),  # [B, n_kv, L, D]
-            values.transpose(1, 2),
-            attn_mask=group.masks[window],
-            enable_gqa=True,
-        )  # [B, nh, T, D]
-        return out.transpose(1, 2).reshape(B * T, self.num_heads * self.head_dim).to(q.dtype)
 
 
 class GateUpLinear(Linear):
@@ -248,8 +201,10 @@ class SwiGLUMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class TopKRouter(nn.Module):
-    """Softmax over router logits, top-k, optionally renormalized to sum to 1."""
+class TopKRouter(OpModule):
+    """Softmax over router logits, top-k, optionally renormalized to sum to 1; see `ops.router`."""
+
+    backend: RouterBackend
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool = True) -> None:
         super().__init__()
@@ -257,23 +212,23 @@ class TopKRouter(nn.Module):
         self.renormalize = renormalize
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
+    def choose_backend(self, target: Target, release: bool) -> bool:
+        self.backend = choose_router(self.weight, self.top_k, self.renormalize, target)
+        return False
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (topk_ids [T, k], topk_weights [T, k] float32)."""
-        if native.kernels_supported(x) and self.weight.dtype == x.dtype:
-            return native.route(x, self.weight, self.top_k, self.renormalize)
-        probs = F.linear(x, self.weight).float().softmax(dim=-1)  # [T, E]
-        topk_weights, topk_ids = probs.topk(self.top_k, dim=-1)  # [T, k]
-        if self.renormalize:
-            topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        return topk_ids, topk_weights
+        return self.backend(x)
 
 
-class MoEExperts(nn.Module):
-    """SwiGLU experts stacked in tensors, addressed by expert index.
+class MoEExperts(OpModule):
+    """SwiGLU experts stacked in tensors, addressed by expert index; see `ops.experts`.
 
     w13 [E, 2I, H] holds each expert's gate (w1) rows then up (w3) rows;
     w2 [E, H, I] is the down projection.
     """
+
+    backend: ExpertsBackend
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -283,44 +238,14 @@ class MoEExperts(nn.Module):
         # Rows of one expert's w13 that each checkpoint matrix fills: (start, size).
         self.shard_offsets = {"w1": (0, intermediate_size), "w3": (intermediate_size, intermediate_size)}
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
-        # Per-expert weights packed for oneDNN (see `pack`); None: the stacked tensors are used.
-        self.packed13: list[torch.Tensor] | None = None
-        self.packed2: list[torch.Tensor] | None = None
-        # The same weights in the native kernel's panel layout (see `pack`); None: not packed so.
-        self.panels: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def pack(self, release: bool) -> bool:
-        """Lay the experts out once for the fastest kernel the device and dtype allow.
-
-        Where the native kernels run (float32 on the CPU), that is the native
-        kernel's panel layout (`native.pack_experts`): 1.08x faster than the
-        checkpoint layout in a decode step and 1.15x at prefill, and 1.7x and
-        1.08x faster than oneDNN (bench/native_bench.py). Experts whose sizes
-        the panels cannot hold keep the checkpoint layout, which the kernel
-        also reads. Elsewhere each expert's matrices are packed for oneDNN.
-        Every expert path then runs on the packed copies; with `release` the
-        stacked tensors are dropped, so the weights are held once.
-        """
-        if self.packed13 is not None or self.panels is not None:
-            return False
-        if native.kernels_supported(self.w13):
-            if not native.experts_packable(self.hidden_size, self.intermediate_size):
-                return False  # the native kernel reads the checkpoint layout
-            self.panels = native.pack_experts(self.w13.detach(), self.w2.detach())
-        elif packing_available(self.w13[0]):
-            self.packed13 = [pack_weight(w) for w in self.w13]
-            self.packed2 = [pack_weight(w) for w in self.w2]
-        else:
-            return False
-        if release:
+    def choose_backend(self, target: Target, release: bool) -> bool:
+        if not self.w13.numel():
+            return False  # released at an earlier choice: its backend holds the only copy, and stays
+        self.backend = choose_experts(self.w13, self.w2, target)
+        if release and not self.backend.reads_plain_weights:
             self.w13, self.w2 = released(self.w13), released(self.w2)
-        return True
-
-    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13, w2) in the checkpoint layout, rebuilt from the panels when only those are held."""
-        if self.w13.numel() == 0 and self.panels is not None:
-            return native.unpack_experts(*self.panels)
-        return self.w13, self.w2
+        return self.backend.relaid
 
     def forward(
         self,
@@ -335,85 +260,7 @@ class MoEExperts(nn.Module):
         contribute nothing, so that the sum of the outputs over a partition
         of the experts equals the full output.
         """
-        if self.panels is not None and native.kernels_supported(x):
-            return native.moe_experts(x, topk_ids, topk_weights, *self.panels, expert_ids)
-        if self.packed13 is None and native.kernels_supported(x):
-            return native.moe_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids)
-        k = topk_ids.shape[1]
-        flat_ids = topk_ids.flatten()  # [T*k] expert of each (token, choice)
-        order = flat_ids.argsort(stable=True)  # assignments grouped by expert
-        token_of = order // k  # [T*k] token of each grouped assignment
-        weight_of = topk_weights.flatten()[order]  # [T*k]
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()  # one host sync
-        w13, w2 = self.stacked_weights() if self.packed13 is None else (None, None)
-        if expert_ids is None and self.packed13 is None and self._stack_pays(counts):
-            return self._stacked_forward(x, flat_ids[order], token_of, weight_of, counts, w13, w2)
-        wanted = range(self.num_experts) if expert_ids is None else {int(e) for e in expert_ids}
-        gathered = x[token_of]  # [T*k, H] each expert's rows contiguous
-        outputs, rows_done = [], []
-        start = 0
-        for expert, count in enumerate(counts):  # a loop over experts, never over tokens
-            rows = slice(start, start + count)
-            start += count
-            if count == 0 or expert not in wanted:
-                continue
-            outputs.append(self.expert_forward(expert, gathered[rows], w13, w2))  # [n, H]
-            rows_done.append(rows)
-        out = torch.zeros_like(x)
-        if not outputs:
-            return out
-        if sum(r.stop - r.start for r in rows_done) < token_of.shape[0]:  # some experts were not wanted
-            index = torch.cat([torch.arange(r.start, r.stop, device=x.device) for r in rows_done])
-            token_of, weight_of = token_of[index], weight_of[index]
-        y = outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # [rows done, H] in grouped order
-        out.index_add_(0, token_of, (y * weight_of[:, None]).to(out.dtype))
-        return out
-
-    def _stack_pays(self, counts: list[int]) -> bool:
-        """Use one batched matmul over all experts when every expert has work and padding stays small.
-
-        Small per-expert batches (decode steps) run far below the memory
-        bandwidth as separate matmuls; stacked into one `bmm` they stream the
-        weights much better. Rows are padded to the busiest expert's count,
-        so a skewed routing falls back to the per-expert loop.
-        """
-        busiest = max(counts)
-        return min(counts) > 0 and busiest * self.num_experts <= 2 * sum(counts) and busiest <= 64
-
-    def _stacked_forward(
-        self,
-        x: torch.Tensor,
-        expert_of: torch.Tensor,
-        token_of: torch.Tensor,
-        weight_of: torch.Tensor,
-        counts: list[int],
-        w13: torch.Tensor,
-        w2: torch.Tensor,
-    ) -> torch.Tensor:
-        """The same sum as the loop, with each expert's rows padded to C and run as [E, C, H] bmm calls."""
-        E, C, H = self.num_experts, max(counts), x.shape[1]
-        starts = torch.tensor([0, *counts[:-1]], device=x.device).cumsum(0)  # [E] first grouped row of each expert
-        rank = torch.arange(expert_of.shape[0], device=x.device) - starts[expert_of]  # row within its expert
-        dest = expert_of * C + rank  # [T*k] row of the padded stack
-        stacked = x.new_zeros(E * C, H)
-        stacked[dest] = x[token_of]
-        gate, up = torch.bmm(stacked.view(E, C, H), w13.transpose(1, 2)).chunk(2, dim=-1)  # 2 x [E, C, I]
-        y = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2)).view(E * C, H)  # [E*C, H]
-        out = torch.zeros_like(x)
-        out.index_add_(0, token_of, (y[dest] * weight_of[:, None]).to(out.dtype))
-        return out
-
-    def expert_forward(
-        self, expert: int, x: torch.Tensor, w13: torch.Tensor | None = None, w2: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """One expert's SwiGLU MLP: x [n, H] -> [n, H] (w13, w2: `stacked_weights()`, when the caller holds them)."""
-        if self.packed13 is not None:
-            gate, up = packed_linear(x, self.packed13[expert], 2 * self.intermediate_size).chunk(2, dim=-1)
-            return packed_linear(F.silu(gate) * up, self.packed2[expert], self.hidden_size)
-        if w13 is None or w2 is None:
-            w13, w2 = self.stacked_weights()
-        gate, up = F.linear(x, w13[expert]).chunk(2, dim=-1)  # 2 x [n, I]
-        return F.linear(F.silu(gate) * up, w2[expert])
+        return self.backend(x, topk_ids, topk_weights, expert_ids)
 
 
 class SparseMoeBlock(nn.Module):

@@ -36,8 +36,10 @@ def build_model(
 ) -> nn.Module:
     """Build the checkpoint's model with its weights cast to `dtype` on `device`, ready for inference.
 
-    With `pack_weights` (the default), CPU matmul weights are laid out once
-    for oneDNN (see `packing`); on other devices it changes nothing.
+    Every operation then picks its backend for the device and dtype (see
+    worker/ops). With `pack_weights` (the default), CPU weights are also laid
+    out once for the kernels that read them (the native kernels' panels,
+    oneDNN's packed copies); on other devices it changes nothing.
     """
     cls = model_class(ckpt.architecture)
     # Built on the meta device: no memory and no random init for weights that
@@ -48,6 +50,5 @@ def build_model(
     model.tie_weights()
     load_weights(model, iter_tensors(ckpt), cls.checkpoint_mapping)
     model = model.requires_grad_(False).eval()
-    if pack_weights:
-        model.pack_weights()
+    model.choose_backends(relayout=pack_weights)
     return model

@@ -8,10 +8,10 @@ matmul then streams it once. On the 2-core bench machine an expert's SwiGLU
 runs about 1.5x faster than the batched `bmm` and 2x faster than `F.linear`
 at 8 rows per expert (see bench/engine_bench.py).
 
-Packed weights are opaque tensors for oneDNN alone; the modules that use them
-(`layers.Linear`, `layers.MoEExperts`) keep the plain weight only when
-something else reads it: a tied embedding, or (for `Linear`, float32) the
-native kernel that serves small batches.
+Packed weights are opaque tensors for oneDNN alone; the backends that use
+them (`linear.OneDNNLinear`, `experts.OneDNNExperts`) let the model release
+the plain weight unless something else reads it: a tied embedding, or (for a
+projection, float32) the native kernel that serves small batches.
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ import platform
 import torch
 
 
-def packing_available(weight: torch.Tensor) -> bool:
-    """Whether `weight` [out, in] can be packed: a CPU tensor on x86-64 with oneDNN built in, float32, or
-    bfloat16 where oneDNN supports it on this CPU (AVX-512 and newer; other CPUs keep the plain weights)."""
-    if weight.device.type != "cpu" or weight.dim() != 2 or platform.machine().lower() not in ("x86_64", "amd64"):
+def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether weights of `dtype` on `device` can be packed: the CPU of an x86-64 machine with oneDNN built in,
+    float32, or bfloat16 where oneDNN supports it on this CPU (AVX-512 and newer; other CPUs keep the plain weights)."""
+    if device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
         return False
     if not torch.backends.mkldnn.is_available():
         return False
     if not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return False
-    if weight.dtype == torch.float32:
+    if dtype == torch.float32:
         return True
-    return weight.dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

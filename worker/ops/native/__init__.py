@@ -21,9 +21,9 @@ the package stays pure Python.
 The build is cached under `$MOEMESH_CACHE_DIR/native` (default
 `~/.cache/moemesh/native`), keyed by the source, the compiler, the flags and
 the CPU, and written atomically so that concurrent workers share it. Where no
-compiler is found or the build fails, `load_kernels` returns None with the
-reason and callers keep the portable PyTorch path; `MOEMESH_NATIVE_KERNELS=0`
-turns the kernels off.
+compiler is found or the build fails, `load_kernels` returns no library, with
+the reason, and the operations (worker/ops) choose their other backends at
+load; `MOEMESH_NATIVE_KERNELS=0` turns the kernels off.
 
 The library links the OpenMP runtime by its soname, `libgomp.so.1`. PyTorch
 (imported first, here) has already loaded its own copy under that soname,
@@ -167,9 +167,9 @@ def load_kernels() -> Kernels:
     return Kernels(library)
 
 
-def kernels_supported(x: torch.Tensor) -> bool:
-    """Whether the native kernels handle tensors like `x`: float32 on the CPU, with the kernels loaded."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and load_kernels().available
+def kernels_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the native kernels handle tensors of `dtype` on `device`: float32 on the CPU, with the kernels loaded."""
+    return device.type == "cpu" and dtype == torch.float32 and load_kernels().available
 
 
 _scratch = threading.local()
@@ -216,6 +216,8 @@ def paged_decode_attention(
     q, tables, lens = q.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
     if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
+    if q.dtype != torch.float32 or cache_k.dtype != torch.float32 or cache_v.dtype != torch.float32:
+        raise ValueError(f"the kernel reads float32 only: q {q.dtype}, cache {cache_k.dtype}")
     if tables.dtype != torch.int64 or lens.dtype != torch.int64 or tables.shape[0] != B or lens.shape != (B,):
         raise ValueError("block_tables [B, nb] and seq_lens [B] must be int64")
     out = torch.empty_like(q)
@@ -324,6 +326,12 @@ def pack_linear(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(out_features // 32, 32, in_features).transpose(1, 2).contiguous()
 
 
+def unpack_linear(panels: torch.Tensor) -> torch.Tensor:
+    """The weight [out, in] of panels made by `pack_linear` ([out / 32, in, 32])."""
+    count, in_features, width = panels.shape
+    return panels.transpose(1, 2).reshape(count * width, in_features)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` in one native call: x [..., in] -> [..., out].
 
@@ -427,6 +435,9 @@ def rotary_store(
                          f"cos {tuple(cos.shape)}, slots {tuple(slots.shape)}, cache {tuple(cache_k.shape)}")
     if not (cache_k.is_contiguous() and cache_v.is_contiguous()):
         raise ValueError("the KV cache must be contiguous")
+    f32 = torch.float32
+    if q.dtype != f32 or k.dtype != f32 or v.dtype != f32 or cache_k.dtype != f32 or cache_v.dtype != f32:
+        raise ValueError(f"the kernel writes float32 only: q {q.dtype}, cache {cache_k.dtype}")
     q, k, v = (t if t.stride()[1:] == (head_dim, 1) else t.contiguous() for t in (q, k, v))
     cos, sin, slots = cos.contiguous(), sin.contiguous(), slots.to(torch.int64).contiguous()
     out = torch.empty(N, num_heads, head_dim, dtype=q.dtype)
