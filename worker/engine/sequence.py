@@ -1,0 +1,72 @@
+"""The engine's plain records (no torch): a request being served as a sequence, and the running totals."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: importing them would pull torch into the scheduler
+    from moemesh.worker.engine.requests import GenerationRequest
+    from moemesh.worker.engine.sampling import TokenLogprobs
+    from moemesh.worker.engine.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(eq=False)  # identity: a sequence is found in the queues by `is`
+class Sequence:
+    """A request being served: its tokens, cache blocks, detokenizer and stop state."""
+
+    request: GenerationRequest
+    seed: int
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int]  # prompt + resumed + generated
+    num_generated: int = 0  # including resumed tokens
+    num_computed: int = 0  # leading tokens whose K/V is in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the registered full blocks
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
+    num_preemptions: int = 0
+    pending_text: str = ""  # decoded but held back: it may start a stop string
+    finish_reason: str | None = None
+    new_token_ids: list[int] = field(default_factory=list)
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+    @classmethod
+    def from_request(cls, request: GenerationRequest, detokenizer: IncrementalDetokenizer) -> Sequence:
+        """A new sequence for `request`; resumed tokens (failover) count as generated and are not computed yet."""
+        resumed = list(request.resume_token_ids)
+        # Text of the resumed tokens that the client has not received yet goes out first.
+        pending = detokenizer.push(resumed)[request.resume_text_chars :] if resumed else ""
+        return cls(
+            request=request,
+            seed=request.params.seed if request.params.seed is not None else random.getrandbits(31),
+            detokenizer=detokenizer,
+            token_ids=[*request.prompt_token_ids, *resumed],
+            num_generated=len(resumed),
+            pending_text=pending,
+        )
+
+    @property
+    def params(self):
+        return self.request.params
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+
+@dataclass
+class EngineCounters:
+    """Running totals, for metrics and tests."""
+
+    steps: int = 0
+    prompt_tokens_computed: int = 0
+    prefix_hit_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    aborts: int = 0
+    tier_hit_tokens: int = 0  # prompt tokens whose KV came from the shared Redis tier
