@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -229,31 +228,13 @@ class WorkerProcess:
         log.info("drained", extra={"left_in_flight": self.runner.in_flight})
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-dir")
-    parser.add_argument("--model-id")
-    parser.add_argument("--embedding-model-dir")
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--scheduler")
-    parser.add_argument("--device")
-    parser.add_argument("--dtype")
-    parser.add_argument("--max-num-seqs", type=int)
-    parser.add_argument("--max-model-len", type=int)
-    parser.add_argument("--gpu-memory-utilization", type=float)
-    parser.add_argument("--num-threads", type=int)
-    parser.add_argument("--cluster-token")
-    parser.add_argument("--kv-tier-url")
-    parser.add_argument("--tls-dir")
-
-
 async def serve(config: WorkerConfig, ready_fd: int | None) -> None:
     await WorkerProcess(config).run(ready_fd)
 
 
 def main(argv: list[str] | None = None) -> int:
     return service_main(argv, service="worker", description=__doc__, config_cls=WorkerConfig,
-                        add_arguments=add_arguments, serve=serve)
+                        serve=serve)
 
 
 if __name__ == "__main__":
