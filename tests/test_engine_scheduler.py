@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from moemesh.worker.engine.kv_cache import ROOT_HASH, BlockManager
+from moemesh.worker.engine.block_manager import BlockManager
 from moemesh.worker.engine.requests import GenerationRequest
 from moemesh.worker.engine.sampling import SamplingParams
 from moemesh.worker.engine.scheduler import Scheduler
@@ -20,8 +20,7 @@ GENERATED_TOKEN = 999
 
 
 def make_scheduler(num_blocks: int = 64, *, max_num_seqs: int = 4, budget: int = 64, **options) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, BLOCK), max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                     root_hash=ROOT_HASH, **options)
+    return Scheduler(BlockManager(num_blocks, BLOCK), max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, **options)
 
 
 def sequence(rid: str, prompt: list[int] | int, deadline: float | None = None) -> Sequence:

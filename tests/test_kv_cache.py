@@ -7,7 +7,8 @@ import hashlib
 import pytest
 import torch
 
-from moemesh.worker.engine.kv_cache import ROOT_HASH, BlockManager, OutOfBlocks, PagedKVCache, block_hash, prefix_hashes
+from moemesh.worker.engine.block_manager import ROOT_HASH, BlockManager, OutOfBlocks, block_hash, prefix_hashes
+from moemesh.worker.engine.kv_cache import PagedKVCache
 
 BS = 4  # block size of most tests
 

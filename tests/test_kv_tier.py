@@ -9,8 +9,8 @@ import redis
 import torch
 
 from moemesh.cache.kv_tier import BlockSpec, RedisKVTier, decode_entry, encode_entry
+from moemesh.worker.engine.block_manager import ROOT_HASH, prefix_hashes
 from moemesh.worker.engine.engine import Engine
-from moemesh.worker.engine.kv_cache import ROOT_HASH, prefix_hashes
 from moemesh.worker.engine.requests import GenerationRequest
 from moemesh.worker.engine.sampling import SamplingParams
 from moemesh.worker.engine.tokenizer import Tokenizer

@@ -18,7 +18,7 @@ from collections import deque
 import torch
 
 from moemesh.services.core.errors import InvalidRequest
-from moemesh.worker.engine.kv_cache import ROOT_HASH, BlockManager
+from moemesh.worker.engine.block_manager import BlockManager
 from moemesh.worker.engine.model_runner import ModelRunner
 from moemesh.worker.engine.prefix_tier import KVTier, TierExchange
 from moemesh.worker.engine.requests import GenerationRequest, RequestOutput
@@ -61,7 +61,6 @@ class Engine:
             self.blocks,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_num_seqs),
-            root_hash=ROOT_HASH,
             counters=self.counters,
         )
         self.cache = model.make_cache(num_blocks, block_size)

@@ -13,10 +13,11 @@ import collections
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Protocol
 
-from moemesh.worker.engine.kv_cache import ROOT_HASH, block_hash
+from moemesh.worker.engine.block_manager import ROOT_HASH, block_hash
 
 if TYPE_CHECKING:
-    from moemesh.worker.engine.kv_cache import BlockManager, PagedKVCache
+    from moemesh.worker.engine.block_manager import BlockManager
+    from moemesh.worker.engine.kv_cache import PagedKVCache
     from moemesh.worker.engine.sequence import EngineCounters, Sequence
 
 WRITE_POLICIES = ("reused", "all")

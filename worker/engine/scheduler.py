@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import collections
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from moemesh.worker.engine.block_manager import ROOT_HASH, BlockManager
 from moemesh.worker.engine.sequence import EngineCounters, Sequence
-
-if TYPE_CHECKING:  # the BlockManager's module holds the torch cache too
-    from moemesh.worker.engine.kv_cache import BlockManager
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +60,6 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
-        root_hash: bytes,
         counters: EngineCounters | None = None,
         external: ExternalPrefixCache | None = None,
     ) -> None:
@@ -74,8 +71,6 @@ class Scheduler:
         self.block_size = blocks.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        # The seed of the block-hash chain (kv_cache.ROOT_HASH), passed in: that module imports torch.
-        self.root_hash = root_hash
         self.counters = counters if counters is not None else EngineCounters()
         self.external = external
         self.waiting: collections.deque[Sequence] = collections.deque()
@@ -213,7 +208,7 @@ class Scheduler:
         """Make the sequence's newly completed blocks findable by later prompts (and tell the external cache)."""
         full = seq.num_computed // self.block_size
         for i in range(len(seq.block_hashes), full):
-            parent = seq.block_hashes[-1] if seq.block_hashes else self.root_hash
+            parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
             tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
             seq.block_hashes.append(self.blocks.register(seq.block_table[i], parent, tokens))
             if self.external is not None:
