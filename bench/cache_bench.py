@@ -9,39 +9,22 @@ Targets: hit p50 <= 3 ms, and <= 20x the bare GET.
 
 Usage:
 
-    python bench/cache_bench.py [--requests 300]
+    python -m bench.cache_bench [--requests 300]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import grpc
 import redis
 
+from moemesh.local import start_mesh, stop_mesh
 from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
-
-
-def start_mesh(workdir: pathlib.Path, *extra: str) -> tuple[subprocess.Popen, dict]:
-    """`moemesh up` on free ports (no HTTP, no MiniLM) plus `extra` flags; (process, ready-file contents)."""
-    ready = workdir / "ready.json"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moemesh.cli", "up", "--port", "0", "--no-http", "--no-embeddings",
-         "--ready-file", str(ready), "--log-dir", str(workdir / "logs"), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the mesh did not start")
-        time.sleep(0.1)
-    return process, json.loads(ready.read_text())
 
 
 def main() -> None:
@@ -50,7 +33,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        process, ready = start_mesh(pathlib.Path(tmp))
+        mesh = start_mesh(pathlib.Path(tmp), "--no-http", "--no-embeddings", quiet=True)
+        ready = mesh.ready
         try:
             request = generation_pb2.GenerateRequest(
                 prompt=common_pb2.Prompt(text="def reconcile(ledger, statement):"),
@@ -76,8 +60,7 @@ def main() -> None:
                 client.get("moemesh:bench:value")
                 gets.append(time.perf_counter() - start)
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            stop_mesh(mesh)
     hit, get = statistics.median(hits), statistics.median(gets)
     print(f"cache hit through the gateway, time to first token: p50 {hit * 1000:.2f} ms, "
           f"p99 {sorted(hits)[int(0.99 * len(hits))] * 1000:.2f} ms (target p50 <= 3 ms)")

@@ -11,7 +11,7 @@ vocab 4096), then measures, on the same weights, dtype and thread count:
 
 and prints tokens/s and the ratios. Usage:
 
-    python bench/engine_bench.py [--concurrency 32] [--prompt-tokens 100] [--new-tokens 128]
+    python -m bench.engine_bench [--concurrency 32] [--prompt-tokens 100] [--new-tokens 128]
                                  [--no-native] [--no-pack] [--dtype bfloat16]
 """
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import sys
 import tempfile
 import time
 
@@ -34,6 +33,7 @@ from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
 from moemesh.worker.ops.native import load_kernels
+from tests.support.checkpoints import build_tiny_mixtral
 
 BENCH_CONFIG = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8,
                     num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2, vocab_size=4096,
@@ -42,9 +42,6 @@ BENCH_CONFIG = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8
 
 def build_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
     """The ~100M-parameter random checkpoint, built once."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo's tests/ helpers
-    from tests.checkpoints import build_tiny_mixtral
-
     out = workdir / "mixtral-100m"
     if not (out / "config.json").exists():
         build_tiny_mixtral(out, seed=0, **BENCH_CONFIG)

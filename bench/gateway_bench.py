@@ -13,7 +13,7 @@ hop (and then Envoy) adds. Every request bypasses the response cache.
 
 Usage:
 
-    python bench/gateway_bench.py [--requests 200] [--new-tokens 128]
+    python -m bench.gateway_bench [--requests 200] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -23,22 +23,18 @@ import asyncio
 import pathlib
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 
 import grpc
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from moemesh.cache.embedded import free_port  # noqa: E402
-from moemesh.envoy import EnvoySettings, envoy_binary, write_config  # noqa: E402
-from moemesh.services.scheduler.client import SchedulerClient  # noqa: E402
-from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc, worker_pb2  # noqa: E402
-from protos.generate import descriptor_set  # noqa: E402
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from cache_bench import start_mesh  # noqa: E402
+from moemesh.cache.embedded import free_port
+from moemesh.envoy import EnvoySettings, envoy_binary, write_config
+from moemesh.local import start_mesh, stop_mesh
+from moemesh.protos.generate import descriptor_set
+from moemesh.services.scheduler.client import SchedulerClient
+from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc, worker_pb2
 
 PROMPT = "def settle(invoice, payment):"
 
@@ -111,7 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
-        mesh, ready = start_mesh(tmp)
+        mesh = start_mesh(tmp, "--no-http", "--no-embeddings", quiet=True)
+        ready = mesh.ready
         envoy = None
         try:
             port = free_port()
@@ -131,8 +128,7 @@ def main() -> None:
             if envoy is not None:
                 envoy.terminate()
                 envoy.wait(timeout=30)
-            mesh.terminate()
-            mesh.wait(timeout=60)
+            stop_mesh(mesh)
     base_request = statistics.median(results["scheduler (direct)"][0])
     base_token = statistics.median(results["scheduler (direct)"][1])
     for name, (latencies, gaps) in results.items():

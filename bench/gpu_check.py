@@ -22,7 +22,7 @@ expected to touch, and the KV of every sequence) over the step time, against
 a device-to-device copy measured on the same GPU. Full figures go to
 `--out`/gpu-check.json.
 
-    python bench/gpu_check.py [--levels 1,32,128] [--prompt-tokens 100] [--new-tokens 128] [--out DIR]
+    python -m bench.gpu_check [--levels 1,32,128] [--prompt-tokens 100] [--new-tokens 128] [--out DIR]
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-from engine_bench import bench_bare_step, load_transformers, prompts, run_engine, run_transformers, synchronize
 
+from bench.engine_bench import bench_bare_step, load_transformers, prompts, run_engine, run_transformers, synchronize
 from moemesh.worker.engine.engine import Engine
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
+from tests.support.checkpoints import build_tiny_tokenizer
 
 GPU_BENCH_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
                         num_attention_heads=16, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
@@ -60,16 +61,13 @@ TARGET_ONE_SEQ_VS_BARE = 1.2
 def build_random_mixtral(out: pathlib.Path, config: dict = GPU_BENCH_CONFIG, device: str = "cuda") -> pathlib.Path:
     """Write the random checkpoint (config, safetensors, tokenizer) unless it is there; weights drawn on `device`.
 
-    Scales as tests/checkpoints.py draws them (matrices ~1/sqrt(fan_in), the router twice that, embeddings 1,
+    Scales as tests/support/checkpoints.py draws them (matrices ~1/sqrt(fan_in), the router twice that, embeddings 1,
     norms about 1), so routing is decisive and the logits peaked.
     """
     if (out / "model.safetensors").exists():
         return out
     from safetensors.torch import save_file
     from transformers import MixtralConfig
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))  # the repo's tests/ helpers
-    from tests.checkpoints import build_tiny_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     hf_config = MixtralConfig(**config)

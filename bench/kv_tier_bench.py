@@ -12,7 +12,7 @@ a real redis-server (the bundled one):
 
 Usage:
 
-    python bench/kv_tier_bench.py [--prefix-tokens 1000] [--rounds 5]
+    python -m bench.kv_tier_bench [--prefix-tokens 1000] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -21,24 +21,21 @@ import argparse
 import pathlib
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
 import redis
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from engine_bench import BENCH_CONFIG, build_checkpoint, prompts, run_engine  # noqa: E402
-
-from moemesh.cache.embedded import free_port, redis_server_argv  # noqa: E402
-from moemesh.cache.kv_tier import BlockSpec, RedisKVTier  # noqa: E402
-from moemesh.worker.engine.engine import Engine  # noqa: E402
-from moemesh.worker.engine.requests import GenerationRequest  # noqa: E402
-from moemesh.worker.engine.sampling import SamplingParams  # noqa: E402
-from moemesh.worker.engine.tokenizer import Tokenizer  # noqa: E402
-from moemesh.worker.models.checkpoint import open_checkpoint  # noqa: E402
-from moemesh.worker.models.registry import build_model  # noqa: E402
+from bench.engine_bench import BENCH_CONFIG, build_checkpoint, prompts, run_engine
+from moemesh.cache.embedded import free_port, redis_server_argv
+from moemesh.cache.kv_tier import BlockSpec, RedisKVTier
+from moemesh.worker.engine.engine import Engine
+from moemesh.worker.engine.requests import GenerationRequest
+from moemesh.worker.engine.sampling import SamplingParams
+from moemesh.worker.engine.tokenizer import Tokenizer
+from moemesh.worker.models.checkpoint import open_checkpoint
+from moemesh.worker.models.registry import build_model
 
 
 def start_redis() -> tuple[subprocess.Popen, str]:

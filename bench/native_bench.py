@@ -18,7 +18,7 @@
 Shapes follow the ~100M bench checkpoint (hidden 512, 8 heads / 4 kv heads
 of 64, 8 experts of 1024, vocab 4096). Each contender keeps its best of --repeats.
 
-    python bench/native_bench.py [--context 165] [--tokens 32] [--rows 8] [--repeats 20]
+    python -m bench.native_bench [--context 165] [--tokens 32] [--rows 8] [--repeats 20]
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Three measurements, in one run (each can be skipped):
 
 Usage:
 
-    python bench/scheduler_bench.py [--nodes 1000] [--streams 32] [--new-tokens 128] [--model DIR|demo] [--skip-mesh]
+    python -m bench.scheduler_bench [--nodes 1000] [--streams 32] [--new-tokens 128] [--model DIR|demo] [--skip-mesh]
 
 The mesh comparison defaults to the ~100M-parameter Mixtral checkpoint that
 bench/engine_bench.py builds (built here if missing). `--model demo` uses the
@@ -39,6 +39,7 @@ import time
 import grpc
 
 from moemesh.cache.embedded import free_port
+from moemesh.local import RunningMesh, start_mesh, stop_mesh
 from moemesh.services.scheduler.dispatcher import Dispatcher, Route
 from moemesh.services.scheduler.registry import Load, Node, Registry, ServedModel
 from moemesh.v1 import (
@@ -52,8 +53,6 @@ from moemesh.v1 import (
 )
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-import cache_bench  # noqa: E402 - the shared mesh launcher of the benchmarks
 
 DEMO_MODEL = REPO / "worker" / "demo" / "demo-moe"
 
@@ -174,9 +173,10 @@ def engine_in_process(model_dir: pathlib.Path, streams: int, new_tokens: int):
     return once
 
 
-def start_mesh(workdir: pathlib.Path, streams: int, model_dir: pathlib.Path = DEMO_MODEL) -> tuple[subprocess.Popen, dict]:
+def start_streams_mesh(workdir: pathlib.Path, streams: int, model_dir: pathlib.Path = DEMO_MODEL) -> RunningMesh:
     """The local mesh on `model_dir`, with room for `streams` sequences per worker."""
-    return cache_bench.start_mesh(workdir, "--model", str(model_dir), "--max-num-seqs", str(max(streams, 16)))
+    return start_mesh(workdir, "--no-http", "--no-embeddings", "--model", str(model_dir),
+                      "--max-num-seqs", str(max(streams, 16)), quiet=True)
 
 
 async def mesh_streams(address: str, streams: int, new_tokens: int) -> tuple[float, list[float]]:
@@ -212,8 +212,8 @@ def bench_mesh(model_dir: pathlib.Path, streams: int, new_tokens: int, repeats: 
     engine_once = engine_in_process(model_dir, streams, new_tokens)
     engine_runs, mesh_runs, steps, gap_medians = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
-        process, ready = start_mesh(pathlib.Path(tmp), streams, model_dir)
-        address = ready["gateway"]["address"]
+        mesh = start_streams_mesh(pathlib.Path(tmp), streams, model_dir)
+        address = mesh.gateway
         try:
             for _ in range(repeats):
                 # While one side runs the other is idle: the mesh's processes stay up but wait.
@@ -225,8 +225,7 @@ def bench_mesh(model_dir: pathlib.Path, streams: int, new_tokens: int, repeats: 
                 _, gaps = asyncio.run(mesh_streams(address, 1, new_tokens))
                 gap_medians.append(statistics.median(gaps))
         finally:
-            process.terminate()
-            process.wait(timeout=60)
+            stop_mesh(mesh)
     engine_tps, mesh_tps = max(engine_runs), max(mesh_runs)
     engine_step, gap = min(steps), min(gap_medians)
     print(f"checkpoint {model_dir}; {repeats} alternating runs per side, best kept")

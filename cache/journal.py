@@ -96,7 +96,7 @@ class Journal:
         try:
             async for event in events():
                 await self._append(key, event)
-        except Exception as exc:  # noqa: BLE001 - the error becomes the journal's last event
+        except Exception as exc:  # the error becomes the journal's last event
             code = getattr(getattr(exc, "grpc_code", None), "value", (code_pb2.INTERNAL,))[0]
             await self._append(key, worker_pb2.RequestEvent(error=worker_pb2.RequestError(code=code, message=str(exc))))
         finally:

@@ -183,7 +183,7 @@ class ResponseCache:
         batch = worker_pb2.EventBatch()
         try:
             batch.ParseFromString(raw)
-        except Exception:  # noqa: BLE001 - a corrupt entry is a miss
+        except Exception:  # a corrupt entry is a miss
             self.stats.errors += 1
             return None
         if not batch.events or not batch.events[-1].finish_reason:

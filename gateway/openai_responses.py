@@ -201,7 +201,7 @@ async def _chunks(generation: Generation, events: AsyncIterator[generation_pb2.G
         if include_usage:
             yield sse({**head, "choices": [], "usage": usage_object(last.usage)})
         yield "data: [DONE]\n\n"
-    except Exception as exc:  # noqa: BLE001 - after the 200 an error can only be an event
+    except Exception as exc:  # after the 200 an error can only be an event
         _, error, _ = error_of(exc)
         yield sse({"error": error})
     finally:

@@ -110,7 +110,7 @@ class Mesh:
         stderr = None
         if self.options.log_dir is not None:
             self.options.log_dir.mkdir(parents=True, exist_ok=True)
-            stderr = open(self.options.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
+            stderr = open(self.options.log_dir / f"{name}.log", "ab")  # owned by the child
         process = await asyncio.create_subprocess_exec(
             *argv, pass_fds=pass_fds, stdin=asyncio.subprocess.DEVNULL, stdout=stderr, stderr=stderr,
             start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order

@@ -97,7 +97,7 @@ def _wrap_unary(behaviour: Callable[..., Any], method: str) -> Callable[..., Any
             return await behaviour(request, context)
         except grpc.aio.AbortError:
             raise  # the servicer already chose a status
-        except Exception as exc:  # noqa: BLE001 - every error gets a status here
+        except Exception as exc:  # every error gets a status here
             await _abort(context, exc, method)
 
     return wrapped
@@ -111,7 +111,7 @@ def _wrap_stream(behaviour: Callable[..., Any], method: str) -> Callable[..., An
                 yield item
         except grpc.aio.AbortError:
             raise  # the servicer already chose a status
-        except Exception as exc:  # noqa: BLE001 - every error gets a status here
+        except Exception as exc:  # every error gets a status here
             await _abort(context, exc, method)
 
     return wrapped

@@ -194,7 +194,7 @@ class _CheckedGeneric(grpc.GenericRpcHandler):
     def __init__(self, inner: grpc.GenericRpcHandler) -> None:
         self._inner = inner
 
-    def service_name(self):  # noqa: D102 - reflection and health read it when present
+    def service_name(self):  # reflection and health read it when present
         return self._inner.service_name() if hasattr(self._inner, "service_name") else None
 
     def service(self, handler_call_details):

@@ -77,7 +77,7 @@ class EmbedBatcher:
         self.calls += 1
         try:
             result = await self.call(merged)
-        except Exception:  # noqa: BLE001 - a merged failure is retried request by request
+        except Exception:  # a merged failure is retried request by request
             await asyncio.gather(*(self._single(request, future) for request, future in batch.requests))
             return
         vectors = tensors.from_pb(result.vectors)  # [sum inputs, D]
@@ -93,7 +93,7 @@ class EmbedBatcher:
         self.calls += 1
         try:
             result = await self.call(request)
-        except Exception as exc:  # noqa: BLE001 - handed to the caller
+        except Exception as exc:  # handed to the caller
             if not future.done():
                 future.set_exception(exc)
             return

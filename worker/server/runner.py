@@ -139,7 +139,7 @@ class EngineRunner:
     def _run_call(self, fn: Callable, args: tuple, future: asyncio.Future) -> None:
         try:
             result = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        except BaseException as exc:  # handed to the awaiting coroutine
             self._loop.call_soon_threadsafe(_settle, future, None, exc)
         else:
             self._loop.call_soon_threadsafe(_settle, future, result, None)
@@ -147,7 +147,7 @@ class EngineRunner:
     def _main(self) -> None:
         try:
             self.engine = self._build()
-        except BaseException as exc:  # noqa: BLE001 - re-raised by launch() in the starting thread
+        except BaseException as exc:  # re-raised by launch() in the starting thread
             self._build_error = exc
             return
         finally:

@@ -1,0 +1,1 @@
+"""Integration tests: real redis-server, gRPC servers on loopback, the Envoy binary, whole meshes."""

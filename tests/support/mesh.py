@@ -1,0 +1,53 @@
+"""Processes of the integration tests: the demo model, a liveness probe, and one service started on its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+from moemesh.cli import demo_model_dir
+
+DEMO_MODEL = demo_model_dir()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie has exited, though it still answers a signal probe)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Service:
+    """One service process started as the supervisor starts it (ready JSON on a pipe)."""
+
+    def __init__(self, module: str, *args: str, log: pathlib.Path) -> None:
+        read_fd, write_fd = os.pipe()
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", module, *args, "--ready-fd", str(write_fd)],
+                pass_fds=(write_fd,), stdout=out, stderr=out, start_new_session=True,
+            )
+        os.close(write_fd)
+        with os.fdopen(read_fd) as pipe:
+            line = pipe.readline()
+        assert line, f"{module} exited before it was ready:\n{log.read_text()[-3000:]}"
+        self.info = json.loads(line)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

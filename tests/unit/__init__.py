@@ -1,0 +1,1 @@
+"""Unit tests: one class or function at a time, no model checkpoint, no server processes (fakes allowed)."""
