@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from google.rpc import code_pb2
 
 from moemesh.cache.guard import REDIS_UNAVAILABLE, RedisGuard
-from moemesh.services.core.errors import error_from_code
+from moemesh.services.core.errors import MeshError, error_from_code
 from moemesh.v1 import worker_pb2
 
 EVENT_FIELD = b"e"
@@ -97,7 +97,7 @@ class Journal:
             async for event in events():
                 await self._append(key, event)
         except Exception as exc:  # the error becomes the journal's last event
-            code = getattr(getattr(exc, "grpc_code", None), "value", (code_pb2.INTERNAL,))[0]
+            code = exc.code if isinstance(exc, MeshError) else code_pb2.INTERNAL
             await self._append(key, worker_pb2.RequestEvent(error=worker_pb2.RequestError(code=code, message=str(exc))))
         finally:
             renew.cancel()

@@ -6,6 +6,8 @@ import asyncio
 import logging
 import time
 
+from google.rpc import code_pb2
+
 from moemesh.services.core.errors import MeshError
 from moemesh.v1 import generation_pb2
 
@@ -13,9 +15,9 @@ audit_log = logging.getLogger("moemesh.audit")
 
 
 def status_name(exc: BaseException) -> str:
-    """The gRPC status name an exception ends a request with."""
+    """The status name (gRPC's, google.rpc.Code's) an exception ends a request with."""
     if isinstance(exc, MeshError):
-        return exc.grpc_code.name
+        return code_pb2.Code.Name(exc.code)
     if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
         return "CANCELLED"
     return "INTERNAL"

@@ -18,8 +18,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
-
+from moemesh.cache.client import connect, reachable
 from moemesh.cache.embedded import free_port, redis_server_argv
 from moemesh.services.core.processes import die_with_parent
 
@@ -152,14 +151,12 @@ class Mesh:
         port = free_port(self.options.host)
         await self._spawn("redis", redis_server_argv(port, host=self.options.host))
         self.redis_url = f"redis://{self.options.host}:{port}/0"
-        client = aioredis.from_url(self.redis_url, socket_connect_timeout=0.5)
+        client = connect(self.redis_url, timeout=0.5)
         try:
-            for _ in range(200):  # redis-server has no readiness pipe: ping until it answers (≤ 10 s)
-                try:
-                    if await client.ping():
-                        return
-                except (ConnectionError, OSError, aioredis.RedisError):
-                    await asyncio.sleep(0.05)
+            for _ in range(200):  # redis-server has no readiness pipe: ping until it answers (about 10 s)
+                if await reachable(client):
+                    return
+                await asyncio.sleep(0.05)
             raise ServiceFailed(f"embedded redis-server did not answer on port {port}")
         finally:
             await client.aclose()

@@ -22,13 +22,6 @@ class MeshError(Exception):
     code: int = code_pb2.UNKNOWN  # google.rpc.Code
     http_status = 500
 
-    @property
-    def grpc_code(self):
-        """The gRPC status code of this error (imported here only when a gRPC edge asks)."""
-        from moemesh.services.core.interceptors import grpc_status_code
-
-        return grpc_status_code(self.code)
-
 
 class InvalidRequest(MeshError):
     """The request breaks a documented limit; the message names the field."""

@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from moemesh.services.core.errors import Overloaded, Unavailable
+from moemesh.services.core.interceptors import grpc_status_code
 from moemesh.services.scheduler.queue import RETRY_PRIORITY, AdmissionQueue, Pending, QueueLimits
 from moemesh.services.scheduler.registry import Load, Node, ServedModel
 from moemesh.services.scheduler.router import AFFINITY_PREFIX_BYTES, affinity_key, pick_node, pressure
@@ -58,7 +59,7 @@ def test_request_bound_refuses_with_retry_after_and_queues_nothing():
     tokens_before = queue.tokens
     with pytest.raises(Overloaded) as info:
         queue.push(item("r3"), retry_after=2.5)
-    assert info.value.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert grpc_status_code(info.value.code) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert info.value.retry_after == 2.5
     assert len(queue) == 3 and "r3" not in queue and queue.tokens == tokens_before
     assert queue.rejected == 1
@@ -288,7 +289,7 @@ def test_queue_restarts_cleanly_after_idle():
 def test_pick_node_without_candidates_is_unavailable():
     with pytest.raises(Unavailable) as info:
         pick_node([], random.Random(0), affinity_key("hello"))
-    assert info.value.grpc_code == grpc.StatusCode.UNAVAILABLE
+    assert grpc_status_code(info.value.code) == grpc.StatusCode.UNAVAILABLE
 
 
 def test_pick_node_with_one_candidate_returns_it():
