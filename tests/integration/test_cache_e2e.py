@@ -18,9 +18,8 @@ from moemesh.v1 import (
     embeddings_pb2_grpc,
     generation_pb2,
     generation_pb2_grpc,
-    scheduler_pb2,
-    scheduler_pb2_grpc,
 )
+from tests.support.mesh import routed_requests
 
 
 @pytest.fixture(scope="module")
@@ -32,12 +31,6 @@ def mesh(tmp_path_factory):
         del os.environ["MOEMESH_GATEWAY_METRICS_PORT"]
     yield running
     stop_mesh(running)
-
-
-def routed(mesh) -> int:
-    with grpc.insecure_channel(mesh.scheduler) as ch:
-        nodes = scheduler_pb2_grpc.SchedulerStub(ch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
-    return sum(n.routed_requests for n in nodes)
 
 
 def run(mesh, text: str, mode=common_pb2.CACHE_MODE_DEFAULT, **sampling) -> tuple[str, common_pb2.Usage]:
@@ -52,11 +45,11 @@ def run(mesh, text: str, mode=common_pb2.CACHE_MODE_DEFAULT, **sampling) -> tupl
 def test_a_repeated_greedy_request_is_answered_from_the_cache_without_the_scheduler(mesh):
     text, usage = run(mesh, "def cached_greedy():", temperature=0.0)
     assert not usage.from_response_cache
-    before = routed(mesh)
+    before = routed_requests(mesh)
     again, usage2 = run(mesh, "def cached_greedy():", temperature=0.0)
     assert again == text and usage2.from_response_cache
     assert usage2.cached_tokens == usage2.prompt_tokens == usage.prompt_tokens
-    assert routed(mesh) == before, "a cache hit must not reach the scheduler"
+    assert routed_requests(mesh) == before, "a cache hit must not reach the scheduler"
 
 
 def test_seeded_sampling_is_cached_and_unseeded_sampling_never(mesh):
@@ -70,16 +63,16 @@ def test_seeded_sampling_is_cached_and_unseeded_sampling_never(mesh):
 
 def test_cache_control_no_cache_and_no_store(mesh):
     run(mesh, "class Ledger:", temperature=0.0)
-    before = routed(mesh)
+    before = routed_requests(mesh)
     _, usage = run(mesh, "class Ledger:", common_pb2.CACHE_MODE_NO_CACHE, temperature=0.0)
-    assert not usage.from_response_cache and routed(mesh) == before + 1
+    assert not usage.from_response_cache and routed_requests(mesh) == before + 1
     _, usage = run(mesh, "class Journal:", common_pb2.CACHE_MODE_NO_STORE, temperature=0.0)
     _, usage = run(mesh, "class Journal:", temperature=0.0)
     assert not usage.from_response_cache, "a no-store answer must not have been kept"
 
 
 def test_identical_concurrent_requests_cause_one_generation(mesh):
-    before = routed(mesh)
+    before = routed_requests(mesh)
     results = []
 
     def call():
@@ -91,7 +84,7 @@ def test_identical_concurrent_requests_cause_one_generation(mesh):
     for t in threads:
         t.join(timeout=120)
     assert len(results) == 6 and len(set(results)) == 1
-    assert routed(mesh) - before == 1, "6 identical concurrent requests must share one generation"
+    assert routed_requests(mesh) - before == 1, "6 identical concurrent requests must share one generation"
 
 
 def test_embedding_cache_computes_only_the_new_inputs(mesh):

@@ -6,7 +6,8 @@ import grpc
 import pytest
 
 from moemesh.local import start_mesh, stop_mesh
-from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from tests.support.mesh import routed_requests
 
 
 @pytest.fixture(scope="module")
@@ -14,12 +15,6 @@ def mesh(tmp_path_factory):
     running = start_mesh(tmp_path_factory.mktemp("resume"), "--no-http", "--no-embeddings")
     yield running
     stop_mesh(running)
-
-
-def routed(mesh) -> int:
-    with grpc.insecure_channel(mesh.scheduler) as ch:
-        nodes = scheduler_pb2_grpc.SchedulerStub(ch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
-    return sum(n.routed_requests for n in nodes)
 
 
 def request(request_id: str = "", resume_from: int = 0) -> generation_pb2.GenerateRequest:
@@ -33,7 +28,7 @@ def test_a_dropped_stream_resumes_from_its_offset_without_a_second_generation(me
     with grpc.insecure_channel(mesh.gateway) as ch:
         stub = generation_pb2_grpc.GenerationStub(ch)
         reference = list(stub.Generate(request(), timeout=60))
-        before = routed(mesh)
+        before = routed_requests(mesh)
         call = stub.Generate(request("order-1"), timeout=60)
         head = [next(call) for _ in range(5)]
         call.cancel()  # the connection drops after 5 events
@@ -42,26 +37,26 @@ def test_a_dropped_stream_resumes_from_its_offset_without_a_second_generation(me
     assert "".join(e.text for e in head + rest) == "".join(e.text for e in reference)
     assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH and rest[-1].usage.completion_tokens == 120
     assert all(e.request_id == "order-1" for e in head + rest)
-    assert routed(mesh) == before + 1, "resuming must not start a second generation"
+    assert routed_requests(mesh) == before + 1, "resuming must not start a second generation"
 
 
 def test_an_identical_retry_of_a_finished_request_replays_the_same_answer(mesh):
     with grpc.insecure_channel(mesh.gateway) as ch:
         stub = generation_pb2_grpc.GenerationStub(ch)
         first = list(stub.Generate(request("invoice-7"), timeout=60))
-        before = routed(mesh)
+        before = routed_requests(mesh)
         again = list(stub.Generate(request("invoice-7"), timeout=60))
     assert [(e.index, e.text, list(e.token_ids)) for e in again] == [(e.index, e.text, list(e.token_ids)) for e in first]
-    assert routed(mesh) == before, "a retry of a finished request is answered from the journal"
+    assert routed_requests(mesh) == before, "a retry of a finished request is answered from the journal"
 
 
 def test_requests_without_an_id_are_not_journaled(mesh):
     with grpc.insecure_channel(mesh.gateway) as ch:
         stub = generation_pb2_grpc.GenerationStub(ch)
-        before = routed(mesh)
+        before = routed_requests(mesh)
         list(stub.Generate(request(), timeout=60))
         list(stub.Generate(request(), timeout=60))
-    assert routed(mesh) == before + 2
+    assert routed_requests(mesh) == before + 2
 
 
 async def test_a_journal_whose_gateway_died_is_started_afresh_on_retry():

@@ -1,7 +1,10 @@
-"""Fixtures of the model tests: a tiny random Mixtral checkpoint, its fp32 CPU model, its tokenizer, engines.
+"""Fixtures of the model tests: tiny random checkpoints, models, tokenizers and engines.
 
-Module-scoped: each test module gets its own, built once; a module or class
-that needs another model (a family, a device, a dtype) overrides `model`.
+The engine tests use a tiny Mixtral (`checkpoint_dir`, `model`, `tokenizer`,
+`engine`, `make_engine`); the parity tests one checkpoint per family
+(`family`, `ckpt_dir`) and define their own `model` and `hf_model` (device,
+dtype). Module-scoped: each test module gets its own, built once; a module or
+class that needs another model overrides `model`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from moemesh.worker.engine.engine import Engine
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
-from tests.support.checkpoints import build_tiny_mixtral
+from tests.support.checkpoints import FAMILIES, Family, build_tiny_mixtral
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +49,24 @@ def make_engine(model, tokenizer):
         return Engine(model, tokenizer, **options)
 
     return make
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request) -> Family:
+    """Each model family in turn (Mixtral, Qwen2-MoE, Qwen3-MoE)."""
+    return FAMILIES[request.param]
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(family, tmp_path_factory):
+    """The family's tiny random checkpoint."""
+    return family.build(tmp_path_factory.mktemp(f"tiny-{family.name}"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The test machine's cores are shared: a module using this stays on one."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from moemesh.worker.ops import native
+from tests.support.references import reference_experts
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,17 +74,6 @@ def test_paged_decode_attention_rejects_out_of_range_tables_and_lengths():
     lens = torch.tensor([3, 8])
     torch.testing.assert_close(native.paged_decode_attention(q, k, v, tables, lens, None),
                                reference_decode(q, k, v, tables, lens, None), rtol=1e-5, atol=1e-5)
-
-
-def reference_experts(x, topk_ids, topk_weights, w13, w2, expert_ids=None):
-    """Each wanted expert's SwiGLU on its rows, weighted and summed per token: the portable loop."""
-    out = torch.zeros_like(x)
-    for e in range(w13.shape[0]):
-        token, choice = (topk_ids == e).nonzero(as_tuple=True)
-        if token.numel() and (expert_ids is None or e in expert_ids):
-            gate, up = F.linear(x[token], w13[e]).chunk(2, dim=-1)
-            out.index_add_(0, token, F.linear(F.silu(gate) * up, w2[e]) * topk_weights[token, choice][:, None])
-    return out
 
 
 def routed(num_tokens: int, num_experts: int, top_k: int, seed: int, skew: bool = False):

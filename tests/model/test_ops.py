@@ -45,6 +45,7 @@ from moemesh.worker.ops.linear import (
 from moemesh.worker.ops.norm import RMS_NORM_BACKENDS, NativeRMSNorm, TorchRMSNorm, choose_rms_norm
 from moemesh.worker.ops.packing import packing_available
 from moemesh.worker.ops.router import ROUTER_BACKENDS, NativeRouter, TorchRouter, choose_router
+from tests.support.references import reference_experts
 
 CPU = torch.device("cpu")
 # Tolerances of the native kernels' own tests: float32 sums in another order.
@@ -158,17 +159,6 @@ def test_linear_backends_in_bfloat16_stay_within_its_rounding(backend):
 
 
 # --- experts -----------------------------------------------------------------------------------------------------
-
-
-def reference_experts(x, topk_ids, topk_weights, w13, w2, expert_ids=None):
-    """Each wanted expert's SwiGLU on the tokens that chose it, weighted and summed per token."""
-    out = torch.zeros_like(x)
-    for e in range(w13.shape[0]):
-        token, choice = (topk_ids == e).nonzero(as_tuple=True)
-        if token.numel() and (expert_ids is None or e in expert_ids):
-            gate, up = F.linear(x[token], w13[e]).chunk(2, dim=-1)
-            out.index_add_(0, token, F.linear(F.silu(gate) * up, w2[e]) * topk_weights[token, choice][:, None])
-    return out
 
 
 def expert_layer(num_tokens: int, hidden: int, inter: int, num_experts: int = 8, top_k: int = 2, skew: bool = False):

@@ -122,28 +122,6 @@ def redraw_weights(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(noise / math.sqrt(param.shape[-1]))
 
 
-def build_tiny_mixtral(
-    out_dir: str | Path,
-    seed: int = 0,
-    *,
-    max_shard_size: str | None = None,
-    save_dtype: torch.dtype = torch.float32,
-    **overrides,
-) -> Path:
-    """Write a tiny random Mixtral checkpoint (config `overrides` apply) with a tokenizer; return its dir."""
-    from transformers import MixtralForCausalLM
-
-    out_dir = Path(out_dir)
-    torch.manual_seed(seed)
-    model = MixtralForCausalLM(tiny_mixtral_config(**overrides))
-    redraw_weights(model, seed)
-    model.to(save_dtype)
-    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out_dir, safe_serialization=True, **save_kwargs)
-    build_tiny_tokenizer(out_dir)
-    return out_dir
-
-
 def tiny_qwen2_moe_config(**overrides):
     """A transformers Qwen2MoeConfig small enough for CPU tests: a shared expert, and layer 1 dense."""
     from transformers import Qwen2MoeConfig
@@ -196,8 +174,15 @@ def tiny_qwen3_moe_config(**overrides):
     return Qwen3MoeConfig(**values)
 
 
-def _save_tiny(model: torch.nn.Module, out_dir: Path, seed: int, save_dtype: torch.dtype, max_shard_size: str | None) -> Path:
-    """Peak the weights, save as transformers does, add the tokenizer; return the dir."""
+def build_tiny(architecture: str, config, out_dir: str | Path, seed: int = 0, *,
+               max_shard_size: str | None = None, save_dtype: torch.dtype = torch.float32) -> Path:
+    """Draw a `transformers` model of `architecture` from `config` with peaked weights, save it as transformers
+    does (sharded on request, in `save_dtype`), add the tokenizer; return the directory."""
+    import transformers
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config)
     redraw_weights(model, seed)
     model.to(save_dtype)
     save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
@@ -206,36 +191,25 @@ def _save_tiny(model: torch.nn.Module, out_dir: Path, seed: int, save_dtype: tor
     return out_dir
 
 
-def build_tiny_qwen2_moe(
-    out_dir: str | Path,
-    seed: int = 0,
-    *,
-    max_shard_size: str | None = None,
-    save_dtype: torch.dtype = torch.float32,
-    **overrides,
-) -> Path:
-    """Write a tiny random Qwen2-MoE checkpoint (config `overrides` apply) with a tokenizer; return its dir."""
-    from transformers import Qwen2MoeForCausalLM
-
-    torch.manual_seed(seed)
-    model = Qwen2MoeForCausalLM(tiny_qwen2_moe_config(**overrides))
-    return _save_tiny(model, Path(out_dir), seed, save_dtype, max_shard_size)
+def build_tiny_mixtral(out_dir: str | Path, seed: int = 0, *, max_shard_size: str | None = None,
+                       save_dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """A tiny random Mixtral checkpoint (config `overrides` apply) with a tokenizer; its dir."""
+    return build_tiny("MixtralForCausalLM", tiny_mixtral_config(**overrides), out_dir, seed,
+                      max_shard_size=max_shard_size, save_dtype=save_dtype)
 
 
-def build_tiny_qwen3_moe(
-    out_dir: str | Path,
-    seed: int = 0,
-    *,
-    max_shard_size: str | None = None,
-    save_dtype: torch.dtype = torch.float32,
-    **overrides,
-) -> Path:
-    """Write a tiny random Qwen3-MoE checkpoint (config `overrides` apply) with a tokenizer; return its dir."""
-    from transformers import Qwen3MoeForCausalLM
+def build_tiny_qwen2_moe(out_dir: str | Path, seed: int = 0, *, max_shard_size: str | None = None,
+                         save_dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """A tiny random Qwen2-MoE checkpoint (config `overrides` apply) with a tokenizer; its dir."""
+    return build_tiny("Qwen2MoeForCausalLM", tiny_qwen2_moe_config(**overrides), out_dir, seed,
+                      max_shard_size=max_shard_size, save_dtype=save_dtype)
 
-    torch.manual_seed(seed)
-    model = Qwen3MoeForCausalLM(tiny_qwen3_moe_config(**overrides))
-    return _save_tiny(model, Path(out_dir), seed, save_dtype, max_shard_size)
+
+def build_tiny_qwen3_moe(out_dir: str | Path, seed: int = 0, *, max_shard_size: str | None = None,
+                         save_dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """A tiny random Qwen3-MoE checkpoint (config `overrides` apply) with a tokenizer; its dir."""
+    return build_tiny("Qwen3MoeForCausalLM", tiny_qwen3_moe_config(**overrides), out_dir, seed,
+                      max_shard_size=max_shard_size, save_dtype=save_dtype)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,11 @@ import signal
 import subprocess
 import sys
 
+import grpc
+
 from moemesh.cli import demo_model_dir
+from moemesh.local import RunningMesh
+from moemesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 DEMO_MODEL = demo_model_dir()
 
@@ -51,3 +55,10 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def routed_requests(mesh: RunningMesh) -> int:
+    """Requests the mesh's scheduler has routed to workers so far (a cache hit routes none)."""
+    with grpc.insecure_channel(mesh.scheduler) as channel:
+        nodes = scheduler_pb2_grpc.SchedulerStub(channel).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
+    return sum(n.routed_requests for n in nodes)

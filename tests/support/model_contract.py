@@ -60,6 +60,12 @@ def greedy_generate(model, prompt: torch.Tensor, max_new_tokens: int) -> list[in
     return generated
 
 
+def reference_logits(hf_model, ids: torch.Tensor) -> torch.Tensor:
+    """transformers' float32 logits [T, V] for ids [T], on its device."""
+    with torch.no_grad():
+        return hf_model(ids[None].to(hf_model.device)).logits[0].float()
+
+
 def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return float((ours - reference).abs().max() / reference.abs().max())
 
@@ -104,6 +110,14 @@ class ModelContract:
     A parity module subclasses it (in a class named Test...) and provides the fixtures `model` and `hf_model`:
     ours and transformers', from the same checkpoint.
     """
+
+    def test_prefill_logits_match_transformers(self, model, hf_model):
+        ids = random_ids(PROMPT_LEN)
+        ours = prefill(model, new_cache(model), ids)
+        assert ours.dtype == torch.float32 and ours.device == hf_model.device
+        assert ours.shape == (PROMPT_LEN, model.vocab_size)
+        err = relative_error(ours, reference_logits(hf_model, ids))
+        assert err < 1e-4, f"prefill logits differ from transformers: relative error {err:.2e}"
 
     def test_greedy_generation_matches_transformers_generate(self, model, hf_model):
         prompt = random_ids(PROMPT_LEN, seed=2)
