@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import platform
 import re
@@ -37,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,7 +46,9 @@ import torch
 from bench.engine_bench import bench_bare_step, load_transformers, prompts, run_engine, run_transformers, synchronize
 from moemesh.worker.engine.engine import Engine
 from moemesh.worker.engine.tokenizer import Tokenizer
+from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.models.checkpoint import open_checkpoint
+from moemesh.worker.models.layers import MoEExperts
 from moemesh.worker.models.registry import build_model
 from tests.support.checkpoints import build_tiny_tokenizer
 
@@ -220,19 +224,109 @@ def main() -> None:
     hf_model = None if args.skip_transformers else load_transformers(ckpt, torch.bfloat16, "cuda")
     run_engine(Engine(model, tokenizer, max_num_seqs=2, max_model_len=64), prompts(2, 16, 1000), 8)  # warm-up
 
-    results = []
-    for level in [int(x) for x in args.levels.split(",")]:
-        result = bench_level(model, tokenizer, level, args, bandwidth, hf_model)
-        results.append(result)
+    levels = [int(x) for x in args.levels.split(",")]
+    errors: dict[str, str] = {}  # a part that fails is reported, and the rest still runs
+    tuned = guarded(errors, "tuning", tune_experts, model, [*levels, 2048]) or {}
+    kernels = guarded(errors, "kernels", compare_kernels, model, levels, args.prompt_tokens) or []
+    results = [r for r in (guarded(errors, f"engine at {level}", bench_level, model, tokenizer, level, args, bandwidth,
+                                   hf_model) for level in levels) if r is not None]
+    for result in results:
         print(json.dumps(asdict(result)))
+    fallback = guarded(errors, "engine without Triton", engine_without_triton, ckpt, tokenizer, max(levels), args)
 
     report = {"environment": env, "copy_bandwidth_bytes_per_s": bandwidth, "parameters": params,
               "config": GPU_BENCH_CONFIG, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-              "levels": [asdict(r) for r in results], "gpu_tests": tests_summary(args.tests_log)}
+              "levels": [asdict(r) for r in results], "gpu_tests": tests_summary(args.tests_log),
+              "tuned_moe_configs": tuned, "kernels": kernels, "engine_without_triton": fallback, "errors": errors}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2))
     print_summary(report, results)
+
+
+def guarded(errors: dict[str, str], part: str, fn, *args):
+    """fn(*args), or None with the error recorded under `part` (and its traceback printed)."""
+    try:
+        return fn(*args)
+    except Exception as exc:  # the check reports every part it could run
+        traceback.print_exc()
+        errors[part] = f"{type(exc).__name__}: {exc}"
+        return None
+
+
+def tune_experts(model, token_counts: list[int]) -> dict[int, dict]:
+    """Measure the fused MoE kernel's block sizes on this GPU for each batch size (cached for the workers)."""
+    from moemesh.worker.ops.gpu import moe
+
+    experts = next(m for m in model.modules() if isinstance(m, MoEExperts))
+    top_k = GPU_BENCH_CONFIG["num_experts_per_tok"]
+    tuned = {}
+    for tokens in token_counts:
+        started = time.perf_counter()
+        tuned[tokens] = asdict(moe.tune(tokens, top_k, experts.w13, experts.w2))
+        print(f"fused MoE block sizes for {tokens} tokens: {tuned[tokens]} ({time.perf_counter() - started:.1f} s)")
+    return tuned
+
+
+def median_ms(fn, *args) -> float:
+    """Median time of fn(*args) on the GPU, in ms (Triton's do_bench: CUDA events, warm-up, many runs)."""
+    from triton.testing import do_bench
+
+    return do_bench(lambda: fn(*args), return_mode="median")
+
+
+def compare_kernels(model, levels: list[int], context: int) -> list[dict]:
+    """One layer's experts and decode attention: the Triton kernels against their PyTorch fallbacks (median ms)."""
+    from moemesh.worker.ops.attention import TorchAttention, TritonAttention
+    from moemesh.worker.ops.backends import Target
+    from moemesh.worker.ops.experts import TorchExperts, TritonExperts
+
+    experts = next(m for m in model.modules() if isinstance(m, MoEExperts))
+    E, H = experts.w13.shape[0], experts.w13.shape[2]
+    top_k, rows = GPU_BENCH_CONFIG["num_experts_per_tok"], []
+    triton_experts, torch_experts = TritonExperts(experts.w13, experts.w2), TorchExperts(experts.w13, experts.w2)
+    for tokens in [*levels, 2048]:
+        x = torch.randn(tokens, H, dtype=torch.bfloat16, device="cuda")
+        ids = torch.stack([torch.randperm(E, device="cuda")[:top_k] for _ in range(tokens)])
+        weights = torch.rand(tokens, top_k, device="cuda")
+        rows.append({"op": "experts", "tokens": tokens, "triton_ms": median_ms(triton_experts, x, ids, weights),
+                     "pytorch_ms": median_ms(torch_experts, x, ids, weights)})
+    args = model.args
+    target = Target(torch.device("cuda"), torch.bfloat16)
+    fast = TritonAttention(args.num_heads, args.num_kv_heads, args.head_dim, target)
+    slow = TorchAttention(args.num_heads, args.num_kv_heads, args.head_dim, target)
+    for sequences in levels:
+        cache = model.make_cache(sequences * (-(-context // 16) + 1), 16)
+        cache.k[0].normal_(), cache.v[0].normal_()  # timed on data, not zeros
+        per_seq = -(-(context + 1) // 16)
+        chunks = [SequenceChunk([0], context, list(range(i * per_seq, (i + 1) * per_seq))) for i in range(sequences)]
+        group = ForwardBatch.build(chunks, 16, model.layer_windows, "cuda").groups[0]
+        q = torch.randn(sequences, args.num_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
+        rows.append({"op": "decode attention", "tokens": sequences, "context": context,
+                     "triton_ms": median_ms(fast.attend, q, group, cache, 0, None),
+                     "pytorch_ms": median_ms(slow.attend, q, group, cache, 0, None)})
+    for row in rows:
+        print(json.dumps(row))
+    return rows
+
+
+def engine_without_triton(ckpt: pathlib.Path, tokenizer, level: int, args) -> dict:
+    """The engine at `level` sequences on a model built with MOEMESH_TRITON_KERNELS=0 (the PyTorch path)."""
+    os.environ["MOEMESH_TRITON_KERNELS"] = "0"
+    try:
+        model = build_model(open_checkpoint(ckpt), dtype=torch.bfloat16, device="cuda")
+    finally:
+        del os.environ["MOEMESH_TRITON_KERNELS"]
+    batch = prompts(level, args.prompt_tokens, GPU_BENCH_CONFIG["vocab_size"])
+    runs = []
+    for _ in range(args.repeats):
+        engine = Engine(model, tokenizer, max_num_seqs=level, max_model_len=args.prompt_tokens + args.new_tokens + 8)
+        runs.append(run_engine(engine, batch, args.new_tokens)[0])
+    del model
+    torch.cuda.empty_cache()
+    result = {"sequences": level, "engine_tok_s": max(runs)}
+    print("engine without the Triton kernels:", json.dumps(result))
+    return result
 
 
 def print_summary(report: dict, results: list[LevelResult]) -> None:
@@ -253,7 +347,17 @@ def print_summary(report: dict, results: list[LevelResult]) -> None:
               f"{hf} {ratio} {r.decode_step_ms:10.2f} {r.hbm_fraction:9.1%}")
     print(f"targets: at the largest batch HBM fraction >= {TARGET_HBM_FRACTION:.0%} and engine/HF >= "
           f"{TARGET_VS_TRANSFORMERS:.0f}x; one sequence within {TARGET_ONE_SEQ_VS_BARE}x of the bare CUDA-graph step")
-    print("CUDA graphs and the Triton kernels: not built yet; every figure above is the PyTorch CUDA path")
+    for row in report["kernels"]:
+        print(f"{row['op']:>16} {row['tokens']:>5}: Triton {row['triton_ms']:.3f} ms, PyTorch {row['pytorch_ms']:.3f} ms "
+              f"({row['pytorch_ms'] / row['triton_ms']:.2f}x)")
+    fallback = report["engine_without_triton"]
+    largest = max(results, key=lambda r: r.sequences) if results else None
+    if fallback and largest and largest.sequences == fallback["sequences"]:
+        print(f"engine at {fallback['sequences']} sequences: with the Triton kernels {largest.engine_tok_s:.0f} tok/s, "
+              f"PyTorch path {fallback['engine_tok_s']:.0f} tok/s ({largest.engine_tok_s / fallback['engine_tok_s']:.2f}x)")
+    for part, error in report["errors"].items():
+        print(f"FAILED {part}: {error}")
+    print("CUDA graphs: not built yet (the figures above are eager decode steps)")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,18 @@ marks the few that take longest (`-m "not slow"` for a quick run).
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from moemesh.local import RunningMesh, start_mesh, stop_mesh
 
 KINDS = ("unit", "model", "integration")
+
+if not torch.cuda.is_available():
+    # Triton kernels run here only in Triton's interpreter, which must be chosen before Triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

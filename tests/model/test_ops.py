@@ -21,6 +21,7 @@ from moemesh.worker.ops.attention import (
     ATTENTION_BACKENDS,
     NativeAttention,
     TorchAttention,
+    TritonAttention,
     apply_rotary,
     choose_attention,
 )
@@ -31,8 +32,10 @@ from moemesh.worker.ops.experts import (
     NativeExperts,
     OneDNNExperts,
     TorchExperts,
+    TritonExperts,
     choose_experts,
 )
+from moemesh.worker.ops.gpu import triton_kernels
 from moemesh.worker.ops.linear import (
     LINEAR_BACKENDS,
     NATIVE_LINEAR_ROWS,
@@ -103,8 +106,13 @@ def test_each_operation_chooses_the_first_backend_that_serves_the_target(monkeyp
     assert chosen_types(target()) == portable, "without the native kernels, oneDNN and PyTorch serve"
     torch_only = [TorchLinear, TorchExperts, TorchAttention, TorchRMSNorm, TorchRouter]
     assert chosen_types(target(relayout=False)) == torch_only, "no re-layout: the plain weights, read by PyTorch"
-    # CUDA (any dtype) is the PyTorch path today; the target alone decides, so no GPU is needed to check it.
-    assert chosen_types(Target(torch.device("cuda"), torch.bfloat16)) == torch_only
+    # CUDA (any dtype): the Triton experts and decode attention where Triton is installed, else PyTorch; the
+    # target alone decides, so no GPU is needed to check it.
+    cuda = Target(torch.device("cuda"), torch.bfloat16)
+    with_triton = [TorchLinear, TritonExperts, TritonAttention, TorchRMSNorm, TorchRouter]
+    assert chosen_types(cuda) == (with_triton if triton_kernels() else torch_only)
+    monkeypatch.setenv("MOEMESH_TRITON_KERNELS", "0")
+    assert chosen_types(cuda) == torch_only, "MOEMESH_TRITON_KERNELS=0 leaves CUDA to PyTorch"
 
 
 def test_the_native_projection_hands_larger_batches_to_the_next_backend():
@@ -223,17 +231,17 @@ def test_expert_backends_in_bfloat16_stay_within_its_rounding(backend):
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 16, 4
 
 
-def attention_batch(chunks: list[SequenceChunk], window: int | None, dtype: torch.dtype):
+def attention_batch(chunks: list[SequenceChunk], window: int | None, dtype: torch.dtype, device: torch.device = CPU):
     """A one-layer cache of random earlier keys and values, the batch of `chunks`, and their new q, k, v, cos, sin."""
     num_blocks = 1 + max(max(c.block_table) for c in chunks)
-    cache = PagedKVCache(1, num_blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype)
+    cache = PagedKVCache(1, num_blocks, BLOCK, KV_HEADS, HEAD_DIM, dtype, device)
     cache.k[0].copy_(randn(*cache.k[0].shape, seed=13))
     cache.v[0].copy_(randn(*cache.v[0].shape, seed=14))
-    batch = ForwardBatch.build(chunks, BLOCK, [window])
+    batch = ForwardBatch.build(chunks, BLOCK, [window], device)
     N = batch.num_tokens
     q, k, v = randn(N, HEADS, HEAD_DIM, seed=15), randn(N, KV_HEADS, HEAD_DIM, seed=16), randn(N, KV_HEADS, HEAD_DIM, seed=17)
     cos, sin = RotaryEmbedding(HEAD_DIM, 10000.0)(batch.positions)
-    return cache, batch, *(t.to(dtype) for t in (q, k, v)), cos, sin
+    return cache, batch, *(t.to(device=device, dtype=dtype) for t in (q, k, v)), cos, sin
 
 
 def reference_attention(q, keys, values, positions, window):

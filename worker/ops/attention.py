@@ -8,18 +8,18 @@ serves the target:
   - `NativeAttention` (float32 on the CPU, with the native kernels): rotary
     and the cache write in one call; decode groups read each sequence's
     blocks in place; prefill groups as `TorchAttention`;
-  - `TorchAttention` (any device; the CUDA path today, and the reference):
-    `apply_rotary` and `PagedKVCache.write`; keys gathered from the cache,
-    then SDPA with the group's mask.
-
-A Triton/CUDA backend (attention that reads the paged KV in place, decode
-and prefill) would be one class taking CUDA targets, listed before
-`TorchAttention`.
+  - `TritonAttention` (CUDA, with Triton, unless MOEMESH_TRITON_KERNELS=0):
+    decode groups read the paged cache in place (`ops/gpu/attention.py`);
+    the rest as `TorchAttention`;
+  - `TorchAttention` (any device; the reference): `apply_rotary` and
+    `PagedKVCache.write`; keys gathered from the cache, then SDPA with the
+    group's mask.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from moemesh.worker.ops import native
 from moemesh.worker.ops.backends import Backend, Target, first_serving
+from moemesh.worker.ops.gpu import triton_kernels
 
 if TYPE_CHECKING:
     from moemesh.worker.engine.kv_cache import PagedKVCache
@@ -155,8 +156,36 @@ class NativeAttention(TorchAttention):
         return out.view(group.num_seqs, self.num_heads * self.head_dim)
 
 
+class TritonAttention(TorchAttention):
+    """Decode attention reading the paged cache in place (`ops/gpu/attention.py`); CUDA, with Triton.
+
+    Rotary and the cache write, and prefill groups (T > 1), are PyTorch's, as in `TorchAttention`; so are
+    caches whose block size the kernel cannot walk (not a power of two).
+    """
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, target: Target,
+                 kernels: ModuleType | None = None) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, target)
+        if kernels is None:  # imported here: it needs Triton
+            from moemesh.worker.ops.gpu import attention as kernels
+        self.kernels = kernels
+
+    @classmethod
+    def serves(cls, target: Target) -> bool:
+        return target.device.type == "cuda" and triton_kernels()
+
+    def attend(
+        self, q: torch.Tensor, group: AttentionGroup, cache: PagedKVCache, layer: int, window: int | None
+    ) -> torch.Tensor:
+        if group.num_tokens > 1 or not self.kernels.supported_block_size(cache.block_size):
+            return super().attend(q, group, cache, layer, window)
+        out = self.kernels.paged_decode_attention(q, cache.k[layer], cache.v[layer], group.block_tables,
+                                                  group.seq_lens, window)
+        return out.view(group.num_seqs, self.num_heads * self.head_dim)
+
+
 # In order of preference: `choose_attention` builds the first entry that serves the target.
-ATTENTION_BACKENDS: tuple[type[AttentionBackend], ...] = (NativeAttention, TorchAttention)
+ATTENTION_BACKENDS: tuple[type[AttentionBackend], ...] = (NativeAttention, TritonAttention, TorchAttention)
 
 
 def choose_attention(num_heads: int, num_kv_heads: int, head_dim: int, target: Target) -> AttentionBackend:

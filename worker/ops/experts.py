@@ -10,8 +10,10 @@ target:
     the checkpoint layout, which the kernel also reads;
   - `OneDNNExperts` (CPU, with re-layout): each expert's matrices packed for
     oneDNN, one expert at a time on its rows;
-  - `TorchExperts` (any device; the CUDA path today, and the reference): one
-    batched matmul over all experts when that pays, else one expert at a time.
+  - `TritonExperts` (CUDA, with Triton, unless MOEMESH_TRITON_KERNELS=0): the
+    fused MoE kernel over expert-sorted tokens (`ops/gpu/moe.py`);
+  - `TorchExperts` (any device; the reference): one batched matmul over all
+    experts when that pays, else one expert at a time.
 
 Every backend takes `expert_ids`: only those experts are computed and the
 others contribute nothing, so that partial outputs over a partition of the
@@ -19,8 +21,7 @@ experts sum to the whole output. Expert parallelism builds on that: a
 `RemoteExperts` backend (one class plus one entry, first in the table, serving
 targets whose experts are placed on other ranks) would send each shard the
 rows routed to its experts, run the local ones on the backend chosen for
-them, and sum. A Triton/CUDA backend (a fused, grouped MoE kernel over
-expert-sorted tokens) would take CUDA targets, listed before `TorchExperts`.
+them, and sum.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ import itertools
 from abc import abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
 from moemesh.worker.ops import native
 from moemesh.worker.ops.backends import Backend, Target, first_serving
+from moemesh.worker.ops.gpu import triton_kernels
 from moemesh.worker.ops.packing import pack_weight, packed_linear
 
 
@@ -240,7 +243,31 @@ class TorchExperts(GroupedExperts):
 
 
 # In order of preference: `choose_experts` builds the first entry that serves the target.
-EXPERTS_BACKENDS: tuple[type[ExpertsBackend], ...] = (NativeExperts, OneDNNExperts, TorchExperts)
+class TritonExperts(ExpertsBackend):
+    """The fused MoE kernel (`ops/gpu/moe.py`): tokens sorted by expert, one grouped GEMM launch for gate+up with
+    SwiGLU and one for down with the routing weights; CUDA, with Triton; no host sync, so graph-capturable."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, kernels: ModuleType | None = None) -> None:
+        self.w13, self.w2 = w13, w2
+        if kernels is None:  # imported here: the module compiles nothing until called, but needs Triton
+            from moemesh.worker.ops.gpu import moe as kernels
+        self.kernels = kernels
+
+    @classmethod
+    def serves(cls, target: Target) -> bool:
+        return target.device.type == "cuda" and triton_kernels()
+
+    @classmethod
+    def build(cls, w13: torch.Tensor, w2: torch.Tensor, target: Target) -> TritonExperts:
+        return cls(w13, w2)
+
+    def __call__(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_ids: Iterable[int] | None = None
+    ) -> torch.Tensor:
+        return self.kernels.fused_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids)
+
+
+EXPERTS_BACKENDS: tuple[type[ExpertsBackend], ...] = (NativeExperts, OneDNNExperts, TritonExperts, TorchExperts)
 
 
 def choose_experts(w13: torch.Tensor, w2: torch.Tensor, target: Target) -> ExpertsBackend:

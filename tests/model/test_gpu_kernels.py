@@ -1,0 +1,191 @@
+"""The Triton kernels of worker/ops/gpu against the PyTorch references: compiled on a GPU, interpreted on the CPU.
+
+Without a GPU, tests/conftest.py sets TRITON_INTERPRET=1 before Triton is
+imported, and Triton's interpreter runs each kernel program by program in
+NumPy: the kernels' logic (sorting and padding by expert, the grouped GEMMs
+and their fused epilogues, the online softmax over paged blocks, masks and
+windows) is checked on small shapes without a GPU. With one, the same tests
+run the compiled kernels on it. The backends are built around the kernels
+and compared with the PyTorch backends on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moemesh.worker.models.batch import SequenceChunk
+from moemesh.worker.ops.attention import TorchAttention, TritonAttention
+from moemesh.worker.ops.backends import Target
+from moemesh.worker.ops.experts import TorchExperts, TritonExperts
+from tests.model.test_ops import (
+    BATCHES,
+    HEAD_DIM,
+    HEADS,
+    KV_HEADS,
+    attention_batch,
+    expert_layer,
+    reference_attention,
+)
+from tests.support.references import reference_experts
+
+pytest.importorskip("triton", reason="the Triton kernels are tested where Triton is installed (a test dependency)")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float16: dict(rtol=1e-2, atol=1e-2),
+              torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}
+DTYPES = list(TOLERANCES)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel modules, by name (imported here: Triton is a test dependency, and CI imports it interpreted)."""
+    from moemesh.worker.ops.gpu import attention, moe
+
+    return {"moe": moe, "attention": attention}
+
+
+def test_kernels_are_interpreted_exactly_when_there_is_no_gpu(kernels):
+    assert kernels["moe"].INTERPRETED == (DEVICE.type == "cpu"), "tests/conftest.py sets TRITON_INTERPRET without a GPU"
+
+
+def on_device(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(DEVICE) for t in tensors)
+
+
+# --- the fused MoE ---------------------------------------------------------------------------------------------
+
+# (tokens, hidden, intermediate, top_k, skewed): one token (two experts busy), a decode-sized batch, sizes that
+# are not multiples of the blocks, top-3, and a routing where expert 0 gets most rows (several blocks of it).
+MOE_CASES = [(1, 64, 32, 2, False), (9, 64, 48, 2, False), (21, 48, 40, 3, False), (40, 64, 32, 2, True)]
+MOE_IDS = [f"T{t}-H{h}-I{i}-k{k}" + ("-skewed" if skew else "") for t, h, i, k, skew in MOE_CASES]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,hidden,inter,top_k,skew", MOE_CASES, ids=MOE_IDS)
+def test_the_fused_moe_matches_the_per_expert_reference(kernels, dtype, tokens, hidden, inter, top_k, skew):
+    x, w13, w2, ids, weights = on_device(*expert_layer(tokens, hidden, inter, top_k=top_k, skew=skew))
+    x, w13, w2 = x.to(dtype), w13.to(dtype), w2.to(dtype)
+    config = kernels["moe"].MoEConfig(block_m=16, block_n=32, block_k=32, num_warps=4, num_stages=1)
+    op = TritonExperts(w13, w2, kernels=kernels["moe"])
+    got = kernels["moe"].fused_experts(x, ids, weights, w13, w2, config=config)
+    assert got.dtype == dtype and got.shape == x.shape
+    expected = reference_experts(x.float(), ids, weights, w13.float(), w2.float())
+    torch.testing.assert_close(got.float(), expected, **TOLERANCES[dtype])
+    torch.testing.assert_close(op(x, ids, weights).float(), TorchExperts(w13, w2)(x, ids, weights).float(),
+                               **TOLERANCES[dtype], msg="the Triton backend strays from the PyTorch backend")
+
+
+def test_partial_outputs_over_a_partition_of_the_experts_sum_to_the_whole(kernels):
+    x, w13, w2, ids, weights = on_device(*expert_layer(13, 64, 32))
+    op = TritonExperts(w13, w2, kernels=kernels["moe"])
+    whole = op(x, ids, weights)
+    parts = [op(x, ids, weights, expert_ids=range(first, 8, 3)) for first in range(3)]
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-5, atol=1e-6)
+    odd = [e for e in range(8) if e % 2]
+    torch.testing.assert_close(op(x, ids, weights, expert_ids=odd), reference_experts(x, ids, weights, w13, w2, odd),
+                               **TOLERANCES[torch.float32])
+    assert torch.equal(op(x, ids, weights, expert_ids=[]), torch.zeros_like(x))
+
+
+def test_a_token_gets_the_same_output_alone_or_in_a_batch(kernels):
+    x, w13, w2, ids, weights = on_device(*expert_layer(24, 64, 32, skew=True))
+    op = TritonExperts(w13, w2, kernels=kernels["moe"])
+    together = op(x, ids, weights)
+    alone = torch.cat([op(x[i : i + 1], ids[i : i + 1], weights[i : i + 1]) for i in range(0, 24, 5)])
+    # Equal to rounding: the blocks a token's rows share differ, and so may the dot's order of additions.
+    torch.testing.assert_close(together[0:24:5], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_alignment_gives_each_block_one_expert_and_every_assignment_one_row(kernels):
+    moe = kernels["moe"]
+    ids = torch.tensor([[3, 0], [3, 1], [0, 3], [5, 3], [3, 2]], device=DEVICE)  # expert 3 has 5, the others fewer
+    aligned = moe.align(ids, num_experts=6, block_m=4)
+    rows, experts = aligned.sorted_rows.tolist(), aligned.block_expert.tolist()
+    used = int(aligned.num_padded)
+    assert used == 4 * (1 + 1 + 1 + 2 + 0 + 1), "each expert's run is padded to whole blocks of 4"
+    assert sorted(r for r in rows if r < ids.numel()) == list(range(ids.numel())), "every assignment gets one row"
+    for block, expert in enumerate(experts[: used // 4]):
+        members = [r for r in rows[block * 4 : (block + 1) * 4] if r < ids.numel()]
+        assert members and all(int(ids.flatten()[r]) == expert for r in members), f"block {block} mixes experts"
+    assert all(e == 6 for e in experts[used // 4 :]), "blocks past the last run belong to no expert"
+    subset = moe.align(ids, num_experts=6, block_m=4, expert_ids=[0, 5])
+    kept = [r for r in subset.sorted_rows.tolist() if r < ids.numel()]
+    assert sorted(ids.flatten()[torch.tensor(kept, device=DEVICE)].tolist()) == [0, 0, 5]
+    assert int(subset.num_padded) == 8
+
+
+def test_block_sizes_come_from_the_tuned_table_for_the_device_else_a_heuristic(kernels, tmp_path, monkeypatch):
+    moe = kernels["moe"]
+    monkeypatch.setenv("MOEMESH_CACHE_DIR", str(tmp_path))
+    moe._tuned_configs.cache_clear()
+    cpu = torch.device("cpu")
+    assert moe.moe_config(32, 8, 2048, 5632, cpu).block_m == 16, "decode-sized: 4 rows per expert"
+    assert moe.moe_config(32 * 1024, 8, 2048, 5632, cpu).block_m == 64, "prefill-sized: 4096 rows per expert"
+    tuned = moe.MoEConfig(block_m=32, block_n=128, block_k=64, num_warps=8, num_stages=4)
+    moe._store_tuned("cpu", moe._shape_key(100, 8, 2048, 5632), tuned)
+    assert moe.moe_config(120, 8, 2048, 5632, cpu) == tuned, "a tuned entry serves its power-of-two bucket (65..128)"
+    assert moe.moe_config(129, 8, 2048, 5632, cpu) != tuned
+    stored = json.loads((tmp_path / "triton" / moe.TUNED_FILE).read_text())
+    assert stored["cpu"]["E=8,H=2048,I=5632,M=128"]["block_n"] == 128
+    moe._tuned_configs.cache_clear()
+
+
+# --- paged decode attention -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("kind", sorted(BATCHES))
+def test_triton_attention_matches_the_reference_and_the_pytorch_backend(kernels, dtype, window, kind):
+    where = Target(DEVICE, dtype)
+    tol = TOLERANCES[dtype]
+    cache, batch, q, k, v, cos, sin = attention_batch(BATCHES[kind], window, dtype, DEVICE)
+    op = TritonAttention(HEADS, KV_HEADS, HEAD_DIM, where, kernels=kernels["attention"])
+    rotated = op.rotate_and_store(q, k, v, cos, sin, batch.slots, cache, 0)
+    torch_op = TorchAttention(HEADS, KV_HEADS, HEAD_DIM, where)
+    for group in batch.groups:
+        queries = rotated[group.start : group.stop]
+        got = op.attend(queries, group, cache, 0, window)
+        torch.testing.assert_close(got.float(), torch_op.attend(queries, group, cache, 0, window).float(), **tol)
+        for b in range(group.num_seqs):
+            rows = slice(b * group.num_tokens, (b + 1) * group.num_tokens)
+            slots = [blk * cache.block_size + o for blk in group.block_tables[b].tolist() for o in range(cache.block_size)]
+            keys = cache.k[0].view(-1, KV_HEADS, HEAD_DIM)[slots].float()
+            values = cache.v[0].view(-1, KV_HEADS, HEAD_DIM)[slots].float()
+            expected = reference_attention(queries[rows].float(), keys, values, group.query_positions[rows], window)
+            torch.testing.assert_close(got[rows].float(), expected, **tol)
+
+
+def test_decode_attention_with_a_group_of_three_odd_head_size_and_long_scattered_tables(kernels):
+    heads, kv_heads, head_dim, block = 6, 2, 24, 8
+    g = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(20, block, kv_heads, head_dim, generator=g)
+    v_cache = torch.randn(20, block, kv_heads, head_dim, generator=g)
+    tables = torch.tensor([[17, 3, 9, 0, 12], [4, 19, 0, 0, 0], [1, 2, 5, 6, 7]])
+    lengths = torch.tensor([37, 9, 40])  # mid-block, one past a block, all five full
+    q = torch.randn(3, heads, head_dim, generator=g)
+    args = on_device(q, k_cache, v_cache, tables, lengths)
+    for window in (None, 11):
+        got = kernels["attention"].paged_decode_attention(*args, window).cpu()
+        for b in range(3):
+            length = int(lengths[b])
+            slots = [int(tables[b, p // block]) * block + p % block for p in range(length)]
+            keys = k_cache.view(-1, kv_heads, head_dim)[slots].repeat_interleave(3, dim=1)  # [L, nh, D]
+            values = v_cache.view(-1, kv_heads, head_dim)[slots].repeat_interleave(3, dim=1)
+            first = 0 if window is None else max(0, length - window)
+            scores = torch.einsum("hd,lhd->hl", q[b], keys[first:]) / head_dim**0.5
+            expected = torch.einsum("hl,lhd->hd", scores.softmax(-1), values[first:])
+            torch.testing.assert_close(got[b], expected, rtol=1e-4, atol=1e-5, msg=f"sequence {b}, window {window}")
+
+
+def test_a_cache_block_size_the_kernel_cannot_walk_takes_the_pytorch_path(kernels):
+    chunks = [SequenceChunk([1], 5, [1, 0])]
+    cache, batch, q, k, v, cos, sin = attention_batch(chunks, None, torch.float32, DEVICE)
+    assert kernels["attention"].supported_block_size(cache.block_size)
+    assert not kernels["attention"].supported_block_size(12)
+    with pytest.raises(ValueError, match="power of two"):
+        kernels["attention"].paged_decode_attention(q[:1], cache.k[0].repeat(1, 3, 1, 1)[:, :12], cache.v[0][:, :1],
+                                                    batch.groups[0].block_tables, batch.groups[0].seq_lens, None)
