@@ -19,7 +19,13 @@ It reports tokens/s and ratios, the decode step time, and the fraction of
 the memory-bandwidth limit a decode step reaches: the bytes it must read
 (the dense weights and head, the routed experts a batch of that size is
 expected to touch, and the KV of every sequence) over the step time, against
-a device-to-device copy measured on the same GPU. Full figures go to
+a device-to-device copy measured on the same GPU. Before that it tunes the
+fused MoE kernel's block sizes for the batch sizes measured (cached for the
+workers), and it compares each Triton kernel with its PyTorch fallback (one
+layer's experts, decode attention), the engine with the Triton kernels
+against the engine built with MOEMESH_TRITON_KERNELS=0, and decode steps
+replayed as CUDA graphs against eager ones and against the bare replay. A
+part that fails is reported and the rest still runs. Full figures go to
 `--out`/gpu-check.json.
 
     python -m bench.gpu_check [--levels 1,32,128] [--prompt-tokens 100] [--new-tokens 128] [--out DIR]
@@ -233,11 +239,13 @@ def main() -> None:
     for result in results:
         print(json.dumps(asdict(result)))
     fallback = guarded(errors, "engine without Triton", engine_without_triton, ckpt, tokenizer, max(levels), args)
+    graphs = guarded(errors, "CUDA graphs", compare_graphs, model, tokenizer, sorted({min(levels), max(levels)}), args) or []
 
     report = {"environment": env, "copy_bandwidth_bytes_per_s": bandwidth, "parameters": params,
               "config": GPU_BENCH_CONFIG, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "levels": [asdict(r) for r in results], "gpu_tests": tests_summary(args.tests_log),
-              "tuned_moe_configs": tuned, "kernels": kernels, "engine_without_triton": fallback, "errors": errors}
+              "tuned_moe_configs": tuned, "kernels": kernels, "engine_without_triton": fallback, "graphs": graphs,
+              "errors": errors}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2))
@@ -310,6 +318,25 @@ def compare_kernels(model, levels: list[int], context: int) -> list[dict]:
     return rows
 
 
+def compare_graphs(model, tokenizer, levels: list[int], args) -> list[dict]:
+    """The engine with decode steps replayed as CUDA graphs (the default) and run eagerly; the bare replay."""
+    rows = []
+    for level in levels:
+        batch = prompts(level, args.prompt_tokens, GPU_BENCH_CONFIG["vocab_size"])
+        max_len = args.prompt_tokens + args.new_tokens + 8
+        graphed = Engine(model, tokenizer, max_num_seqs=level, max_model_len=max_len)
+        graphed_tok_s, steps = run_engine(graphed, batch, args.new_tokens)
+        eager_tok_s, eager_steps = run_engine(Engine(model, tokenizer, max_num_seqs=level, max_model_len=max_len,
+                                                     cuda_graphs=False), batch, args.new_tokens)
+        graph, _ = graphed.graphs.graphs[graphed.graphs.bucket(level)]
+        rows.append({"sequences": level, "graphs_tok_s": graphed_tok_s, "eager_tok_s": eager_tok_s,
+                     "step_ms": 1000 * statistics.median(steps[-(args.new_tokens // 2):]),
+                     "eager_step_ms": 1000 * statistics.median(eager_steps[-(args.new_tokens // 2):]),
+                     "bare_replay_ms": median_ms(graph.replay), "graph_memory_mib": graphed.graphs.memory_bytes / 2**20})
+        print(json.dumps(rows[-1]))
+    return rows
+
+
 def engine_without_triton(ckpt: pathlib.Path, tokenizer, level: int, args) -> dict:
     """The engine at `level` sequences on a model built with MOEMESH_TRITON_KERNELS=0 (the PyTorch path)."""
     os.environ["MOEMESH_TRITON_KERNELS"] = "0"
@@ -357,7 +384,11 @@ def print_summary(report: dict, results: list[LevelResult]) -> None:
               f"PyTorch path {fallback['engine_tok_s']:.0f} tok/s ({largest.engine_tok_s / fallback['engine_tok_s']:.2f}x)")
     for part, error in report["errors"].items():
         print(f"FAILED {part}: {error}")
-    print("CUDA graphs: not built yet (the figures above are eager decode steps)")
+    for row in report["graphs"]:
+        print(f"CUDA graphs at {row['sequences']:>3} sequences: {row['graphs_tok_s']:.0f} tok/s vs eager "
+              f"{row['eager_tok_s']:.0f} ({row['graphs_tok_s'] / row['eager_tok_s']:.2f}x); decode step {row['step_ms']:.2f} "
+              f"ms vs the bare replay {row['bare_replay_ms']:.2f} ms ({row['step_ms'] / row['bare_replay_ms']:.2f}, target <= "
+              f"{TARGET_ONE_SEQ_VS_BARE} at one sequence); graphs hold {row['graph_memory_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

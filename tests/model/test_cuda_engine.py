@@ -2,7 +2,8 @@
 
 In float32 the bar is the CPU's: a sequence gives the same greedy tokens
 alone or in any batch, chunked, prefix-cached or preempted, and a seeded
-request the same samples whatever shares its batch. In bfloat16 (the CUDA
+request the same samples whatever shares its batch; decode steps replay
+CUDA graphs by default, and give the eager engine's tokens. In bfloat16 (the CUDA
 default) rounding depends on the batch, so the engine is held to what does
 not: every request is served to its length, text is the decoding of the
 tokens, and every block comes back.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moemesh.worker.engine.cuda_graphs import graph_buckets
 from moemesh.worker.engine.engine import Engine
 from moemesh.worker.engine.kv_sizing import GIB, POOL_CAP_FACTOR, plan_gpu_kv_pool
 from moemesh.worker.models.checkpoint import open_checkpoint
@@ -89,3 +91,18 @@ def test_the_kv_pool_takes_what_the_memory_budget_leaves(model):
     with pytest.raises(ValueError, match="gpu_memory_utilization"):
         plan_gpu_kv_pool(model, block_size=16, utilization=plan.in_use_bytes / total / 2, max_num_seqs=32,
                          max_num_batched_tokens=512, max_model_len=256)
+
+
+def test_decode_steps_replay_cuda_graphs_and_give_the_eager_engines_tokens(make_engine):
+    with_graphs = make_engine(max_num_seqs=8)
+    assert with_graphs.graphs is not None, "a model on the Triton backends is graph-safe"
+    assert sorted(with_graphs.graphs.graphs) == graph_buckets(8)
+    batch = [request(f"r{i}", random_prompt(5 + 4 * i, seed=i), max_tokens=12,
+                     **({"temperature": 1.0, "seed": i} if i % 2 else {})) for i in range(5)]
+    replayed = run(with_graphs, batch)
+    assert with_graphs.graphs.replays > 0, "decode steps must replay the graphs"
+    eager_engine = make_engine(max_num_seqs=8, cuda_graphs=False)
+    assert eager_engine.graphs is None
+    eager = run(eager_engine, batch)
+    for r in batch:
+        assert replayed[r.request_id]["ids"] == eager[r.request_id]["ids"], f"{r.request_id}: graphs changed the output"

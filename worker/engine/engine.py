@@ -19,6 +19,7 @@ import torch
 
 from moemesh.services.core.errors import InvalidRequest
 from moemesh.worker.engine.block_manager import BlockManager
+from moemesh.worker.engine.cuda_graphs import DecodeGraphs
 from moemesh.worker.engine.model_runner import ModelRunner
 from moemesh.worker.engine.prefix_tier import KVTier, TierExchange
 from moemesh.worker.engine.requests import GenerationRequest, RequestOutput
@@ -47,6 +48,7 @@ class Engine:
         enable_prefix_caching: bool = True,
         kv_tier: KVTier | None = None,
         kv_tier_writes: str = "reused",
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -63,9 +65,17 @@ class Engine:
             max_num_batched_tokens=max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_num_seqs),
             counters=self.counters,
         )
-        self.cache = model.make_cache(num_blocks, block_size)
-        self.runner = ModelRunner(model, self.cache, block_size)
-        self.device = self.runner.device
+        self.device = next(model.parameters()).device
+        # Decode steps replay CUDA graphs where every operation allows it; their padding rows write to one
+        # extra block that the block manager never hands out.
+        graphs = cuda_graphs and self.device.type == "cuda" and model.graph_safe
+        self.cache = model.make_cache(num_blocks + (1 if graphs else 0), block_size)
+        self.graphs = None
+        if graphs:
+            self.graphs = DecodeGraphs(model, self.cache, block_size, max_num_seqs, self.max_model_len,
+                                       scratch_block=num_blocks)
+            self.graphs.capture()
+        self.runner = ModelRunner(model, self.cache, block_size, self.graphs)
         # The shared prefix-KV tier, consulted when the local prefix cache misses (see prefix_tier.py). Its
         # exchange needs the cache, made once the scheduler has checked its limits.
         self.tier_exchange = TierExchange(self.cache, self.blocks, self.counters, writes=kv_tier_writes)

@@ -10,6 +10,7 @@ from moemesh.worker.engine.sampling import SampleResult, SamplingBatch, sample_t
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 
 if TYPE_CHECKING:
+    from moemesh.worker.engine.cuda_graphs import DecodeGraphs
     from moemesh.worker.engine.kv_cache import PagedKVCache
     from moemesh.worker.engine.scheduler import ScheduledChunk
     from moemesh.worker.engine.sequence import Sequence
@@ -18,10 +19,12 @@ if TYPE_CHECKING:
 class ModelRunner:
     """Turns scheduled chunks into one forward batch, runs the model, and samples the sequences' next tokens."""
 
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, block_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, block_size: int,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.cache = cache
         self.block_size = block_size
+        self.graphs = graphs  # decode steps that fit replay a captured CUDA graph
         self.device = next(model.parameters()).device
         self.layer_windows = model.layer_windows
 
@@ -38,6 +41,8 @@ class ModelRunner:
             chunks.append(SequenceChunk(seq.token_ids[start : start + count], start, seq.block_table, want_logits))
             if want_logits:
                 sampling.append(seq)
+        if self.graphs is not None and self.graphs.serves(chunks):
+            return self.graphs.run(chunks), sampling
         batch = ForwardBatch.build(chunks, self.block_size, self.layer_windows, self.device)
         with torch.inference_mode():
             logits = self.model(batch, self.cache)  # [S, V], one row per chunk that wants logits

@@ -182,6 +182,11 @@ class DecoderForCausalLM(nn.Module):
         return relaid
 
     @property
+    def graph_safe(self) -> bool:
+        """Whether a decode step can be captured in a CUDA graph: every operation's backend keeps it on the device."""
+        return all(module.backend.graph_safe for module in self.modules() if isinstance(module, OpModule))
+
+    @property
     def num_layers(self) -> int:
         return self.args.num_layers
 

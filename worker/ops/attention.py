@@ -160,8 +160,11 @@ class TritonAttention(TorchAttention):
     """Decode attention reading the paged cache in place (`ops/gpu/attention.py`); CUDA, with Triton.
 
     Rotary and the cache write, and prefill groups (T > 1), are PyTorch's, as in `TorchAttention`; so are
-    caches whose block size the kernel cannot walk (not a power of two).
+    caches whose block size the kernel cannot walk (not a power of two). A decode step reads its sequence
+    lengths and block tables on the device: it can be captured in a CUDA graph.
     """
+
+    graph_safe = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, target: Target,
                  kernels: ModuleType | None = None) -> None:

@@ -48,7 +48,13 @@ class Target:
 
 
 class Backend(ABC):
-    """One implementation of an operation; `serves` says which targets it can run on."""
+    """One implementation of an operation; `serves` says which targets it can run on.
+
+    `graph_safe`: a decode step (one new token per sequence) on it keeps every size and decision on the
+    device (no host sync, no shape read back), so the step can be captured in a CUDA graph and replayed.
+    """
+
+    graph_safe = False
 
     @classmethod
     @abstractmethod

@@ -247,6 +247,8 @@ class TritonExperts(ExpertsBackend):
     """The fused MoE kernel (`ops/gpu/moe.py`): tokens sorted by expert, one grouped GEMM launch for gate+up with
     SwiGLU and one for down with the routing weights; CUDA, with Triton; no host sync, so graph-capturable."""
 
+    graph_safe = True
+
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, kernels: ModuleType | None = None) -> None:
         self.w13, self.w2 = w13, w2
         if kernels is None:  # imported here: the module compiles nothing until called, but needs Triton

@@ -54,6 +54,8 @@ class LinearBackend(Backend):
 class TorchLinear(LinearBackend):
     """`F.linear` on the plain weight: any device and dtype; the reference."""
 
+    graph_safe = True
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight, self.bias = weight, bias
 

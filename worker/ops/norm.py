@@ -39,6 +39,8 @@ class RMSNormBackend(Backend):
 class TorchRMSNorm(RMSNormBackend):
     """PyTorch operators, in float32 whatever the dtype: any device; the reference."""
 
+    graph_safe = True
+
     @classmethod
     def serves(cls, target: Target) -> bool:
         return True

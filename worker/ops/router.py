@@ -38,6 +38,8 @@ class RouterBackend(Backend):
 class TorchRouter(RouterBackend):
     """PyTorch operators: any device; the reference."""
 
+    graph_safe = True
+
     @classmethod
     def serves(cls, target: Target) -> bool:
         return True

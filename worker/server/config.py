@@ -46,6 +46,9 @@ class WorkerConfig(ServiceConfig):
         default=0.9, gt=0, le=1,
         description="on CUDA, the fraction of the device's memory the worker fills: weights, a step's activations, "
                     "the KV pool")
+    cuda_graphs: bool = pydantic.Field(
+        default=True, description="on CUDA, capture decode steps as CUDA graphs at start-up and replay them "
+                                  "(where every operation's backend allows it); off: every step runs eagerly")
     max_num_batched_tokens: int = pydantic.Field(
         default=2048, ge=1, description="most new tokens one engine step computes (prompt chunks plus one per decode)")
     enable_prefix_caching: bool = pydantic.Field(default=True, description="reuse the KV blocks of shared prompt prefixes")

@@ -76,6 +76,7 @@ class WorkerProcess:
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
+            cuda_graphs=config.cuda_graphs,
         )
         if config.kv_tier_url and config.enable_prefix_caching:
             dtype = str(engine.cache.k[0].dtype).removeprefix("torch.")

@@ -69,7 +69,9 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_ids: It
         wanted = torch.zeros(num_experts + 1, dtype=torch.bool, device=device)
         wanted[torch.tensor(sorted(set(int(e) for e in expert_ids)), dtype=torch.long, device=device)] = True
         flat = torch.where(wanted[flat], flat, num_experts)
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]  # [E]
+    # Counted with a scatter into a fixed-size tensor: bincount sizes its output from the data, a host sync.
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=device).scatter_add_(0, flat, torch.ones_like(flat))
+    counts = counts[:num_experts]  # [E]
     padded = (counts + block_m - 1) // block_m * block_m  # [E]
     ends = padded.cumsum(0)  # [E] end of each expert's padded run
     capacity = n + num_experts * (block_m - 1)
