@@ -77,27 +77,19 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = TOKENIZER_VOCAB_
     return out_dir
 
 
+# What every tiny checkpoint shares: the test tokenizer's vocabulary and special ids, 4 heads of 16 over 2 KV
+# heads, 256 positions, an untied head.
+TINY_SHAPE = dict(vocab_size=TOKENIZER_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+                  tie_word_embeddings=False)
+
+
 def tiny_mixtral_config(**overrides):
     """A transformers MixtralConfig small enough for CPU tests."""
     from transformers import MixtralConfig
 
-    values = dict(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    values.update(overrides)
-    return MixtralConfig(**values)
+    return MixtralConfig(**(TINY_SHAPE | dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2,
+                                              rms_norm_eps=1e-5) | overrides))
 
 
 def redraw_weights(model: torch.nn.Module, seed: int) -> None:
@@ -126,52 +118,19 @@ def tiny_qwen2_moe_config(**overrides):
     """A transformers Qwen2MoeConfig small enough for CPU tests: a shared expert, and layer 1 dense."""
     from transformers import Qwen2MoeConfig
 
-    values = dict(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,  # the dense layer's MLP
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_experts=4,
-        num_experts_per_tok=2,
-        mlp_only_layers=[1],
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    values.update(overrides)
-    return Qwen2MoeConfig(**values)
+    # intermediate_size is the dense layer's MLP
+    return Qwen2MoeConfig(**(TINY_SHAPE | dict(moe_intermediate_size=32, shared_expert_intermediate_size=96,
+                                               num_hidden_layers=3, num_experts=4, num_experts_per_tok=2,
+                                               mlp_only_layers=[1], rms_norm_eps=1e-6) | overrides))
 
 
 def tiny_qwen3_moe_config(**overrides):
     """A transformers Qwen3MoeConfig small enough for CPU tests; head_dim is not hidden_size / heads."""
     from transformers import Qwen3MoeConfig
 
-    values = dict(
-        vocab_size=TOKENIZER_VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_experts=8,
-        num_experts_per_tok=2,
-        norm_topk_prob=True,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-6,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    values.update(overrides)
-    return Qwen3MoeConfig(**values)
+    return Qwen3MoeConfig(**(TINY_SHAPE | dict(moe_intermediate_size=32, num_hidden_layers=2, head_dim=32,
+                                               num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                               rms_norm_eps=1e-6) | overrides))
 
 
 def build_tiny(architecture: str, config, out_dir: str | Path, seed: int = 0, *,

@@ -54,17 +54,8 @@ class AttentionBackend(Backend):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
 
     @abstractmethod
-    def rotate_and_store(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        slots: torch.Tensor,
-        cache: PagedKVCache,
-        layer: int,
-    ) -> torch.Tensor:
+    def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         slots: torch.Tensor, cache: PagedKVCache, layer: int) -> torch.Tensor:
         """Rotate q [N, nh, D] and k [N, n_kv, D] by cos, sin [N, D], store k and v at `slots` [N]; the rotated q."""
 
     @abstractmethod
@@ -87,17 +78,8 @@ class TorchAttention(AttentionBackend):
     def serves(cls, target: Target) -> bool:
         return True
 
-    def rotate_and_store(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        slots: torch.Tensor,
-        cache: PagedKVCache,
-        layer: int,
-    ) -> torch.Tensor:
+    def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         slots: torch.Tensor, cache: PagedKVCache, layer: int) -> torch.Tensor:
         q = apply_rotary(q, cos, sin)
         cache.write(layer, slots, apply_rotary(k, cos, sin), v)
         return q
@@ -133,17 +115,8 @@ class NativeAttention(TorchAttention):
     def serves(cls, target: Target) -> bool:
         return target.native
 
-    def rotate_and_store(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        slots: torch.Tensor,
-        cache: PagedKVCache,
-        layer: int,
-    ) -> torch.Tensor:
+    def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         slots: torch.Tensor, cache: PagedKVCache, layer: int) -> torch.Tensor:
         # One pass: rotate q and k, store k and v in their cache slots (what `PagedKVCache.write` does).
         return native.rotary_store(q, k, v, cos, sin, slots, cache.k[layer], cache.v[layer])
 

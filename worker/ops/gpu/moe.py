@@ -91,6 +91,19 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_ids: It
 
 
 @triton.jit
+def _row_block(sorted_rows_ptr, block_expert_ptr, num_padded_ptr, num_assignments, num_experts,
+               BLOCK_M: tl.constexpr):
+    """This program's block of sorted rows: whether it has work, its expert, the rows [BM], their assignments, and
+    which of them are real (not padding)."""
+    pid_m = tl.program_id(0)
+    expert = tl.load(block_expert_ptr + pid_m)
+    active = (pid_m * BLOCK_M < tl.load(num_padded_ptr)) & (expert < num_experts)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    assignment = tl.load(sorted_rows_ptr + rows)
+    return active, expert, rows, assignment, assignment < num_assignments
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w13_ptr, out_ptr, sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
     num_assignments, top_k, hidden, inter, num_experts,
@@ -99,17 +112,12 @@ def _gate_up_kernel(
     PRECISION: tl.constexpr,
 ):
     """out[r, n] = silu(x[token(r)] . w13[e, n]) * (x[token(r)] . w13[e, inter + n]) for a block of rows and columns."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    active, expert, rows, assignment, valid = _row_block(sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
+                                                         num_assignments, num_experts, BLOCK_M)
+    if not active:
         return
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert >= num_experts:
-        return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM] padded rows
-    assignment = tl.load(sorted_rows_ptr + rows)
-    valid = assignment < num_assignments
     token = assignment // top_k
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate columns
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] intermediate columns
     col_ok = cols < inter
     ks = tl.arange(0, BLOCK_K)
     w_expert = w13_ptr + expert.to(tl.int64) * stride_we
@@ -141,16 +149,11 @@ def _down_kernel(
     PRECISION: tl.constexpr,
 ):
     """out[assignment(r), n] = weight(r) * (act[r] . w2[e, n]) for a block of rows and output columns (float32)."""
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+    active, expert, rows, assignment, valid = _row_block(sorted_rows_ptr, block_expert_ptr, num_padded_ptr,
+                                                         num_assignments, num_experts, BLOCK_M)
+    if not active:
         return
-    expert = tl.load(block_expert_ptr + pid_m)
-    if expert >= num_experts:
-        return
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    assignment = tl.load(sorted_rows_ptr + rows)
-    valid = assignment < num_assignments
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden columns
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] hidden columns
     col_ok = cols < hidden
     ks = tl.arange(0, BLOCK_K)
     w_expert = w2_ptr + expert.to(tl.int64) * stride_we
