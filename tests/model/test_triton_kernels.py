@@ -120,7 +120,7 @@ def test_alignment_gives_each_block_one_expert_and_every_assignment_one_row(kern
 def test_block_sizes_come_from_the_tuned_table_for_the_device_else_a_heuristic(kernels, tmp_path, monkeypatch):
     moe = kernels["moe"]
     monkeypatch.setenv("MOEMESH_CACHE_DIR", str(tmp_path))
-    moe._tuned_configs.cache_clear()
+    moe.forget_tuned()
     cpu = torch.device("cpu")
     assert moe.moe_config(32, 8, 2048, 5632, cpu).block_m == 16, "decode-sized: 4 rows per expert"
     assert moe.moe_config(32 * 1024, 8, 2048, 5632, cpu).block_m == 64, "prefill-sized: 4096 rows per expert"
@@ -130,7 +130,7 @@ def test_block_sizes_come_from_the_tuned_table_for_the_device_else_a_heuristic(k
     assert moe.moe_config(129, 8, 2048, 5632, cpu) != tuned
     stored = json.loads((tmp_path / "triton" / moe.TUNED_FILE).read_text())
     assert stored["cpu"]["E=8,H=2048,I=5632,M=128"]["block_n"] == 128
-    moe._tuned_configs.cache_clear()
+    moe.forget_tuned()
 
 
 # --- paged decode attention -------------------------------------------------------------------------------------

@@ -220,6 +220,7 @@ def fused_experts(
 TUNED_FILE = "moe_configs.json"
 
 
+@functools.lru_cache(maxsize=1024)  # asked every layer of every step: one lookup, not a file read and a device query
 def moe_config(assignments: int, num_experts: int, hidden: int, inter: int, device: torch.device) -> MoEConfig:
     """Block sizes for this shape: what `tune` measured on this kind of device, else a heuristic."""
     tuned = _tuned_configs(_device_name(device)).get(_shape_key(assignments, num_experts, hidden, inter))
@@ -285,4 +286,10 @@ def _store_tuned(device_name: str, key: str, config: MoEConfig) -> None:
     table = json.loads(path.read_text()) if path.is_file() else {}
     table.setdefault(device_name, {})[key] = asdict(config)
     path.write_text(json.dumps(table, indent=1, sort_keys=True))
+    forget_tuned()
+
+
+def forget_tuned() -> None:
+    """Read the tuned table afresh on the next lookup (after `tune` stored one, or the cache directory moved)."""
     _tuned_configs.cache_clear()
+    moe_config.cache_clear()
