@@ -89,12 +89,14 @@ class _Flight:
 
 
 def merge_events(events: list[worker_pb2.RequestEvent]) -> worker_pb2.RequestEvent:
-    """A finished answer as one event (joined text, tokens and logprobs; the last event's finish and usage)."""
+    """A finished answer as one event (joined text, tokens and logprobs, prompt logprobs; the last event's finish
+    and usage)."""
     merged = worker_pb2.RequestEvent(request_id=events[-1].request_id, finish_reason=events[-1].finish_reason)
     merged.text = "".join(e.text for e in events)
     for event in events:
         merged.token_ids.extend(event.token_ids)
         merged.logprobs.extend(event.logprobs)
+        merged.prompt_logprobs.extend(event.prompt_logprobs)
     if events[-1].HasField("usage"):
         merged.usage.CopyFrom(events[-1].usage)
     return merged

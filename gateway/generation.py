@@ -101,7 +101,7 @@ class Generation:
                     self.clock.token()
                 response = generation_pb2.GenerateResponse(
                     request_id=self.public_id, index=index, text=event.text, token_ids=event.token_ids,
-                    logprobs=event.logprobs, model=self.model.id,
+                    logprobs=event.logprobs, model=self.model.id, prompt_logprobs=event.prompt_logprobs,
                 )
                 if event.finish_reason:
                     response.finish_reason = event.finish_reason

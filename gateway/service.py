@@ -48,6 +48,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             texts.append(event.text)
             result.token_ids.extend(event.token_ids)
             result.logprobs.extend(event.logprobs)
+            result.prompt_logprobs.extend(event.prompt_logprobs)
             result.request_id, result.model = event.request_id, event.model
             if event.finish_reason:
                 result.finish_reason = event.finish_reason

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from moemesh.gateway.config import GatewayConfig
 from moemesh.services.core.errors import InvalidRequest
+from moemesh.services.core.structured import grammar_of
 from moemesh.v1 import common_pb2, generation_pb2, models_pb2
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_TOOL_CALLS = 64
+MAX_TOOLS_BYTES = 256 * 1024
 
 
 def validate_size(request, config: GatewayConfig) -> None:
@@ -47,6 +51,25 @@ def _validate_prompt(prompt: common_pb2.Prompt) -> None:
         if message.role not in CHAT_ROLES:
             raise InvalidRequest(f"prompt.chat.messages[{i}].role",
                                  f"must be one of {sorted(CHAT_ROLES)}, got {message.role!r}")
+        if len(message.tool_calls) > MAX_TOOL_CALLS:
+            raise InvalidRequest(f"prompt.chat.messages[{i}].tool_calls",
+                                 f"at most {MAX_TOOL_CALLS} calls, got {len(message.tool_calls)}")
+        for j, call in enumerate(message.tool_calls):
+            _check_json(f"prompt.chat.messages[{i}].tool_calls[{j}].arguments", call.arguments, dict)
+    if prompt.chat.tools:
+        if len(prompt.chat.tools.encode()) > MAX_TOOLS_BYTES:
+            raise InvalidRequest("prompt.chat.tools", f"at most {MAX_TOOLS_BYTES} bytes")
+        _check_json("prompt.chat.tools", prompt.chat.tools, list)
+
+
+def _check_json(field: str, text: str, kind: type) -> None:
+    """`text` must be JSON of `kind` (a list or a dict)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(field, f"is not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise InvalidRequest(field, f"must be a JSON {'array' if kind is list else 'object'}")
 
 
 def _check_range(field: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
@@ -57,7 +80,7 @@ def _check_range(field: str, value: float, low: float, high: float, *, low_open:
 
 def _validate_sampling(s: common_pb2.SamplingParams, model: models_pb2.ModelInfo, config: GatewayConfig) -> None:
     if s.HasField("max_tokens"):
-        _check_range("sampling.max_tokens", s.max_tokens, 1, model.max_output_tokens)
+        _check_range("sampling.max_tokens", s.max_tokens, 0, model.max_output_tokens)
     if s.HasField("temperature"):
         _check_range("sampling.temperature", s.temperature, 0.0, 2.0)
     if s.HasField("top_p"):
@@ -73,6 +96,10 @@ def _validate_sampling(s: common_pb2.SamplingParams, model: models_pb2.ModelInfo
         _check_range("sampling.repetition_penalty", s.repetition_penalty, 0.0, 2.0, low_open=True)
     if s.HasField("logprobs"):
         _check_range("sampling.logprobs", s.logprobs, 0, 20)
+    if s.HasField("prompt_logprobs"):
+        _check_range("sampling.prompt_logprobs", s.prompt_logprobs, 0, 20)
+    if s.HasField("structured"):
+        grammar_of(s.structured)
     if len(s.stop) > config.max_stop_sequences:
         raise InvalidRequest("sampling.stop", f"at most {config.max_stop_sequences} stop sequences, got {len(s.stop)}")
     for i, stop in enumerate(s.stop):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/common.proto\x12\nmoemesh.v1\":\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\"J\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.moemesh.v1.ChatMessagesH\x00\x42\x06\n\x04kind\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.moemesh.v1.ChatMessage\"\xd8\x03\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\t\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobs\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x1b\n\x13\x66rom_response_cache\x18\x04 \x01(\x08\"c\n\x07Timings\x12\x1b\n\x13time_to_first_token\x18\x01 \x01(\x01\x12\r\n\x05total\x18\x02 \x01(\x01\x12\r\n\x05queue\x18\x03 \x01(\x01\x12\x1d\n\x15time_per_output_token\x18\x04 \x01(\x01\"V\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.moemesh.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*U\n\tCacheMode\x12\x16\n\x12\x43\x41\x43HE_MODE_DEFAULT\x10\x00\x12\x17\n\x13\x43\x41\x43HE_MODE_NO_CACHE\x10\x01\x12\x17\n\x13\x43\x41\x43HE_MODE_NO_STORE\x10\x02*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x05\x42\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/common.proto\x12\nmoemesh.v1\"z\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12(\n\ntool_calls\x18\x04 \x03(\x0b\x32\x14.moemesh.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"J\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x18.moemesh.v1.ChatMessagesH\x00\x42\x06\n\x04kind\"H\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.moemesh.v1.ChatMessage\x12\r\n\x05tools\x18\x02 \x01(\t\"\xbc\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x1d\n\x10presence_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\t\x88\x01\x01\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\x30\n\nstructured\x18\x0e \x01(\x0b\x32\x1c.moemesh.v1.StructuredOutput\x12\x1c\n\x0fprompt_logprobs\x18\x0f \x01(\x05H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x93\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x13.moemesh.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07options\x18\x01 \x03(\t\"m\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\x12\x1b\n\x13\x66rom_response_cache\x18\x04 \x01(\x08\"c\n\x07Timings\x12\x1b\n\x13time_to_first_token\x18\x01 \x01(\x01\x12\r\n\x05total\x18\x02 \x01(\x01\x12\r\n\x05queue\x18\x03 \x01(\x01\x12\x1d\n\x15time_per_output_token\x18\x04 \x01(\x01\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12#\n\x03top\x18\x03 \x03(\x0b\x32\x16.moemesh.v1.TopLogprob\x12\r\n\x05token\x18\x04 \x01(\t\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c*U\n\tCacheMode\x12\x16\n\x12\x43\x41\x43HE_MODE_DEFAULT\x10\x00\x12\x17\n\x13\x43\x41\x43HE_MODE_NO_CACHE\x10\x01\x12\x17\n\x13\x43\x41\x43HE_MODE_NO_STORE\x10\x02*\xaf\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x1a\n\x16\x46INISH_REASON_DEADLINE\x10\x04\x12\x19\n\x15\x46INISH_REASON_CONTEXT\x10\x05\x42\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,26 +32,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.common_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
-  _globals['_CACHEMODE']._serialized_start=1112
-  _globals['_CACHEMODE']._serialized_end=1197
-  _globals['_FINISHREASON']._serialized_start=1200
-  _globals['_FINISHREASON']._serialized_end=1375
+  _globals['_CACHEMODE']._serialized_start=1556
+  _globals['_CACHEMODE']._serialized_end=1641
+  _globals['_FINISHREASON']._serialized_start=1644
+  _globals['_FINISHREASON']._serialized_end=1819
   _globals['_CHATMESSAGE']._serialized_start=39
-  _globals['_CHATMESSAGE']._serialized_end=97
-  _globals['_PROMPT']._serialized_start=99
-  _globals['_PROMPT']._serialized_end=173
-  _globals['_CHATMESSAGES']._serialized_start=175
-  _globals['_CHATMESSAGES']._serialized_end=232
-  _globals['_SAMPLINGPARAMS']._serialized_start=235
-  _globals['_SAMPLINGPARAMS']._serialized_end=707
-  _globals['_USAGE']._serialized_start=709
-  _globals['_USAGE']._serialized_end=818
-  _globals['_TIMINGS']._serialized_start=820
-  _globals['_TIMINGS']._serialized_end=919
-  _globals['_TOKENLOGPROB']._serialized_start=921
-  _globals['_TOKENLOGPROB']._serialized_end=1007
-  _globals['_TOPLOGPROB']._serialized_start=1009
-  _globals['_TOPLOGPROB']._serialized_end=1056
-  _globals['_TENSOR']._serialized_start=1058
-  _globals['_TENSOR']._serialized_end=1110
+  _globals['_CHATMESSAGE']._serialized_end=161
+  _globals['_TOOLCALL']._serialized_start=163
+  _globals['_TOOLCALL']._serialized_end=218
+  _globals['_PROMPT']._serialized_start=220
+  _globals['_PROMPT']._serialized_end=294
+  _globals['_CHATMESSAGES']._serialized_start=296
+  _globals['_CHATMESSAGES']._serialized_end=368
+  _globals['_SAMPLINGPARAMS']._serialized_start=371
+  _globals['_SAMPLINGPARAMS']._serialized_end=943
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=946
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1093
+  _globals['_CHOICES']._serialized_start=1095
+  _globals['_CHOICES']._serialized_end=1121
+  _globals['_USAGE']._serialized_start=1123
+  _globals['_USAGE']._serialized_end=1232
+  _globals['_TIMINGS']._serialized_start=1234
+  _globals['_TIMINGS']._serialized_end=1333
+  _globals['_TOKENLOGPROB']._serialized_start=1335
+  _globals['_TOKENLOGPROB']._serialized_end=1436
+  _globals['_TOPLOGPROB']._serialized_start=1438
+  _globals['_TOPLOGPROB']._serialized_end=1500
+  _globals['_TENSOR']._serialized_start=1502
+  _globals['_TENSOR']._serialized_end=1554
 # @@protoc_insertion_point(module_scope)

@@ -131,6 +131,7 @@ def _merge(first: worker_pb2.RequestEvent, second: worker_pb2.RequestEvent) -> w
     first.text += second.text
     first.token_ids.extend(second.token_ids)
     first.logprobs.extend(second.logprobs)
+    first.prompt_logprobs.extend(second.prompt_logprobs)
     first.finish_reason = second.finish_reason
     if second.HasField("usage"):
         first.usage.CopyFrom(second.usage)

@@ -10,16 +10,17 @@ from moemesh.worker.engine.sampling import SamplingParams
 
 
 def request(rid: str, prompt: list[int], **params) -> GenerationRequest:
-    """A greedy request ignoring EOS unless `params` say otherwise; `deadline` is the request's own field."""
-    deadline = params.pop("deadline", None)
+    """A greedy request ignoring EOS unless `params` say otherwise; `deadline` and `grammar` are the request's
+    own fields."""
+    deadline, grammar = params.pop("deadline", None), params.pop("grammar", None)
     params.setdefault("temperature", 0.0)
     params.setdefault("ignore_eos", True)
-    return GenerationRequest(rid, tuple(prompt), SamplingParams(**params), deadline=deadline)
+    return GenerationRequest(rid, tuple(prompt), SamplingParams(**params), deadline=deadline, grammar=grammar)
 
 
 def new_result() -> dict:
     """An empty record of one request's output."""
-    return {"ids": [], "text": "", "finish": None, "usage": None, "logprobs": []}
+    return {"ids": [], "text": "", "finish": None, "usage": None, "logprobs": [], "prompt_logprobs": []}
 
 
 def record(results: dict, out) -> None:
@@ -29,6 +30,7 @@ def record(results: dict, out) -> None:
     result["ids"] += out.token_ids
     result["text"] += out.text
     result["logprobs"] += out.logprobs
+    result["prompt_logprobs"] += out.prompt_logprobs
     if out.finish_reason:
         result["finish"] = out.finish_reason
         result["usage"] = (out.prompt_tokens, out.completion_tokens, out.cached_tokens)

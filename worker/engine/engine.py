@@ -20,12 +20,14 @@ import torch
 from moemesh.services.core.errors import InvalidRequest
 from moemesh.worker.engine.block_manager import BlockManager
 from moemesh.worker.engine.cuda_graphs import DecodeGraphs
+from moemesh.worker.engine.grammar import GrammarCompiler, advance
 from moemesh.worker.engine.model_runner import ModelRunner
 from moemesh.worker.engine.prefix_tier import KVTier, TierExchange
 from moemesh.worker.engine.requests import GenerationRequest, RequestOutput
+from moemesh.worker.engine.sampling import TokenLogprobs
 from moemesh.worker.engine.scheduler import ScheduledChunk, Scheduler
 from moemesh.worker.engine.sequence import EngineCounters, Sequence
-from moemesh.worker.engine.stops import append_token, take_output
+from moemesh.worker.engine.stops import append_token, finish_now, take_output
 from moemesh.worker.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 DEFAULT_BLOCK_SIZE = 16
@@ -80,6 +82,8 @@ class Engine:
         # exchange needs the cache, made once the scheduler has checked its limits.
         self.tier_exchange = TierExchange(self.cache, self.blocks, self.counters, writes=kv_tier_writes)
         self.kv_tier = kv_tier if enable_prefix_caching else None
+        # Structured outputs: grammars compiled against this tokenizer (by the caller's thread, see grammar.py).
+        self.grammars = GrammarCompiler(tokenizer, model.vocab_size)
 
     # ---- configuration and load ---------------------------------------------
     @property
@@ -143,7 +147,14 @@ class Engine:
         """Queue a request (after `check`); it joins the batch at a coming step."""
         self.check(request)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids=list(request.prompt_token_ids))
-        self.scheduler.add(Sequence.from_request(request, detokenizer))
+        seq = Sequence.from_request(request, detokenizer)
+        if request.grammar is not None:
+            seq.matcher = request.grammar.matcher()
+            if request.resume_token_ids:  # failover: the delivered tokens followed the grammar
+                seq.matcher.consume_tokens(list(request.resume_token_ids))
+        if request.params.prompt_logprobs is not None and not request.resume_token_ids:  # resumed: sent already
+            seq.prompt_logprobs = [TokenLogprobs(request.prompt_token_ids[0], 0.0)]
+        self.scheduler.add(seq)
 
     def abort(self, request_id: str, reason: str = "abort") -> None:
         """Mark a request to leave at the next step (waiting or running), freeing its blocks."""
@@ -172,11 +183,16 @@ class Engine:
         logits, sampling = self.runner.forward(scheduled)
         self.scheduler.advance(scheduled)
         finished = []
+        if any(seq.params.max_tokens == 0 for seq in sampling):  # a prompt scored, nothing generated
+            keep = [i for i, seq in enumerate(sampling) if seq.params.max_tokens > 0]
+            finished = [finish_now(seq, "length") for seq in sampling if seq.params.max_tokens == 0]
+            logits, sampling = logits[keep], [sampling[i] for i in keep]
         if sampling:
             result = self.runner.sample(logits, sampling)
             eos_token_ids, max_model_len = self.tokenizer.eos_token_ids, self.max_model_len
             for seq, token, logprobs in zip(sampling, result.token_ids, result.logprobs):
-                if append_token(seq, token, logprobs, eos_token_ids, max_model_len):
+                grammar_ended = seq.matcher is not None and advance(seq.matcher, token)
+                if append_token(seq, token, logprobs, eos_token_ids, max_model_len, grammar_ended=grammar_ended):
                     finished.append(seq)
             self.counters.generated_tokens += len(sampling)
         self.tier_exchange.flush()

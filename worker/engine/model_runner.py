@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moemesh.worker.engine.sampling import SampleResult, SamplingBatch, sample_tokens
+from moemesh.worker.engine.sampling import SampleResult, SamplingBatch, TokenLogprobs, sample_tokens
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 
 if TYPE_CHECKING:
     from moemesh.worker.engine.cuda_graphs import DecodeGraphs
+    from moemesh.worker.engine.grammar import MaskBuilder
     from moemesh.worker.engine.kv_cache import PagedKVCache
     from moemesh.worker.engine.scheduler import ScheduledChunk
     from moemesh.worker.engine.sequence import Sequence
@@ -27,18 +28,22 @@ class ModelRunner:
         self.graphs = graphs  # decode steps that fit replay a captured CUDA graph
         self.device = next(model.parameters()).device
         self.layer_windows = model.layer_windows
+        self._masks: MaskBuilder | None = None  # made at the first grammar-constrained step
 
     def forward(self, scheduled: list[ScheduledChunk]) -> tuple[torch.Tensor, list[Sequence]]:
         """Compute the chunks' keys and values into the cache; returns logits [S, V] and the S sequences they belong to.
 
         A sequence gets a logits row when its chunk reaches its last token (a
         decode, or a prompt's final chunk); earlier prompt chunks only fill the cache.
+        A prompt being scored (prompt logprobs) gets logits for every position;
+        they are turned into its prompt logprobs here.
         """
         chunks, sampling = [], []
         for seq, count in scheduled:
             start = seq.num_computed
             want_logits = start + count == len(seq.token_ids)
-            chunks.append(SequenceChunk(seq.token_ids[start : start + count], start, seq.block_table, want_logits))
+            chunks.append(SequenceChunk(seq.token_ids[start : start + count], start, seq.block_table, want_logits,
+                                        every_logits=seq.scores_prompt))
             if want_logits:
                 sampling.append(seq)
         if self.graphs is not None and self.graphs.serves(chunks):
@@ -46,7 +51,22 @@ class ModelRunner:
         batch = ForwardBatch.build(chunks, self.block_size, self.layer_windows, self.device)
         with torch.inference_mode():
             logits = self.model(batch, self.cache)  # [S, V], one row per chunk that wants logits
+        if any(chunk.every_logits for chunk in chunks):
+            logits = self._score_prompts(scheduled, chunks, logits)
         return logits, sampling
+
+    def _score_prompts(self, scheduled: list[ScheduledChunk], chunks: list[SequenceChunk],
+                       logits: torch.Tensor) -> torch.Tensor:
+        """Record the prompt logprobs of the scored chunks; returns the rows of the sequences that sample."""
+        keep, row = [], 0
+        for (seq, _), chunk in zip(scheduled, chunks):
+            count = len(chunk.token_ids) if chunk.every_logits else int(chunk.want_logits)
+            if chunk.every_logits:
+                _score(seq, chunk.start, logits[row : row + count])
+            if chunk.want_logits:
+                keep.append(row + count - 1)
+            row += count
+        return logits[keep]
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleResult:
         """The next token (and logprobs, where asked) of each sequence, from its row of `logits` [S, V]."""
@@ -59,4 +79,35 @@ class ModelRunner:
             )
         batch = SamplingBatch.build(params, [s.seed for s in seqs], [s.num_generated for s in seqs], self.device,
                                     **history)
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            if self._masks is None:
+                from moemesh.worker.engine.grammar import MaskBuilder
+
+                self._masks = MaskBuilder()
+            masks = self._masks.token_masks([seqs[i].matcher for i in constrained], logits.shape[1])
+            batch.constrain(constrained, masks, logits.shape[1])
         return sample_tokens(logits, batch, params)
+
+
+def _score(seq: Sequence, start: int, logits: torch.Tensor) -> None:
+    """Append the logprobs of the prompt tokens that the rows `logits` [T, V] (positions start..) predict.
+
+    Row k (position start + k) predicts token start + k + 1; rows past the prompt's
+    end predict generated tokens and are not scored here. Positions recomputed after a
+    preemption are not recorded twice.
+    """
+    targets = seq.token_ids[start + 1 : min(start + 1 + logits.shape[0], seq.num_prompt)]
+    if not targets:
+        return
+    logprobs = logits[: len(targets)].float().log_softmax(dim=-1)  # [T, V]
+    target = torch.tensor(targets, dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(1, target.unsqueeze(1)).squeeze(1).tolist()
+    k = min(seq.params.prompt_logprobs, logprobs.shape[1])
+    top_values, top_ids = ([[] for _ in targets],) * 2
+    if k > 0:
+        values, ids = logprobs.topk(k, dim=-1)
+        top_values, top_ids = values.tolist(), ids.tolist()
+    for offset, (token, value) in enumerate(zip(targets, chosen)):
+        if start + 1 + offset == len(seq.prompt_logprobs):  # the next one missing
+            seq.prompt_logprobs.append(TokenLogprobs(token, value, list(zip(top_ids[offset], top_values[offset]))))

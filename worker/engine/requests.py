@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from moemesh.worker.engine.sampling import SamplingParams, TokenLogprobs
+
+if TYPE_CHECKING:
+    from moemesh.worker.engine.grammar import Grammar
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,8 @@ class GenerationRequest:
     resume_token_ids: tuple[int, ...] = ()
     # Characters of the resumed tokens' text the client already has; the rest is emitted first.
     resume_text_chars: int = 0
+    # The compiled grammar the output must follow (structured outputs); None: free text.
+    grammar: Grammar | None = None
 
 
 @dataclass
@@ -36,3 +42,5 @@ class RequestOutput:
     cached_tokens: int = 0
     # One entry per token in token_ids when the request asked for logprobs, else empty.
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    # With prompt_logprobs, in the first output: one entry per prompt token (the first: logprob 0, no top).
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)

@@ -59,6 +59,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     # None: no logprobs; 0: the chosen token's only; n > 0: also the top n alternatives.
     logprobs: int | None = None
+    # The same for every prompt token after the first (scoring a prompt); None: none.
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -105,6 +107,17 @@ class SamplingBatch:
     output_ids: torch.Tensor | None = None  # [P, Lo] long, padded with -1
     # Prompt ids of rows with a repetition penalty (others all padding); None when no row has one.
     prompt_ids: torch.Tensor | None = None  # [P, Lp] long, padded with -1
+    # Grammar-constrained rows (see grammar.py): only their allowed tokens may be picked; None when no row is.
+    constrained_rows: torch.Tensor | None = None  # [R] long, row indices into the batch
+    allowed: torch.Tensor | None = None  # [R, V] bool
+
+    def constrain(self, rows: list[int], masks: torch.Tensor, vocab_size: int) -> None:
+        """Let rows `rows` pick only the tokens set in their bitmasks `masks` [R, ceil(V / 32)] int32."""
+        from moemesh.worker.engine.grammar import allowed_tokens
+
+        device = self.temperature.device
+        self.constrained_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        self.allowed = allowed_tokens(masks.to(device, non_blocking=True), vocab_size)
 
     @classmethod
     def build(
@@ -164,14 +177,23 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch, params: list[Sampl
     parameters, in the order ``batch`` was built from.
     """
     logits = _penalize(logits, batch)  # [B, V]
-    tokens = _pick(logits, batch)  # [B]
+    tokens = _pick(_constrain(logits, batch), batch)  # [B]
     token_ids = tokens.tolist()
     return SampleResult(token_ids=token_ids, logprobs=_logprobs(logits, tokens, token_ids, params))
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Pick one token per row of ``logits`` [B, V], penalties included; returns [B] long."""
-    return _pick(_penalize(logits, batch), batch)
+    """Pick one token per row of ``logits`` [B, V], penalties and grammars included; returns [B] long."""
+    return _pick(_constrain(_penalize(logits, batch), batch), batch)
+
+
+def _constrain(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Logits [B, V] with the tokens a constrained row's grammar forbids at -inf (out of place: logprobs are
+    reported from the unconstrained logits, the model's own distribution); unchanged when no row is constrained."""
+    if batch.constrained_rows is None:
+        return logits
+    rows = logits.index_select(0, batch.constrained_rows).masked_fill(~batch.allowed, float("-inf"))
+    return logits.index_copy(0, batch.constrained_rows, rows)
 
 
 def _pick(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -170,8 +170,9 @@ class Scheduler:
 
     def _admit(self, seq: Sequence, budget: int) -> int:
         """Give a waiting sequence its prefix-cache hits and the blocks for its first chunk; 0 if they don't fit."""
-        # Leave at least one token to compute: its logits give the next token.
-        max_blocks = (len(seq.token_ids) - 1) // self.block_size
+        # Leave at least one token to compute: its logits give the next token. A prompt being scored
+        # computes every position.
+        max_blocks = (len(seq.token_ids) - 1) // self.block_size if not seq.scores_prompt else 0
         hits, hashes = self.blocks.match_prefix(seq.token_ids, max_blocks)
         matched = self.external.match(seq.token_ids, hashes, len(hits), max_blocks) if self.external is not None else []
         computed = (len(hits) + len(matched)) * self.block_size

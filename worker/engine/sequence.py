@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: importing them would pull torch into the scheduler
     from moemesh.worker.engine.requests import GenerationRequest
@@ -30,6 +30,10 @@ class Sequence:
     finish_reason: str | None = None
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    matcher: Any = None  # the grammar's state (an llguidance matcher) for a constrained request
+    # With prompt_logprobs: the prompt tokens' logprobs, filled as the prompt is computed; sent once, when full.
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs_sent: bool = False
 
     @classmethod
     def from_request(cls, request: GenerationRequest, detokenizer: IncrementalDetokenizer) -> Sequence:
@@ -57,6 +61,12 @@ class Sequence:
     @property
     def num_prompt(self) -> int:
         return len(self.request.prompt_token_ids)
+
+    @property
+    def scores_prompt(self) -> bool:
+        """True while the prompt's logprobs are wanted and not all computed (its prefix is then not taken
+        from the cache: a cached position has no logits)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt
 
 
 @dataclass

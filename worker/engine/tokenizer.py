@@ -64,6 +64,7 @@ class Tokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(eos_ids)
         self.chat_template = chat_template
         self._template = _compile_chat_template(chat_template or DEFAULT_CHAT_TEMPLATE)
+        self._token_texts: dict[int, str] = {}
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -104,6 +105,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens are dropped unless asked for."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text decoded alone, special tokens included (logprobs name tokens by it); remembered."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.backend.decode([token_id], skip_special_tokens=False)
+        return text
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **extra) -> str:
         """Render a conversation to prompt text with the checkpoint's chat template."""

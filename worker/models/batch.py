@@ -26,6 +26,7 @@ class SequenceChunk:
     start: int  # position of the first new token; earlier positions are in the cache already
     block_table: Sequence[int]  # blocks covering positions [0, start + len(token_ids))
     want_logits: bool = True  # logits of the last new token are needed (False: a prompt chunk that is not the last)
+    every_logits: bool = False  # logits of every new token are needed (scoring a prompt), the last one last
 
 
 @dataclass
@@ -131,6 +132,12 @@ class ForwardBatch:
         if all_logits:
             logits_indices = None
         else:
-            logits_indices = tensor([rows[i].stop - 1 for i, c in enumerate(chunks) if c.want_logits])
+            indices = []
+            for i, c in enumerate(chunks):
+                if c.every_logits:
+                    indices.extend(range(rows[i].start, rows[i].stop))
+                elif c.want_logits:
+                    indices.append(rows[i].stop - 1)
+            logits_indices = tensor(indices)
         input_ids, input_positions, input_slots = tensor([ids, positions, slots])  # one tensor, three row views
         return cls(input_ids, input_positions, input_slots, groups, list(layer_windows), logits_indices, rows)

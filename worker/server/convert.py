@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from typing import TYPE_CHECKING
+
 from moemesh.v1 import common_pb2, worker_pb2
 from moemesh.worker.engine.requests import GenerationRequest, RequestOutput
 from moemesh.worker.engine.sampling import SamplingParams, TokenLogprobs
 from moemesh.worker.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from moemesh.worker.engine.grammar import Grammar
 
 FINISH_REASONS = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -47,6 +53,7 @@ def sampling_from_pb(pb: common_pb2.SamplingParams, defaults: dict) -> SamplingP
         frequency_penalty=float(pb.frequency_penalty) if pb.HasField("frequency_penalty") else 0.0,
         repetition_penalty=float(pick("repetition_penalty", 1.0) or 1.0),
         logprobs=pb.logprobs if pb.HasField("logprobs") else None,
+        prompt_logprobs=pb.prompt_logprobs if pb.HasField("prompt_logprobs") else None,
     )
 
 
@@ -56,13 +63,31 @@ def prompt_token_ids(work: worker_pb2.GenerationWork, tokenizer: Tokenizer) -> t
         return tuple(work.prompt_token_ids)
     kind = work.prompt.WhichOneof("kind")
     if kind == "chat":
-        messages = [{"role": m.role, "content": m.content, **({"name": m.name} if m.name else {})}
-                    for m in work.prompt.chat.messages]
-        return tuple(tokenizer.encode(tokenizer.apply_chat_template(messages), add_bos=False))
+        chat = work.prompt.chat
+        extra = {"tools": json.loads(chat.tools)} if chat.tools else {}
+        text = tokenizer.apply_chat_template([chat_message(m) for m in chat.messages], **extra)
+        return tuple(tokenizer.encode(text, add_bos=False))
     return tuple(tokenizer.encode(work.prompt.text, add_bos=True))
 
 
-def request_from_pb(work: worker_pb2.GenerationWork, tokenizer: Tokenizer, defaults: dict) -> GenerationRequest:
+def chat_message(message: common_pb2.ChatMessage) -> dict:
+    """A chat message as chat templates take it (OpenAI's shape; tool call arguments as parsed JSON, which is
+    what the published templates expect)."""
+    result = {"role": message.role, "content": message.content}
+    if message.name:
+        result["name"] = message.name
+    if message.tool_calls:
+        result["tool_calls"] = [{"id": c.id, "type": "function",
+                                 "function": {"name": c.name, "arguments": json.loads(c.arguments or "{}")}}
+                                for c in message.tool_calls]
+    if message.tool_call_id:
+        result["tool_call_id"] = message.tool_call_id
+    return result
+
+
+def request_from_pb(work: worker_pb2.GenerationWork, tokenizer: Tokenizer, defaults: dict,
+                    grammar: Grammar | None = None) -> GenerationRequest:
+    """The engine's request; `grammar` is the compiled `sampling.structured` (the caller compiles it)."""
     return GenerationRequest(
         request_id=work.request_id,
         prompt_token_ids=prompt_token_ids(work, tokenizer),
@@ -70,17 +95,19 @@ def request_from_pb(work: worker_pb2.GenerationWork, tokenizer: Tokenizer, defau
         deadline=work.deadline_unix or None,
         resume_token_ids=tuple(work.resume_token_ids),
         resume_text_chars=work.resume_text_chars,
+        grammar=grammar,
     )
 
 
-def output_to_pb(output: RequestOutput) -> worker_pb2.RequestEvent:
-    """One step's output of one request as a RequestEvent, logprobs included when it has them."""
+def output_to_pb(output: RequestOutput, tokenizer: Tokenizer) -> worker_pb2.RequestEvent:
+    """One step's output of one request as a RequestEvent, logprobs (with token texts) included when it has them."""
     event = worker_pb2.RequestEvent(
         request_id=output.request_id,
         text=output.text,
         token_ids=output.token_ids,
-        logprobs=[logprob_to_pb(lp) for lp in output.logprobs],
+        logprobs=[logprob_to_pb(lp, tokenizer) for lp in output.logprobs],
         finish_reason=FINISH_REASONS[output.finish_reason],
+        prompt_logprobs=[logprob_to_pb(lp, tokenizer) for lp in output.prompt_logprobs],
     )
     if output.finish_reason is not None:
         event.usage.CopyFrom(common_pb2.Usage(
@@ -91,10 +118,13 @@ def output_to_pb(output: RequestOutput) -> worker_pb2.RequestEvent:
     return event
 
 
-def logprob_to_pb(logprob: TokenLogprobs) -> common_pb2.TokenLogprob:
-    """A sampled token's logprob and its top alternatives (best first) as a TokenLogprob."""
+def logprob_to_pb(logprob: TokenLogprobs, tokenizer: Tokenizer) -> common_pb2.TokenLogprob:
+    """A token's logprob and its top alternatives (best first) as a TokenLogprob, each with its text."""
+    text = tokenizer.token_text
     return common_pb2.TokenLogprob(
         token_id=logprob.token_id,
         logprob=logprob.logprob,
-        top=[common_pb2.TopLogprob(token_id=token_id, logprob=value) for token_id, value in logprob.top],
+        token=text(logprob.token_id),
+        top=[common_pb2.TopLogprob(token_id=token_id, logprob=value, token=text(token_id))
+             for token_id, value in logprob.top],
     )

@@ -61,7 +61,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             for output in outputs:
                 if output.finish_reason is not None:
                     mine.discard(output.request_id)
-            outbox.put_nowait(worker_pb2.EventBatch(events=[output_to_pb(o) for o in outputs]))
+            outbox.put_nowait(worker_pb2.EventBatch(events=[output_to_pb(o, self.tokenizer) for o in outputs]))
 
         reader = asyncio.create_task(self._read(request_iterator, deliver, mine, outbox))
         try:
@@ -76,31 +76,58 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 self.runner.abort(request_id, "abort")
 
     async def _read(self, request_iterator, deliver, mine: set[str], outbox: asyncio.Queue) -> None:
-        async for message in request_iterator:
-            if message.WhichOneof("kind") == "cancel":
-                self.runner.abort(message.cancel.request_id, "abort")
-                continue
-            error = self._submit(message.add, deliver)
-            if error is None:
-                mine.add(message.add.request_id)
-            else:
-                outbox.put_nowait(worker_pb2.EventBatch(events=[error]))
+        compiling: dict[str, asyncio.Task] = {}  # structured requests waiting for their grammar
+        try:
+            async for message in request_iterator:
+                if message.WhichOneof("kind") == "cancel":
+                    task = compiling.pop(message.cancel.request_id, None)
+                    if task is not None:
+                        task.cancel()
+                    self.runner.abort(message.cancel.request_id, "abort")
+                    continue
+                work = message.add
+                if work.sampling.HasField("structured"):  # compiled on a thread: nobody else waits for it
+                    task = asyncio.create_task(self._submit_structured(work, deliver, mine, outbox))
+                    compiling[work.request_id] = task
+                    task.add_done_callback(lambda _, rid=work.request_id: compiling.pop(rid, None))
+                    continue
+                self._accept(work, self._submit(work, deliver), mine, outbox)
+        finally:
+            for task in compiling.values():
+                task.cancel()
         outbox.put_nowait(None)  # the scheduler closed its side
 
-    def _submit(self, work: worker_pb2.GenerationWork, deliver) -> worker_pb2.RequestEvent | None:
+    @staticmethod
+    def _accept(work: worker_pb2.GenerationWork, error: worker_pb2.RequestEvent | None, mine: set[str],
+                outbox: asyncio.Queue) -> None:
+        if error is None:
+            mine.add(work.request_id)
+        else:
+            outbox.put_nowait(worker_pb2.EventBatch(events=[error]))
+
+    async def _submit_structured(self, work: worker_pb2.GenerationWork, deliver, mine: set[str],
+                                 outbox: asyncio.Queue) -> None:
+        """Compile the request's grammar (cached by text), then hand it to the engine like any other."""
+        try:
+            grammar = await asyncio.to_thread(self.runner.engine.grammars.compile_spec, work.sampling.structured)
+        except MeshError as exc:
+            self._accept(work, _error_event(work, exc), mine, outbox)
+            return
+        self._accept(work, self._submit(work, deliver, grammar), mine, outbox)
+
+    def _submit(self, work: worker_pb2.GenerationWork, deliver, grammar=None) -> worker_pb2.RequestEvent | None:
         """Hand one request to the engine; a refusal becomes that request's error event."""
         try:
             if self.draining:
                 raise Unavailable("worker is draining")
             if work.model and work.model != self.model_id:
                 raise NotFound(f"model {work.model!r} is not served by this worker")
-            request = request_from_pb(work, self.tokenizer, self.generation_defaults)
+            request = request_from_pb(work, self.tokenizer, self.generation_defaults, grammar)
             self.runner.submit(request, deliver)
         except MeshError as exc:
-            return worker_pb2.RequestEvent(
-                request_id=work.request_id,
-                error=worker_pb2.RequestError(code=exc.code, message=str(exc)),
-            )
+            return _error_event(work, exc)
+        except ValueError as exc:  # the chat template refused the messages, or a tool call's arguments
+            return _error_event(work, InvalidRequest("prompt", str(exc)))
         return None
 
     async def Embed(self, request: worker_pb2.EmbedWork, context: grpc.aio.ServicerContext) -> worker_pb2.EmbedResult:
@@ -113,6 +140,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         # On the engine thread, between steps: the process's one tensor-computing thread (see runner.py).
         result = await self.runner.call(_embed, embedder, list(request.inputs), request.normalize)
         return result
+
+
+def _error_event(work: worker_pb2.GenerationWork, exc: MeshError) -> worker_pb2.RequestEvent:
+    return worker_pb2.RequestEvent(request_id=work.request_id,
+                                   error=worker_pb2.RequestError(code=exc.code, message=str(exc)))
 
 
 def _embed(embedder: EmbeddingModel, inputs: list[str], normalize: bool) -> worker_pb2.EmbedResult:
