@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import re
 
+import grpc
 import jsonschema
 import openai
 import pytest
 
 from moemesh.local import start_mesh, stop_mesh
+from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from tests.support.checkpoints import build_tiny_tools_mixtral
 
 MODEL = "tiny-tools"
@@ -210,3 +212,72 @@ def test_echo_with_max_tokens_zero_scores_the_prompt(client):
     assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
     assert all(token in top and len(top) <= 3 for token, top in zip(logprobs.tokens[1:], logprobs.top_logprobs[1:]))
     assert "".join(logprobs.tokens).endswith(prompt), "tokens are their text"
+
+
+# ---- the same features over gRPC -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stub(mesh):
+    with grpc.insecure_channel(mesh.gateway) as channel:
+        yield generation_pb2_grpc.GenerationStub(channel)
+
+
+def grpc_request(prompt: str, cache_mode=common_pb2.CACHE_MODE_NO_CACHE, **sampling) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(model=MODEL, prompt=common_pb2.Prompt(text=prompt), cache_mode=cache_mode,
+                                          sampling=common_pb2.SamplingParams(**sampling))
+
+
+def test_grpc_callers_get_structured_outputs_too(stub):
+    schema = common_pb2.StructuredOutput(json_schema=json.dumps(INVOICE_SCHEMA))
+    answer = stub.Complete(grpc_request("Extract the invoice:", max_tokens=400, temperature=0.0, structured=schema),
+                           timeout=120)
+    assert answer.finish_reason == common_pb2.FINISH_REASON_STOP
+    assert_follows(INVOICE_SCHEMA, answer.text)
+    # Streamed, the events join to the same text.
+    events = list(stub.Generate(grpc_request("Extract the invoice:", max_tokens=400, temperature=0.0,
+                                             structured=schema), timeout=120))
+    assert "".join(e.text for e in events) == answer.text
+
+
+def test_grpc_grammar_errors_are_invalid_argument_naming_the_field(stub, mesh):
+    cases = [(common_pb2.StructuredOutput(json_schema='{"type": "frob"}'), "sampling.structured.json_schema"),
+             (common_pb2.StructuredOutput(regex="(?<=a)b"), "sampling.structured.regex"),
+             (common_pb2.StructuredOutput(grammar="start: missing"), "sampling.structured.grammar"),
+             (common_pb2.StructuredOutput(), "sampling.structured")]
+    for spec, field in cases:
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Complete(grpc_request("x", max_tokens=4, structured=spec), timeout=30)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert raised.value.details().startswith(f"{field}: "), raised.value.details()
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.Complete(grpc_request("x", max_tokens=4, prompt_logprobs=21), timeout=30)
+    assert raised.value.details().startswith("sampling.prompt_logprobs: ")
+    assert mesh.process.poll() is None
+
+
+def test_grpc_prompt_scoring_with_token_texts(stub):
+    answer = stub.Complete(grpc_request("Invoice INV-1234 is paid.", max_tokens=0, prompt_logprobs=2,
+                                        cache_mode=common_pb2.CACHE_MODE_NO_STORE), timeout=60)
+    assert answer.finish_reason == common_pb2.FINISH_REASON_LENGTH and not answer.token_ids
+    entries = answer.prompt_logprobs
+    assert len(entries) == answer.usage.prompt_tokens > 3
+    assert entries[0].logprob == 0.0 and not entries[0].top
+    assert all(e.logprob <= 0.0 and len(e.top) == 2 for e in entries[1:])
+    # Token texts, joined, spell the prompt after BOS (the tiny tokenizer's pieces are byte-level BPE).
+    assert "".join(e.token for e in entries[1:]) == "Invoice INV-1234 is paid."
+    sampled = stub.Complete(grpc_request("Invoice", max_tokens=3, temperature=0.0, logprobs=1), timeout=60)
+    assert [lp.token for lp in sampled.logprobs] != [] and all(lp.token and lp.top[0].token for lp in sampled.logprobs)
+
+
+def test_the_response_cache_tells_grammars_apart(stub):
+    """Same prompt and sampling, another grammar: another answer, never the cached one of the first."""
+    digits = common_pb2.StructuredOutput(regex="[0-9]{3}")
+    letters = common_pb2.StructuredOutput(regex="[a-z]{3}")
+    first = [stub.Complete(grpc_request("Code:", max_tokens=8, temperature=0.0, structured=spec,
+                                        cache_mode=common_pb2.CACHE_MODE_DEFAULT), timeout=60) for spec in
+             (digits, letters)]
+    again = [stub.Complete(grpc_request("Code:", max_tokens=8, temperature=0.0, structured=spec,
+                                        cache_mode=common_pb2.CACHE_MODE_DEFAULT), timeout=60) for spec in
+             (digits, letters)]
+    assert re.fullmatch("[0-9]{3}", first[0].text) and re.fullmatch("[a-z]{3}", first[1].text)
+    assert [a.text for a in again] == [f.text for f in first]
+    assert again[1].usage.from_response_cache
