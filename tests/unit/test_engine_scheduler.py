@@ -12,7 +12,7 @@ import pytest
 from moemesh.worker.engine.block_manager import BlockManager
 from moemesh.worker.engine.requests import GenerationRequest
 from moemesh.worker.engine.sampling import SamplingParams
-from moemesh.worker.engine.scheduler import Scheduler
+from moemesh.worker.engine.scheduler import SCORED_CHUNK_TOKENS, Scheduler
 from moemesh.worker.engine.sequence import Sequence
 
 BLOCK = 4
@@ -251,3 +251,15 @@ def test_an_external_prefix_cache_extends_the_local_hits():
     assert external.loaded == seq.block_table[:2], "the fetched blocks are the sequence's first two"
     assert seq.cached_tokens == 8 and scheduler.counters.prefix_hit_tokens == 8
     assert external.filled == [("a", 2)], "only the computed block that became full is reported"
+
+
+def test_a_prompt_being_scored_is_computed_in_bounded_chunks():
+    scheduler = make_scheduler(num_blocks=256, budget=2048)
+    scored, other = sequence("scored", 600), sequence("other", 600)
+    scored.prompt_logprobs = []  # asked for; the model runner appends one entry per position computed
+    for seq in (scored, other):
+        scheduler.add(seq)
+    first = dict(step(scheduler))
+    assert first == {"scored": SCORED_CHUNK_TOKENS, "other": 600}  # the budget went to the unscored prompt
+    scored.prompt_logprobs += [None] * SCORED_CHUNK_TOKENS
+    assert dict(step(scheduler))["scored"] == SCORED_CHUNK_TOKENS

@@ -28,6 +28,9 @@ from moemesh.worker.engine.sequence import EngineCounters, Sequence
 
 log = logging.getLogger(__name__)
 
+# A prompt being scored (prompt logprobs) is computed in chunks of at most this many tokens.
+SCORED_CHUNK_TOKENS = 256
+
 # One sequence's share of a step: the sequence and how many of its tokens the step computes.
 ScheduledChunk = tuple[Sequence, int]
 
@@ -142,7 +145,7 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
-            count = min(len(seq.token_ids) - seq.num_computed, budget)
+            count = min(len(seq.token_ids) - seq.num_computed, budget, self._chunk_limit(seq))
             need = self.blocks.blocks_for(seq.num_computed + count) - len(seq.block_table)
             while need > self.blocks.num_free and self.running[-1] is not seq:
                 self._preempt(self.running[-1])
@@ -176,7 +179,7 @@ class Scheduler:
         hits, hashes = self.blocks.match_prefix(seq.token_ids, max_blocks)
         matched = self.external.match(seq.token_ids, hashes, len(hits), max_blocks) if self.external is not None else []
         computed = (len(hits) + len(matched)) * self.block_size
-        count = min(len(seq.token_ids) - computed, budget)
+        count = min(len(seq.token_ids) - computed, budget, self._chunk_limit(seq))
         need = self.blocks.blocks_for(computed + count) - len(hits)
         hits_now_free = sum(1 for block in hits if self.blocks.ref_count[block] == 0)
         if need > self.blocks.num_free - hits_now_free:
@@ -194,6 +197,13 @@ class Scheduler:
             seq.cached_tokens = min(computed, seq.num_prompt)
         self.counters.prefix_hit_tokens += computed
         return count
+
+    @staticmethod
+    def _chunk_limit(seq: Sequence) -> int:
+        """At most this many of the sequence's tokens in one step: a prompt being scored returns float32
+        logits for every position ([T, vocab]: 600 MB for 1,024 tokens of a 150k vocabulary), so its chunks
+        are kept small."""
+        return SCORED_CHUNK_TOKENS if seq.scores_prompt else len(seq.token_ids)
 
     def _preempt(self, seq: Sequence) -> None:
         """Release a running sequence's blocks and requeue it at the front, to recompute later."""
