@@ -92,6 +92,24 @@ def test_rest_callers_reach_the_grpc_api_through_transcoding(edge):
     assert caught.value.code == 400, "INVALID_ARGUMENT maps to 400 through the transcoder"
 
 
+def test_rest_callers_get_structured_outputs_through_transcoding(edge):
+    """The contract's structured field in REST's JSON names (jsonSchema, regex, choice.options)."""
+    def complete(structured: dict) -> dict:
+        body = json.dumps({"prompt": {"text": "Status:"}, "cache_mode": "CACHE_MODE_NO_STORE",
+                           "sampling": {"max_tokens": 40, "temperature": 0, "structured": structured}}).encode()
+        request = urllib.request.Request(f"http://{edge['address']}/rest/v1/complete", data=body,
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        return json.loads(urllib.request.urlopen(request, timeout=60).read())
+
+    schema = {"type": "object", "properties": {"status": {"enum": ["open", "paid"]}}, "required": ["status"],
+              "additionalProperties": False}
+    assert json.loads(complete({"jsonSchema": json.dumps(schema)})["text"])["status"] in ("open", "paid")
+    assert complete({"choice": {"options": ["open", "paid"]}})["text"] in ("open", "paid")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        complete({"regex": "(?<=x)y"})
+    assert caught.value.code == 400
+
+
 def test_requests_survive_one_gateway_being_stopped(edge):
     with grpc.insecure_channel(edge["address"]) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
