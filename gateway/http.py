@@ -30,8 +30,9 @@ async def healthz() -> dict:
 
 
 @health.get("/readyz")
+@health.get("/health")  # the route vLLM and TGI serve, which load balancers and benchmark tools probe
 async def readyz(response: fastapi.Response, deps: Deps) -> dict:
-    """Readiness: connected to the scheduler. Redis is reported, not required."""
+    """Readiness: connected to the scheduler. Redis is reported, not required. Also served as /health."""
     if deps.redis is None:
         cache = "disabled"
     else:
@@ -43,7 +44,7 @@ async def readyz(response: fastapi.Response, deps: Deps) -> dict:
 
 
 def create_app(deps: GatewayDeps) -> fastapi.FastAPI:
-    """The HTTP API; /healthz and /readyz are open, every /v1 route needs a credential unless in open mode."""
+    """The HTTP API; /healthz, /readyz and /health are open, every /v1 route needs a credential unless in open mode."""
     app = fastapi.FastAPI(title="moemesh gateway", version="v1")
     app.state.deps = deps
     add_error_handlers(app)

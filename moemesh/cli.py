@@ -24,7 +24,6 @@ from moemesh.v1 import (
     models_pb2,
     models_pb2_grpc,
 )
-from moemesh.worker.server.config import DEFAULT_MAX_NUM_SEQS
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -82,7 +81,7 @@ def certs(out, hosts) -> None:
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto = bf16 on CUDA, fp32 on CPU")
 @click.option("--max-num-seqs", type=click.IntRange(1, 4096), default=None,
-              help=f"sequences per engine step, per worker [default: {DEFAULT_MAX_NUM_SEQS}, the worker's]")
+              help="sequences per engine step, per worker [default: sized from the worker's KV pool]")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=pathlib.Path),
               help="once every service is healthy, write their addresses and pids here (JSON)")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
@@ -158,7 +157,8 @@ def _print_banner(ready: dict) -> None:
         f"  gateway gRPC   {gateway['address']}",
         *([f"  gateway HTTP   http://{gateway['http_address']}"] if gateway.get("http_address") else []),
         f"  scheduler      {ready['scheduler']['address']}",
-        *[f"  worker         {w['address']}  model={w.get('model')}" for w in ready["workers"]],
+        *[f"  worker         {w['address']}  model={w.get('model')}  "
+          f"KV {w.get('kv_tokens', 0):,} tokens, {w.get('max_num_seqs', 0)} sequences" for w in ready["workers"]],
         f"  redis          {ready['redis']['url']}",
         "",
         "Try:",
@@ -302,6 +302,68 @@ def health(target, service) -> None:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     click.echo(status)
     sys.exit(0 if status == "SERVING" else 1)
+
+
+# ---- bench ------------------------------------------------------------------
+@main.command()
+@click.option("--target", "targets", multiple=True, required=True,
+              help="grpc://HOST:PORT (the mesh's gRPC API) or http://HOST:PORT (any OpenAI-compatible server); "
+                   "repeat to measure several in turn")
+@click.option("--model", help="model id [default: the first generation model the server lists]")
+@click.option("--api-key", envvar="MOEMESH_API_KEY", help="sent as `authorization: Bearer` [env MOEMESH_API_KEY]")
+@click.option("--concurrency", help="closed loop: requests in flight; a list sweeps, e.g. 1,8,32 [default: 8]")
+@click.option("--rate", help="open loop: Poisson arrivals in requests/s (inf: all at once); a list sweeps, e.g. 1,2,4")
+@click.option("--requests", type=int, help="requests per level [default: 64, or unbounded with --duration]")
+@click.option("--duration", type=float, help="seconds per level during which requests are sent")
+@click.option("--warmup", type=int, default=2, show_default=True,
+              help="requests sent (all at once) before a target's first level, left out of the figures")
+@click.option("--prompt-tokens", type=int, default=256, show_default=True, help="synthetic prompts' length")
+@click.option("--output-tokens", type=int, default=128, show_default=True,
+              help="tokens generated per request (max_tokens with ignore_eos)")
+@click.option("--tokenizer", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+              help="checkpoint directory with tokenizer.json: prompts of exactly --prompt-tokens tokens "
+                   "[default: approximated from words]")
+@click.option("--prompt-file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="prompts to send instead of synthetic ones: one per line, or JSONL with a \"prompt\" field")
+@click.option("--shared-prefix-ratio", type=float, default=0.0, show_default=True,
+              help="fraction of each synthetic prompt that is a prefix common to all (prefix caching)")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--seed", type=int, default=0, show_default=True, help="the dataset's, the arrivals' and sampling's")
+@click.option("--allow-cache", is_flag=True, help="let requests use the mesh's response cache [default: bypass it]")
+@click.option("--goodput", help="limits in ms for goodput, e.g. ttft:500,tpot:50 (keys ttft, tpot, e2e)")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="deadline of each request, seconds")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="write every figure, the settings and versions here")
+@click.option("--png", "png_path", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="write a figure of throughput and latency percentiles against the load here")
+def bench(targets, model, api_key, concurrency, rate, requests, duration, warmup, prompt_tokens, output_tokens,
+          tokenizer, prompt_file, shared_prefix_ratio, temperature, seed, allow_cache, goodput, timeout, json_path,
+          png_path) -> None:
+    """Measure throughput and latency of a mesh (or any OpenAI-compatible server) under load.
+
+    Exits 1 when any measured request failed (errors are listed by status), 0 otherwise.
+    """
+    from moemesh.loadgen import config as bench_config
+    from moemesh.loadgen.main import prepare, run
+
+    if concurrency and rate:
+        raise click.UsageError("give --concurrency or --rate, not both")
+    try:
+        config = bench_config.BenchConfig(
+            targets=tuple(bench_config.parse_target(t) for t in targets),
+            levels=bench_config.parse_levels("rate", rate) if rate else
+            bench_config.parse_levels("concurrency", concurrency or "8"),
+            dataset=bench_config.DatasetConfig(
+                prompt_tokens=prompt_tokens, output_tokens=output_tokens, shared_prefix_ratio=shared_prefix_ratio,
+                tokenizer_dir=tokenizer, prompt_file=prompt_file),
+            model=model, api_key=api_key, duration=duration,
+            requests=64 if requests is None and duration is None else requests,
+            warmup=warmup, temperature=temperature, seed=seed, allow_cache=allow_cache, timeout=timeout,
+            goodput=bench_config.parse_goodput(goodput) if goodput else None)
+        dataset = prepare(config)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    sys.exit(run(config, dataset, json_path, png_path))
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def test_one_audit_record_per_request_without_prompt_text(mesh):
     run(mesh, secret, temperature=0.0)
     run(mesh, secret, temperature=0.0)  # a cache hit
     with pytest.raises(grpc.RpcError):
-        run(mesh, secret, max_tokens=0)
+        run(mesh, secret, max_tokens=-1)
     time.sleep(0.5)  # the log line is written as the stream ends
     records = [r for r in audit_records(mesh) if r["kind"] == "generate"]
     ok = [r for r in records if r["status"] == "OK"]

@@ -76,6 +76,13 @@ def test_complete_equals_the_greedy_stream(channel):
     assert whole.usage.completion_tokens == len(whole.token_ids)
 
 
+def test_the_worker_sizes_its_kv_pool_and_sequence_limit_from_memory(mesh):
+    """Started with no sizing flag, a worker serves 32 and more concurrent streams, and says so."""
+    worker = mesh.ready["workers"][0]
+    assert worker["max_num_seqs"] >= 32
+    assert worker["kv_tokens"] >= worker["max_num_seqs"] * 256
+
+
 def test_concurrent_streams_all_complete(channel):
     stub = generation_pb2_grpc.GenerationStub(channel)
     calls = [stub.Generate(greedy_request(f"import os{i}", max_tokens=16), timeout=120) for i in range(6)]
@@ -101,7 +108,7 @@ def test_chat_prompt_uses_the_template(channel):
     [
         (generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="")), "prompt.text"),
         (generation_pb2.GenerateRequest(), "prompt"),
-        (greedy_request(max_tokens=0), "sampling.max_tokens"),
+        (greedy_request(max_tokens=-1), "sampling.max_tokens"),
         (greedy_request(max_tokens=10**6), "sampling.max_tokens"),
         (generation_pb2.GenerateRequest(model="no-such-model", prompt=common_pb2.Prompt(text="x")), "model"),
         (generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text="x"),
@@ -142,7 +149,7 @@ def test_invalid_argument_carries_a_bad_request_field_violation(channel):
     from grpc_status import rpc_status
 
     with pytest.raises(grpc.RpcError) as caught:
-        list(generation_pb2_grpc.GenerationStub(channel).Generate(greedy_request(max_tokens=0), timeout=30))
+        list(generation_pb2_grpc.GenerationStub(channel).Generate(greedy_request(max_tokens=-1), timeout=30))
     status = rpc_status.from_call(caught.value)
     assert status is not None and status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     bad = error_details_pb2.BadRequest()

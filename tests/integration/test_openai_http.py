@@ -80,6 +80,8 @@ def chat_prompt(messages: list[dict]) -> common_pb2.Prompt:
 
 def assert_healthy(mesh) -> None:
     assert httpx.get(f"http://{mesh.http}/healthz", timeout=10).json() == {"status": "ok"}
+    # vLLM's and TGI's health route, which tools such as guidellm probe before they start: ready means 200.
+    assert httpx.get(f"http://{mesh.http}/health", timeout=10).json()["status"] == "ready"
 
 
 FINISH = {common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_STOP: "stop"}

@@ -1,10 +1,56 @@
-"""The KV pool's share of GPU memory: the arithmetic (here) and the measured plan (tests/model/test_cuda_engine.py)."""
+"""The KV pool's share of memory and the sequence limit it supports: the arithmetic (here) and the measured GPU plan
+(tests/model/test_cuda_engine.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from moemesh.worker.engine.kv_sizing import GIB, KVPoolPlan, blocks_in_budget
+from moemesh.worker.engine.kv_sizing import (
+    DEFAULT_CPU_KV_GIB,
+    GIB,
+    MAX_AUTO_SEQS,
+    TOKENS_PER_AUTO_SLOT,
+    KVPoolPlan,
+    auto_max_num_seqs,
+    blocks_in_budget,
+    cpu_kv_budget_bytes,
+    plan_cpu_kv_pool,
+)
+
+
+class FakeCache:
+    bytes_per_block = 64 << 10  # 64 KiB: 16 tokens of 4 KiB
+
+
+class FakeModel:
+    def make_cache(self, num_blocks: int, block_size: int) -> FakeCache:
+        return FakeCache()
+
+
+def cpu_plan(budget_gib: float, max_num_seqs: int = MAX_AUTO_SEQS, max_model_len: int = 2048) -> int:
+    return plan_cpu_kv_pool(FakeModel(), block_size=16, budget_bytes=int(budget_gib * GIB), max_num_seqs=max_num_seqs,
+                            max_model_len=max_model_len)
+
+
+def test_the_cpu_pool_grows_with_its_budget_and_the_sequence_limit_follows():
+    small, large = cpu_plan(0.125), cpu_plan(0.5)
+    assert (small, large) == (2048, 8192)  # 128 MiB and 512 MiB of 64 KiB blocks
+    seqs = [auto_max_num_seqs(blocks, 16, 2048) for blocks in (small, large)]
+    assert seqs == [2048 * 16 // TOKENS_PER_AUTO_SLOT, 8192 * 16 // TOKENS_PER_AUTO_SLOT] == [32, 128]
+
+
+def test_the_sizes_have_floors_and_ceilings():
+    assert cpu_plan(64.0) == MAX_AUTO_SEQS * 2048 // 16, "past every slot at full length, blocks are not added"
+    assert cpu_plan(64.0, max_num_seqs=4) == 4 * 128
+    assert cpu_plan(0.0001) == 128, "at least one full-length sequence"
+    assert auto_max_num_seqs(10**9, 16, 2048) == MAX_AUTO_SEQS
+    assert auto_max_num_seqs(1, 16, 2048) == 1
+    assert auto_max_num_seqs(64, 16, 256) == 4, "a short context gives a slot per max_model_len tokens"
+
+
+def test_the_default_cpu_budget_is_documented_and_bounded():
+    assert cpu_kv_budget_bytes(1.5) == int(1.5 * GIB)
+    assert 0 < cpu_kv_budget_bytes() <= DEFAULT_CPU_KV_GIB * GIB
 
 
 def test_the_pool_gets_the_budget_less_what_is_in_use_and_a_steps_peak():

@@ -1,6 +1,16 @@
-"""Sizing the KV pool from the GPU's memory: a utilisation fraction, as other serving systems do.
+"""Sizing the KV pool from memory, and the sequence limit from the pool, as other serving systems do.
 
-On CUDA a worker started without an explicit block count gives the KV cache
+A worker started without a block count or a sequence limit sizes both: the
+KV pool from a memory budget, then the sequence limit from the pool (room for
+`TOKENS_PER_AUTO_SLOT` tokens a slot, at most `MAX_AUTO_SEQS` slots);
+sequences that outgrow the pool are preempted and recomputed, never failed.
+So a user who starts a worker with no flags serves as many concurrent
+streams as its memory allows.
+
+On the CPU the budget is `cpu_kv_cache_gib`, by default the smaller of
+`DEFAULT_CPU_KV_GIB` and `CPU_KV_MEMORY_FRACTION` of the machine's memory.
+
+On CUDA the KV cache gets
 what is left of `gpu_memory_utilization` of the device's memory once the
 CUDA context, the weights (and anything else already on the device) and the
 peak of one profiled engine step are counted. The profiled step is the
@@ -18,6 +28,7 @@ get millions of blocks).
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +40,37 @@ log = logging.getLogger(__name__)
 
 GIB = 1 << 30
 POOL_CAP_FACTOR = 16
+# Sequence limits sized from the pool: a slot per this many tokens of it, up to this many slots.
+TOKENS_PER_AUTO_SLOT = 1024
+MAX_AUTO_SEQS = 256
+# The CPU's KV budget when none is configured: the smaller of these.
+DEFAULT_CPU_KV_GIB = 2.0
+CPU_KV_MEMORY_FRACTION = 0.1
+
+
+def auto_max_num_seqs(num_blocks: int, block_size: int, max_model_len: int) -> int:
+    """The sequence limit a pool of `num_blocks` supports: one slot per TOKENS_PER_AUTO_SLOT tokens (or per
+    max_model_len, when shorter), between 1 and MAX_AUTO_SEQS."""
+    per_slot = min(max_model_len, TOKENS_PER_AUTO_SLOT)
+    return max(1, min(MAX_AUTO_SEQS, num_blocks * block_size // per_slot))
+
+
+def cpu_kv_budget_bytes(configured_gib: float = 0.0) -> int:
+    """The CPU KV pool's budget: `configured_gib`, or by default min(DEFAULT_CPU_KV_GIB, 10% of the memory)."""
+    if configured_gib:
+        return int(configured_gib * GIB)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return int(min(DEFAULT_CPU_KV_GIB * GIB, CPU_KV_MEMORY_FRACTION * total))
+
+
+def plan_cpu_kv_pool(model: torch.nn.Module, *, block_size: int, budget_bytes: int, max_num_seqs: int,
+                     max_model_len: int) -> int:
+    """Blocks of the CPU KV pool: what `budget_bytes` holds, at most every one of `max_num_seqs` slots at full
+    length (past that, blocks only lengthen the prefix cache); at least one full-length sequence."""
+    probe = model.make_cache(num_blocks=1, block_size=block_size)
+    per_seq = -(-max_model_len // block_size)
+    blocks = budget_bytes // probe.bytes_per_block
+    return max(per_seq, min(blocks, max_num_seqs * per_seq))
 
 
 @dataclass(frozen=True)

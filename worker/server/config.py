@@ -12,7 +12,6 @@ from moemesh.services.core.config import ServiceConfig
 
 # Sequences a worker's engine runs at once, unless configured: the one default `moemesh up` and the
 # worker share.
-DEFAULT_MAX_NUM_SEQS = 16
 
 
 class WorkerConfig(ServiceConfig):
@@ -34,14 +33,19 @@ class WorkerConfig(ServiceConfig):
     device: str = pydantic.Field(default="cpu", description='"cpu" or "cuda[:N]"')
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = pydantic.Field(
         default="auto", description="weights and KV cache dtype; auto: bfloat16 on CUDA, float32 on the CPU")
-    max_num_seqs: int = pydantic.Field(default=DEFAULT_MAX_NUM_SEQS, ge=1, le=4096,
-                                       description="sequences the engine runs at once")
+    max_num_seqs: int | None = pydantic.Field(
+        default=None, ge=1, le=4096,
+        description="sequences the engine runs at once; unset: sized from the KV pool (a slot per 1,024 tokens of "
+                    "it, at most 256), overflow preempted")
     max_model_len: int = pydantic.Field(default=2048, ge=16, description="longest sequence (prompt + output), tokens")
     max_output_tokens: int = pydantic.Field(default=1024, ge=1, description="most tokens one request may generate")
     block_size: int = pydantic.Field(default=16, ge=1, le=1024, description="tokens per paged KV cache block")
     num_kv_blocks: int = pydantic.Field(
         default=0, ge=0, description="KV cache blocks in the pool; 0: on CUDA what gpu_memory_utilization leaves, "
-                                     "on the CPU enough for max_num_seqs at max_model_len")
+                                     "on the CPU what cpu_kv_cache_gib holds")
+    cpu_kv_cache_gib: float = pydantic.Field(
+        default=0.0, ge=0, description="on the CPU, GiB for the KV pool; 0: the smaller of 2 GiB and 10% of the "
+                                       "machine's memory")
     gpu_memory_utilization: float = pydantic.Field(
         default=0.9, gt=0, le=1,
         description="on CUDA, the fraction of the device's memory the worker fills: weights, a step's activations, "
@@ -75,7 +79,7 @@ class WorkerConfig(ServiceConfig):
 
     @pydantic.model_validator(mode="after")
     def _budget_covers_the_batch(self) -> WorkerConfig:
-        if self.max_num_batched_tokens < self.max_num_seqs:
+        if self.max_num_seqs is not None and self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs ({self.max_num_seqs})"
             )

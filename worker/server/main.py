@@ -20,7 +20,14 @@ from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 from moemesh.worker.embeddings.pooled import PooledEmbedder
 from moemesh.worker.embeddings.sentence import EmbeddingModel, SentenceEmbedder
 from moemesh.worker.engine.engine import Engine
-from moemesh.worker.engine.kv_sizing import plan_gpu_kv_pool
+from moemesh.worker.engine.kv_sizing import (
+    GIB,
+    MAX_AUTO_SEQS,
+    auto_max_num_seqs,
+    cpu_kv_budget_bytes,
+    plan_cpu_kv_pool,
+    plan_gpu_kv_pool,
+)
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
@@ -67,12 +74,13 @@ class WorkerProcess:
             torch.set_num_threads(config.num_threads)
         model = build_model(self.checkpoint, dtype=resolve_dtype(config.dtype, config.device), device=config.device,
                             pack_weights=config.pack_weights)
+        num_blocks, max_num_seqs = self._size(model)
         engine = Engine(
             model,
             self.tokenizer,
-            max_num_seqs=config.max_num_seqs,
+            max_num_seqs=max_num_seqs,
             max_model_len=config.max_model_len,
-            num_blocks=self._kv_blocks(model),
+            num_blocks=num_blocks,
             block_size=config.block_size,
             max_num_batched_tokens=config.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
@@ -93,17 +101,29 @@ class WorkerProcess:
             self.embedders[pooled.model_id] = pooled
         return engine
 
-    def _kv_blocks(self, model: torch.nn.Module) -> int | None:
-        """The KV pool's size: as configured; on CUDA, what the memory budget leaves; else None (the engine's
-        default, every sequence slot at full length)."""
+    def _size(self, model: torch.nn.Module) -> tuple[int, int]:
+        """The KV pool's blocks and the sequence limit: as configured, else from memory (see kv_sizing.py)."""
         config = self.config
-        if config.num_kv_blocks or not config.device.startswith("cuda"):
-            return config.num_kv_blocks or None
-        plan = plan_gpu_kv_pool(model, block_size=config.block_size, utilization=config.gpu_memory_utilization,
-                                max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                                max_model_len=config.max_model_len)
-        log.info(plan.describe(config.block_size))
-        return plan.num_blocks
+        max_model_len = min(config.max_model_len, model.max_context_tokens)
+        seqs = config.max_num_seqs or min(MAX_AUTO_SEQS, config.max_num_batched_tokens)
+        if config.num_kv_blocks:
+            blocks, source = config.num_kv_blocks, "configured"
+        elif config.device.startswith("cuda"):
+            plan = plan_gpu_kv_pool(model, block_size=config.block_size, utilization=config.gpu_memory_utilization,
+                                    max_num_seqs=seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                                    max_model_len=max_model_len)
+            log.info(plan.describe(config.block_size))
+            blocks, source = plan.num_blocks, f"{config.gpu_memory_utilization:.2f} of the GPU's memory"
+        else:
+            budget = cpu_kv_budget_bytes(config.cpu_kv_cache_gib)
+            blocks = plan_cpu_kv_pool(model, block_size=config.block_size, budget_bytes=budget, max_num_seqs=seqs,
+                                      max_model_len=max_model_len)
+            source = f"a budget of {budget / GIB:.2f} GiB"
+        if config.max_num_seqs is None:
+            seqs = min(auto_max_num_seqs(blocks, config.block_size, max_model_len), config.max_num_batched_tokens)
+        log.info("KV capacity: %d tokens in %d blocks (%s); %d sequences at once%s", blocks * config.block_size,
+                 blocks, source, seqs, "" if config.max_num_seqs else " (sized from the pool)")
+        return blocks, seqs
 
     def models(self) -> list[models_pb2.ModelInfo]:
         served = [models_pb2.ModelInfo(
@@ -184,7 +204,7 @@ class WorkerProcess:
             world_size=1,
             device=self.config.device,
             capacity=scheduler_pb2.Capacity(
-                max_num_seqs=self.config.max_num_seqs,
+                max_num_seqs=self.engine.max_num_seqs,
                 max_num_batched_tokens=self.engine.max_num_batched_tokens,
                 num_kv_blocks=self.engine.blocks.num_blocks,
                 block_size=self.engine.block_size,
@@ -209,7 +229,9 @@ class WorkerProcess:
                 metrics_address, stop_metrics = serve_metrics(self.config.host, self.config.metrics_port,
                                                               self.metrics)
             announce_ready(ready_fd, service="worker", address=self.server.address, node_id=self.node_id,
-                           model=self.model_id, metrics_address=metrics_address)
+                           model=self.model_id, metrics_address=metrics_address,
+                           kv_tokens=self.engine.blocks.num_blocks * self.engine.block_size,
+                           max_num_seqs=self.engine.max_num_seqs)
             await stop.wait()
             if stop_metrics is not None:
                 stop_metrics()
