@@ -312,7 +312,7 @@ def health(target, service) -> None:
 @click.option("--model", help="model id [default: the first generation model the server lists]")
 @click.option("--api-key", envvar="MOEMESH_API_KEY", help="sent as `authorization: Bearer` [env MOEMESH_API_KEY]")
 @click.option("--concurrency", help="closed loop: requests in flight; a list sweeps, e.g. 1,8,32 [default: 8]")
-@click.option("--rate", help="open loop: Poisson arrivals in requests/s (inf: all at once); a list sweeps, e.g. 1,2,4")
+@click.option("--rate", help="open loop: Poisson arrivals in requests/s; a list sweeps, e.g. 1,2,4")
 @click.option("--requests", type=int, help="requests per level [default: 64, or unbounded with --duration]")
 @click.option("--duration", type=float, help="seconds per level during which requests are sent")
 @click.option("--warmup", type=int, default=2, show_default=True,
