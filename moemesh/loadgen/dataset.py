@@ -5,7 +5,8 @@ every prompt has exactly the requested number of tokens as that tokenizer counts
 post-processor adds (BOS) included, which is how servers count a raw-text prompt. Without one the length is
 approximated from words and the report gives the mean the server counted.
 
-Prompt `i` depends only on the seed and `i`, so every target of a run gets the same prompts in the same order.
+Prompt `i` of a stream depends only on the seed, the stream and `i`: a run's targets get prompts of the same
+lengths, each target its own stream (see `runner.run_bench`); a prompt file's lines are the same for all.
 A shared prefix (a fraction of each prompt's tokens, the same text for all) exercises prefix caching.
 """
 
@@ -171,7 +172,7 @@ class FilePrompts:
 
     def prompt(self, index: int, stream: str = "bench") -> Prompt:
         # Warm-up prompts come from the end of the file, so the first measured ones are not already cached.
-        position = index if stream == "bench" else -1 - index
+        position = index if stream.startswith("bench") else -1 - index
         text = self.texts[position % len(self.texts)]
         return Prompt(text, self.counter.count(text) if self.counter else None)
 

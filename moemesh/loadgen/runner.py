@@ -1,9 +1,9 @@
 """Running the benchmark: each target in turn, its warm-up, then each load level in a closed or an open loop.
 
 A level ends by itself: after `requests` requests, or once `duration` seconds have passed since its start (no
-request is sent after that; those in flight finish, each within the request timeout). Level k of every target
-sends the same prompts (numbers k * LEVEL_STRIDE onwards), and no level re-sends a prompt of another one, so a
-server's prefix cache does not carry whole prompts from one level to the next.
+request is sent after that; those in flight finish, each within the request timeout). Level k sends prompts
+numbers k * LEVEL_STRIDE onwards of its target's stream, and no level re-sends a prompt of another one, so a
+server's prefix cache does not carry whole prompts from one level (or target) to the next.
 """
 
 from __future__ import annotations
@@ -130,20 +130,21 @@ async def warm_up(client: BenchClient, dataset: PreparedPrompts, spec: RequestSp
 
 
 async def measure_level(config: BenchConfig, number: int, client: BenchClient, dataset: PreparedPrompts,
-                        spec: RequestSpec, progress: Progress) -> LevelResult:
-    """Level `number` of the sweep on one target, with its own bar in `progress`."""
+                        spec: RequestSpec, progress: Progress, stream: str = "bench") -> LevelResult:
+    """Level `number` of the sweep on one target, with its own bar in `progress`, prompts from `stream`."""
     level, first_index = config.levels[number], number * LEVEL_STRIDE
     if config.requests is not None:  # with a duration alone, prompts are built as they are sent
-        dataset.prepare("bench", first_index, config.requests)
+        dataset.prepare(stream, first_index, config.requests)
     task = progress.add_task(f"{client.target.url} {level.label}", total=config.requests)
-    send = sender(client, dataset, spec, "bench", lambda: progress.advance(task))
+    send = sender(client, dataset, spec, stream, lambda: progress.advance(task))
     budget = RequestBudget(first_index, config.requests, config.duration)
     records, duration = await run_level(send, level, budget, config.seed)
     return LevelResult(level, level_metrics(records, duration, config.goodput))
 
 
-async def run_target(config: BenchConfig, target: Target, dataset: PreparedPrompts, progress: Progress) -> TargetResult:
-    """Warm up, then measure every level of `config` on one target."""
+async def run_target(config: BenchConfig, target: Target, dataset: PreparedPrompts, progress: Progress,
+                     stream: str = "bench") -> TargetResult:
+    """Warm up, then measure every level of `config` on one target, its prompts from `stream`."""
     result = TargetResult(target)
     async with open_client(target, config.api_key) as client:
         try:
@@ -156,10 +157,13 @@ async def run_target(config: BenchConfig, target: Target, dataset: PreparedPromp
         if config.warmup:
             result.warmup_errors = await warm_up(client, dataset, spec, config.warmup)
         for number in range(len(config.levels)):
-            result.levels.append(await measure_level(config, number, client, dataset, spec, progress))
+            result.levels.append(await measure_level(config, number, client, dataset, spec, progress, stream))
     return result
 
 
 async def run_bench(config: BenchConfig, dataset: PreparedPrompts, progress: Progress) -> list[TargetResult]:
-    """Measure each target in turn, with the same dataset."""
-    return [await run_target(config, target, dataset, progress) for target in config.targets]
+    """Measure each target in turn: synthetic prompts of the same lengths, drawn afresh for each target (two
+    targets may be one server's two front doors, and the second would find the first's prompts in its prefix
+    cache); a prompt file's lines, the same for every target."""
+    return [await run_target(config, target, dataset, progress, stream="bench" if i == 0 else f"bench{i}")
+            for i, target in enumerate(config.targets)]
