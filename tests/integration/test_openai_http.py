@@ -16,21 +16,17 @@ import numpy as np
 import openai
 import pytest
 
-from moemesh.gateway.catalogue import ModelCatalogue
-from moemesh.gateway.config import GatewayConfig
-from moemesh.gateway.deps import GatewayDeps
-from moemesh.gateway.http import create_app
 from moemesh.local import start_mesh, stop_mesh
 from moemesh.services.core.errors import DeadlineExceeded, Overloaded, Unavailable
 from moemesh.v1 import (
     common_pb2,
     generation_pb2,
     generation_pb2_grpc,
-    models_pb2,
     scheduler_pb2,
     scheduler_pb2_grpc,
     worker_pb2,
 )
+from tests.support.scripted import scripted_app
 
 MODEL = "demo-moe"
 EMBEDDING_MODEL = "all-minilm-l6-v2"
@@ -297,34 +293,8 @@ def test_client_disconnect_mid_stream_cancels_the_generation(mesh):
 
 
 # ---- against a scripted scheduler client -------------------------------------------------------------------------
-class ScriptedClient:
-    """Stands in for SchedulerClient: `script(work)` gives the events (or raises); records closed generations."""
-
-    def __init__(self, script) -> None:
-        self.script = script
-        self.connected = asyncio.Event()
-        self.connected.set()
-        self.closed: list[str] = []
-        self.works: list[worker_pb2.GenerationWork] = []
-
-    async def list_models(self, timeout: float = 5.0) -> models_pb2.ListModelsResponse:
-        return models_pb2.ListModelsResponse(models=[models_pb2.ModelInfo(
-            id="m", kind=models_pb2.MODEL_KIND_GENERATION, max_output_tokens=64, max_context_tokens=256)])
-
-    async def generate(self, work: worker_pb2.GenerationWork):
-        self.works.append(work)
-        try:
-            async for event in self.script(work):
-                yield event
-        finally:
-            self.closed.append(work.request_id)
-
-
 def app_for(script):
-    fake = ScriptedClient(script)
-    app = create_app(GatewayDeps(config=GatewayConfig(scheduler="127.0.0.1:1", max_request_bytes=4096), client=fake,
-                                 catalogue=ModelCatalogue(fake, None, None)))
-    return app, fake
+    return scripted_app(script, max_request_bytes=4096)
 
 
 def text_then(finish: int):

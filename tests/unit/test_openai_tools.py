@@ -14,14 +14,11 @@ import openai
 import pytest
 from openai.lib.streaming._deltas import accumulate_delta
 
-from moemesh.gateway.catalogue import ModelCatalogue
-from moemesh.gateway.config import GatewayConfig
-from moemesh.gateway.deps import GatewayDeps
-from moemesh.gateway.http import create_app
 from moemesh.gateway.openai_bodies import ChatCompletionRequest, CompletionRequest
 from moemesh.gateway.tools import Tool, ToolPolicy, calls_schema
 from moemesh.services.core.errors import InvalidRequest, Overloaded
-from moemesh.v1 import common_pb2, models_pb2, worker_pb2
+from moemesh.v1 import common_pb2, worker_pb2
+from tests.support.scripted import scripted_app
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
@@ -253,29 +250,6 @@ def test_tools_go_to_the_template_and_the_history_maps_into_the_contract():
 
 
 # ---- through the app, against a scripted scheduler client --------------------------------------------------------
-class ScriptedClient:
-    """Stands in for SchedulerClient: `script(work)` gives the events; records the works and closed requests."""
-
-    def __init__(self, script) -> None:
-        self.script = script
-        self.connected = asyncio.Event()
-        self.connected.set()
-        self.works: list[worker_pb2.GenerationWork] = []
-        self.closed: list[str] = []
-
-    async def list_models(self, timeout: float = 5.0) -> models_pb2.ListModelsResponse:
-        return models_pb2.ListModelsResponse(models=[models_pb2.ModelInfo(
-            id="m", kind=models_pb2.MODEL_KIND_GENERATION, max_output_tokens=64, max_context_tokens=256)])
-
-    async def generate(self, work: worker_pb2.GenerationWork):
-        self.works.append(work)
-        try:
-            async for event in self.script(work):
-                yield event
-        finally:
-            self.closed.append(work.request_id)
-
-
 def lp(token: str, logprob: float, *top: tuple[str, float]) -> common_pb2.TokenLogprob:
     return common_pb2.TokenLogprob(token_id=len(token), token=token, logprob=logprob,
                                    top=[common_pb2.TopLogprob(token=t, logprob=p, token_id=len(t)) for t, p in top])
@@ -301,10 +275,7 @@ def replying(text_of, finish: int = common_pb2.FINISH_REASON_STOP, step: int = 3
 
 
 def app_for(script):
-    fake = ScriptedClient(script)
-    deps = GatewayDeps(config=GatewayConfig(scheduler="127.0.0.1:1"), client=fake,
-                       catalogue=ModelCatalogue(fake, None, None))
-    return create_app(deps), fake
+    return scripted_app(script)
 
 
 def sdk(app) -> openai.AsyncOpenAI:
