@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moemesh.worker.engine.sampling import SampleResult, SamplingBatch, TokenLogprobs, sample_tokens
+from moemesh.worker.engine.grammar import MaskBuilder, allowed_tokens
+from moemesh.worker.engine.sampling import SampleResult, SamplingBatch, sample_tokens, token_logprobs
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 
 if TYPE_CHECKING:
     from moemesh.worker.engine.cuda_graphs import DecodeGraphs
-    from moemesh.worker.engine.grammar import MaskBuilder
     from moemesh.worker.engine.kv_cache import PagedKVCache
     from moemesh.worker.engine.scheduler import ScheduledChunk
     from moemesh.worker.engine.sequence import Sequence
@@ -28,7 +28,7 @@ class ModelRunner:
         self.graphs = graphs  # decode steps that fit replay a captured CUDA graph
         self.device = next(model.parameters()).device
         self.layer_windows = model.layer_windows
-        self._masks: MaskBuilder | None = None  # made at the first grammar-constrained step
+        self.masks = MaskBuilder()  # grammar-constrained rows' allowed tokens (a thread pool only if ever needed)
 
     def forward(self, scheduled: list[ScheduledChunk]) -> tuple[torch.Tensor, list[Sequence]]:
         """Compute the chunks' keys and values into the cache; returns logits [S, V] and the S sequences they belong to.
@@ -81,12 +81,9 @@ class ModelRunner:
                                     **history)
         constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
         if constrained:
-            if self._masks is None:
-                from moemesh.worker.engine.grammar import MaskBuilder
-
-                self._masks = MaskBuilder()
-            masks = self._masks.token_masks([seqs[i].matcher for i in constrained], logits.shape[1])
-            batch.constrain(constrained, masks, logits.shape[1])
+            vocab = logits.shape[1]
+            masks = self.masks.token_masks([seqs[i].matcher for i in constrained], vocab)
+            batch.constrain(constrained, allowed_tokens(masks.to(self.device, non_blocking=True), vocab))
         return sample_tokens(logits, batch, params)
 
 
@@ -102,12 +99,7 @@ def _score(seq: Sequence, start: int, logits: torch.Tensor) -> None:
         return
     logprobs = logits[: len(targets)].float().log_softmax(dim=-1)  # [T, V]
     target = torch.tensor(targets, dtype=torch.long, device=logprobs.device)
-    chosen = logprobs.gather(1, target.unsqueeze(1)).squeeze(1).tolist()
-    k = min(seq.params.prompt_logprobs, logprobs.shape[1])
-    top_values, top_ids = ([[] for _ in targets],) * 2
-    if k > 0:
-        values, ids = logprobs.topk(k, dim=-1)
-        top_values, top_ids = values.tolist(), ids.tolist()
-    for offset, (token, value) in enumerate(zip(targets, chosen)):
-        if start + 1 + offset == len(seq.prompt_logprobs):  # the next one missing
-            seq.prompt_logprobs.append(TokenLogprobs(token, value, list(zip(top_ids[offset], top_values[offset]))))
+    entries = token_logprobs(logprobs, target, targets, [seq.params.prompt_logprobs] * len(targets))
+    for position, entry in enumerate(entries, start + 1):
+        if position == len(seq.prompt_logprobs):  # the next one missing
+            seq.prompt_logprobs.append(entry)

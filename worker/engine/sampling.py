@@ -14,6 +14,8 @@ Order of operations on one step's logits [B, V]:
      0 is neutral.
 
    The repetition penalty is applied first, then presence and frequency.
+1b. Rows constrained by a grammar (structured outputs, see grammar.py) keep
+   only the tokens it allows; every other logit of theirs becomes -inf.
 2. Greedy rows (temperature 0) take the argmax of the penalized logits.
 3. Other rows divide by their temperature, drop tokens outside top-k, the
    top-p nucleus and the min-p floor, and draw with Gumbel-max noise.
@@ -111,13 +113,10 @@ class SamplingBatch:
     constrained_rows: torch.Tensor | None = None  # [R] long, row indices into the batch
     allowed: torch.Tensor | None = None  # [R, V] bool
 
-    def constrain(self, rows: list[int], masks: torch.Tensor, vocab_size: int) -> None:
-        """Let rows `rows` pick only the tokens set in their bitmasks `masks` [R, ceil(V / 32)] int32."""
-        from moemesh.worker.engine.grammar import allowed_tokens
-
-        device = self.temperature.device
-        self.constrained_rows = torch.tensor(rows, dtype=torch.long, device=device)
-        self.allowed = allowed_tokens(masks.to(device, non_blocking=True), vocab_size)
+    def constrain(self, rows: list[int], allowed: torch.Tensor) -> None:
+        """Let rows `rows` pick only the tokens `allowed` [R, V] (bool, on the logits' device) marks."""
+        self.constrained_rows = torch.tensor(rows, dtype=torch.long, device=allowed.device)
+        self.allowed = allowed
 
     @classmethod
     def build(
@@ -248,21 +247,27 @@ def _logprobs(
     if not asked:
         return result
     index = torch.tensor(asked, dtype=torch.long, device=logits.device)  # [A]
-    picked = tokens.index_select(0, index)  # [A]
     logprobs = logits.index_select(0, index).float().log_softmax(dim=-1)  # [A, V]
-    chosen = logprobs.gather(1, picked.unsqueeze(1)).squeeze(1).tolist()  # [A]
-    n = min(max(params[i].logprobs for i in asked), logits.shape[1])
-    top_values: list[list[float]] = [[] for _ in asked]
-    top_ids: list[list[int]] = [[] for _ in asked]
-    if n > 0:
-        values, ids = logprobs.topk(n, dim=-1)  # [A, n] each, sorted best first
-        top_values, top_ids = values.tolist(), ids.tolist()
-    for a, i in enumerate(asked):
-        k = params[i].logprobs
-        result[i] = TokenLogprobs(
-            token_id=token_ids[i], logprob=chosen[a], top=list(zip(top_ids[a][:k], top_values[a][:k]))
-        )
+    entries = token_logprobs(logprobs, tokens.index_select(0, index), [token_ids[i] for i in asked],
+                             [params[i].logprobs for i in asked])
+    for i, entry in zip(asked, entries):
+        result[i] = entry
     return result
+
+
+def token_logprobs(logprobs: torch.Tensor, ids: torch.Tensor, id_list: Sequence[int],
+                   top: Sequence[int]) -> list[TokenLogprobs]:
+    """Per row of `logprobs` [N, V]: the logprob of its token (`ids` [N] on the device, `id_list` the same on
+    the host) and its `top[row]` most likely alternatives, best first."""
+    chosen = logprobs.gather(1, ids.unsqueeze(1)).squeeze(1).tolist()  # [N]
+    n = min(max(top), logprobs.shape[1])
+    top_values: list[list[float]] = [[] for _ in id_list]
+    top_ids: list[list[int]] = [[] for _ in id_list]
+    if n > 0:
+        values, best = logprobs.topk(n, dim=-1)  # [N, n] each, sorted best first
+        top_values, top_ids = values.tolist(), best.tolist()
+    return [TokenLogprobs(token_id=token, logprob=value, top=list(zip(top_ids[r][:k], top_values[r][:k])))
+            for r, (token, value, k) in enumerate(zip(id_list, chosen, top))]
 
 
 def _filter(scaled: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
