@@ -48,6 +48,15 @@ def build_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
     return out
 
 
+def bench_model(choice: str, workdir: pathlib.Path) -> pathlib.Path:
+    """A benchmark's model: a checkpoint directory, "demo" (the bundled demo model), or "" (the ~100M one)."""
+    if choice == "demo":
+        from moemesh.cli import demo_model_dir
+
+        return demo_model_dir()
+    return pathlib.Path(choice) if choice else build_checkpoint(workdir)
+
+
 def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(0)
     return [torch.randint(3, vocab, (length,), generator=g).tolist() for _ in range(n)]

@@ -23,8 +23,7 @@ import time
 
 import grpc
 
-from bench.engine_bench import build_checkpoint
-from moemesh.cli import demo_model_dir
+from bench.engine_bench import bench_model
 from moemesh.local import start_mesh, stop_mesh
 from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
@@ -89,7 +88,7 @@ def main() -> None:
     parser.add_argument("--model", default="", help="checkpoint directory, or 'demo' [default: the benchmark Mixtral]")
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "moemesh-bench")
     args = parser.parse_args()
-    model = demo_model_dir() if args.model == "demo" else pathlib.Path(args.model or build_checkpoint(args.workdir))
+    model = bench_model(args.model, args.workdir)
     with tempfile.TemporaryDirectory() as tmp:
         mesh = start_mesh(pathlib.Path(tmp), "--no-http", "--no-embeddings", "--workers", "2", "--model", str(model),
                           quiet=True)

@@ -34,13 +34,13 @@ import torch
 from bench.engine_bench import build_checkpoint
 from moemesh.local import start_mesh, stop_mesh
 from moemesh.worker.engine.engine import Engine
-from moemesh.worker.engine.kv_sizing import MAX_AUTO_SEQS, auto_max_num_seqs, cpu_kv_budget_bytes, plan_cpu_kv_pool
 from moemesh.worker.engine.requests import GenerationRequest
 from moemesh.worker.engine.sampling import SamplingParams
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
 from moemesh.worker.server.config import WorkerConfig
+from moemesh.worker.server.main import engine_size
 from tests.support.checkpoints import CORPUS
 
 # Words of the corpus the benchmark tokenizer was trained on: about 1.6 tokens a word.
@@ -59,10 +59,7 @@ def default_engine(ckpt: pathlib.Path) -> Engine:
     config = WorkerConfig(model_dir=ckpt, scheduler="127.0.0.1:1")
     model = build_model(open_checkpoint(ckpt), dtype=torch.float32, pack_weights=config.pack_weights)
     tokenizer = Tokenizer.from_dir(ckpt)
-    max_model_len = min(config.max_model_len, model.max_context_tokens)
-    blocks = plan_cpu_kv_pool(model, block_size=config.block_size, budget_bytes=cpu_kv_budget_bytes(),
-                              max_num_seqs=MAX_AUTO_SEQS, max_model_len=max_model_len)
-    seqs = min(auto_max_num_seqs(blocks, config.block_size, max_model_len), config.max_num_batched_tokens)
+    blocks, seqs = engine_size(model, config)
     return Engine(model, tokenizer, max_num_seqs=seqs, max_model_len=config.max_model_len, num_blocks=blocks,
                   block_size=config.block_size, max_num_batched_tokens=config.max_num_batched_tokens)
 

@@ -38,6 +38,7 @@ import time
 
 import grpc
 
+from bench.engine_bench import bench_model
 from moemesh.cache.embedded import free_port
 from moemesh.local import RunningMesh, start_mesh, stop_mesh
 from moemesh.services.scheduler.dispatcher import Dispatcher, Route
@@ -259,14 +260,7 @@ def main() -> None:
     if not args.skip_heartbeats:
         bench_heartbeats(args.nodes, args.heartbeat_seconds)
     if not args.skip_mesh:
-        if args.model == "demo":
-            model_dir = DEMO_MODEL
-        elif args.model:
-            model_dir = pathlib.Path(args.model)
-        else:
-            import engine_bench  # builds the ~100M checkpoint once
-
-            model_dir = engine_bench.build_checkpoint(pathlib.Path(tempfile.gettempdir()) / "moemesh-bench")
+        model_dir = bench_model(args.model, pathlib.Path(tempfile.gettempdir()) / "moemesh-bench")
         bench_mesh(model_dir, args.streams, args.new_tokens, args.repeats)
 
 

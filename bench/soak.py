@@ -19,8 +19,7 @@ import sys
 import tempfile
 import time
 
-from bench.engine_bench import build_checkpoint
-from moemesh.cli import demo_model_dir
+from bench.engine_bench import bench_model
 from moemesh.local import RunningMesh, start_mesh, stop_mesh
 
 SAMPLE_SECONDS = 15
@@ -54,7 +53,7 @@ def main() -> None:
     parser.add_argument("--model", default="", help="checkpoint directory, or 'demo' [default: the benchmark Mixtral]")
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "moemesh-bench")
     args = parser.parse_args()
-    model = demo_model_dir() if args.model == "demo" else pathlib.Path(args.model or build_checkpoint(args.workdir))
+    model = bench_model(args.model, args.workdir)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         mesh = start_mesh(tmp, "--no-embeddings", "--model", str(model), quiet=True)

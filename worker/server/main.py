@@ -74,7 +74,7 @@ class WorkerProcess:
             torch.set_num_threads(config.num_threads)
         model = build_model(self.checkpoint, dtype=resolve_dtype(config.dtype, config.device), device=config.device,
                             pack_weights=config.pack_weights)
-        num_blocks, max_num_seqs = self._size(model)
+        num_blocks, max_num_seqs = engine_size(model, config)
         engine = Engine(
             model,
             self.tokenizer,
@@ -100,30 +100,6 @@ class WorkerProcess:
             pooled = PooledEmbedder(model, self.tokenizer, self.model_id, self.checkpoint.revision, engine.max_model_len)
             self.embedders[pooled.model_id] = pooled
         return engine
-
-    def _size(self, model: torch.nn.Module) -> tuple[int, int]:
-        """The KV pool's blocks and the sequence limit: as configured, else from memory (see kv_sizing.py)."""
-        config = self.config
-        max_model_len = min(config.max_model_len, model.max_context_tokens)
-        seqs = config.max_num_seqs or min(MAX_AUTO_SEQS, config.max_num_batched_tokens)
-        if config.num_kv_blocks:
-            blocks, source = config.num_kv_blocks, "configured"
-        elif config.device.startswith("cuda"):
-            plan = plan_gpu_kv_pool(model, block_size=config.block_size, utilization=config.gpu_memory_utilization,
-                                    max_num_seqs=seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                                    max_model_len=max_model_len)
-            log.info(plan.describe(config.block_size))
-            blocks, source = plan.num_blocks, f"{config.gpu_memory_utilization:.2f} of the GPU's memory"
-        else:
-            budget = cpu_kv_budget_bytes(config.cpu_kv_cache_gib)
-            blocks = plan_cpu_kv_pool(model, block_size=config.block_size, budget_bytes=budget, max_num_seqs=seqs,
-                                      max_model_len=max_model_len)
-            source = f"a budget of {budget / GIB:.2f} GiB"
-        if config.max_num_seqs is None:
-            seqs = min(auto_max_num_seqs(blocks, config.block_size, max_model_len), config.max_num_batched_tokens)
-        log.info("KV capacity: %d tokens in %d blocks (%s); %d sequences at once%s", blocks * config.block_size,
-                 blocks, source, seqs, "" if config.max_num_seqs else " (sized from the pool)")
-        return blocks, seqs
 
     def models(self) -> list[models_pb2.ModelInfo]:
         served = [models_pb2.ModelInfo(
@@ -249,6 +225,31 @@ class WorkerProcess:
         except TimeoutError:
             pass  # the grace period is over: what is left is aborted with the server
         log.info("drained", extra={"left_in_flight": self.runner.in_flight})
+
+
+def engine_size(model: torch.nn.Module, config: WorkerConfig) -> tuple[int, int]:
+    """The KV pool's blocks and the sequence limit of a worker's engine: as configured, else from memory (see
+    kv_sizing.py); logged."""
+    max_model_len = min(config.max_model_len, model.max_context_tokens)
+    seqs = config.max_num_seqs or min(MAX_AUTO_SEQS, config.max_num_batched_tokens)
+    if config.num_kv_blocks:
+        blocks, source = config.num_kv_blocks, "configured"
+    elif config.device.startswith("cuda"):
+        plan = plan_gpu_kv_pool(model, block_size=config.block_size, utilization=config.gpu_memory_utilization,
+                                max_num_seqs=seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                                max_model_len=max_model_len)
+        log.info(plan.describe(config.block_size))
+        blocks, source = plan.num_blocks, f"{config.gpu_memory_utilization:.2f} of the GPU's memory"
+    else:
+        budget = cpu_kv_budget_bytes(config.cpu_kv_cache_gib)
+        blocks = plan_cpu_kv_pool(model, block_size=config.block_size, budget_bytes=budget, max_num_seqs=seqs,
+                                  max_model_len=max_model_len)
+        source = f"a budget of {budget / GIB:.2f} GiB"
+    if config.max_num_seqs is None:
+        seqs = min(auto_max_num_seqs(blocks, config.block_size, max_model_len), config.max_num_batched_tokens)
+    log.info("KV capacity: %d tokens in %d blocks (%s); %d sequences at once%s", blocks * config.block_size,
+             blocks, source, seqs, "" if config.max_num_seqs else " (sized from the pool)")
+    return blocks, seqs
 
 
 async def serve(config: WorkerConfig, ready_fd: int | None) -> None:
