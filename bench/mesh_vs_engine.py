@@ -155,7 +155,7 @@ def main() -> None:
     ckpt = build_checkpoint(args.workdir)
     prompts = word_prompts(args.requests, args.words)
     engine = default_engine(ckpt)
-    ids = [engine.tokenizer.encode(p, add_bos=True) for p in prompts]
+    ids = [engine.tokenizer.encode(p) for p in prompts]
     print(f"checkpoint {ckpt}; {args.requests} requests, {args.concurrency} concurrent, "
           f"{statistics.mean(map(len, ids)):.0f} prompt tokens (mean) + {args.new_tokens}; engine sized "
           f"{engine.max_num_seqs} sequences, {engine.blocks.num_blocks * engine.block_size} KV tokens; "

@@ -159,7 +159,7 @@ def engine_in_process(model_dir: pathlib.Path, streams: int, new_tokens: int):
 
     tokenizer = Tokenizer.from_dir(model_dir)
     model = build_model(open_checkpoint(model_dir), dtype=torch.float32)
-    prompts = [tokenizer.encode(f"def handler_{i}(request):\n    ", add_bos=True) for i in range(streams)]
+    prompts = [tokenizer.encode(f"def handler_{i}(request):\n    ") for i in range(streams)]
 
     def run(batch: list[list[int]]) -> tuple[float, list[float]]:
         return run_engine(Engine(model, tokenizer, max_num_seqs=max(streams, 16), max_model_len=1024), batch, new_tokens)

@@ -24,7 +24,7 @@ def test_vector_is_the_mean_of_the_final_hidden_states(parts):
     model, tokenizer = parts
     embedder = PooledEmbedder(model, tokenizer, "tiny", "rev", max_context_tokens=64)
     text = "the quick brown fox"
-    ids = tokenizer.encode(text, add_bos=True)
+    ids = tokenizer.encode(text)
     cache = model.make_cache(8, 16)
     batch = ForwardBatch.build([SequenceChunk(ids, 0, list(range(8)))], 16, model.layer_windows, all_logits=True)
     expected = model.hidden_states(batch, cache).mean(dim=0)

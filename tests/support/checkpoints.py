@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: Mixtral's unk, bos, eos
 TOKENIZER_VOCAB_SIZE = 512
@@ -51,8 +51,12 @@ def corpus_lines(repeats: int = 20) -> list[str]:
     return CORPUS.splitlines() * repeats
 
 
-def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Path:
-    """Train a byte-level BPE on the local corpus; write tokenizer.json and tokenizer_config.json."""
+def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = TOKENIZER_VOCAB_SIZE, *, bos: bool = True) -> Path:
+    """Train a byte-level BPE on the local corpus; write tokenizer.json and tokenizer_config.json.
+
+    With `bos` the post-processor puts `<s>` first, as Llama's and Mistral's tokenizer.json do; without it
+    the tokenizer adds nothing, as Qwen's.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Tokenizer(models.BPE(unk_token=None))
@@ -65,6 +69,9 @@ def build_tiny_tokenizer(out_dir: str | Path, vocab_size: int = TOKENIZER_VOCAB_
         show_progress=False,
     )
     tokenizer.train_from_iterator(corpus_lines(), trainer=trainer)
+    if bos:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
     tokenizer.save(str(out_dir / "tokenizer.json"))
     tokenizer_config = {
         "bos_token": "<s>",

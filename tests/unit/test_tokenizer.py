@@ -31,15 +31,15 @@ def stream(detokenizer: IncrementalDetokenizer, ids: list[int]) -> list[str]:
     "text", ["The quick brown fox.", "Café crème brûlée, déjà vu!", MULTIBYTE_TEXT, "  spaces\tand\nnewlines  "]
 )
 def test_decode_inverts_encode(tokenizer, text):
-    assert tokenizer.decode(tokenizer.encode(text, add_bos=False)) == text
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
-def test_encode_puts_exactly_one_bos_first(tokenizer):
+def test_encode_adds_what_the_post_processor_adds(tokenizer):
     assert tokenizer.bos_token_id == 1
-    ids = tokenizer.encode("hello", add_bos=True)
-    assert ids[0] == 1 and 1 not in ids[1:]
-    assert tokenizer.encode("<s>hello", add_bos=True) == ids, "a BOS already in the text must not be doubled"
-    assert tokenizer.encode("hello", add_bos=False) == ids[1:]
+    ids = tokenizer.encode("hello")
+    assert ids[0] == 1 and 1 not in ids[1:], "the test tokenizer's post-processor puts BOS first"
+    assert tokenizer.encode("hello", add_special_tokens=False) == ids[1:]
+    assert tokenizer.encode("<s>hello") == [1, *ids], "a BOS in the text is the text's, as in transformers"
 
 
 def test_special_tokens_come_from_the_checkpoint_files(tokenizer, tokenizer_dir, tmp_path):
@@ -48,11 +48,11 @@ def test_special_tokens_come_from_the_checkpoint_files(tokenizer, tokenizer_dir,
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 5]}))
     assert tokenizer.eos_token_ids == {2}, "from tokenizer_config.json's eos_token"
     assert Tokenizer.from_dir(tmp_path).eos_token_ids == {2, 5}, "generation_config.json's ids are added"
-    assert tokenizer.decode([1, *tokenizer.encode("hi", add_bos=False), 2]) == "hi", "special tokens are skipped"
+    assert tokenizer.decode([1, *tokenizer.encode("hi", add_special_tokens=False), 2]) == "hi", "special tokens are skipped"
 
 
 def test_streamed_multibyte_text_never_splits_a_character(tokenizer):
-    ids = tokenizer.encode(MULTIBYTE_TEXT, add_bos=False)
+    ids = tokenizer.encode(MULTIBYTE_TEXT, add_special_tokens=False)
     assert any("\ufffd" in tokenizer.decode([i]) for i in ids), "the text should have a character split over tokens"
     pieces = stream(IncrementalDetokenizer(tokenizer), ids)
     assert "".join(pieces) == tokenizer.decode(ids) == MULTIBYTE_TEXT
@@ -60,14 +60,14 @@ def test_streamed_multibyte_text_never_splits_a_character(tokenizer):
 
 
 def test_streaming_after_a_prompt_emits_only_the_generated_text(tokenizer):
-    prompt = tokenizer.encode("The router picks", add_bos=True)
-    generated = tokenizer.encode(" experts 🎉 for each token", add_bos=False)
+    prompt = tokenizer.encode("The router picks")
+    generated = tokenizer.encode(" experts 🎉 for each token", add_special_tokens=False)
     pieces = stream(IncrementalDetokenizer(tokenizer, prompt_ids=prompt), generated)
     assert "".join(pieces) == " experts 🎉 for each token"
 
 
 def test_flush_releases_a_character_cut_short(tokenizer):
-    ids = tokenizer.encode("ok 🎉", add_bos=False)
+    ids = tokenizer.encode("ok 🎉", add_special_tokens=False)
     cut = next(n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
     detokenizer = IncrementalDetokenizer(tokenizer)
     text = "".join(detokenizer.push([i]) for i in ids[:cut])

@@ -37,7 +37,7 @@ class PooledEmbedder(EmbeddingModel):
     def embed(self, texts: list[str], normalize: bool = True) -> tuple[torch.Tensor, list[int]]:
         """float32 vectors [N, H] for `texts`, in order, and each input's token count (after truncation)."""
         self.check_inputs(texts)
-        token_ids = [self._tokenizer.encode(text, add_bos=True)[: self._max_context_tokens] for text in texts]
+        token_ids = [self._tokenizer.encode(text)[: self._max_context_tokens] for text in texts]
         vectors = torch.empty(len(texts), self.dimensions, dtype=torch.float32)  # [N, H]
         batch: list[int] = []
         for index in range(len(texts)):

@@ -93,14 +93,16 @@ class Tokenizer:
         """Number of ids the tokenizer can produce, added tokens included."""
         return self.backend.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos: bool = True) -> list[int]:
-        """Token ids of `text`, with BOS first when asked and not already there."""
-        # The post-processor of tokenizer.json may add BOS on its own; encoding
-        # without it and adding BOS here gives exactly one, whatever the file says.
-        ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
-            ids.insert(0, self.bos_token_id)
-        return ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, as `transformers` `AutoTokenizer(...)(text)` gives them.
+
+        With `add_special_tokens` the post-processor of tokenizer.json adds what
+        it adds (BOS for Llama and Mistral layouts, nothing for Qwen's); without
+        it, only the text's own tokens (a rendered chat template carries its own
+        BOS). transformers 5 ignores `add_bos_token` / `add_eos_token` in
+        tokenizer_config.json when a tokenizer.json is present, and so does this.
+        """
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of `ids`; special tokens are dropped unless asked for."""

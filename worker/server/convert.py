@@ -66,8 +66,8 @@ def prompt_token_ids(work: worker_pb2.GenerationWork, tokenizer: Tokenizer) -> t
         chat = work.prompt.chat
         extra = {"tools": json.loads(chat.tools)} if chat.tools else {}
         text = tokenizer.apply_chat_template([chat_message(m) for m in chat.messages], **extra)
-        return tuple(tokenizer.encode(text, add_bos=False))
-    return tuple(tokenizer.encode(work.prompt.text, add_bos=True))
+        return tuple(tokenizer.encode(text, add_special_tokens=False))
+    return tuple(tokenizer.encode(work.prompt.text))
 
 
 def chat_message(message: common_pb2.ChatMessage) -> dict:
