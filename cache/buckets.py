@@ -6,6 +6,10 @@ only when every bucket holds enough; otherwise nothing is charged and the
 caller learns how long the emptiest bucket needs to refill. Buckets expire once
 they would be full again (nothing to remember).
 
+A charge made up front can be settled later (`TokenBuckets.adjust`): the
+difference between the estimate and what was really used is refunded, or
+charged, even past empty (a bucket in debt refills before it admits again).
+
 Redis is never needed to decide: calls run under a `RedisGuard` with a short
 overall timeout, and while Redis is failing the same buckets are kept in
 process (so with N replicas a tenant may get up to N times its limit until
@@ -55,9 +59,26 @@ for i, key in ipairs(KEYS) do
   local tokens = levels[i]
   if allowed == 1 then tokens = tokens - tonumber(ARGV[3 * i]) end
   redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', tostring(now))
-  redis.call('PEXPIRE', key, math.ceil(capacity / rate * 1000) + 1000)
+  redis.call('PEXPIRE', key, math.ceil((capacity - tokens) / rate * 1000) + 1000)
 end
 return {allowed, tostring(wait)}
+"""
+
+# KEYS[1]: one bucket; ARGV: capacity, refill per second, delta. Takes `delta` from the bucket (a negative delta
+# gives it back), never above capacity but possibly below zero: a debt that delays the next admission.
+# Returns the bucket's level after.
+ADJUST_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local capacity = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(state[1]) or capacity
+local ts = tonumber(state[2]) or now
+tokens = math.min(capacity, tokens + math.max(0, now - ts) * rate - tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ts', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - tokens) / rate * 1000) + 1000)
+return tostring(tokens)
 """
 
 
@@ -101,6 +122,14 @@ class LocalBuckets:
             self.state[b.key] = (tokens - b.cost if allowed else tokens, now)
         return allowed, wait
 
+    def adjust(self, bucket: Bucket) -> float:
+        """Take `bucket.cost` (negative: give it back), capped at capacity, possibly into debt; the level after."""
+        now = self.clock()
+        tokens, ts = self.state.get(bucket.key, (bucket.capacity, now))
+        tokens = min(bucket.capacity, tokens + max(0.0, now - ts) * bucket.rate - bucket.cost)
+        self.state[bucket.key] = (tokens, now)
+        return tokens
+
 
 class TokenBuckets:
     """Buckets in Redis, shared by every client of the same server; in process while Redis is away."""
@@ -113,6 +142,7 @@ class TokenBuckets:
                                 bypasses=None)
         self.local = LocalBuckets()
         self._script = client.register_script(TOKEN_BUCKET_LUA) if client is not None else None
+        self._adjust_script = client.register_script(ADJUST_LUA) if client is not None else None
 
     async def take(self, wanted: list[Bucket]) -> tuple[bool, float]:
         """(True, 0) after charging every bucket, or (False, seconds until all fit) charging none."""
@@ -122,6 +152,16 @@ class TokenBuckets:
                 return answer
         self.stats.local_checks += 1
         return self.local.take(wanted)
+
+    async def adjust(self, bucket: Bucket) -> float:
+        """Settle a charge made before: take `bucket.cost` more (negative: refund it); the level after."""
+        if self._adjust_script is not None:
+            answer = await self.guard.run(self._adjust_script, [bucket.key],
+                                          [repr(bucket.capacity), repr(bucket.rate), repr(bucket.cost)],
+                                          what="token bucket adjust")
+            if answer is not REDIS_UNAVAILABLE:
+                return float(answer)
+        return self.local.adjust(bucket)
 
     async def _take_shared(self, wanted: list[Bucket]) -> tuple[bool, float]:
         args = [v for b in wanted for v in (repr(b.capacity), repr(b.rate), repr(b.cost))]

@@ -1,4 +1,8 @@
-"""The embedding cache: one Redis entry per (model, revision, normalize, text), and the entry format.
+"""The embedding cache: one Redis entry per (scope, model, revision, normalize, text), and the entry format.
+
+The scope is the tenant's cache scope (see `gateway/tenants.py`): a tenant
+never reads, nor learns from a hit's `cached_tokens`, what another tenant
+embedded unless the operator put them in one scope.
 
 An entry is a little-endian uint32 token count followed by the float32
 vector. A batch reads all of its inputs in one MGET and computes only the
@@ -9,7 +13,6 @@ and any failure counts as a miss (reads) or is dropped (writes).
 
 from __future__ import annotations
 
-import hashlib
 import struct
 import time
 
@@ -17,6 +20,7 @@ import redis.asyncio as aioredis
 import torch
 
 from moemesh.cache.guard import REDIS_UNAVAILABLE, RedisGuard
+from moemesh.cache.keys import digest_of_parts
 from moemesh.cache.stats import CacheStats
 
 FORMAT_VERSION = "v1"  # part of every key: bump when the entry layout changes
@@ -40,7 +44,7 @@ def entry_size(dimensions: int) -> int:
 
 
 class EmbeddingCache:
-    """Vectors per (model, revision, normalize, text) in Redis, in the `pack_embedding` format."""
+    """Vectors per (scope, model, revision, normalize, text) in Redis, in the `pack_embedding` format."""
 
     def __init__(self, client: aioredis.Redis | None, ttl: float = 86400.0) -> None:
         self.client = client
@@ -50,10 +54,12 @@ class EmbeddingCache:
         self.breaker = self.guard.breaker
 
     @staticmethod
-    def key(model: str, revision: str, normalize: bool, text: str) -> str:
-        """The Redis key of one input's vector."""
-        digest = hashlib.sha256(f"{FORMAT_VERSION}\0{model}\0{revision}\0{int(normalize)}\0".encode())
-        digest.update(text.encode("utf-8", "surrogatepass"))
+    def key(model: str, revision: str, normalize: bool, text: str, *, scope: str = "") -> str:
+        """The Redis key of one input's vector in `scope` ("": no tenant's; the gateway always names one).
+
+        Every part is hashed length-prefixed: no ':' or NUL inside a scope or id makes two inputs share a key.
+        """
+        digest = digest_of_parts(FORMAT_VERSION, scope, model, revision, str(int(normalize)), text)
         return f"moemesh:emb:{FORMAT_VERSION}:{digest.hexdigest()}"
 
     async def get_many(self, keys: list[str], dimensions: int) -> list[bytes | None]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -36,6 +35,7 @@ import redis.asyncio as aioredis
 
 from moemesh.cache.embeddings import EmbeddingCache
 from moemesh.cache.guard import REDIS_UNAVAILABLE, RedisGuard
+from moemesh.cache.keys import digest_of_parts
 from moemesh.cache.stats import CacheStats
 from moemesh.v1 import common_pb2, generation_pb2, worker_pb2
 
@@ -46,13 +46,11 @@ STORED_FINISHES = (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_LENGT
 
 
 def response_key(scope: str, model: str, revision: str, request: generation_pb2.GenerateRequest) -> str:
-    """Cache key of a request: everything that changes the answer, hashed."""
-    digest = hashlib.sha256()
-    for part in (FORMAT_VERSION, scope, model, revision):
-        digest.update(part.encode() + b"\0")
-    digest.update(request.prompt.SerializeToString(deterministic=True))
-    digest.update(b"\0")
-    digest.update(request.sampling.SerializeToString(deterministic=True))
+    """Cache key of a request: everything that changes the answer, hashed part by part (length-prefixed, so a
+    ':' or NUL inside a scope or id cannot make two requests' parts run together into one key)."""
+    digest = digest_of_parts(FORMAT_VERSION, scope, model, revision,
+                             request.prompt.SerializeToString(deterministic=True),
+                             request.sampling.SerializeToString(deterministic=True))
     return f"moemesh:resp:{FORMAT_VERSION}:{digest.hexdigest()}"
 
 

@@ -1,4 +1,8 @@
-"""The audit log: one structured record per request (logger `moemesh.audit`), prompt text only when configured."""
+"""The audit log: one structured record per request (logger `moemesh.audit`), prompt text only when configured.
+
+Refused authentications are audited too (kind "auth", status UNAUTHENTICATED): the front door, the caller's
+address and why the credential was refused, never the credential itself.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import time
 
 from google.rpc import code_pb2
 
-from moemesh.services.core.errors import MeshError
+from moemesh.services.core.errors import MeshError, Unauthenticated
 from moemesh.v1 import generation_pb2
 
 audit_log = logging.getLogger("moemesh.audit")
@@ -36,6 +40,12 @@ class AuditLog:
             "kind": kind, "request_id": request_id, "tenant": tenant, "model": model, "status": status,
             "latency_s": round(time.perf_counter() - started, 6), **fields,
         }})
+
+    def refused(self, exc: Unauthenticated, *, transport: str, method: str, peer: str | None) -> None:
+        """The record of a refused authentication: where (front door and method), from whom (the peer address)
+        and why (`exc.reason`); the credential is not written."""
+        self.record("auth", "", "", "", code_pb2.Code.Name(exc.code), time.perf_counter(), transport=transport,
+                    method=method, peer=peer or "", reason=exc.reason)
 
     def prompt_fields(self, request: generation_pb2.GenerateRequest) -> dict[str, str]:
         """The record's `prompt` field when prompts are audited (the text, or the chat's messages), else none."""

@@ -18,13 +18,21 @@ class GatewayConfig(ServiceConfig):
     http_port: int | None = pydantic.Field(
         default=None, ge=0, le=65535, description="HTTP API port (0: a free one); unset: no HTTP API")
     scheduler: str = pydantic.Field(min_length=3, description="scheduler host:port")
-    redis_url: str | None = pydantic.Field(default=None, description="Redis for the caches; unset: no caches")
+    redis_url: str | None = pydantic.Field(
+        default=None, description="Redis for the caches; unset: no caches. A URL with a password belongs in the "
+                                  "environment (MOEMESH_GATEWAY_REDIS_URL) or a secret file, not this flag")
+    cluster_token: pydantic.SecretStr | None = pydantic.Field(
+        default=None, min_length=8,
+        description="the mesh's shared secret, presented to the scheduler (metadata authorization: Bearer <token>); "
+                    "give it by environment (MOEMESH_GATEWAY_CLUSTER_TOKEN) or a secret file, not this flag")
     default_model: str | None = pydantic.Field(
         default=None, description="model used when a request names none; default: the first the mesh serves")
     default_embedding_model: str | None = pydantic.Field(
         default=None, description="embedding model used when a request names none; default: the first served")
     max_request_bytes: int = pydantic.Field(
         default=4 * 1024 * 1024, ge=1024, description="largest request accepted, bytes (gRPC message or HTTP body)")
+    http_docs: bool = pydantic.Field(
+        default=False, description="serve /docs, /redoc and /openapi.json (off: they map the API for anyone)")
     max_stop_sequences: int = pydantic.Field(default=8, ge=0, le=64, description="most stop strings per request")
     max_stop_sequence_bytes: int = pydantic.Field(default=128, ge=1, description="longest stop string, bytes")
     grace: float = pydantic.Field(default=10.0, ge=0, description="seconds in-flight calls get on shutdown")

@@ -57,7 +57,8 @@ class GatewayDeps:
     @classmethod
     def from_config(cls, config: GatewayConfig) -> GatewayDeps:
         """Every dependency the config asks for; nothing connects until the client is started."""
-        client = SchedulerClient(config.scheduler, config.tls_dir)
+        token = config.cluster_token.get_secret_value() if config.cluster_token else None
+        client = SchedulerClient(config.scheduler, config.tls_dir, token)
         redis = connect(config.redis_url) if config.redis_url else None
         registry = TenantRegistry.load(config.tenants_file) if config.tenants_file else None
         limiter, limiter_redis = _limiter(config, registry)

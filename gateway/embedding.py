@@ -57,7 +57,7 @@ async def _embed(deps: GatewayDeps, request: embeddings_pb2.EmbedRequest, tenant
     caches = deps.caches if use_cache else None
     vectors: list[torch.Tensor | None] = [None] * len(inputs)
     counts = [0] * len(inputs)
-    keys = await _from_cache(caches, model, normalize, inputs, vectors, counts)
+    keys = await _from_cache(caches, tenant, model, normalize, inputs, vectors, counts)
     missing = [i for i, v in enumerate(vectors) if v is None]
     if missing:
         await _compute(deps.client, model, normalize, inputs, missing, vectors, counts, timeout)
@@ -66,12 +66,13 @@ async def _embed(deps: GatewayDeps, request: embeddings_pb2.EmbedRequest, tenant
     return _response(request, model, vectors, counts, set(missing))
 
 
-async def _from_cache(caches: GatewayCaches | None, model: models_pb2.ModelInfo, normalize: bool, inputs: list[str],
-                      vectors: list[torch.Tensor | None], counts: list[int]) -> list[str]:
-    """Fill `vectors` and `counts` with the cached entries; the inputs' cache keys (none without a cache)."""
+async def _from_cache(caches: GatewayCaches | None, tenant: Tenant, model: models_pb2.ModelInfo, normalize: bool,
+                      inputs: list[str], vectors: list[torch.Tensor | None], counts: list[int]) -> list[str]:
+    """Fill `vectors` and `counts` with the cached entries of the tenant's scope; the inputs' cache keys (none
+    without a cache)."""
     if caches is None:
         return []
-    keys = [caches.embedding_key(model, normalize, text) for text in inputs]
+    keys = [caches.embedding_key(tenant, model, normalize, text) for text in inputs]
     for i, raw in enumerate(await caches.embeddings.get_many(keys, model.dimensions)):
         if raw is not None:
             vectors[i], counts[i] = unpack_embedding(raw)

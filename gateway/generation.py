@@ -3,21 +3,27 @@
 `start_generation` resolves the model, authorizes the tenant, validates the request, claims its journal (a
 resumable request) and charges the rate limits; nothing is sent yet. `Generation.responses` then streams its
 events: through the response cache when it may, dispatched to the scheduler on a miss, through the journal when
-resumable, and writes the request's audit record when it ends.
+resumable, and writes the request's audit record when it ends. The tokens charged up front (an estimate) are
+settled against the usage the generation reports when it finishes (`Quota`).
+
+A call that follows another call's journal (the same tenant and request id) is charged one request against the
+tenant's rate limit, as any stream is, but no tokens: the generation it reads was charged once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from moemesh.gateway.audit import status_name
 from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.journal import Journal
-from moemesh.gateway.ratelimit import estimate_tokens
-from moemesh.gateway.tenants import OPEN_TENANT, Tenant
+from moemesh.gateway.ratelimit import RateLimiter, estimate_tokens
+from moemesh.gateway.tenants import OPEN_TENANT, Tenant, cache_scope
 from moemesh.gateway.validation import validate_generate
 from moemesh.services.core.errors import MeshError
 from moemesh.v1 import common_pb2, generation_pb2, models_pb2, worker_pb2
@@ -63,12 +69,32 @@ class JournalClaim:
         return self.journal.follow(self.key)
 
 
+@dataclass(frozen=True)
+class Quota:
+    """The tokens a request was charged up front, to be settled against its real usage when it finishes."""
+
+    limiter: RateLimiter
+    tenant: Tenant
+    charged: int
+
+    async def metered(self, events: AsyncIterator[worker_pb2.RequestEvent]
+                      ) -> AsyncIterator[worker_pb2.RequestEvent]:
+        """`events`, settling the charge with the finish event's usage (prompt + completion tokens) before it is
+        passed on. A stream that ends without one (error, cancel) keeps the up-front charge."""
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if event.finish_reason:
+                    used = event.usage.prompt_tokens + event.usage.completion_tokens
+                    await self.limiter.settle(self.tenant, self.charged, used)
+                yield event
+
+
 class Generation:
     """One admitted generation request on its way through the mesh: the model, the work and its events."""
 
     def __init__(self, deps: GatewayDeps, request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo,
                  work: worker_pb2.GenerationWork, tenant: str, clock: StreamClock,
-                 journal: JournalClaim | None = None) -> None:
+                 journal: JournalClaim | None = None, quota: Quota | None = None) -> None:
         self.deps = deps
         self.request = request
         self.model = model
@@ -76,6 +102,7 @@ class Generation:
         self.tenant = tenant
         self.clock = clock
         self.journal = journal  # set for a resumable (caller-named) request
+        self.quota = quota  # set when the tenant has a tokens limit and this call generates
         self.public_id = request.request_id or work.request_id  # the caller's id (the work's is tenant-scoped)
 
     @property
@@ -84,11 +111,15 @@ class Generation:
         return self.public_id
 
     def _upstream(self) -> AsyncIterator[worker_pb2.RequestEvent]:
-        """The work's events from the scheduler, through the response cache when there is one."""
+        """The work's events (metered when charged): from the scheduler, through the response cache if any."""
+        events = self._generate()
+        return self.quota.metered(events) if self.quota is not None else events
+
+    def _generate(self) -> AsyncIterator[worker_pb2.RequestEvent]:
         client, caches = self.deps.client, self.deps.caches
         if caches is None:
             return client.generate(self.work)
-        return caches.events(self.request, self.model, self.tenant, lambda: client.generate(self.work))
+        return caches.events(self.request, self.model, self.work.cache_scope, lambda: client.generate(self.work))
 
     async def responses(self) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """The response events from `resume_from_index` on; closing early cancels the request upstream."""
@@ -149,17 +180,28 @@ async def _admit(deps: GatewayDeps, request: generation_pb2.GenerateRequest, ten
     tenant.check_model(model.id)
     validate_generate(request, model, deps.config)
     work = _work(request, model, tenant, timeout)
+    work.cache_scope = cache_scope(tenant, deps.config.cache_shared_scope)  # salts prefix KV too, not just answers
     journal = await _claim_journal(deps.journal, tenant, request)
-    if deps.limiter is not None and (journal is None or journal.owner):  # following a journal costs nothing more
-        await deps.limiter.check(tenant, estimate_tokens(work))
-    return Generation(deps, request, model, work, tenant.id, clock, journal)
+    quota = None
+    if deps.limiter is not None:
+        generates = journal is None or journal.owner  # a follower reads a generation charged once: a request only
+        try:
+            charged = await deps.limiter.check(tenant, estimate_tokens(work) if generates else 0)
+        except MeshError:
+            if journal is not None and journal.owner:  # refused: nothing will generate, so free the id at once
+                await journal.journal.release(journal.key)
+            raise
+        quota = Quota(deps.limiter, tenant, charged) if generates and tenant.tokens_per_minute is not None else None
+    return Generation(deps, request, model, work, tenant.id, clock, journal, quota)
 
 
 def _work(request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo, tenant: Tenant,
           timeout: float | None) -> worker_pb2.GenerationWork:
     return worker_pb2.GenerationWork(
-        # A caller's id is unique per tenant only; the mesh-wide one carries the tenant.
-        request_id=f"{tenant.id}/{request.request_id}" if request.request_id else uuid.uuid4().hex,
+        # A caller's id is unique per tenant only; the mesh-wide one carries the tenant (both encoded: no two pairs
+        # meet, whatever separators they hold).
+        request_id=f"{quote(tenant.id, safe='')}/{quote(request.request_id, safe='')}" if request.request_id
+        else uuid.uuid4().hex,
         model=model.id,
         prompt=request.prompt,
         sampling=request.sampling,

@@ -44,8 +44,14 @@ async def readyz(response: fastapi.Response, deps: Deps) -> dict:
 
 
 def create_app(deps: GatewayDeps) -> fastapi.FastAPI:
-    """The HTTP API; /healthz, /readyz and /health are open, every /v1 route needs a credential unless in open mode."""
-    app = fastapi.FastAPI(title="moemesh gateway", version="v1")
+    """The HTTP API; /healthz, /readyz and /health are open, every /v1 route needs a credential unless in open mode.
+
+    /docs, /redoc and /openapi.json are served only when GatewayConfig.http_docs is set (they map the API for
+    anyone who asks).
+    """
+    docs = deps.config.http_docs
+    app = fastapi.FastAPI(title="moemesh gateway", version="v1", docs_url="/docs" if docs else None,
+                          redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.deps = deps
     add_error_handlers(app)
     app.add_middleware(BodyLimit, limit=deps.config.max_request_bytes)
@@ -55,20 +61,71 @@ def create_app(deps: GatewayDeps) -> fastapi.FastAPI:
 
 
 class BodyLimit:
-    """Refuses a body above the gateway's max_request_bytes (as gRPC does) before it is read: 413."""
+    """Bounds every request body while it is read, chunked or not: 413 as soon as it passes the limit.
+
+    A declared Content-Length above the limit is refused before anything is read. Otherwise the received bytes
+    are counted as the app reads them; the read that passes the limit answers 413 (with `Connection: close`, so
+    the server stops reading the rest) and the app sees the client as gone, so nothing above the limit is
+    buffered, parsed or authenticated. Anything the app still sends after that is dropped.
+    """
 
     def __init__(self, app: Callable, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
-                response = error_response(413, f"request body is {int(length)} bytes; the limit is {self.limit}",
-                                          "invalid_request_error", code="request_too_large")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self._refuse(scope, send, f"request body is {int(length)} bytes; the limit is {self.limit}")
+            return
+        await _BoundedBody(self, scope, receive, send).run()
+
+    async def _refuse(self, scope: Scope, send: Send, message: str) -> None:
+        response = error_response(413, message, "invalid_request_error", code="request_too_large",
+                                  headers={"Connection": "close"})
+        await response(scope, _nothing_to_receive, send)
+
+
+async def _nothing_to_receive() -> dict:
+    return {"type": "http.disconnect"}
+
+
+class _BoundedBody:
+    """One request under BodyLimit: counts the body bytes received, refuses once they pass the limit."""
+
+    def __init__(self, limit: BodyLimit, scope: Scope, receive: Receive, send: Send) -> None:
+        self.limit, self.scope, self._receive, self._send = limit, scope, receive, send
+        self.received = 0
+        self.refused = False  # the 413 went out: the app's own answer is dropped
+        self.started = False  # the app began its answer: too late for a 413
+
+    async def run(self) -> None:
+        await self.limit.app(self.scope, self.receive, self.send)
+
+    async def receive(self) -> dict:
+        if self.refused:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.limit.limit:
+                return await self._over_limit()
+        return message
+
+    async def _over_limit(self) -> dict:
+        self.refused = True
+        if not self.started:
+            await self.limit._refuse(self.scope, self._send, f"request body is over the limit of {self.limit.limit} bytes")
+        return {"type": "http.disconnect"}  # the app stops reading; the rest of the body is never buffered
+
+    async def send(self, message: dict) -> None:
+        if self.refused:
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
 
 
 class HttpServer:

@@ -11,6 +11,7 @@ import fastapi
 
 from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.tenants import Tenant, credential_from_headers
+from moemesh.services.core.errors import Unauthenticated
 
 
 async def gateway_deps(request: fastapi.Request) -> GatewayDeps:
@@ -21,10 +22,16 @@ async def gateway_deps(request: fastapi.Request) -> GatewayDeps:
 def caller_tenant(request: fastapi.Request, deps: Annotated[GatewayDeps, fastapi.Depends(gateway_deps)]) -> Tenant:
     """The caller's tenant from `Authorization: Bearer <key or JWT>` (or `X-API-Key`).
 
-    Dependencies run before the body is validated, so an unauthenticated caller gets 401 whatever it sent.
+    Dependencies run before the body is validated, so an unauthenticated caller gets 401 whatever it sent; the
+    refusal is audited with its reason.
     """
-    return deps.auth.authenticate(credential_from_headers(request.headers.get("authorization"),
-                                                          request.headers.get("x-api-key")))
+    try:
+        return deps.auth.authenticate(credential_from_headers(request.headers.get("authorization"),
+                                                              request.headers.get("x-api-key")))
+    except Unauthenticated as exc:
+        deps.audit.refused(exc, transport="http", method=f"{request.method} {request.url.path}",
+                           peer=request.client.host if request.client else None)
+        raise
 
 
 Deps = Annotated[GatewayDeps, fastapi.Depends(gateway_deps)]

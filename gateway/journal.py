@@ -13,8 +13,11 @@ charged again.
 A disconnect does not stop a journaled generation (the next call may want
 it); its deadline and max_tokens still bound it. The generating gateway
 holds a short, renewed claim on the request: if that gateway dies, the claim
-lapses, readers get UNAVAILABLE, and a retry with the same id (on any
-replica) generates it afresh. Without Redis, requests are served
+lapses within OWNER_TTL seconds, readers get UNAVAILABLE, and a retry with
+the same id (on any replica) generates it afresh. An event the journal fails
+to record stops the generation and ends its readers with UNAVAILABLE, never
+a gap. Following a journal costs the caller one request of its tenant's rate
+limit (as any stream does), no tokens. Without Redis, requests are served
 unjournaled, as before.
 
 The journal itself is a cache data structure; this module names it for the
@@ -23,6 +26,6 @@ gateway, whose service decides which requests are journaled and charged.
 
 from __future__ import annotations
 
-from moemesh.cache.journal import EVENT_FIELD, OWNER_TTL, Journal
+from moemesh.cache.journal import EVENT_FIELD, OWNER_TTL, Journal, JournalWriteFailed
 
-__all__ = ["EVENT_FIELD", "OWNER_TTL", "Journal"]
+__all__ = ["EVENT_FIELD", "OWNER_TTL", "Journal", "JournalWriteFailed"]

@@ -1,7 +1,8 @@
 """OpenAI-shaped errors: every exception of the HTTP API as {"error": {"message", "type", "param", "code"}}.
 
 One mapping from the mesh's error family (and FastAPI's own body and routing errors) to HTTP statuses, OpenAI
-error types and headers (Retry-After, WWW-Authenticate), installed as the app's exception handlers.
+error types and headers (Retry-After, WWW-Authenticate), installed as the app's exception handlers. A message
+that names an internal address (a failed call to the scheduler or a worker) is replaced by a generic one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from moemesh.services.core.errors import (
     Unauthenticated,
     Unavailable,
     error_from_rpc,
+    public_message,
 )
 
 log = logging.getLogger("moemesh.gateway.openai")
@@ -68,7 +70,8 @@ def error_of(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
                    "retry-after-ms": str(max(1, round(exc.retry_after * 1000)))}
     elif isinstance(exc, Unauthenticated):
         headers = {"WWW-Authenticate": "Bearer"}
-    return exc.http_status, {"message": str(exc), "type": type_, "param": param, "code": code}, headers
+    message = public_message(exc.code, str(exc))  # never an internal address, whoever raised it
+    return exc.http_status, {"message": message, "type": type_, "param": param, "code": code}, headers
 
 
 def exception_response(exc: BaseException) -> JSONResponse:

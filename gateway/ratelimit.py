@@ -7,8 +7,13 @@ otherwise nothing is charged and the caller is told how long the emptier bucket 
 
 Tokens are charged up front: the request cost estimate of `services/core/costs.py` (prompt characters / 4 plus
 max_tokens, the contract's default when unset), capped at the bucket's size so a single large request can always
-pass on a full bucket. Cache hits are charged like any other request, requests and tokens: the charge happens
-before the cache is consulted, which keeps it one round trip and the limits predictable.
+pass on a full bucket. When the request ends with its real usage (prompt plus completion tokens, as the answer
+reports them), `settle` charges the difference: a refund when the answer was shorter than the estimate, a further
+charge when it was longer (a CJK prompt runs at about a token per character, not four characters per token),
+which may leave the bucket in debt until it refills. A request that ends without a usage (an error, a
+disconnect) keeps its up-front charge. Cache hits are charged like any other request, requests and tokens: the
+charge happens before the cache is consulted, which keeps it one round trip and the limits predictable; a hit is
+then settled at the usage of the answer it replays.
 
 Redis is never needed to serve: calls have a short timeout, and after repeated failures a circuit breaker skips
 Redis for a while. Meanwhile each gateway enforces the same limits with in-process buckets (so with N replicas a
@@ -46,9 +51,13 @@ def buckets(tenant: Tenant, tokens: int) -> list[Bucket]:
         found.append(Bucket(f"{KEY_PREFIX}:{{{tenant.id}}}:req", capacity, tenant.requests_per_second, 1.0))
     if tenant.tokens_per_minute is not None:
         capacity = float(tenant.tokens_per_minute)
-        found.append(Bucket(f"{KEY_PREFIX}:{{{tenant.id}}}:tok", capacity, capacity / 60.0,
+        found.append(Bucket(_tokens_key(tenant), capacity, capacity / 60.0,
                             float(min(max(tokens, 0), capacity))))
     return found
+
+
+def _tokens_key(tenant: Tenant) -> str:
+    return f"{KEY_PREFIX}:{{{tenant.id}}}:tok"
 
 
 @dataclass
@@ -72,18 +81,27 @@ class RateLimiter:
         self.breaker = self.store.guard.breaker
         self.local = self.store.local
 
-    async def check(self, tenant: Tenant, tokens: int = 0) -> None:
-        """Admit (and charge) the request, or raise RateLimited with the wait until it would fit."""
+    async def check(self, tenant: Tenant, tokens: int = 0) -> int:
+        """Admit (and charge) the request, or raise RateLimited with the wait until it would fit; the tokens
+        charged (the estimate, capped at the bucket's size; 0 without a tokens limit), for `settle`."""
         wanted = buckets(tenant, tokens)
         if not wanted:
-            return
+            return 0
         allowed, wait = await self.store.take(wanted)
         if allowed:
             self.stats.allowed += 1
-            return
+            return next((int(b.cost) for b in wanted if b.key.endswith(":tok")), 0)
         self.stats.limited += 1
         wait = max(wait, MIN_RETRY_AFTER)
         raise RateLimited(f"rate limit exceeded for tenant {tenant.id!r}; retry after {wait:.3f}s", retry_after=wait)
+
+    async def settle(self, tenant: Tenant, charged: int, used: int) -> None:
+        """Reconcile a request's up-front charge (`charged`, what `check` returned) with the tokens it really
+        `used`: the difference is refunded or charged to the tenant's tokens bucket."""
+        if tenant.tokens_per_minute is None or used == charged:
+            return
+        capacity = float(tenant.tokens_per_minute)
+        await self.store.adjust(Bucket(_tokens_key(tenant), capacity, capacity / 60.0, float(used - charged)))
 
 
 def connect(url: str, timeout: float = REDIS_TIMEOUT) -> aioredis.Redis:

@@ -1,16 +1,22 @@
-"""The gateway's public gRPC servicers: authenticate the caller, then run the shared generation or embedding path."""
+"""The gateway's public gRPC servicers: authenticate the caller, then run the shared generation or embedding path.
+
+A failed call to the scheduler leaves here as the domain error `error_from_rpc` makes of it, whose message never
+carries an internal address (the raw gRPC details are logged, not forwarded).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
 from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.embedding import embed
 from moemesh.gateway.generation import start_generation
-from moemesh.gateway.tenants import Authenticator, Tenant, credential_from_metadata
+from moemesh.gateway.tenants import Tenant, credential_from_metadata
 from moemesh.gateway.validation import validate_size
+from moemesh.services.core.errors import Unauthenticated, error_from_rpc
 from moemesh.services.core.server import GrpcServer
 from moemesh.v1 import (
     embeddings_pb2,
@@ -22,9 +28,23 @@ from moemesh.v1 import (
 )
 
 
-def tenant_of(context: grpc.aio.ServicerContext, auth: Authenticator) -> Tenant:
-    """The caller's tenant from `authorization: Bearer <key or JWT>` (or `x-api-key`) metadata."""
-    return auth.authenticate(credential_from_metadata(context.invocation_metadata()))
+def tenant_of(context: grpc.aio.ServicerContext, deps: GatewayDeps, method: str) -> Tenant:
+    """The caller's tenant from `authorization: Bearer <key or JWT>` (or `x-api-key`) metadata; a refusal is
+    audited with its reason."""
+    try:
+        return deps.auth.authenticate(credential_from_metadata(context.invocation_metadata()))
+    except Unauthenticated as exc:
+        deps.audit.refused(exc, transport="grpc", method=method, peer=context.peer())
+        raise
+
+
+@contextlib.contextmanager
+def upstream_errors() -> Iterator[None]:
+    """Within the block, a failed call to the scheduler becomes its domain error (no internal address in it)."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc) from None
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -35,10 +55,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     async def Generate(self, request, context) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """The generation's events as they come."""
-        generation = await start_generation(self.deps, request, tenant=tenant_of(context, self.deps.auth),
-                                            timeout=context.time_remaining())
-        async for response in generation.responses():
-            yield response
+        tenant = tenant_of(context, self.deps, "Generate")
+        with upstream_errors():
+            generation = await start_generation(self.deps, request, tenant=tenant, timeout=context.time_remaining())
+            async for response in generation.responses():
+                yield response
 
     async def Complete(self, request, context) -> generation_pb2.CompleteResponse:
         """The whole answer: Generate's events joined."""
@@ -67,8 +88,9 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
     async def Embed(self, request, context) -> embeddings_pb2.EmbedResponse:
         """The inputs' embeddings."""
         validate_size(request, self.deps.config)
-        return await embed(self.deps, request, tenant=tenant_of(context, self.deps.auth),
-                           timeout=context.time_remaining())
+        tenant = tenant_of(context, self.deps, "Embed")
+        with upstream_errors():
+            return await embed(self.deps, request, tenant=tenant, timeout=context.time_remaining())
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServicer):
@@ -79,8 +101,9 @@ class ModelsServicer(models_pb2_grpc.ModelsServicer):
 
     async def ListModels(self, request, context) -> models_pb2.ListModelsResponse:
         """The served models this caller's tenant may use."""
-        tenant = tenant_of(context, self.deps.auth)
-        return models_pb2.ListModelsResponse(models=await self.deps.catalogue.visible_to(tenant))
+        tenant = tenant_of(context, self.deps, "ListModels")
+        with upstream_errors():
+            return models_pb2.ListModelsResponse(models=await self.deps.catalogue.visible_to(tenant))
 
 
 def add_servicers(server: GrpcServer, deps: GatewayDeps) -> None:

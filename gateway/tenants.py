@@ -9,9 +9,13 @@ The tenants file (GatewayConfig.tenants_file, JSON) holds no plain keys, only sa
               "key": "<HS256 secret>", "public_key": "<RS256 PEM>", "tenant_claim": "tenant"},
       "tenants": [
         {"id": "acme", "api_key_hashes": ["sha256$<salt>$<hex digest>"], "allowed_models": ["demo-moe"],
-         "priority": 5, "max_priority": 7, "requests_per_second": 10, "burst": 20, "tokens_per_minute": 60000}
+         "priority": 5, "max_priority": 7, "requests_per_second": 10, "burst": 20, "tokens_per_minute": 60000,
+         "cache_scope": "acme-group"}
       ]
     }
+
+Tenants never share cache entries (answers, embeddings, prefix KV blocks) unless they name the same
+`cache_scope` (or the gateway runs with `cache_shared_scope`: one scope for all).
 
 Without a tenants file the gateway runs in open mode: every caller is the "default" tenant, with every model,
 the priority it asks for and no rate limits (as before tenants existed).
@@ -93,6 +97,8 @@ class Tenant(_Strict):
     requests_per_second: float | None = pydantic.Field(default=None, gt=0)  # None: unlimited
     burst: float | None = pydantic.Field(default=None, ge=1)  # requests bucket size; None: max(1, rps)
     tokens_per_minute: int | None = pydantic.Field(default=None, gt=0)  # None: unlimited
+    # Tenants naming the same cache_scope share cached answers, embeddings and prefix KV; None: its own scope.
+    cache_scope: str | None = pydantic.Field(default=None, min_length=1, max_length=128)
 
     def allows(self, model_id: str) -> bool:
         return not self.allowed_models or model_id in self.allowed_models
@@ -108,6 +114,15 @@ class Tenant(_Strict):
 
 
 OPEN_TENANT = Tenant(id=DEFAULT_TENANT, max_priority=MAX_PRIORITY)
+
+
+def cache_scope(tenant: Tenant, shared: bool = False) -> str:
+    """The scope of a tenant's cache entries (answers, embeddings, prefix KV): "shared" when the operator shares
+    one scope for all (`cache_shared_scope`), else the tenant's configured `cache_scope`, else its own. The
+    prefixes keep a configured scope from ever equalling a tenant's own."""
+    if shared:
+        return "shared"
+    return f"scope:{tenant.cache_scope}" if tenant.cache_scope is not None else f"tenant:{tenant.id}"
 
 
 class TenantsFile(_Strict):
@@ -166,12 +181,12 @@ class TenantRegistry:
     def authenticate(self, credential: str | None) -> Tenant:
         """The tenant of an API key or JWT; Unauthenticated (one message for every failure) otherwise."""
         if not credential:
-            raise Unauthenticated(AUTH_FAILED)
+            raise Unauthenticated(AUTH_FAILED, "no credential")
         tenant = self._by_key(credential)
         if tenant is None and self.jwt is not None and credential.count(".") == 2:
-            tenant = self._by_jwt(credential)
+            return self._by_jwt(credential)
         if tenant is None:
-            raise Unauthenticated(AUTH_FAILED)
+            raise Unauthenticated(AUTH_FAILED, "unknown API key")
         return tenant
 
     def _by_key(self, key: str) -> Tenant | None:
@@ -183,12 +198,13 @@ class TenantRegistry:
                 found = tenant
         return found
 
-    def _by_jwt(self, token: str) -> Tenant | None:
+    def _by_jwt(self, token: str) -> Tenant:
+        """The tenant a valid JWT names; Unauthenticated (with the reason, for the audit log) otherwise."""
         settings = self.jwt
         try:
             algorithm = pyjwt.get_unverified_header(token).get("alg")
             if algorithm not in settings.algorithms:
-                return None
+                raise Unauthenticated(AUTH_FAILED, f"JWT algorithm {algorithm!r} is not allowed")
             key = settings.key if algorithm == "HS256" else settings.public_key
             claims = pyjwt.decode(
                 token, key, algorithms=[algorithm], audience=settings.audience, issuer=settings.issuer,
@@ -196,10 +212,13 @@ class TenantRegistry:
                 options={"require": ["exp"] + (["aud"] if settings.audience else []) + (["iss"] if settings.issuer else []),
                          "verify_aud": settings.audience is not None},
             )
-        except pyjwt.PyJWTError:
-            return None
+        except pyjwt.PyJWTError as exc:
+            raise Unauthenticated(AUTH_FAILED, f"invalid JWT ({type(exc).__name__})") from None
         tenant_id = claims.get(settings.tenant_claim)
-        return self.by_id.get(tenant_id) if isinstance(tenant_id, str) else None
+        tenant = self.by_id.get(tenant_id) if isinstance(tenant_id, str) else None
+        if tenant is None:
+            raise Unauthenticated(AUTH_FAILED, f"JWT claim {settings.tenant_claim!r} names no known tenant")
+        return tenant
 
     def tenants(self) -> Iterable[Tenant]:
         return self.by_id.values()

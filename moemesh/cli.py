@@ -92,8 +92,12 @@ def certs(out, hosts) -> None:
 def up(model_dir, workers, port, http_port, no_http, redis_url, embeddings, device, dtype, max_num_seqs,
        ready_file, log_dir, tls, tls_dir) -> None:
     """Start Redis, the scheduler, workers and the gateway on this machine."""
-    from moemesh.supervisor import MeshOptions
+    from moemesh.supervisor import MeshOptions, MeshSecrets
 
+    try:
+        credentials = MeshSecrets.for_this_run(os.environ)  # MOEMESH_CLUSTER_TOKEN / MOEMESH_KV_TIER_SECRET or fresh
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
     embedding_dir = None
     if embeddings:
         from moemesh.worker.embeddings.sentence import default_embedding_model_dir
@@ -107,13 +111,15 @@ def up(model_dir, workers, port, http_port, no_http, redis_url, embeddings, devi
         tls_dir=_tls_dir(tls_dir) if tls else None,
     )
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    sys.exit(asyncio.run(_run_mesh(options, ready_file)))
+    sys.exit(asyncio.run(_run_mesh(options, ready_file, credentials)))
 
 
-async def _run_mesh(options, ready_file: pathlib.Path | None) -> int:
+async def _run_mesh(options, ready_file: pathlib.Path | None, credentials) -> int:
     from moemesh.supervisor import Mesh, ServiceFailed
 
-    mesh = Mesh(options)
+    publish = (lambda ready: _write_ready_file(ready_file, ready)) if ready_file is not None else None
+    # publish: the ready file follows restarts (new pids, a restarted worker's address)
+    mesh = Mesh(options, credentials=credentials, publish=publish)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -126,18 +132,16 @@ async def _run_mesh(options, ready_file: pathlib.Path | None) -> int:
             starting.cancel()
             return 130
         ready = starting.result()
-        if ready_file is not None:
-            tmp = ready_file.with_suffix(ready_file.suffix + ".tmp")
-            tmp.write_text(json.dumps(ready, indent=2))
-            tmp.replace(ready_file)  # readers never see a half-written file
+        if publish is not None:
+            publish(ready)
         _print_banner(ready)
-        exited = asyncio.create_task(mesh.wait_for_exit())
-        await asyncio.wait({exited, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if exited.done():
-            child = exited.result()
-            click.echo(f"moemesh: {child.name} exited with code {child.process.returncode}; stopping", err=True)
-            return 1
-        exited.cancel()
+        # Children that exit are restarted; only a signal, or a child in a crash loop (ServiceFailed), ends this.
+        supervising = asyncio.create_task(mesh.supervise())
+        await asyncio.wait({supervising, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if supervising.done():
+            supervising.result()
+        supervising.cancel()
+        await asyncio.gather(supervising, return_exceptions=True)
         return 0
     except ServiceFailed as exc:
         click.echo(f"moemesh: {exc}", err=True)
@@ -148,6 +152,12 @@ async def _run_mesh(options, ready_file: pathlib.Path | None) -> int:
         if ready_file is not None:
             with contextlib.suppress(FileNotFoundError):
                 ready_file.unlink()
+
+
+def _write_ready_file(path: pathlib.Path, ready: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(ready, indent=2))
+    tmp.replace(path)  # readers never see a half-written file
 
 
 def _print_banner(ready: dict) -> None:
@@ -302,6 +312,34 @@ def health(target, service) -> None:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     click.echo(status)
     sys.exit(0 if status == "SERVING" else 1)
+
+
+@main.command()
+@click.option("--scheduler", "target", required=True, help="scheduler host:port")
+@click.option("--tls-dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+              help="mutual TLS: the mesh's certificates, dialled as the operator role (operator.crt/.key)")
+def nodes(target, tls_dir) -> None:
+    """List the scheduler's registered nodes (JSON), as an operator.
+
+    The cluster token is read from the environment (MOEMESH_CLUSTER_TOKEN), never from a flag: a command line
+    shows in `ps`.
+    """
+    from google.protobuf import json_format
+
+    from moemesh.services.core.auth import bearer_metadata
+    from moemesh.services.core.tls import channel_credentials
+    from moemesh.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+    channel = (grpc.secure_channel(target, channel_credentials(tls_dir, "operator")) if tls_dir
+               else grpc.insecure_channel(target))
+    with channel:
+        try:
+            reply = scheduler_pb2_grpc.SchedulerStub(channel).ListNodes(
+                scheduler_pb2.ListNodesRequest(), metadata=bearer_metadata(os.environ.get("MOEMESH_CLUSTER_TOKEN")),
+                timeout=10)
+        except grpc.RpcError as exc:
+            _fail(exc)
+    click.echo(json_format.MessageToJson(reply))
 
 
 # ---- bench ------------------------------------------------------------------

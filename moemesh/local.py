@@ -12,7 +12,9 @@ file once every service is healthy, and logs each service to
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,6 +31,21 @@ class RunningMesh:
     process: subprocess.Popen
     ready: dict
     log_dir: pathlib.Path
+    cluster_token: str = ""  # the mesh's credential (given to `moemesh up` by environment), for internal calls
+
+    @property
+    def internal_metadata(self) -> tuple[tuple[str, str], ...]:
+        """gRPC metadata that authenticates a call to the scheduler or a worker with the cluster token."""
+        return (("authorization", f"Bearer {self.cluster_token}"),)
+
+    def read_ready(self) -> dict:
+        """The ready file as the supervisor last wrote it (it is rewritten after each restart of a service)."""
+        self.ready = json.loads(self.ready_file.read_text())
+        return self.ready
+
+    @property
+    def ready_file(self) -> pathlib.Path:
+        return self.log_dir.parent / "ready.json"
 
     @property
     def gateway(self) -> str:
@@ -59,14 +76,17 @@ def start_mesh(workdir: pathlib.Path, *args: str, timeout: float = START_TIMEOUT
     """Run `moemesh up` (gateway gRPC and HTTP on free ports, plus `args`) and wait for its ready file.
 
     With `quiet` the supervisor's own output is dropped; otherwise it is kept for the error raised when the
-    mesh does not start.
+    mesh does not start. The cluster token is MOEMESH_CLUSTER_TOKEN if set, else a fresh one, known to the caller
+    as `RunningMesh.cluster_token` (as an operator who sets it knows it).
     """
     ready_file = workdir / "ready.json"
     log_dir = workdir / "logs"
+    token = os.environ.get("MOEMESH_CLUSTER_TOKEN") or secrets.token_urlsafe(32)
     process = subprocess.Popen(
         [sys.executable, "-m", "moemesh.cli", "up", "--port", "0", "--http-port", "0",
          "--ready-file", str(ready_file), "--log-dir", str(log_dir), *args],
         stdout=subprocess.DEVNULL if quiet else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "MOEMESH_CLUSTER_TOKEN": token},
     )
     deadline = time.monotonic() + timeout
     while not ready_file.exists():
@@ -76,7 +96,7 @@ def start_mesh(workdir: pathlib.Path, *args: str, timeout: float = START_TIMEOUT
             logs = "\n".join(p.read_text()[-3000:] for p in log_dir.glob("*.log")) if log_dir.exists() else ""
             raise RuntimeError(f"the mesh did not start (exit {process.returncode}):\n{output}\n{logs}")
         time.sleep(0.1)
-    return RunningMesh(process, json.loads(ready_file.read_text()), log_dir)
+    return RunningMesh(process, json.loads(ready_file.read_text()), log_dir, token)
 
 
 def stop_mesh(mesh: RunningMesh, sig: int = signal.SIGINT, timeout: float = 60.0) -> int:

@@ -1,10 +1,22 @@
-"""Runs the whole mesh as child processes on one machine (``moemesh up``).
+"""Runs the whole mesh as child processes on one machine (``moemesh up``) and keeps it running.
 
 Start order: Redis (unless an external one is given), scheduler, workers,
 gateway; each service reports its bound address on a pipe once it is ready,
 so ports can be 0 and nothing is polled. Stop order is the reverse, each
 service getting SIGTERM and a grace period before SIGKILL. Children die with
 the supervisor even if it is killed (PR_SET_PDEATHSIG).
+
+Like a small orchestrator, the supervisor restarts a child that exits (any
+child: a worker, the embedded Redis, the scheduler, the gateway) after a
+backoff, on the port it had, so the others reconnect by themselves: workers
+re-register with a restarted scheduler, the gateway's channel reconnects, the
+caches' Redis clients find Redis again on its port. A restarted worker takes a
+new port and registers itself. Losing a child never stops the mesh; only
+Ctrl-C / SIGTERM does, or a child in a crash loop (`RestartPolicy`).
+
+Each run has its own credentials (`MeshSecrets`): they reach the children
+through their environment only, never their command line, the ready file or
+a log.
 """
 
 from __future__ import annotations
@@ -14,8 +26,13 @@ import json
 import logging
 import os
 import pathlib
+import secrets
 import signal
 import sys
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from moemesh.cache.client import connect, reachable
@@ -26,6 +43,11 @@ log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 300.0  # seconds a service may take to load and report ready
 STOP_GRACE = 15.0
+
+# `moemesh up`'s own environment may carry the run's credentials; a fresh random one is made for each unset.
+CLUSTER_TOKEN_ENV = "MOEMESH_CLUSTER_TOKEN"
+KV_TIER_SECRET_ENV = "MOEMESH_KV_TIER_SECRET"
+MIN_SECRET_LENGTH = 16  # characters of a given credential (a generated one has 43)
 
 
 @dataclass(frozen=True)
@@ -47,56 +69,136 @@ class MeshOptions:
     tls_dir: pathlib.Path | None = None  # mutual TLS between the services (made by `moemesh certs`)
 
 
+@dataclass(frozen=True, repr=False)
+class MeshSecrets:
+    """The credentials of one run: the cluster token every service checks, and the KV tier's MAC secret."""
+
+    cluster_token: str
+    kv_tier_secret: str
+
+    @classmethod
+    def for_this_run(cls, environ: Mapping[str, str]) -> MeshSecrets:
+        """The ones given in `environ` (MOEMESH_CLUSTER_TOKEN, MOEMESH_KV_TIER_SECRET), else fresh random ones.
+
+        A given one shorter than MIN_SECRET_LENGTH raises ValueError naming its variable.
+        """
+        values = {}
+        for name, var in (("cluster_token", CLUSTER_TOKEN_ENV), ("kv_tier_secret", KV_TIER_SECRET_ENV)):
+            given = environ.get(var)
+            if given and len(given) < MIN_SECRET_LENGTH:
+                raise ValueError(f"{var}: at least {MIN_SECRET_LENGTH} characters are required (got {len(given)})")
+            values[name] = given or secrets.token_urlsafe(32)  # 32 random bytes, 43 characters
+        return cls(**values)
+
+    def __repr__(self) -> str:
+        return "MeshSecrets(<redacted>)"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a child that exited is started again, and when the supervisor gives up and stops the mesh."""
+
+    first_delay: float = 0.5  # seconds before the first restart; doubles with each quick exit
+    max_delay: float = 30.0
+    stable_after: float = 60.0  # a child up this long starts its backoff afresh when it next exits
+    crash_loop_exits: int = 5  # this many exits of one child ...
+    crash_loop_window: float = 60.0  # ... within this many seconds is a crash loop: the mesh stops
+
+    def delay(self, quick_exits: int) -> float:
+        """Seconds to wait before restarting a child that exited `quick_exits` times in a row without settling."""
+        return min(self.first_delay * 2 ** max(quick_exits - 1, 0), self.max_delay)
+
+
 @dataclass
 class Child:
+    """One service of the mesh: how it is started, its current process, and its restart history."""
+
     name: str
-    process: asyncio.subprocess.Process
-    info: dict = field(default_factory=dict)
+    argv: Callable[[], list[str]]  # built afresh at each start: a restart reuses the port the last run bound
+    env: Mapping[str, str] = field(default_factory=dict)  # added to the supervisor's environment (secrets, URLs)
+    announces: bool = True  # reports its address on a ready pipe (False: redis-server, pinged instead)
+    process: asyncio.subprocess.Process | None = None
+    info: dict = field(default_factory=dict)  # its ready line and pid
+    bound: dict = field(default_factory=dict)  # the addresses it first reported, kept across failed restarts
+    restarts: int = 0
+    started_at: float = 0.0
+    quick_exits: int = 0  # exits in a row, each before the child had stayed up `stable_after`
+    exits: deque[float] = field(default_factory=deque)  # monotonic times of its recent exits
 
 
 class ServiceFailed(RuntimeError):
     """A service exited or never became ready."""
 
 
-class Mesh:
-    """The processes of one local mesh."""
+class CrashLoop(ServiceFailed):
+    """A child keeps exiting: restarting it again would hide the fault, so the mesh stops."""
 
-    def __init__(self, options: MeshOptions) -> None:
+
+class Mesh:
+    """The processes of one local mesh, kept running by `supervise`."""
+
+    def __init__(self, options: MeshOptions, *, credentials: MeshSecrets | None = None,
+                 policy: RestartPolicy = RestartPolicy(), publish: Callable[[dict], None] | None = None) -> None:
         self.options = options
+        self.credentials = credentials or MeshSecrets.for_this_run(os.environ)
+        self.policy = policy
+        self.publish = publish  # called with the new ready document after each restart
         self.children: list[Child] = []
         self.redis_url = options.redis_url
 
     # ---- start -------------------------------------------------------------
     async def start(self) -> dict:
         """Start every service and return what the ready file holds."""
+        o = self.options
         if self.redis_url is None:
-            await self._start_redis()
-        tls = ["--tls-dir", str(self.options.tls_dir)] if self.options.tls_dir else []
-        scheduler = await self._start_service("scheduler", "moemesh.services.scheduler.main",
-                                              ["--host", self.options.host, "--port", "0", *tls])
-        workers = await asyncio.gather(*[
-            self._start_service(f"worker-{i}", "moemesh.worker.server.main",
-                                [*self._worker_args(scheduler.info["address"]), *tls])
-            for i in range(self.options.workers)
-        ])
-        gateway_args = ["--host", self.options.host, "--port", str(self.options.port),
-                        "--scheduler", scheduler.info["address"], "--redis-url", self.redis_url, *tls]
-        if self.options.http_port is not None:
-            gateway_args += ["--http-port", str(self.options.http_port)]
-        gateway = await self._start_service("gateway", "moemesh.gateway.main", gateway_args)
+            port = free_port(o.host)
+            self.redis_url = f"redis://{o.host}:{port}/0"
+            await self._launch(self._add(Child("redis", lambda: redis_server_argv(port, host=o.host),
+                                               announces=False)))
+        scheduler = self._add(Child("scheduler", lambda: self._scheduler_argv(scheduler),
+                                    {"MOEMESH_SCHEDULER_CLUSTER_TOKEN": self.credentials.cluster_token}))
+        await self._launch(scheduler)
+        workers = [self._add(Child(f"worker-{i}", lambda: self._worker_argv(scheduler.bound["address"]),
+                                   self._worker_env())) for i in range(o.workers)]
+        await asyncio.gather(*[self._launch(w) for w in workers])
+        gateway = self._add(Child("gateway", lambda: self._gateway_argv(gateway, scheduler.bound["address"]),
+                                  {"MOEMESH_GATEWAY_CLUSTER_TOKEN": self.credentials.cluster_token,
+                                   "MOEMESH_GATEWAY_REDIS_URL": self.redis_url}))
+        await self._launch(gateway)
+        return self.ready()
+
+    def ready(self) -> dict:
+        """The ready file's document: every service's address, pid and restart count (never a secret)."""
+        infos = {c.name: {**c.info, "restarts": c.restarts} for c in self.children}
+        redis = {"url": redact_url(self.redis_url), "embedded": self.options.redis_url is None}
+        if "redis" in infos:
+            redis.update(pid=infos["redis"]["pid"], restarts=infos["redis"]["restarts"])
         return {
-            "gateway": gateway.info,
-            "scheduler": scheduler.info,
-            "workers": [w.info for w in workers],
-            "redis": {"url": self.redis_url, "embedded": self.options.redis_url is None},
+            "gateway": infos.get("gateway"),
+            "scheduler": infos.get("scheduler"),
+            "workers": [info for name, info in infos.items() if name.startswith("worker-")],
+            "redis": redis,
             "supervisor_pid": os.getpid(),
             "tls_dir": str(self.options.tls_dir) if self.options.tls_dir else None,
         }
 
-    def _worker_args(self, scheduler_address: str) -> list[str]:
+    def _add(self, child: Child) -> Child:
+        self.children.append(child)
+        return child
+
+    def _tls_args(self) -> list[str]:
+        return ["--tls-dir", str(self.options.tls_dir)] if self.options.tls_dir else []
+
+    def _scheduler_argv(self, scheduler: Child) -> list[str]:
+        port = _bound_port(scheduler.bound.get("address"), 0)  # a restarted scheduler keeps its address
+        return [*_module("moemesh.services.scheduler.main"), "--host", self.options.host, "--port", str(port),
+                *self._tls_args()]
+
+    def _worker_argv(self, scheduler_address: str) -> list[str]:
         o = self.options
-        args = ["--host", o.host, "--port", "0", "--scheduler", scheduler_address, "--model-dir", str(o.model_dir),
-                "--device", o.device, "--dtype", o.dtype, "--kv-tier-url", self.redis_url]
+        args = [*_module("moemesh.worker.server.main"), "--host", o.host, "--port", "0",
+                "--scheduler", scheduler_address, "--model-dir", str(o.model_dir), "--device", o.device,
+                "--dtype", o.dtype, *self._tls_args()]
         if o.max_num_seqs is not None:
             args += ["--max-num-seqs", str(o.max_num_seqs)]
         if o.threads_per_worker:
@@ -105,92 +207,189 @@ class Mesh:
             args += ["--embedding-model-dir", str(o.embedding_model_dir)]
         return args
 
-    async def _spawn(self, name: str, argv: list[str], pass_fds: tuple[int, ...] = ()) -> Child:
-        stderr = None
-        if self.options.log_dir is not None:
-            self.options.log_dir.mkdir(parents=True, exist_ok=True)
-            stderr = open(self.options.log_dir / f"{name}.log", "ab")  # owned by the child
-        process = await asyncio.create_subprocess_exec(
-            *argv, pass_fds=pass_fds, stdin=asyncio.subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
-            preexec_fn=die_with_parent,
-        )
-        if stderr is not None:
-            stderr.close()
-        child = Child(name, process, {"pid": process.pid})
-        self.children.append(child)
-        return child
+    def _worker_env(self) -> dict[str, str]:
+        return {"MOEMESH_WORKER_CLUSTER_TOKEN": self.credentials.cluster_token,
+                "MOEMESH_WORKER_KV_TIER_SECRET": self.credentials.kv_tier_secret,
+                "MOEMESH_WORKER_KV_TIER_URL": self.redis_url}
 
-    async def _start_service(self, name: str, module: str, args: list[str]) -> Child:
+    def _gateway_argv(self, gateway: Child, scheduler_address: str) -> list[str]:
+        o = self.options
+        args = [*_module("moemesh.gateway.main"), "--host", o.host,
+                "--port", str(_bound_port(gateway.bound.get("address"), o.port)),
+                "--scheduler", scheduler_address, *self._tls_args()]
+        if o.http_port is not None:
+            args += ["--http-port", str(_bound_port(gateway.bound.get("http_address"), o.http_port))]
+        return args
+
+    # ---- one child's start -------------------------------------------------
+    async def _launch(self, child: Child) -> None:
+        """Start `child` and wait until it serves; ServiceFailed if it exits or stays silent first."""
+        child.started_at = time.monotonic()
+        if not child.announces:
+            await self._spawn(child)
+            await self._wait_for_redis(child)
+            return
         read_fd, write_fd = os.pipe()
         try:
-            child = await self._spawn(name, [sys.executable, "-m", module, *args, "--ready-fd", str(write_fd)],
-                                      pass_fds=(write_fd,))
+            await self._spawn(child, ("--ready-fd", str(write_fd)), pass_fds=(write_fd,))
         finally:
             os.close(write_fd)
-        line = await self._read_ready(name, read_fd, child)
-        child.info.update(json.loads(line))
-        log.info("service ready", extra={"service": name, "info": child.info})
-        return child
+        child.info.update(json.loads(await self._read_ready(child, read_fd)))
+        for key in ("address", "http_address"):
+            child.bound.setdefault(key, child.info.get(key))
+        log.info("service ready", extra={"service": child.name, "info": child.info})
 
-    async def _read_ready(self, name: str, read_fd: int, child: Child) -> str:
+    async def _spawn(self, child: Child, extra_args: tuple[str, ...] = (), pass_fds: tuple[int, ...] = ()) -> None:
+        output = None
+        if self.options.log_dir is not None:
+            self.options.log_dir.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_file(child), "ab")  # owned by the child
+            if child.restarts:
+                output.write(f"--- moemesh: restart {child.restarts}\n".encode())
+                output.flush()
+        try:
+            child.process = await asyncio.create_subprocess_exec(
+                *child.argv(), *extra_args, pass_fds=pass_fds, env={**_inherited_env(), **child.env},
+                stdin=asyncio.subprocess.DEVNULL, stdout=output, stderr=output,
+                start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
+                preexec_fn=die_with_parent,
+            )
+        finally:
+            if output is not None:
+                output.close()
+        child.info = {"pid": child.process.pid}
+
+    async def _read_ready(self, child: Child, read_fd: int) -> str:
         """The child's ready line, or ServiceFailed if it exits or times out first."""
-        reader = asyncio.create_task(asyncio.to_thread(_read_all, read_fd))
+        reader = asyncio.create_task(asyncio.to_thread(_read_line, read_fd))
         exited = asyncio.create_task(child.process.wait())
         done, _ = await asyncio.wait({reader, exited}, timeout=READY_TIMEOUT, return_when=asyncio.FIRST_COMPLETED)
         line = (await reader).strip() if reader in done or exited in done else ""
         if not line:
             # The pipe closed without a line: the child is exiting; give it a moment to report its code.
             await asyncio.wait({exited}, timeout=2.0)
-            hint = f" (see {self.options.log_dir / (name + '.log')})" if self.options.log_dir else ""
-            raise ServiceFailed(f"{name} did not become ready (exit code {child.process.returncode}){hint}")
+            if child.process.returncode is None:  # silent past the deadline: a restart must not find it alive
+                await _terminate(child.process, STOP_GRACE)
+            raise ServiceFailed(f"{child.name} did not become ready ({describe_exit(child.process.returncode)})"
+                                f"{self._log_hint(child)}")
         exited.cancel()
         return line
 
-    async def _start_redis(self) -> None:
-        port = free_port(self.options.host)
-        await self._spawn("redis", redis_server_argv(port, host=self.options.host))
-        self.redis_url = f"redis://{self.options.host}:{port}/0"
+    async def _wait_for_redis(self, child: Child) -> None:
         client = connect(self.redis_url, timeout=0.5)
         try:
             for _ in range(200):  # redis-server has no readiness pipe: ping until it answers (about 10 s)
+                if child.process.returncode is not None:
+                    break
                 if await reachable(client):
                     return
                 await asyncio.sleep(0.05)
-            raise ServiceFailed(f"embedded redis-server did not answer on port {port}")
+            await _terminate(child.process, STOP_GRACE)  # a restart must not find a silent one still holding the port
+            raise ServiceFailed(f"embedded redis-server did not answer at {self.redis_url}{self._log_hint(child)}")
         finally:
             await client.aclose()
 
-    # ---- run and stop ------------------------------------------------------
-    async def wait_for_exit(self) -> Child:
-        """Return the first child whose exit ends the mesh: any service but a worker, or the last worker.
+    def log_file(self, child: Child) -> pathlib.Path | None:
+        return self.options.log_dir / f"{child.name}.log" if self.options.log_dir is not None else None
 
-        A worker that dies while others serve is reported and left down: the
-        scheduler fails its requests over to the remaining workers.
-        """
-        while True:
-            waits = {asyncio.create_task(c.process.wait()): c for c in self.children}
-            done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for task in pending:
+    def _log_hint(self, child: Child) -> str:
+        path = self.log_file(child)
+        return f" (see {path})" if path is not None else ""
+
+    # ---- supervise ---------------------------------------------------------
+    async def supervise(self) -> None:
+        """Restart every child that exits, until cancelled; CrashLoop when one keeps exiting."""
+        watchers = [asyncio.create_task(self._keep_running(c), name=f"supervise {c.name}") for c in self.children]
+        try:
+            done, _ = await asyncio.wait(watchers, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in watchers:
                 task.cancel()
-            child = waits[next(iter(done))]
-            workers_left = [c for c in self.children if c.name.startswith("worker") and c.process.returncode is None]
-            if not child.name.startswith("worker") or not workers_left:
-                return child
-            self.children.remove(child)
-            print(f"moemesh: {child.name} exited with code {child.process.returncode}; "
-                  f"{len(workers_left)} worker(s) still serving", file=sys.stderr, flush=True)
+            await asyncio.gather(*watchers, return_exceptions=True)
 
+    async def _keep_running(self, child: Child) -> None:
+        while True:
+            code = await child.process.wait()
+            delay = self._note_exit(child, code)
+            log.warning("moemesh: %s (pid %d) exited (%s); restart %d in %.3g s", child.name, child.process.pid,
+                        describe_exit(code), child.restarts + 1, delay)
+            await asyncio.sleep(delay)
+            child.restarts += 1
+            try:
+                await self._launch(child)
+            except ServiceFailed as exc:
+                log.warning("moemesh: %s", exc)  # its exit is counted at the top of the loop
+                continue
+            log.warning("moemesh: %s is back (pid %d, restart %d)", child.name, child.process.pid, child.restarts)
+            if self.publish is not None:
+                self.publish(self.ready())
+
+    def _note_exit(self, child: Child, code: int) -> float:
+        """Record an exit; the delay before the restart, or CrashLoop when there were too many of late."""
+        now = time.monotonic()
+        child.quick_exits = 1 if now - child.started_at >= self.policy.stable_after else child.quick_exits + 1
+        child.exits.append(now)
+        while child.exits and now - child.exits[0] > self.policy.crash_loop_window:
+            child.exits.popleft()
+        if len(child.exits) >= self.policy.crash_loop_exits:
+            where = f"; see its log {self.log_file(child)}" if self.options.log_dir is not None else ""
+            raise CrashLoop(f"{child.name} exited {len(child.exits)} times within "
+                            f"{self.policy.crash_loop_window:.0f} s (last: {describe_exit(code)}); "
+                            f"giving up{where}")
+        return self.policy.delay(child.quick_exits)
+
+    # ---- stop --------------------------------------------------------------
     async def stop(self) -> None:
-        """SIGTERM each service, newest first; SIGKILL what outlives its grace."""
+        """SIGTERM each service, newest first; SIGKILL what outlives its grace. (Cancel `supervise` first.)"""
         for child in reversed(self.children):
-            await _terminate(child.process, STOP_GRACE)
+            if child.process is not None:
+                await _terminate(child.process, STOP_GRACE)
         self.children.clear()
 
 
-def _read_all(fd: int) -> str:
+def describe_exit(code: int | None) -> str:
+    """`code 1`, `signal SIGKILL`, or `still running`, from a returncode."""
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"code {code}"
+
+
+def redact_url(url: str | None) -> str | None:
+    """`url` with any password replaced by `***` (for the ready file and the banner)."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def _module(name: str) -> list[str]:
+    return [sys.executable, "-m", name]
+
+
+def _bound_port(address: str | None, default: int) -> int:
+    """The port of a `host:port` a child reported (what its restart binds again), or `default` before it had one."""
+    return int(address.rsplit(":", 1)[1]) if address else default
+
+
+def _inherited_env() -> dict[str, str]:
+    """The supervisor's environment without the run's credentials: a child gets only those it needs, by name."""
+    return {k: v for k, v in os.environ.items() if k not in (CLUSTER_TOKEN_ENV, KV_TIER_SECRET_ENV)}
+
+
+def _read_line(fd: int) -> str:
+    """The first line written to `fd` ("" when its writer closed it first)."""
     with os.fdopen(fd, "r") as pipe:
-        return pipe.read()
+        return pipe.readline()
 
 
 async def _terminate(process: asyncio.subprocess.Process, grace: float) -> None:

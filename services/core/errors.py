@@ -9,6 +9,7 @@ gRPC: a status code here is the protocol-neutral number that the contract's
 from __future__ import annotations
 
 import logging
+import re
 from typing import Protocol
 
 from google.rpc import code_pb2
@@ -40,8 +41,15 @@ class NotFound(MeshError):
 
 
 class Unauthenticated(MeshError):
+    """No valid credential. The message is what the caller sees; `reason` (why it was refused) is for the audit
+    log only, so that callers cannot probe which keys or tenants exist."""
+
     code = code_pb2.UNAUTHENTICATED
     http_status = 401
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class PermissionDenied(MeshError):
@@ -81,15 +89,47 @@ class Cancelled(MeshError):
     http_status = 499
 
 
+class InternalError(MeshError):
+    """A bug met while handling one request (INTERNAL): that request ends with it, nothing else is affected."""
+
+    code = code_pb2.INTERNAL
+    http_status = 500
+
+
 # google.rpc.Code numbers (as carried in RequestError.code) -> exception class.
 _BY_CODE = {
     cls.code: cls
-    for cls in (NotFound, Unauthenticated, PermissionDenied, Overloaded, Unavailable, DeadlineExceeded, Cancelled)
+    for cls in (NotFound, Unauthenticated, PermissionDenied, Overloaded, Unavailable, DeadlineExceeded, Cancelled,
+                InternalError)
 }
 
 
+# An internal address in a message crossing a hop: gRPC's own connection errors name the peer
+# ("ipv4:10.0.0.7:50052: Connection refused"), and so may a service's. Such a message is never passed on.
+_ADDRESS = re.compile(r"\b(?:ipv4|ipv6|unix|unix-abstract|dns):|\b\d{1,3}(?:\.\d{1,3}){3}\b"
+                      r"|\[[0-9A-Fa-f]*:[0-9A-Fa-f:.]*\]|\b[A-Za-z0-9][\w.-]*:\d{2,5}\b")
+_WITHHELD = {
+    code_pb2.UNAVAILABLE: "a service of the mesh is unavailable; retry",
+    code_pb2.DEADLINE_EXCEEDED: "the request's deadline passed",
+    code_pb2.CANCELLED: "the request was cancelled",
+}
+
+
+def public_message(code: int, message: str) -> str:
+    """`message`, or a generic one for its status when it names an internal address (host:port, ipv4:..., a
+    socket path); the withheld one is logged, for operators."""
+    if not _ADDRESS.search(message):
+        return message
+    log.warning("an upstream error's message was withheld from the caller (it names an internal address)",
+                extra={"code": code_pb2.Code.Name(code) if code in code_pb2.Code.values() else code,
+                       "upstream_message": message})
+    return _WITHHELD.get(code, "the mesh failed to serve the request")
+
+
 def error_from_code(code: int, message: str, retry_after: float = 0.0) -> MeshError:
-    """Rebuild a domain error from a status code number sent across a hop."""
+    """Rebuild a domain error from a status code number sent across a hop (its message without internal
+    addresses: see `public_message`)."""
+    message = public_message(code, message)
     if code == code_pb2.INVALID_ARGUMENT:
         field, _, rest = message.partition(": ")
         return InvalidRequest(field, rest or message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -104,6 +105,9 @@ def _wrap_unary(behaviour: Callable[..., Any], method: str) -> Callable[..., Any
 
 
 def _wrap_stream(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(behaviour):  # a handler that writes with context.write (health's Watch)
+        return _wrap_unary(behaviour, method)
+
     @functools.wraps(behaviour)
     async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:

@@ -1,23 +1,29 @@
 """Mutual TLS between the mesh's services: certificates for a local mesh, and credentials from them.
 
 `make_certificates(dir)` (the `moemesh certs` command) writes a private CA
-and, for each role (scheduler, worker, gateway), a key and a certificate
-signed by it, valid for localhost and 127.0.0.1, usable as server and as
-client. A service given `tls_dir` serves its internal port with TLS that
-requires a client certificate from the same CA, and dials the others with
-its own certificate: only holders of the mesh's certificates can register,
-dispatch or execute.
+and, for each role (scheduler, worker, gateway, operator), a key and a
+certificate signed by it, valid for localhost and 127.0.0.1, usable as server
+and as client. Each certificate names its role twice: CN `moemesh-<role>` and
+the SAN URI `moemesh:role:<role>`; `certificate_role` reads it back (the URI
+when present, else the CN), and `services/core/auth.py` lets each method
+accept only the roles that need it. A service given `tls_dir` serves its
+internal port with TLS that requires a client certificate from the same CA,
+and dials the others with its own certificate.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import pathlib
 
 import grpc
 
-ROLES = ("scheduler", "worker", "gateway")
+# The operator role is for people and tools (ListNodes); no service runs as it.
+ROLES = ("scheduler", "worker", "gateway", "operator")
+ROLE_URI_PREFIX = "moemesh:role:"
+_CN_PREFIX = "moemesh-"
 
 
 def make_certificates(out: pathlib.Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"), days: int = 365) -> None:
@@ -62,7 +68,8 @@ def make_certificates(out: pathlib.Path, hosts: tuple[str, ...] = ("localhost", 
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"moemesh-{role}")]))
                 .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName(names), critical=False)
+                .add_extension(x509.SubjectAlternativeName([*names, x509.UniformResourceIdentifier(
+                    f"{ROLE_URI_PREFIX}{role}")]), critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                                critical=False)
@@ -86,6 +93,31 @@ def channel_credentials(tls_dir: pathlib.Path, role: str) -> grpc.ChannelCredent
     """TLS as `role` (its certificate as the client's), trusting only the mesh's CA."""
     ca, cert, key = _read(tls_dir, role)
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+@functools.lru_cache(maxsize=64)  # a peer presents the same certificate on every call
+def certificate_role(pem: bytes) -> str | None:
+    """The mesh role a certificate carries: its `moemesh:role:<role>` SAN URI, else a CN `moemesh-<role>`.
+
+    None when it names no known role, or names several (a certificate is one role).
+    """
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    named = {uri.removeprefix(ROLE_URI_PREFIX) for uri in uris if uri.startswith(ROLE_URI_PREFIX)}
+    if not named:
+        named = {str(a.value).removeprefix(_CN_PREFIX) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+                 if str(a.value).startswith(_CN_PREFIX)}
+    if len(named) != 1:
+        return None
+    role = named.pop()
+    return role if role in ROLES else None
 
 
 def aio_channel(target: str, tls_dir: pathlib.Path | None, role: str) -> grpc.aio.Channel:

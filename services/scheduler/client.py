@@ -3,7 +3,9 @@
 Requests from many callers share one stream; the reader task hands each
 incoming event to the queue of the request it belongs to. If the stream
 breaks (scheduler restarted), pending requests end with UNAVAILABLE
-(retryable) and the client reconnects with backoff.
+(retryable) and the client reconnects with backoff. Every call presents
+the cluster token when one is given (and the gateway's certificate with
+mutual TLS).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from moemesh.services.core.auth import bearer_metadata
 from moemesh.services.core.errors import Unavailable, error_from_code
 from moemesh.services.core.tls import aio_channel
 from moemesh.v1 import models_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
@@ -28,9 +31,10 @@ MAX_BACKOFF = 2.0
 class SchedulerClient:
     """Submit work, receive its events, cancel it; embeddings and catalogue calls."""
 
-    def __init__(self, address: str, tls_dir: pathlib.Path | None = None) -> None:
+    def __init__(self, address: str, tls_dir: pathlib.Path | None = None, cluster_token: str | None = None) -> None:
         self.address = address
         self.channel = aio_channel(address, tls_dir, "gateway")
+        self.metadata = bearer_metadata(cluster_token)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
         self.connected = asyncio.Event()
         self._pending: dict[str, asyncio.Queue[worker_pb2.RequestEvent]] = {}
@@ -81,13 +85,13 @@ class SchedulerClient:
                     cancel=worker_pb2.Cancel(request_id=work.request_id, reason="client")))
 
     async def embed(self, work: worker_pb2.EmbedWork, timeout: float | None = None) -> worker_pb2.EmbedResult:
-        return await self.stub.Embed(work, timeout=timeout)
+        return await self.stub.Embed(work, timeout=timeout, metadata=self.metadata)
 
     async def list_models(self, timeout: float = 5.0) -> models_pb2.ListModelsResponse:
-        return await self.stub.ListModels(models_pb2.ListModelsRequest(), timeout=timeout)
+        return await self.stub.ListModels(models_pb2.ListModelsRequest(), timeout=timeout, metadata=self.metadata)
 
     async def list_nodes(self, timeout: float = 5.0) -> scheduler_pb2.ListNodesResponse:
-        return await self.stub.ListNodes(scheduler_pb2.ListNodesRequest(), timeout=timeout)
+        return await self.stub.ListNodes(scheduler_pb2.ListNodesRequest(), timeout=timeout, metadata=self.metadata)
 
     # ---- the stream --------------------------------------------------------
     async def _run(self) -> None:
@@ -95,7 +99,7 @@ class SchedulerClient:
         while True:
             outbox: asyncio.Queue[worker_pb2.ExecuteRequest] = asyncio.Queue()
             self._outbox = outbox
-            call = self.stub.Dispatch(self._requests(outbox), wait_for_ready=True)
+            call = self.stub.Dispatch(self._requests(outbox), metadata=self.metadata, wait_for_ready=True)
             try:
                 await call.wait_for_connection()
                 self.connected.set()

@@ -20,8 +20,12 @@ class SchedulerConfig(ServiceConfig):
         default=1.0, gt=0, le=60, description="seconds between worker heartbeats (told to workers when they register)")
     max_missed_heartbeats: int = pydantic.Field(
         default=3, ge=1, le=100, description="heartbeat intervals a node may miss before it is evicted")
-    cluster_token: str | None = pydantic.Field(
-        default=None, description="workers must present this token (metadata authorization: Bearer ...); unset: open")
+    cluster_token: pydantic.SecretStr | None = pydantic.Field(
+        default=None, min_length=8,
+        description="the mesh's shared secret: every caller of every method (workers, gateways, operators) must "
+                    "present it as metadata authorization: Bearer <token>; give it by environment "
+                    "(MOEMESH_SCHEDULER_CLUSTER_TOKEN) or a secret file, not this flag (argv shows in ps); "
+                    "unset (and no tls_dir): the internal plane is open")
     grace: float = pydantic.Field(default=10.0, ge=0, description="seconds in-flight calls get on shutdown")
     max_queued_requests: int = pydantic.Field(
         default=1024, ge=1, description="admission queue bound per model, requests (beyond: RESOURCE_EXHAUSTED)")

@@ -60,6 +60,8 @@ class DispatchPolicy:
     max_queue_delay: float = 0.0  # seconds a partial batch may wait for a preferred size
     preferred_batch_sizes: tuple[int, ...] = ()
     affinity_load_guard: float = 0.5
+    # Later requests that may go ahead of one that does not fit now, before everything waits for it.
+    max_head_bypass: int = 16
     max_failovers: int = 3
     failover_wait: float = 10.0  # how long a request whose replica died waits for another one
     tenant_weights: dict[str, float] = field(default_factory=dict)
@@ -99,8 +101,10 @@ class Dispatcher:
     """Owns the worker links, the admission queues and the request -> route table."""
 
     def __init__(self, registry: Registry, policy: DispatchPolicy | None = None,
-                 rng: random.Random | None = None, tls_dir: pathlib.Path | None = None) -> None:
+                 rng: random.Random | None = None, tls_dir: pathlib.Path | None = None,
+                 cluster_token: str | None = None) -> None:
         self.tls_dir = tls_dir
+        self.cluster_token = cluster_token  # presented to workers
         self.registry = registry
         self.policy = policy or DispatchPolicy()
         self.rng = rng or random.Random()
@@ -112,12 +116,14 @@ class Dispatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._rings: dict[str, tuple[int, HashRing]] = {}
         registry.on_evict.append(self._node_lost)
+        registry.on_unhealthy.append(self._node_unhealthy)
 
     # ---- links -------------------------------------------------------------
     def link(self, node: Node) -> WorkerLink:
         link = self.links.get(node.node_id)
         if link is None:
-            link = WorkerLink(node.node_id, node.address, self._on_batch, self._on_link_closed, self.tls_dir)
+            link = WorkerLink(node.node_id, node.address, self._on_batch, self._on_link_closed, self.tls_dir,
+                              self.cluster_token)
             self.links[node.node_id] = link
             link.start()
         return link
@@ -132,6 +138,11 @@ class Dispatcher:
         if work.deadline_unix and work.deadline_unix <= time.time():
             session.send([_error_event(work.request_id, grpc.StatusCode.DEADLINE_EXCEEDED,
                                        "deadline passed before the request was queued")])
+            return
+        problem = _never_fits(work, model_capacity(self.registry.serving(work.model), work.model))
+        if problem is not None:  # a static limit: waiting would not help, so no retryable status
+            self.counters.rejected += 1
+            session.send([_error_event(work.request_id, grpc.StatusCode.INVALID_ARGUMENT, problem)])
             return
         route = Route(work, session, cost=estimate_tokens(work))
         queue = self._queue(work.model)
@@ -191,31 +202,63 @@ class Dispatcher:
         self._arm_timer()
 
     def _pump_model(self, model: str, queue: AdmissionQueue) -> None:
+        """Place queued requests in queue order; one that does not fit now lets a bounded number pass it.
+
+        Bypass rule: a request no replica has room for stays queued in its place while later requests that
+        fit go ahead of it, at most `max_head_bypass` of them in all; from then on nothing behind it is
+        dispatched until it is placed, so the replicas drain until it fits and it is never starved.
+        """
         policy = self.policy
         if policy.max_queue_delay > 0 and len(queue) < policy.max_batch_size and queue.oldest_wait() < policy.max_queue_delay:
             if len(queue) not in policy.preferred_batch_sizes and not _has_retry(queue):
                 return  # wait a little longer for a fuller batch
+        members = self.registry.serving(model)
+        if not members:
+            self._fail_without_replicas(queue)
+            return
         sent: dict[str, int] = {}
-        while (head := queue.peek()) is not None:
-            route: Route = head.payload
-            members = self.registry.serving(model)
+        capacity = model_capacity(members, model)
+        blocked: Pending | None = None  # the first request that cannot be placed now
+        # Only as many requests as the replicas have slots for can be placed, plus those the scan passes over.
+        for item in queue.ahead(_free_slots(members, policy.max_batch_size) + policy.max_head_bypass + 1):
+            route: Route = item.payload
+            if self._refuse_if_never_fits(queue, item, capacity):
+                continue
             node = self._choose(model, members, route, sent, avoid_tried=bool(route.failovers))
             if node is None and route.failovers:
                 node = self._choose(model, members, route, sent, avoid_tried=False)  # no fresh replica: any will do
             if node is None:
-                if members:
-                    return  # every replica is busy: the head keeps its place
-                waited = queue.clock() - head.enqueued_at
-                if route.failovers and waited < policy.failover_wait:
-                    return  # a replacement replica may register in time
-                queue.pop()
-                self._drop(head.request_id, route)
-                route.session.send([_error_event(head.request_id, grpc.StatusCode.UNAVAILABLE,
-                                                 "no ready replica serves this model", retry_after=1.0)])
+                blocked = blocked or item
                 continue
-            queue.pop()
+            if blocked is not None:
+                if blocked.bypassed >= policy.max_head_bypass:
+                    return  # it has been passed enough: the replicas drain until it fits
+                blocked.bypassed += 1
+            queue.take(item)
             self._send(route, node)
             sent[node.node_id] = sent.get(node.node_id, 0) + 1
+
+    def _fail_without_replicas(self, queue: AdmissionQueue) -> None:
+        """No replica is registered for the model: fail what is queued, except failovers within their wait."""
+        while (head := queue.peek()) is not None:
+            route: Route = head.payload
+            if route.failovers and queue.clock() - head.enqueued_at < self.policy.failover_wait:
+                return  # a replacement replica may register in time
+            queue.pop()
+            self._drop(head.request_id, route)
+            route.session.send([_error_event(head.request_id, grpc.StatusCode.UNAVAILABLE,
+                                             "no ready replica serves this model", retry_after=1.0)])
+
+    def _refuse_if_never_fits(self, queue: AdmissionQueue, item: Pending, capacity: int | None) -> bool:
+        """Refuse (INVALID_ARGUMENT) a queued request that no replica of its model could ever hold."""
+        problem = _never_fits(item.payload.work, capacity)
+        if problem is None:
+            return False
+        queue.take(item)
+        self._drop(item.request_id, item.payload)
+        self.counters.rejected += 1
+        item.payload.session.send([_error_event(item.request_id, grpc.StatusCode.INVALID_ARGUMENT, problem)])
+        return True
 
     def _choose(self, model: str, members: list[Node], route: Route, sent: dict[str, int],
                 avoid_tried: bool) -> Node | None:
@@ -241,7 +284,9 @@ class Dispatcher:
         if node.in_flight >= node.max_num_seqs:
             return False
         if node.num_kv_blocks and node.in_flight:
-            return math.ceil(route.cost / max(node.block_size, 1)) <= node.load.free_kv_blocks
+            # A sequence never holds more than the replica's pool: an estimate beyond it needs the whole pool.
+            need = min(route.cost, node.num_kv_blocks * node.block_size)
+            return math.ceil(need / max(node.block_size, 1)) <= node.load.free_kv_blocks
         return True
 
     def _send(self, route: Route, node: Node) -> None:
@@ -316,6 +361,21 @@ class Dispatcher:
             log.warning("node lost with requests in flight", extra={"node_id": node.node_id, "lost": len(lost)})
         self.pump()
 
+    def _node_unhealthy(self, node: Node) -> None:
+        """A replica that stopped making progress keeps its registration but not its requests: they continue
+        elsewhere, and it is told to drop them (should it recover, its late events are ignored)."""
+        link = self.links.get(node.node_id)
+        stuck = [(rid, r) for rid, r in self.routes.items() if r.node_id == node.node_id]
+        for request_id, route in stuck:
+            if link is not None:
+                link.send(worker_pb2.ExecuteRequest(cancel=worker_pb2.Cancel(request_id=request_id,
+                                                                             reason="failover")))
+            self._release_node(route)
+            self._requeue(request_id, route, f"replica {node.node_id} stopped making progress")
+        if stuck:
+            log.warning("node unhealthy with requests in flight", extra={"node_id": node.node_id, "moved": len(stuck)})
+            self.pump()
+
     def _requeue(self, request_id: str, route: Route, why: str) -> None:
         """Send a request that lost its replica to another one, or fail it when it cannot go on."""
         if route.cancelled:  # its client is gone: nothing to continue
@@ -361,6 +421,48 @@ class Dispatcher:
             self.pump()
 
         self._timer = loop.call_later(min(delay, 0.05), fire)
+
+
+def _free_slots(members: list[Node], max_batch_size: int) -> int:
+    """Requests the ready replicas could take in one pump round."""
+    return sum(max(0, min(n.max_num_seqs - n.in_flight, max_batch_size)) for n in members
+               if n.state == NodeState.READY)
+
+
+def token_capacity(node: Node, model: str) -> int | None:
+    """The longest sequence (prompt + output tokens) `node` can hold for `model`; None when it reported no limit."""
+    limits = [m.max_context_tokens for m in node.models if m.model_id == model and m.max_context_tokens]
+    if node.num_kv_blocks:
+        limits.append(node.num_kv_blocks * node.block_size)
+    return min(limits) if limits else None
+
+
+def model_capacity(members: list[Node], model: str) -> int | None:
+    """The longest sequence any of `members` can hold for `model`; None when unknown (no members, or one that
+    reported no limit)."""
+    capacities = [token_capacity(node, model) for node in members]
+    if not capacities or None in capacities:
+        return None
+    return max(capacities)
+
+
+def _never_fits(work: worker_pb2.GenerationWork, largest: int | None) -> str | None:
+    """Why no replica could ever hold the request ("field: reason"), given the `largest` sequence one holds.
+
+    Only what is certain counts: prompt token ids (a text prompt's length is known only once the worker
+    tokenizes it, so it counts as one token) and an explicit max_tokens.
+    """
+    if largest is None:
+        return None
+    prompt = len(work.prompt_token_ids) + len(work.resume_token_ids) or 1
+    if work.prompt_token_ids and prompt >= largest:
+        return (f"prompt_token_ids: {prompt} tokens; the most any replica of {work.model!r} holds is {largest} "
+                "(prompt and output together)")
+    output = work.sampling.max_tokens if work.sampling.HasField("max_tokens") else 0
+    if prompt + output > largest:
+        return (f"max_tokens: prompt {prompt} + max_tokens {output} = {prompt + output} tokens; the most any "
+                f"replica of {work.model!r} holds is {largest}")
+    return None
 
 
 def _has_retry(queue: AdmissionQueue) -> bool:

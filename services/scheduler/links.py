@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from moemesh.services.core.auth import bearer_metadata
 from moemesh.services.core.tls import aio_channel
 from moemesh.v1 import worker_pb2, worker_pb2_grpc
 
@@ -25,11 +26,13 @@ class WorkerLink:
         on_batch: Callable[[str, worker_pb2.EventBatch], None],
         on_closed: Callable[[str], None],
         tls_dir: pathlib.Path | None = None,
+        cluster_token: str | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = address
         self.channel = aio_channel(address, tls_dir, "scheduler")
         self.stub = worker_pb2_grpc.WorkerStub(self.channel)
+        self.metadata = bearer_metadata(cluster_token)  # every call to the worker presents the cluster token
         self._outbox: asyncio.Queue[worker_pb2.ExecuteRequest | None] = asyncio.Queue()
         self._on_batch = on_batch
         self._on_closed = on_closed
@@ -54,7 +57,7 @@ class WorkerLink:
 
     async def _pump(self) -> None:
         try:
-            async for batch in self.stub.Execute(self._requests(), wait_for_ready=True):
+            async for batch in self.stub.Execute(self._requests(), metadata=self.metadata, wait_for_ready=True):
                 self._on_batch(self.node_id, batch)
         except grpc.aio.AioRpcError as exc:
             log.warning("worker stream broke", extra={"node_id": self.node_id, "code": exc.code().name})

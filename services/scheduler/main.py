@@ -7,6 +7,7 @@ import contextlib
 import logging
 import sys
 
+from moemesh.services.core.auth import SCHEDULER_ACCESS, ClusterAuthInterceptor
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.metrics import counter, gauge, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
@@ -66,11 +67,12 @@ def scheduler_metrics(registry: Registry, dispatcher: Dispatcher, embed_batcher:
 async def serve(config: SchedulerConfig, ready_fd: int | None) -> None:
     stop = stop_event_on_signals()
     registry = Registry(config.heartbeat_interval, config.max_missed_heartbeats, hang_timeout=config.hang_timeout)
-    dispatcher = Dispatcher(registry, config.dispatch_policy(), tls_dir=config.tls_dir)
+    token = config.cluster_token.get_secret_value() if config.cluster_token else None
+    dispatcher = Dispatcher(registry, config.dispatch_policy(), tls_dir=config.tls_dir, cluster_token=token)
     credentials = server_credentials(config.tls_dir, "scheduler") if config.tls_dir else None
-    server = GrpcServer(config.host, config.port, grace=config.grace, credentials=credentials)
-    servicer = SchedulerServicer(registry, dispatcher, config.cluster_token, config.embed_max_inputs,
-                                 config.embed_max_delay)
+    auth = ClusterAuthInterceptor(token, {SCHEDULER_SERVICE: SCHEDULER_ACCESS}, mutual_tls=config.tls_dir is not None)
+    server = GrpcServer(config.host, config.port, grace=config.grace, credentials=credentials, interceptors=[auth])
+    servicer = SchedulerServicer(registry, dispatcher, config.embed_max_inputs, config.embed_max_delay)
     server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, SCHEDULER_SERVICE)
     await server.start()
     expiry = asyncio.create_task(expire_forever(registry))

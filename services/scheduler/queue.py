@@ -13,6 +13,10 @@ goes next, so a tenant that floods the queue only delays its own requests:
 another tenant's request is tagged as if the flood were not there. Failover
 retries jump the queue (they already hold a client's stream).
 
+The dispatcher may serve requests out of this order (`ahead` and `take`): a
+request that cannot be placed now lets a bounded number of later ones
+overtake it (see dispatcher.py); `Pending.bypassed` counts them.
+
 Plain data and no I/O: the dispatcher owns one per model.
 """
 
@@ -43,6 +47,7 @@ class Pending:
     enqueued_at: float = 0.0
     finish_tag: float = 0.0
     removed: bool = False
+    bypassed: int = 0  # later requests dispatched before it while it could not be placed
     _order: int = field(default=0, repr=False)
 
 
@@ -113,22 +118,39 @@ class AdmissionQueue:
         self._forget(item)
         return item
 
+    def ahead(self, limit: int) -> list[Pending]:
+        """The first `limit` queued requests in the order `pop` would give them, left in place."""
+        entries = heapq.nsmallest(limit + self._stale, self._heap)
+        return [entry[3] for entry in entries if not entry[3].removed][:limit]
+
+    def take(self, item: Pending) -> None:
+        """Take a queued request out of order (served: its tag counts as `pop` would count it)."""
+        if item is self.peek():
+            self.pop()
+            return
+        self._virtual[item.priority] = max(self._virtual.get(item.priority, 0.0), item.finish_tag)
+        self._discard(item)
+
     def remove(self, request_id: str) -> Pending | None:
         """Drop a queued request (cancelled); None if it is not queued."""
         item = self._by_id.get(request_id)
         if item is not None:
-            item.removed = True
-            self._forget(item)
             key = (item.priority, item.tenant)
             if self._last_tag.get(key) == item.finish_tag:  # it was the tenant's latest: give its share back
                 self._last_tag[key] = item.finish_tag - item.cost / self.limits.tenant_weights.get(item.tenant, 1.0)
-            self._stale += 1
-            if self._stale > max(8, len(self._by_id)):
-                # Rebuild without the removed entries, so cancelled work never piles up behind a stuck head.
-                self._heap = [entry for entry in self._heap if not entry[3].removed]
-                heapq.heapify(self._heap)
-                self._stale = 0
+            self._discard(item)
         return item
+
+    def _discard(self, item: Pending) -> None:
+        """Forget a request that is not the head; its heap entry goes lazily."""
+        item.removed = True
+        self._forget(item)
+        self._stale += 1
+        if self._stale > max(8, len(self._by_id)):
+            # Rebuild without the removed entries, so cancelled work never piles up behind a stuck head.
+            self._heap = [entry for entry in self._heap if not entry[3].removed]
+            heapq.heapify(self._heap)
+            self._stale = 0
 
     def expired(self, now_unix: float) -> list[Pending]:
         """Remove and return every request whose deadline has passed."""

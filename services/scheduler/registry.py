@@ -82,6 +82,7 @@ class Registry:
         self.clock = clock
         self.nodes: dict[str, Node] = {}
         self.on_evict: list[Callable[[Node], None]] = []
+        self.on_unhealthy: list[Callable[[Node], None]] = []  # fired when a node turns UNHEALTHY (it stays registered)
         self.version = 0  # bumped whenever membership changes
         self._serving: dict[str, tuple[int, list[Node]]] = {}
 
@@ -105,7 +106,11 @@ class Registry:
         if load.draining:
             node.state = NodeState.DRAINING
         elif load.running_seqs and load.seconds_since_progress > self.hang_timeout:
+            turned = node.state != NodeState.UNHEALTHY
             node.state = NodeState.UNHEALTHY  # a hung engine must not keep receiving traffic
+            if turned:  # nor keep the requests it holds: they fail over
+                for callback in self.on_unhealthy:
+                    callback(node)
         else:
             node.state = NodeState.READY
         return True

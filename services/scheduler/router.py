@@ -120,7 +120,9 @@ def pressure(node: Node) -> float:
 def affinity_key(prompt_text: str, prompt_token_ids: list[int] | None = None) -> bytes | None:
     """The prefix that decides a prompt's preferred replica (None for an empty prompt)."""
     if prompt_token_ids:
-        head = b"".join(int(t).to_bytes(4, "little") for t in prompt_token_ids[: AFFINITY_PREFIX_BYTES // 4])
+        # Signed: ids are int32 on the wire, and a negative one (refused by the worker) must not break routing.
+        head = b"".join(int(t).to_bytes(4, "little", signed=True)
+                        for t in prompt_token_ids[: AFFINITY_PREFIX_BYTES // 4])
         return b"t" + head
     if prompt_text:
         return b"s" + prompt_text.encode("utf-8", "surrogatepass")[:AFFINITY_PREFIX_BYTES]

@@ -1,15 +1,17 @@
-"""The scheduler's gRPC servicer: converts protobuf at the edge, calls the registry and dispatcher."""
+"""The scheduler's gRPC servicer: converts protobuf at the edge, calls the registry and dispatcher.
+
+Callers are checked before any method here runs (`services/core/auth.py`, installed by `main.py`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
-from moemesh.services.core.errors import InvalidRequest, Unauthenticated, error_from_rpc
+from moemesh.services.core.errors import InvalidRequest, error_from_rpc
 from moemesh.services.scheduler.dispatcher import Dispatcher, Session
 from moemesh.services.scheduler.embed_batcher import EmbedBatcher
 from moemesh.services.scheduler.registry import Load, Node, Registry, ServedModel
@@ -60,23 +62,14 @@ def load_from_pb(pb: scheduler_pb2.NodeLoad) -> Load:
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     """Registration, heartbeats, dispatch, embeddings and the catalogue."""
 
-    def __init__(self, registry: Registry, dispatcher: Dispatcher, cluster_token: str | None,
-                 embed_max_inputs: int = 256, embed_max_delay: float = 0.002) -> None:
+    def __init__(self, registry: Registry, dispatcher: Dispatcher, embed_max_inputs: int = 256,
+                 embed_max_delay: float = 0.002) -> None:
         self.registry = registry
         self.dispatcher = dispatcher
-        self.cluster_token = cluster_token
         self._embed_stubs: dict[str, worker_pb2_grpc.WorkerStub] = {}
         self.embed_batcher = EmbedBatcher(self._embed_on_a_replica, embed_max_inputs, embed_max_delay)
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
-        if self.cluster_token is None:
-            return
-        presented = dict(context.invocation_metadata() or ()).get("authorization", "")
-        if not hmac.compare_digest(presented.encode(), f"Bearer {self.cluster_token}".encode()):
-            raise Unauthenticated("a valid cluster token is required")
-
     async def Register(self, request, context):
-        self._authenticate(context)
         if not request.node_id or not request.address:
             raise InvalidRequest("node_id" if not request.node_id else "address", "is required")
         node = self.registry.register(node_from_pb(request))
@@ -90,21 +83,21 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         )
 
     async def Heartbeat(self, request_iterator, context) -> AsyncIterator[scheduler_pb2.HeartbeatReply]:
-        self._authenticate(context)
-        node_id = None
+        held: tuple[str, str] | None = None  # the (node, lease) this stream proved it holds
         try:
             async for beat in request_iterator:
-                node_id = beat.node_id
-                if not self.registry.heartbeat(beat.node_id, beat.lease_id, load_from_pb(beat.load)):
+                if held not in (None, (beat.node_id, beat.lease_id)) or not self.registry.heartbeat(
+                        beat.node_id, beat.lease_id, load_from_pb(beat.load)):
                     yield scheduler_pb2.HeartbeatReply(command=scheduler_pb2.HeartbeatReply.COMMAND_REREGISTER)
                     return
+                held = (beat.node_id, beat.lease_id)
         finally:
-            # A broken or closed stream evicts the node at once.
-            if node_id is not None:
-                self.registry.evict(node_id)
+            # A broken or closed stream evicts its node at once, but only under the lease it held: a stream
+            # with a wrong lease, or an old stream of a node that has since re-registered, changes nothing.
+            if held is not None:
+                self.registry.deregister(*held)
 
     async def Deregister(self, request, context):
-        self._authenticate(context)
         self.registry.deregister(request.node_id, request.lease_id)
         return scheduler_pb2.DeregisterResponse()
 
@@ -134,12 +127,13 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     async def _embed_on_a_replica(self, request: worker_pb2.EmbedWork) -> worker_pb2.EmbedResult:
         """One worker call for a (possibly merged) embedding batch."""
         node = pick_node(self.registry.routable(request.model), self.dispatcher.rng)
+        link = self.dispatcher.link(node)
         stub = self._embed_stubs.get(node.node_id)
         if stub is None:
-            stub = worker_pb2_grpc.WorkerStub(self.dispatcher.link(node).channel)
+            stub = worker_pb2_grpc.WorkerStub(link.channel)
             self._embed_stubs[node.node_id] = stub
         try:
-            return await stub.Embed(request, timeout=60.0)
+            return await stub.Embed(request, timeout=60.0, metadata=link.metadata)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(exc) from None
 

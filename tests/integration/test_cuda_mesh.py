@@ -35,7 +35,8 @@ def test_a_cuda_worker_sizes_its_kv_pool_from_gpu_memory_and_registers(cuda_mesh
     logs = cuda_mesh.logs()
     assert "KV pool:" in logs and "GiB in use before it" in logs, f"no start-up line for the KV pool:\n{logs}"
     with grpc.insecure_channel(cuda_mesh.scheduler) as channel:
-        nodes = scheduler_pb2_grpc.SchedulerStub(channel).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
+        nodes = scheduler_pb2_grpc.SchedulerStub(channel).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10,
+                                                                 metadata=cuda_mesh.internal_metadata).nodes
     assert [n.state for n in nodes] == ["ready"]
     assert nodes[0].load.free_kv_blocks > 1000, "the pool sized from GPU memory holds far more than one sequence"
 

@@ -35,7 +35,8 @@ def edge(tmp_path_factory):
     mesh = start_mesh(tmp, "--no-http", "--no-embeddings")
     second = envoy = None
     try:
-        second = Service("moemesh.gateway.main", "--port", "0", "--scheduler", mesh.scheduler, log=tmp / "gateway2.log")
+        second = Service("moemesh.gateway.main", "--port", "0", "--scheduler", mesh.scheduler, log=tmp / "gateway2.log",
+                         env={"MOEMESH_GATEWAY_CLUSTER_TOKEN": mesh.cluster_token})
         port, admin = free_port(), free_port()
         settings = EnvoySettings(gateways=[mesh.gateway, second.info["address"]], port=port, admin_port=admin,
                                  descriptor_set=descriptor_set(tmp / "moemesh.pb"), health_check_interval_seconds=0.5)

@@ -91,3 +91,68 @@ async def test_a_reader_whose_redis_went_away_gets_a_retryable_error(server):
 
 async def _texts(events) -> list[str]:
     return [e.text async for e in events]
+
+
+def test_tenant_and_request_ids_with_separators_never_share_a_journal():
+    assert Journal.key("a:b", "c") != Journal.key("a", "b:c")
+    assert Journal.key("a", "b:owner") != Journal.key("a", "b") + ":owner", "an id cannot name another's claim"
+    assert Journal.key("a%3Ab", "c") != Journal.key("a:b", "c")
+
+
+async def test_a_failed_append_ends_every_reader_with_unavailable_and_stops_the_generation(server):
+    journal = journal_on(server)
+    key = Journal.key("acme", "po-oom")
+    assert await journal.claim(key) is True
+    stopped = asyncio.Event()
+    admin = aioredis.from_url(server.url)
+
+    async def generate():
+        try:
+            for i in range(200):
+                if i == 3:  # Redis starts refusing writes mid-stream
+                    await admin.config_set("maxmemory", 1)
+                await asyncio.sleep(0.01)
+                yield worker_pb2.RequestEvent(text=f"t{i}", token_ids=[i])
+            yield worker_pb2.RequestEvent(finish_reason=common_pb2.FINISH_REASON_LENGTH)
+        finally:
+            stopped.set()
+
+    journal.start(key, generate)
+    seen = []
+
+    async def read():
+        async for event in journal.follow(key):
+            seen.append(event.text)
+
+    with pytest.raises(Unavailable):  # within a read or two, not when the journal expires
+        await asyncio.wait_for(read(), 5.0)
+    assert seen == [f"t{i}" for i in range(len(seen))] and len(seen) <= 4, "no gap: what was read is a prefix"
+    await asyncio.wait_for(stopped.wait(), 2.0)  # the generation was closed, not left running
+    await admin.config_set("maxmemory", 0)
+    assert await journal.claim(key) is True, "a retry with the same id generates afresh"
+    await admin.aclose()
+
+
+async def test_followers_share_a_bounded_pool_and_each_reads_the_whole_stream(server):
+    client = aioredis.from_url(server.url, socket_timeout=5, max_connections=4)
+    journal = Journal(client, block_ms=100)
+    assert journal.max_followers == 2
+    key = Journal.key("acme", "po-crowd")
+    assert await journal.claim(key) is True
+    admin = aioredis.from_url(server.url)
+    baseline = len(await admin.client_list())
+    peak = 0
+
+    async def watch():
+        nonlocal peak
+        while True:
+            peak = max(peak, len(await admin.client_list()) - baseline)
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    journal.start(key, generation(answer(*"abcdefghij"), pause=0.05))
+    results = await asyncio.gather(*(_texts(journal.follow(key)) for _ in range(8)))
+    watcher.cancel()
+    assert all(r == list("abcdefghij") for r in results), "every follower reads every event"
+    assert peak <= 4, f"the journal held {peak} connections; its pool allows 4"
+    await admin.aclose()

@@ -293,7 +293,8 @@ def check_two_workers_share_the_traffic(mesh) -> None:
         calls = [stub.Generate(request, timeout=120) for _ in range(8)]
         outputs = {"".join(e.text for e in call) for call in calls}
     with grpc.insecure_channel(mesh.scheduler) as sch:
-        nodes = scheduler_pb2_grpc.SchedulerStub(sch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
+        nodes = scheduler_pb2_grpc.SchedulerStub(sch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10,
+                                                                metadata=mesh.internal_metadata).nodes
     assert len(outputs) == 1, "the same greedy request must give the same text on either replica"
     assert sorted(n.state for n in nodes) == ["ready", "ready"]
     routed = sorted(n.routed_requests for n in nodes)

@@ -266,7 +266,8 @@ def test_request_timeout_header_is_the_deadline(mesh):
 
 def nodes(mesh) -> list:
     with grpc.insecure_channel(mesh.scheduler) as channel:
-        return scheduler_pb2_grpc.SchedulerStub(channel).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
+        return scheduler_pb2_grpc.SchedulerStub(channel).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10,
+                                                                 metadata=mesh.internal_metadata).nodes
 
 
 def client_disconnects(mesh) -> float:

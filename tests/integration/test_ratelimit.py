@@ -108,8 +108,9 @@ def test_concurrent_checks_never_overspend(redis_server):
         who = tenant("race", requests_per_second=0.01, burst=10)
         results = await asyncio.gather(*(limiters[i % 4].check(who) for i in range(40)), return_exceptions=True)
         assert sum(limiter.stats.local_checks for limiter in limiters) == 0, "every check must be decided by Redis"
-        assert sum(r is None for r in results) == 10
-        assert all(isinstance(r, Overloaded) for r in results if r is not None)
+        admitted = [r for r in results if not isinstance(r, BaseException)]
+        assert len(admitted) == 10 and admitted == [0] * 10, "ten admitted, each charged no tokens"
+        assert all(isinstance(r, Overloaded) for r in results if isinstance(r, BaseException))
 
     asyncio.run(go())
 
@@ -181,3 +182,37 @@ def test_token_estimate_is_prompt_chars_over_four_plus_max_tokens():
                                      sampling=common_pb2.SamplingParams(max_tokens=20))
     assert estimate_tokens(work) == 10 + 1 + 20
     assert estimate_tokens(worker_pb2.GenerationWork()) == 1 + 128, "an unset max_tokens counts the contract's 128"
+
+
+def test_settling_refunds_a_short_answer_and_charges_a_long_one_into_debt(redis_server):
+    async def go():
+        client = ratelimit.connect(redis_server.url)
+        limiter = RateLimiter(client)
+        who = tenant("settle", tokens_per_minute=60)  # refills 1 token per second
+        charged = await limiter.check(who, 40)
+        assert charged == 40
+        await limiter.settle(who, charged, 10)  # used less: 30 back
+        level = float(await client.hget("moemesh:rl:{settle}:tok", "tokens"))
+        assert 49 <= level <= 51, f"after a refund the bucket holds about 50, not {level}"
+        charged = await limiter.check(who, 20)
+        await limiter.settle(who, charged, 100)  # used far more than estimated: the bucket goes into debt
+        level = float(await client.hget("moemesh:rl:{settle}:tok", "tokens"))
+        assert -52 <= level <= -48, f"the whole usage is charged, past empty: {level}"
+        with pytest.raises(Overloaded) as refused:
+            await limiter.check(who, 1)
+        assert refused.value.retry_after > 45, "a tenant in debt waits until it is paid off"
+        assert await client.pttl("moemesh:rl:{settle}:tok") > 100_000, "the debt is remembered until refilled"
+        await client.aclose()
+
+    asyncio.run(go())
+
+
+def test_settling_without_redis_uses_the_local_buckets():
+    async def go():
+        limiter = RateLimiter(None)
+        who = tenant("local-settle", tokens_per_minute=60)
+        await limiter.settle(who, await limiter.check(who, 60), 120)
+        with pytest.raises(Overloaded):
+            await limiter.check(who, 1)
+
+    asyncio.run(go())

@@ -51,7 +51,8 @@ def collect(events) -> dict:
 
 def nodes(mesh) -> list:
     with grpc.insecure_channel(mesh.scheduler) as ch:
-        return scheduler_pb2_grpc.SchedulerStub(ch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
+        return scheduler_pb2_grpc.SchedulerStub(ch).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10,
+                                                                 metadata=mesh.internal_metadata).nodes
 
 
 @pytest.mark.slow
@@ -80,8 +81,9 @@ def test_kill_9_of_a_worker_mid_stream_loses_no_stream_and_changes_no_token(tmp_
             assert after["text"] == before["text"], f"stream {i}: text changed by the failover"
             assert after["indexes"] == list(range(len(after["indexes"]))), "event indexes must stay contiguous"
             assert after["usage"].completion_tokens == 300
-        left = nodes(mesh)
-        assert [n.address for n in left] == [mesh.ready["workers"][1]["address"]]
+        left = [n.address for n in nodes(mesh)]
+        assert victim["address"] not in left and mesh.ready["workers"][1]["address"] in left, \
+            "the lost worker leaves the registry (the supervisor restarts it on a new port)"
         assert mesh.process.poll() is None, "the mesh keeps serving with one worker"
     finally:
         stop_mesh(mesh)

@@ -34,12 +34,13 @@ def pid_alive(pid: int) -> bool:
 class Service:
     """One service process started as the supervisor starts it (ready JSON on a pipe)."""
 
-    def __init__(self, module: str, *args: str, log: pathlib.Path) -> None:
+    def __init__(self, module: str, *args: str, log: pathlib.Path, env: dict[str, str] | None = None) -> None:
+        """`env` is added to this process's environment for the service (e.g. its cluster token)."""
         read_fd, write_fd = os.pipe()
         with open(log, "ab") as out:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", module, *args, "--ready-fd", str(write_fd)],
-                pass_fds=(write_fd,), stdout=out, stderr=out, start_new_session=True,
+                pass_fds=(write_fd,), stdout=out, stderr=out, start_new_session=True, env={**os.environ, **(env or {})},
             )
         os.close(write_fd)
         with os.fdopen(read_fd) as pipe:
@@ -60,5 +61,6 @@ class Service:
 def routed_requests(mesh: RunningMesh) -> int:
     """Requests the mesh's scheduler has routed to workers so far (a cache hit routes none)."""
     with grpc.insecure_channel(mesh.scheduler) as channel:
-        nodes = scheduler_pb2_grpc.SchedulerStub(channel).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10).nodes
+        nodes = scheduler_pb2_grpc.SchedulerStub(channel).ListNodes(scheduler_pb2.ListNodesRequest(), timeout=10,
+                                                                    metadata=mesh.internal_metadata).nodes
     return sum(n.routed_requests for n in nodes)

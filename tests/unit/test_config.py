@@ -60,7 +60,7 @@ def test_environment_values_are_typed_by_their_field():
     env = {"MOEMESH_SCHEDULER_CLUSTER_TOKEN": "12345678", "MOEMESH_SCHEDULER_PREFERRED_BATCH_SIZES": "[4, 8]",
            "MOEMESH_SCHEDULER_TENANT_WEIGHTS": '{"alpha": 2}'}
     config = load_config(SchedulerConfig, env=env)
-    assert config.cluster_token == "12345678", "a numeric-looking token is still a token"
+    assert config.cluster_token.get_secret_value() == "12345678", "a numeric-looking token is still a token"
     assert config.preferred_batch_sizes == [4, 8] and config.tenant_weights == {"alpha": 2.0}
     with pytest.raises(ValueError, match=r"\bmetrics_port\b"):
         load_config(SchedulerConfig, env={"MOEMESH_SCHEDULER_METRICS_PORT": "null"})  # not silently None
@@ -74,7 +74,7 @@ def test_secret_files_override_the_file_and_yield_to_the_environment(tmp_path):
     file = tmp_path / "scheduler.json"
     file.write_text(json.dumps({"cluster_token": "from-the-file", "port": 1111}))
     config = load_config(SchedulerConfig, file=file, secrets_dir=secrets, env={"MOEMESH_SCHEDULER_PORT": "5555"})
-    assert config.cluster_token == "from-a-secret", "a secret file must win over the config file"
+    assert config.cluster_token.get_secret_value() == "from-a-secret", "a secret file must win over the config file"
     assert config.port == 5555, "the environment must win over a secret file"
     with pytest.raises(ValueError, match="secrets directory"):
         load_config(SchedulerConfig, secrets_dir=tmp_path / "missing")
@@ -94,13 +94,45 @@ def test_every_setting_is_a_flag_whose_help_is_its_description(cls):
 def test_flags_are_typed_and_only_the_given_ones_override(tmp_path):
     parser = argparse.ArgumentParser(prog="moemesh-test")
     source = add_flags(parser, SchedulerConfig)
-    args = parser.parse_args(["--port", "7", "--preferred-batch-sizes", "[2, 4]", "--cluster-token", "000123"])
+    args = parser.parse_args(["--port", "7", "--preferred-batch-sizes", "[2, 4]", "--cluster-token", "00012345"])
     config = load_config(SchedulerConfig, env={"MOEMESH_SCHEDULER_HEARTBEAT_INTERVAL": "0.25"},
                          flags=flag_values(source, args))
-    assert (config.port, config.preferred_batch_sizes, config.cluster_token) == (7, [2, 4], "000123")
+    assert (config.port, config.preferred_batch_sizes) == (7, [2, 4])
+    assert config.cluster_token.get_secret_value() == "00012345"
     assert config.heartbeat_interval == 0.25, "a flag that was not given must not hide the environment"
     parser = argparse.ArgumentParser(prog="moemesh-test")
     source = add_flags(parser, WorkerConfig)
     (tmp_path / "config.json").write_text("{}")
     args = parser.parse_args(["--model-dir", str(tmp_path), "--scheduler", "x:1", "--no-enable-prefix-caching"])
     assert load_config(WorkerConfig, flags=flag_values(source, args)).enable_prefix_caching is False
+
+
+@pytest.mark.parametrize(("cls", "service", "required"), [
+    (SchedulerConfig, "SCHEDULER", {}),
+    (GatewayConfig, "GATEWAY", {"scheduler": "127.0.0.1:1"}),
+])
+def test_every_service_reads_the_cluster_token_from_its_environment_or_a_secret_file(tmp_path, cls, service, required):
+    variable = f"MOEMESH_{service}_CLUSTER_TOKEN"  # the names `moemesh up` passes to its children
+    config = load_config(cls, env={variable: "from-the-environment"}, flags=required)
+    assert config.cluster_token.get_secret_value() == "from-the-environment"
+    (tmp_path / variable).write_text("from-a-secret-file\n")
+    config = load_config(cls, secrets_dir=tmp_path, flags=required)
+    assert config.cluster_token.get_secret_value() == "from-a-secret-file", "a trailing newline is not the token"
+
+
+def test_the_worker_reads_the_cluster_token_from_its_environment(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    config = load_config(WorkerConfig, env={"MOEMESH_WORKER_CLUSTER_TOKEN": "worker-side-token"},
+                         flags={"model_dir": str(tmp_path), "scheduler": "127.0.0.1:1"})
+    assert config.cluster_token.get_secret_value() == "worker-side-token"
+
+
+@pytest.mark.parametrize("cls", [SchedulerConfig, GatewayConfig])
+def test_a_cluster_token_never_shows_in_the_config_repr_and_an_empty_one_is_refused(cls):
+    config = load_config(cls, env={"MOEMESH_SCHEDULER_CLUSTER_TOKEN": "do-not-print-me",
+                                   "MOEMESH_GATEWAY_CLUSTER_TOKEN": "do-not-print-me"}, flags={"scheduler": "x:1"}
+                         if cls is GatewayConfig else {})
+    assert "do-not-print-me" not in repr(config) and "do-not-print-me" not in str(config.model_dump())
+    env = {"MOEMESH_SCHEDULER_CLUSTER_TOKEN": "", "MOEMESH_GATEWAY_CLUSTER_TOKEN": ""}
+    with pytest.raises(ValueError, match=r"\bcluster_token\b"):  # an unset variable in a compose file: fail closed
+        load_config(cls, env=env, flags={"scheduler": "x:1"} if cls is GatewayConfig else {})

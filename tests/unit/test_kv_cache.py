@@ -7,7 +7,15 @@ import hashlib
 import pytest
 import torch
 
-from moemesh.worker.engine.block_manager import ROOT_HASH, BlockManager, OutOfBlocks, block_hash, prefix_hashes
+from moemesh.worker.engine.block_manager import (
+    DEFAULT_ROOT,
+    ROOT_HASH,
+    BlockManager,
+    OutOfBlocks,
+    block_hash,
+    prefix_hashes,
+    prefix_root,
+)
 from moemesh.worker.engine.kv_cache import PagedKVCache
 
 BS = 4  # block size of most tests
@@ -17,10 +25,11 @@ def tokens(n: int, start: int = 100) -> list[int]:
     return list(range(start, start + n))
 
 
-def fill(bm: BlockManager, token_ids: list[int]) -> tuple[list[int], list[bytes]]:
-    """Allocate blocks for `token_ids` as the engine does and register the full ones; (block table, hashes)."""
+def fill(bm: BlockManager, token_ids: list[int], root: bytes = DEFAULT_ROOT) -> tuple[list[int], list[bytes]]:
+    """Allocate blocks for `token_ids` as the engine does and register the full ones from the scope's `root`;
+    (block table, hashes)."""
     table = bm.allocate(bm.blocks_for(len(token_ids)))
-    hashes, parent = [], ROOT_HASH
+    hashes, parent = [], root
     for i in range(len(token_ids) // bm.block_size):
         parent = bm.register(table[i], parent, token_ids[i * bm.block_size : (i + 1) * bm.block_size])
         hashes.append(parent)
@@ -273,7 +282,36 @@ def test_hashes_are_stable_across_processes():
     assert block_hash(ROOT_HASH, ids) == expected
     assert block_hash(ROOT_HASH, torch.tensor(ids[:3]).tolist()) == block_hash(ROOT_HASH, tuple(ids[:3]))
     first, second = prefix_hashes([1, 2, 3, 4, 5, 6, 7, 8], 4)
-    assert first == block_hash(ROOT_HASH, [1, 2, 3, 4]) and second == block_hash(first, [5, 6, 7, 8])
+    assert first == block_hash(DEFAULT_ROOT, [1, 2, 3, 4]) and second == block_hash(first, [5, 6, 7, 8])
+    # A chain starts at its cache scope's root: blake2b-128 of ROOT_HASH and the scope, personalised.
+    assert DEFAULT_ROOT == prefix_root("")
+    assert prefix_root("tenant:acme").hex() == hashlib.blake2b(
+        ROOT_HASH + b"tenant:acme", digest_size=16, person=b"moemesh-scope").hexdigest()
+
+
+# ---- cache scopes ------------------------------------------------------------------
+
+
+def test_a_prefix_registered_in_one_scope_is_not_found_from_another():
+    bm = BlockManager(16, BS)
+    prompt = tokens(3 * BS + 1)
+    alpha, beta = prefix_root("tenant:alpha"), prefix_root("tenant:beta")
+    table, hashes = fill(bm, prompt, alpha)
+    assert bm.match_prefix(prompt, 10, beta) == ([], []), "another tenant's scope must not reuse alpha's blocks"
+    assert bm.match_prefix(prompt, 10) == ([], []), "nor a request naming no scope"
+    assert bm.match_prefix(prompt, 10, alpha) == (table[:3], hashes), "alpha's own repeat hits every full block"
+    assert prefix_hashes(prompt, BS, root=alpha) == hashes
+    assert set(prefix_hashes(prompt, BS, root=beta)).isdisjoint(hashes), "no block hash is shared across scopes"
+
+
+def test_the_same_scope_shares_and_scope_roots_never_meet():
+    bm = BlockManager(16, BS)
+    prompt = tokens(2 * BS)
+    shared = prefix_root("scope:team")
+    table, _ = fill(bm, prompt, shared)
+    assert bm.match_prefix(prompt, 10, prefix_root("scope:team"))[0] == table, "one configured scope shares"
+    roots = {prefix_root(s) for s in ("", "shared", "tenant:a", "scope:a", "tenant:a:b", "tenant:a\0b")}
+    assert len(roots) == 6 and ROOT_HASH not in roots
 
 
 # ---- paged storage ------------------------------------------------------------------

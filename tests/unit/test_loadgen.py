@@ -114,7 +114,8 @@ def test_the_same_seed_gives_the_same_schedule():
 # ---- the dataset ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    """The tiny tokenizer without a post-processor: it adds nothing, as Qwen's."""
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"), bos=False)
 
 
 @pytest.fixture(scope="module")

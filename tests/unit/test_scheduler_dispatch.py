@@ -544,3 +544,120 @@ async def test_priority_and_retry_order_in_the_dispatcher():
     mesh.dispatcher._on_batch("A", batch(event("run", finish=common_pb2.FINISH_REASON_STOP)))
     assert mesh.links["A"].added_ids() == ["run", "high"]
     assert node.in_flight == 1
+
+
+# ---- head-of-line blocking and requests that can never fit -----------------------------------------------------------
+
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+SIZED = ServedModel(model_id="demo", revision="r1", kind="generation", max_context_tokens=256)
+
+
+def token_work(request_id: str, prompt_tokens: int, max_tokens: int, priority: int = 0) -> worker_pb2.GenerationWork:
+    """A request whose size the scheduler knows exactly: prompt token ids plus max_tokens."""
+    return worker_pb2.GenerationWork(request_id=request_id, model="demo", priority=priority,
+                                     prompt_token_ids=[5 + i % 100 for i in range(prompt_tokens)],
+                                     sampling=common_pb2.SamplingParams(max_tokens=max_tokens))
+
+
+def busy_sized_node(mesh: Mesh, free_kv_blocks: int) -> Node:
+    """Replica A: 8 slots, a pool of 16 blocks of 16 tokens (256), one request running, `free_kv_blocks` free."""
+    node = mesh.add_node("A", max_num_seqs=8, num_kv_blocks=16, block_size=16)
+    node.models = (SIZED,)
+    mesh.dispatcher.submit(token_work("running", 16, 16), Session())
+    assert mesh.registry.heartbeat("A", node.lease_id, Load(running_seqs=1, free_kv_blocks=free_kv_blocks))
+    return node
+
+
+async def test_a_request_that_does_not_fit_now_lets_smaller_ones_behind_it_pass():
+    mesh = Mesh()
+    busy_sized_node(mesh, free_kv_blocks=4)  # 64 tokens free
+    session = Session()
+    mesh.dispatcher.submit(token_work("big", 100, 100, priority=5), session)  # 13 blocks: not now
+    for i in range(3):
+        mesh.dispatcher.submit(token_work(f"small{i}", 8, 8), session)  # 1 block each
+    assert mesh.links["A"].added_ids() == ["running", "small0", "small1", "small2"], "the big head blocks nobody"
+    queue = mesh.dispatcher.queues["demo"]
+    assert [p.request_id for p in queue] == ["big"] and queue.peek().bypassed == 3
+    assert received(session) == [], "the big one waits, it is not refused"
+
+    mesh.registry.heartbeat("A", mesh.registry.nodes["A"].lease_id, Load(running_seqs=1, free_kv_blocks=14))
+    mesh.dispatcher.pump()
+    assert mesh.links["A"].added_ids()[-1] == "big", "placed once its blocks are free"
+
+
+async def test_bypass_is_bounded_so_the_big_request_is_not_starved():
+    mesh = Mesh(DispatchPolicy(max_head_bypass=2))
+    node = busy_sized_node(mesh, free_kv_blocks=4)
+    session = Session()
+    mesh.dispatcher.submit(token_work("big", 100, 100), session)
+    for i in range(4):
+        mesh.dispatcher.submit(token_work(f"small{i}", 8, 8), session)
+    assert mesh.links["A"].added_ids() == ["running", "small0", "small1"], "two may pass, then everything waits"
+    mesh.dispatcher._on_batch("A", batch(event("small0", [1], "x", finish=common_pb2.FINISH_REASON_STOP)))
+    assert "small2" not in mesh.links["A"].added_ids(), "a freed slot does not go to the requests behind the big one"
+
+    mesh.registry.heartbeat("A", node.lease_id, Load(running_seqs=2, free_kv_blocks=13))  # the replica drained
+    mesh.dispatcher.pump()
+    assert mesh.links["A"].added_ids()[3:] == ["big", "small2", "small3"], "the big one first, then the rest in order"
+
+
+async def test_a_request_larger_than_every_replica_is_refused_at_once_naming_the_field_and_limit():
+    mesh = Mesh()
+    busy_sized_node(mesh, free_kv_blocks=4)
+    b = mesh.add_node("B", max_num_seqs=8, num_kv_blocks=8, block_size=16)  # the pool (128 tokens) is the limit
+    b.models = (ServedModel(model_id="demo", revision="r1", kind="generation", max_context_tokens=2048),)
+    session = Session()
+    mesh.dispatcher.submit(token_work("too-long-output", 200, 100, priority=9), session)
+    mesh.dispatcher.submit(token_work("too-long-prompt", 300, 0), session)
+    mesh.dispatcher.submit(token_work("small", 8, 8), session)
+    events = received(session)
+    assert errors(events) == [("too-long-output", INVALID_ARGUMENT), ("too-long-prompt", INVALID_ARGUMENT)]
+    assert events[0].error.message.startswith("max_tokens: prompt 200 + max_tokens 100 = 300 tokens")
+    assert "256" in events[0].error.message, "the limit is the largest replica's (A's context), not B's pool"
+    assert events[1].error.message.startswith("prompt_token_ids: 300 tokens")
+    assert "small" in mesh.all_adds() and not {"too-long-output", "too-long-prompt"} & set(mesh.dispatcher.routes)
+    assert mesh.dispatcher.counters.rejected == 2 and mesh.dispatcher.counters.admitted == 2
+
+
+async def test_a_text_prompt_is_not_refused_on_an_estimate():
+    mesh = Mesh()
+    busy_sized_node(mesh, free_kv_blocks=16)
+    session = Session()
+    mesh.dispatcher.submit(work("long-text", prompt="x" * 4000, max_tokens=16), session)  # ~1,000 estimated tokens
+    assert received(session) == [], "its real length is known only to the worker, which checks it exactly"
+    assert "long-text" in mesh.links["A"].added_ids(), "an estimate beyond the pool needs the whole pool, no more"
+
+
+async def test_a_queued_request_is_refused_when_the_replicas_that_could_hold_it_leave():
+    mesh = Mesh()
+    small = mesh.add_node("small", max_num_seqs=1, num_kv_blocks=8, block_size=16)
+    big = mesh.add_node("big", max_num_seqs=1, num_kv_blocks=64, block_size=16)
+    session = Session()
+    mesh.dispatcher.submit(token_work("r1", 16, 16), session)
+    mesh.dispatcher.submit(token_work("r2", 16, 16), session)
+    mesh.dispatcher.submit(token_work("long", 300, 100), session)  # only "big" (1,024 tokens) could hold it
+    assert "long" in mesh.dispatcher.queues["demo"]
+    mesh.registry.evict(big.node_id)
+    assert ("long", INVALID_ARGUMENT) in errors(received(session))
+    assert "long" not in mesh.dispatcher.queues["demo"] and small.in_flight == 1
+
+
+# ---- unhealthy replicas ------------------------------------------------------------------------------------------------
+
+async def test_requests_on_a_replica_that_turns_unhealthy_fail_over_with_resume_tokens():
+    mesh = Mesh()
+    session = Session()
+    await _running_on_a_with_output(mesh, session)
+    a = mesh.registry.nodes["A"]
+    assert mesh.registry.heartbeat("A", a.lease_id, Load(running_seqs=1, seconds_since_progress=31.0))
+    assert a.state == NodeState.UNHEALTHY and "A" in mesh.registry.nodes, "still registered: its heartbeats arrive"
+    assert mesh.links["A"].cancels() == ["r1"], "the hung replica is told to drop the request"
+    resent = mesh.links["B"].adds()
+    assert [w.request_id for w in resent] == ["r1"] and list(resent[0].resume_token_ids) == [5, 6, 7]
+    assert mesh.node_of("r1") == "B" and a.in_flight == 0 and mesh.dispatcher.counters.failovers == 1
+    assert received(session) == [], "the client sees no error"
+
+    mesh.dispatcher._on_batch("A", batch(event("r1", [99], "late", finish=common_pb2.FINISH_REASON_ABORT)))
+    assert received(session) == [] and mesh.node_of("r1") == "B", "a late event of the hung replica is ignored"
+    assert mesh.registry.heartbeat("A", a.lease_id, Load(running_seqs=1, seconds_since_progress=32.0))
+    assert mesh.dispatcher.counters.failovers == 1, "staying unhealthy moves nothing twice"

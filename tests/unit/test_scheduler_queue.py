@@ -284,6 +284,29 @@ def test_queue_restarts_cleanly_after_idle():
     assert [p.request_id for p in drain(queue)] == ["a-new", "b-new"]
 
 
+# ---- out-of-order service (the dispatcher's bypass) ---------------------------------------------------------------
+
+def test_ahead_lists_requests_in_pop_order_without_taking_them():
+    queue = make_queue()
+    for request_id, priority in [("a", 0), ("b", 5), ("c", 0), ("d", 5)]:
+        queue.push(item(request_id, priority=priority))
+    queue.remove("d")
+    assert [p.request_id for p in queue.ahead(10)] == ["b", "a", "c"]
+    assert [p.request_id for p in queue.ahead(2)] == ["b", "a"]
+    assert len(queue) == 3 and [p.request_id for p in drain(queue)] == ["b", "a", "c"]
+
+
+def test_take_serves_a_request_behind_the_head_and_keeps_the_rest_in_order():
+    queue = make_queue()
+    for request_id in ("big", "s1", "s2", "s3"):
+        queue.push(item(request_id, cost=1000 if request_id == "big" else 10))
+    queue.take(next(p for p in queue.ahead(4) if p.request_id == "s2"))
+    assert "s2" not in queue and len(queue) == 3 and queue.tokens == 1020
+    assert queue.peek().request_id == "big", "the request passed over keeps its place at the head"
+    queue.push(item("s4", cost=10))
+    assert [p.request_id for p in drain(queue)] == ["big", "s1", "s3", "s4"]
+
+
 # ---- router ----------------------------------------------------------------------------------------------------------
 
 def test_pick_node_without_candidates_is_unavailable():
@@ -381,3 +404,8 @@ def test_affinity_key_prefers_token_ids_over_text():
     assert affinity_key("text", ids) != affinity_key("text")
     assert affinity_key("t", ids[:64] + [1]) == affinity_key("t", ids[:64] + [2]), "past the prefix is ignored"
     assert affinity_key("text", []) == affinity_key("text")
+
+
+def test_affinity_key_takes_a_negative_token_id_without_failing():
+    """Ids are int32 on the wire; a negative one is the worker's to refuse, and must not break routing."""
+    assert affinity_key("", [1, -3, 9]) != affinity_key("", [1, 3, 9])

@@ -11,6 +11,11 @@ those blocks instead of recomputing them. A hit is verified against the
 token ids and the parent hash stored with the block, so a colliding hash
 cannot lend a sequence keys computed for other tokens. Blocks nobody uses
 stay cached and are recycled least recently freed first.
+
+Every chain starts from a root salted by the request's cache scope
+(`prefix_root`): prompts of different scopes (tenants, unless an operator
+shares one scope) never share a block, so a prefix hit, and the
+`cached_tokens` it shows, reveals only prompts of the caller's own scope.
 """
 
 from __future__ import annotations
@@ -22,6 +27,16 @@ from collections.abc import Sequence
 ROOT_HASH = b"moemesh-kv-v1"  # the chain's seed; bump to invalidate hashes of an older layout
 
 
+def prefix_root(cache_scope: str) -> bytes:
+    """The first parent of every hash chain of `cache_scope`: chains of different scopes never meet."""
+    digest = hashlib.blake2b(ROOT_HASH, digest_size=16, person=b"moemesh-scope")
+    digest.update(cache_scope.encode("utf-8", "surrogatepass"))
+    return digest.digest()
+
+
+DEFAULT_ROOT = prefix_root("")  # requests that carry no scope (callers inside the mesh, tests)
+
+
 def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     """Hash of a full block given its parent's hash: stable across processes (usable as a shared key)."""
     digest = hashlib.blake2b(parent, digest_size=16)
@@ -29,10 +44,11 @@ def block_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
     return digest.digest()
 
 
-def prefix_hashes(token_ids: Sequence[int], block_size: int, limit: int | None = None) -> list[bytes]:
-    """Chained hashes of the full blocks of `token_ids` (at most `limit` of them)."""
+def prefix_hashes(token_ids: Sequence[int], block_size: int, limit: int | None = None,
+                  root: bytes = DEFAULT_ROOT) -> list[bytes]:
+    """Chained hashes of the full blocks of `token_ids` (at most `limit` of them), from the scope's `root`."""
     count = len(token_ids) // block_size if limit is None else min(limit, len(token_ids) // block_size)
-    hashes, parent = [], ROOT_HASH
+    hashes, parent = [], root
     for i in range(count):
         parent = block_hash(parent, token_ids[i * block_size : (i + 1) * block_size])
         hashes.append(parent)
@@ -81,9 +97,11 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ---- prefix cache --------------------------------------------------------
-    def match_prefix(self, token_ids: Sequence[int], max_blocks: int) -> tuple[list[int], list[bytes]]:
+    def match_prefix(self, token_ids: Sequence[int], max_blocks: int,
+                     root: bytes = DEFAULT_ROOT) -> tuple[list[int], list[bytes]]:
         """Cached blocks holding the longest prefix of `token_ids` (at most `max_blocks`), and their hashes.
 
+        `root` is the scope's `prefix_root`: only blocks registered by chains of that scope match.
         Each candidate block's stored token ids must equal the prompt's, and it
         must have been registered after the same blocks (its stored parent hash
         equals the match so far), or the match stops there: a block's keys
@@ -91,7 +109,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching:
             return [], []
-        blocks, hashes, parent = [], [], ROOT_HASH
+        blocks, hashes, parent = [], [], root
         for i in range(min(max_blocks, len(token_ids) // self.block_size)):
             chunk = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
             digest = block_hash(parent, chunk)

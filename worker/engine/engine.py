@@ -136,10 +136,12 @@ class Engine:
 
     # ---- admission -------------------------------------------------------
     def check(self, request: GenerationRequest) -> None:
-        """Raise InvalidRequest when the request cannot fit this engine's context."""
+        """Raise InvalidRequest when the request cannot fit this engine's context or names a token the model lacks."""
         total = len(request.prompt_token_ids) + len(request.resume_token_ids)
         if not request.prompt_token_ids:
             raise InvalidRequest("prompt", "is empty after tokenization")
+        check_vocabulary("prompt_token_ids", request.prompt_token_ids, self.model.vocab_size)
+        check_vocabulary("resume_token_ids", request.resume_token_ids, self.model.vocab_size)
         if total >= self.max_model_len:
             raise InvalidRequest("prompt", f"{total} tokens; the limit is {self.max_model_len - 1}")
 
@@ -197,3 +199,11 @@ class Engine:
             self.counters.generated_tokens += len(sampling)
         self.tier_exchange.flush()
         return finished
+
+
+def check_vocabulary(field: str, token_ids: tuple[int, ...], vocab_size: int) -> None:
+    """InvalidRequest naming `field` when an id is outside 0 <= id < vocab_size (it would index past the
+    embedding table on the engine thread)."""
+    if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
+        bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+        raise InvalidRequest(field, f"token id {bad} is outside the vocabulary (0 <= id < {vocab_size})")

@@ -13,7 +13,7 @@ import collections
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Protocol
 
-from moemesh.worker.engine.block_manager import ROOT_HASH, block_hash
+from moemesh.worker.engine.block_manager import block_hash
 
 if TYPE_CHECKING:
     from moemesh.worker.engine.block_manager import BlockManager
@@ -58,12 +58,15 @@ class TierExchange:
         self._exported: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # recently written hashes
 
     # ---- admission (the scheduler's ExternalPrefixCache) ------------------------------------
-    def match(self, token_ids: list[int], hashes: list[bytes], first: int, max_blocks: int) -> list[TierBlock]:
-        """Blocks `first`.. of the prompt found in the tier, in order, chained after the local hits' `hashes`."""
+    def match(self, seq: Sequence, hashes: list[bytes], first: int, max_blocks: int) -> list[TierBlock]:
+        """Blocks `first`.. of the prompt found in the tier, in order, chained after the local hits' `hashes`.
+
+        The chain starts at the sequence's scope-salted root, so one scope's blocks are never another's keys.
+        """
         if self.tier is None or first >= max_blocks:
             return []
-        bs = self.blocks.block_size
-        wanted, parent = [], hashes[-1] if hashes else ROOT_HASH
+        bs, token_ids = self.blocks.block_size, seq.token_ids
+        wanted, parent = [], hashes[-1] if hashes else seq.prefix_root
         for i in range(first, max_blocks):
             tokens = token_ids[i * bs : (i + 1) * bs]
             digest = block_hash(parent, tokens)
@@ -83,16 +86,16 @@ class TierExchange:
         self.counters.tier_hit_tokens += len(matched) * self.blocks.block_size
         return hashes
 
-    def reused(self, blocks: list[int], hashes: list[bytes], token_ids: list[int]) -> None:
-        """Under the "reused" policy, queue the write of local prefix-hit blocks not written lately."""
+    def reused(self, blocks: list[int], hashes: list[bytes], seq: Sequence) -> None:
+        """Under the "reused" policy, queue the write of `seq`'s local prefix-hit blocks not written lately."""
         if self.tier is None or self.writes != "reused":
             return
-        bs = self.blocks.block_size
+        bs, token_ids = self.blocks.block_size, seq.token_ids
         for i, (block, digest) in enumerate(zip(blocks, hashes)):
             if digest in self._exported:
                 self._exported.move_to_end(digest)
                 continue
-            parent = hashes[i - 1] if i else ROOT_HASH
+            parent = hashes[i - 1] if i else seq.prefix_root
             self._export.append((block, digest, parent, token_ids[i * bs : (i + 1) * bs]))
 
     def block_filled(self, seq: Sequence, index: int, parent: bytes, tokens: list[int]) -> None:

@@ -26,6 +26,8 @@ class GenerationRequest:
     resume_text_chars: int = 0
     # The compiled grammar the output must follow (structured outputs); None: free text.
     grammar: Grammar | None = None
+    # Whose prefix-cache blocks it may reuse (the tenant's cache scope); "": the scope of requests naming none.
+    cache_scope: str = ""
 
 
 @dataclass

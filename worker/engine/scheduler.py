@@ -23,7 +23,7 @@ import collections
 import logging
 from typing import Protocol
 
-from moemesh.worker.engine.block_manager import ROOT_HASH, BlockManager
+from moemesh.worker.engine.block_manager import BlockManager
 from moemesh.worker.engine.sequence import EngineCounters, Sequence
 
 log = logging.getLogger(__name__)
@@ -38,17 +38,17 @@ ScheduledChunk = tuple[Sequence, int]
 class ExternalPrefixCache(Protocol):
     """A second prefix cache behind the BlockManager's (the shared KV tier), as the scheduler sees it."""
 
-    def match(self, token_ids: list[int], hashes: list[bytes], first: int, max_blocks: int) -> list:
-        """Entries for blocks `first`.. (below `max_blocks`) of `token_ids` that it holds, leading ones only.
+    def match(self, seq: Sequence, hashes: list[bytes], first: int, max_blocks: int) -> list:
+        """Entries for blocks `first`.. (below `max_blocks`) of `seq`'s tokens that it holds, leading ones only.
 
-        `hashes` are the chained hashes of the local hits before them.
+        `hashes` are the chained hashes of the local hits before them (the chain starts at `seq.prefix_root`).
         """
 
     def load(self, blocks: list[int], matched: list) -> list[bytes]:
         """Fill freshly allocated `blocks` with `matched` entries and register them; returns their hashes."""
 
-    def reused(self, blocks: list[int], hashes: list[bytes], token_ids: list[int]) -> None:
-        """A sequence was admitted onto these locally cached prefix blocks (they recur)."""
+    def reused(self, blocks: list[int], hashes: list[bytes], seq: Sequence) -> None:
+        """`seq` was admitted onto these locally cached prefix blocks (they recur)."""
 
     def block_filled(self, seq: Sequence, index: int, parent: bytes, tokens: list[int]) -> None:
         """Block `index` of `seq` became full and is registered under `seq.block_hashes[index]`."""
@@ -176,8 +176,8 @@ class Scheduler:
         # Leave at least one token to compute: its logits give the next token. A prompt being scored
         # computes every position.
         max_blocks = (len(seq.token_ids) - 1) // self.block_size if not seq.scores_prompt else 0
-        hits, hashes = self.blocks.match_prefix(seq.token_ids, max_blocks)
-        matched = self.external.match(seq.token_ids, hashes, len(hits), max_blocks) if self.external is not None else []
+        hits, hashes = self.blocks.match_prefix(seq.token_ids, max_blocks, seq.prefix_root)
+        matched = self.external.match(seq, hashes, len(hits), max_blocks) if self.external is not None else []
         computed = (len(hits) + len(matched)) * self.block_size
         count = min(len(seq.token_ids) - computed, budget, self._chunk_limit(seq))
         need = self.blocks.blocks_for(computed + count) - len(hits)
@@ -186,7 +186,7 @@ class Scheduler:
             return 0
         self.blocks.take(hits)
         if self.external is not None and hits:
-            self.external.reused(hits, hashes, seq.token_ids)
+            self.external.reused(hits, hashes, seq)
         fresh = self.blocks.allocate(need)
         if matched:
             hashes += self.external.load(fresh[: len(matched)], matched)
@@ -219,7 +219,7 @@ class Scheduler:
         """Make the sequence's newly completed blocks findable by later prompts (and tell the external cache)."""
         full = seq.num_computed // self.block_size
         for i in range(len(seq.block_hashes), full):
-            parent = seq.block_hashes[-1] if seq.block_hashes else ROOT_HASH
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.prefix_root
             tokens = seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
             seq.block_hashes.append(self.blocks.register(seq.block_table[i], parent, tokens))
             if self.external is not None:

@@ -6,6 +6,8 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from moemesh.worker.engine.block_manager import DEFAULT_ROOT, prefix_root
+
 if TYPE_CHECKING:  # annotations only: importing them would pull torch into the scheduler
     from moemesh.worker.engine.requests import GenerationRequest
     from moemesh.worker.engine.sampling import TokenLogprobs
@@ -24,6 +26,7 @@ class Sequence:
     num_computed: int = 0  # leading tokens whose K/V is in the cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # chained hashes of the registered full blocks
+    prefix_root: bytes = DEFAULT_ROOT  # the first parent of its hash chain: salted by the request's cache scope
     cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     num_preemptions: int = 0
     pending_text: str = ""  # decoded but held back: it may start a stop string
@@ -48,6 +51,7 @@ class Sequence:
             token_ids=[*request.prompt_token_ids, *resumed],
             num_generated=len(resumed),
             pending_text=pending,
+            prefix_root=prefix_root(request.cache_scope) if request.cache_scope else DEFAULT_ROOT,
         )
 
     @property

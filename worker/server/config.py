@@ -57,10 +57,15 @@ class WorkerConfig(ServiceConfig):
         default=2048, ge=1, description="most new tokens one engine step computes (prompt chunks plus one per decode)")
     enable_prefix_caching: bool = pydantic.Field(default=True, description="reuse the KV blocks of shared prompt prefixes")
     kv_tier_url: str | None = pydantic.Field(
-        default=None, description="Redis URL of the shared prefix-KV tier; unset: off")
+        default=None, description="Redis URL of the shared prefix-KV tier; unset: off. A URL with a password belongs "
+                                  "in the environment (MOEMESH_WORKER_KV_TIER_URL) or a secret file, not this flag")
     kv_tier_ttl: float = pydantic.Field(default=3600.0, gt=0, description="lifetime of a KV-tier entry, seconds")
     kv_tier_timeout: float = pydantic.Field(default=0.2, gt=0, le=10, description="timeout of one KV-tier call, seconds")
     kv_tier_scope: str = pydantic.Field(default="shared", description="key scope of the KV tier")
+    kv_tier_secret: pydantic.SecretStr | None = pydantic.Field(
+        default=None, min_length=16,
+        description="mesh secret signing KV-tier entries (HMAC-SHA256), the same on every worker that shares "
+                    "blocks; unset: a random one per process (entries serve only the worker that wrote them)")
     kv_tier_writes: Literal["reused", "all"] = pydantic.Field(
         default="reused", description='which prompt blocks go to the tier: "reused" (after a local prefix hit shows '
                                       'they recur) or "all"')
@@ -69,8 +74,11 @@ class WorkerConfig(ServiceConfig):
     num_threads: int = pydantic.Field(default=0, ge=0, description="torch threads; 0: torch's default")
     pack_weights: bool = pydantic.Field(
         default=True, description="on the CPU, lay the matmul weights out once for the fastest kernels at load")
-    cluster_token: str | None = pydantic.Field(
-        default=None, description="token presented to the scheduler (metadata authorization: Bearer ...)")
+    cluster_token: pydantic.SecretStr | None = pydantic.Field(
+        default=None, min_length=8,
+        description="the mesh's shared secret: presented to the scheduler, and required of every caller of this "
+                    "worker (metadata authorization: Bearer <token>); give it by environment "
+                    "(MOEMESH_WORKER_CLUSTER_TOKEN) or a secret file, not this flag (argv shows in ps)")
     drain_grace: float = pydantic.Field(
         default=30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
     log_level: str = pydantic.Field(default="info", description="log level")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from moemesh.services.core.errors import InvalidRequest
 from moemesh.v1 import common_pb2, worker_pb2
 from moemesh.worker.engine.requests import GenerationRequest, RequestOutput
 from moemesh.worker.engine.sampling import SamplingParams, TokenLogprobs
@@ -12,6 +13,8 @@ from moemesh.worker.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from moemesh.worker.engine.grammar import Grammar
+
+MAX_CACHE_SCOPE_CHARS = 512  # GenerationWork.cache_scope's documented limit
 
 FINISH_REASONS = {
     None: common_pb2.FINISH_REASON_UNSPECIFIED,
@@ -96,7 +99,15 @@ def request_from_pb(work: worker_pb2.GenerationWork, tokenizer: Tokenizer, defau
         resume_token_ids=tuple(work.resume_token_ids),
         resume_text_chars=work.resume_text_chars,
         grammar=grammar,
+        cache_scope=checked_cache_scope(work.cache_scope),
     )
+
+
+def checked_cache_scope(scope: str) -> str:
+    """The work's cache scope, bounded like any input (InvalidRequest naming the field when it is too long)."""
+    if len(scope) > MAX_CACHE_SCOPE_CHARS:
+        raise InvalidRequest("cache_scope", f"{len(scope)} characters; the limit is {MAX_CACHE_SCOPE_CHARS}")
+    return scope
 
 
 def output_to_pb(output: RequestOutput, tokenizer: Tokenizer) -> worker_pb2.RequestEvent:

@@ -12,6 +12,7 @@ import uuid
 import torch
 
 from moemesh.cache.kv_tier import BlockSpec, RedisKVTier
+from moemesh.services.core.auth import WORKER_ACCESS, ClusterAuthInterceptor, bearer_metadata
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.metrics import counter, gauge, median, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
@@ -33,12 +34,13 @@ from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.registry import build_model
 from moemesh.worker.server.config import WorkerConfig
 from moemesh.worker.server.membership import Membership
-from moemesh.worker.server.runner import EngineRunner
+from moemesh.worker.server.runner import EngineFailed, EngineRunner
 from moemesh.worker.server.service import WorkerServicer
 
 log = logging.getLogger("moemesh.worker")
 
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+EXIT_ENGINE_FAILED = 70  # EX_SOFTWARE: the engine loop raised; the supervisor restarts the worker
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -91,6 +93,7 @@ class WorkerProcess:
             engine.kv_tier = RedisKVTier(
                 config.kv_tier_url, self.model_id, self.checkpoint.revision, BlockSpec(dtype, engine.cache.block_shape),
                 scope=config.kv_tier_scope, ttl=config.kv_tier_ttl, timeout=config.kv_tier_timeout,
+                secret=config.kv_tier_secret.get_secret_value() if config.kv_tier_secret else None,
             )
             engine.kv_tier_writes = config.kv_tier_writes
         if config.embedding_model_dir:
@@ -190,11 +193,13 @@ class WorkerProcess:
     async def run(self, ready_fd: int | None) -> None:
         stop = stop_event_on_signals()
         credentials = server_credentials(self.config.tls_dir, "worker") if self.config.tls_dir else None
-        self.server = GrpcServer(self.config.host, self.config.port, credentials=credentials)
+        token = self.config.cluster_token.get_secret_value() if self.config.cluster_token else None
+        auth = ClusterAuthInterceptor(token, {WORKER_SERVICE: WORKER_ACCESS}, mutual_tls=self.config.tls_dir is not None)
+        self.server = GrpcServer(self.config.host, self.config.port, credentials=credentials, interceptors=[auth])
         self.server.add(worker_pb2_grpc.add_WorkerServicer_to_server, self.servicer, WORKER_SERVICE)
         self.runner.start()
         await self.server.start()
-        metadata = (("authorization", f"Bearer {self.config.cluster_token}"),) if self.config.cluster_token else ()
+        metadata = bearer_metadata(token)  # the same token, presented to the scheduler
         async with aio_channel(self.config.scheduler, self.config.tls_dir, "worker") as channel:
             membership = Membership(channel, self.registration(), self.load, metadata)
             membership.start()
@@ -208,13 +213,30 @@ class WorkerProcess:
                            model=self.model_id, metrics_address=metrics_address,
                            kv_tokens=self.engine.blocks.num_blocks * self.engine.block_size,
                            max_num_seqs=self.engine.max_num_seqs)
-            await stop.wait()
+            await _first_of(stop.wait(), self.runner.failed.wait())
             if stop_metrics is not None:
                 stop_metrics()
-            await self.drain()
-            await membership.stop(deregister=True)
+            if self.runner.failure is None:
+                await self.drain()
+                await membership.stop(deregister=True)
+            else:
+                await self.give_up(membership)
         await self.server.stop()
         await self.runner.stop()
+        if self.runner.failure is not None:
+            raise EngineFailed("the engine loop failed") from self.runner.failure
+
+    async def give_up(self, membership: Membership) -> None:
+        """After an engine failure: report unhealthy, leave the registry, then fail in-flight requests over.
+
+        Deregistering first means the scheduler moves the requests to other replicas and sends nothing more
+        here; the UNAVAILABLE each in-flight request then gets covers a scheduler that missed the deregistration.
+        """
+        self.servicer.draining = True
+        await self.server.set_serving(False)
+        await membership.stop(deregister=True)
+        failed = self.runner.fail_in_flight()
+        log.error("engine failed: left the mesh and failed %d in-flight requests over; exiting", failed)
 
     async def drain(self) -> None:
         """Refuse new work; give in-flight requests up to drain_grace seconds."""
@@ -225,6 +247,14 @@ class WorkerProcess:
         except TimeoutError:
             pass  # the grace period is over: what is left is aborted with the server
         log.info("drained", extra={"left_in_flight": self.runner.in_flight})
+
+
+async def _first_of(*waits) -> None:
+    """Return when the first of `waits` (coroutines) finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
 
 
 def engine_size(model: torch.nn.Module, config: WorkerConfig) -> tuple[int, int]:
@@ -257,8 +287,11 @@ async def serve(config: WorkerConfig, ready_fd: int | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return service_main(argv, service="worker", description=__doc__, config_cls=WorkerConfig,
-                        serve=serve)
+    try:
+        return service_main(argv, service="worker", description=__doc__, config_cls=WorkerConfig,
+                            serve=serve)
+    except EngineFailed:  # logged where it happened (runner.py)
+        return EXIT_ENGINE_FAILED
 
 
 if __name__ == "__main__":

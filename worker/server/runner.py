@@ -11,6 +11,13 @@ built there and other model calls (embeddings) are queued to it with
 soon as a second thread runs parallel kernels the two pools contend for the
 cores: measured here, the engine ran at half speed once the main thread had
 done a single parallel matmul.
+
+Failures stay where they belong: a request the engine refuses while adding
+it gets that request's error; an exception in a step is an engine failure
+(its state is unknown, so nothing more runs on it): new work is refused with
+UNAVAILABLE, `failed` is set for the process to report itself unhealthy and
+exit, and `fail_in_flight` hands every in-flight request UNAVAILABLE so the
+scheduler continues it on another replica.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
+from moemesh.services.core.errors import InternalError, MeshError, Unavailable
 from moemesh.worker.engine.engine import Engine
 from moemesh.worker.engine.requests import GenerationRequest, RequestOutput
 
@@ -34,8 +42,18 @@ T = TypeVar("T")
 
 STATS_WINDOW = 5.0  # seconds over which steps_per_second is averaged
 
-# A subscriber receives every output of its requests for one step, at once.
-Subscriber = Callable[[list[RequestOutput]], None]
+
+
+@dataclass(frozen=True, eq=False)
+class Subscriber:
+    """Where a request's results go: every output of its requests for one step at once, or a request's error."""
+
+    deliver: Callable[[list[RequestOutput]], None]
+    fail: Callable[[str, MeshError], None]
+
+
+class EngineFailed(RuntimeError):
+    """The engine loop raised: the worker must report itself unhealthy and exit (its requests fail over)."""
 
 
 @dataclass
@@ -64,6 +82,7 @@ class EngineRunner:
         self._stopping = False
         self._last_progress = time.monotonic()
         self._step_times: collections.deque[float] = collections.deque()
+        self.failure: BaseException | None = None  # what the engine loop raised; set once, on the engine thread
 
     def launch(self) -> Engine:
         """Start the engine thread, build the engine there, and return it (raising what the build raised)."""
@@ -79,12 +98,17 @@ class EngineRunner:
         self._loop = asyncio.get_running_loop()
         self.idle = asyncio.Event()  # set while no request is in flight
         self.idle.set()
+        self.failed = asyncio.Event()  # set once the engine loop has failed (see `failure`)
+        self.in_flight_failed = asyncio.Event()  # set by `fail_in_flight`: the execution streams may end
         if self._thread is None:
             self.launch()
 
     def call(self, fn: Callable[..., T], *args) -> asyncio.Future[T]:
         """Run `fn(*args)` on the engine thread between steps; the future gets its result or exception."""
         future = self._loop.create_future()
+        if self.failure is not None:
+            future.set_exception(self._unavailable())
+            return future
         self._send("call", (fn, args, future))
         return future
 
@@ -95,7 +119,9 @@ class EngineRunner:
             await asyncio.to_thread(self._thread.join)
 
     def submit(self, request: GenerationRequest, subscriber: Subscriber) -> None:
-        """Queue a request; raises InvalidRequest at once if it cannot fit."""
+        """Queue a request; raises InvalidRequest at once if it cannot fit, Unavailable once the engine failed."""
+        if self.failure is not None:
+            raise self._unavailable()
         self.engine.check(request)
         self._subscribers[request.request_id] = subscriber
         self.idle.clear()
@@ -107,6 +133,20 @@ class EngineRunner:
     @property
     def in_flight(self) -> int:
         return len(self._subscribers)
+
+    def fail_in_flight(self) -> int:
+        """After an engine failure: every in-flight request gets UNAVAILABLE (retryable elsewhere); returns how many."""
+        failed, self._subscribers = self._subscribers, {}
+        error = self._unavailable()
+        for request_id, subscriber in failed.items():
+            _guarded(subscriber.fail, request_id, error)
+        self.idle.set()
+        self.in_flight_failed.set()
+        return len(failed)
+
+    def _unavailable(self) -> Unavailable:
+        return Unavailable(f"the engine of this worker failed ({type(self.failure).__name__}); retry on another "
+                           "replica")
 
     def stats(self) -> EngineStats:
         now = time.monotonic()
@@ -130,11 +170,21 @@ class EngineRunner:
             except queue.Empty:
                 return
             if kind == "add":
-                self.engine.add(payload)  # type: ignore[arg-type]
+                self._add(payload)  # type: ignore[arg-type]
             elif kind == "call":
                 self._run_call(*payload)  # type: ignore[misc]
             else:
                 self.engine.abort(*payload)  # type: ignore[misc]
+
+    def _add(self, request: GenerationRequest) -> None:
+        """Add one request; a refusal is that request's error, never the engine's."""
+        try:
+            self.engine.add(request)
+        except Exception as exc:  # the engine checked nothing else yet: only this request is affected
+            if not isinstance(exc, MeshError):
+                log.exception("adding request %s failed", request.request_id)
+                exc = InternalError(f"internal error: the engine could not admit it ({type(exc).__name__})")
+            self._loop.call_soon_threadsafe(self._reject, request.request_id, exc)
 
     def _run_call(self, fn: Callable, args: tuple, future: asyncio.Future) -> None:
         try:
@@ -152,7 +202,24 @@ class EngineRunner:
             return
         finally:
             self._built.set()
-        self._run()
+        try:
+            self._run()
+        except BaseException as exc:  # the engine's state is unknown now: it stops, and the process reports it
+            log.exception("engine loop failed; this worker stops taking work")
+            self.failure = exc
+            self._refuse_queued_calls()
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self.failed.set)
+
+    def _refuse_queued_calls(self) -> None:
+        """Calls (embeddings) still queued for the failed engine get UNAVAILABLE; queued adds fail with the rest."""
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "call":
+                self._loop.call_soon_threadsafe(_settle, payload[2], None, self._unavailable())
 
     def _run(self) -> None:
         while not self._stopping:
@@ -183,9 +250,25 @@ class EngineRunner:
                 del self._subscribers[output.request_id]
             by_subscriber.setdefault(id(subscriber), (subscriber, []))[1].append(output)
         for subscriber, batch in by_subscriber.values():
-            subscriber(batch)
+            _guarded(subscriber.deliver, batch)
         if not self._subscribers:
             self.idle.set()
+
+    def _reject(self, request_id: str, error: MeshError) -> None:
+        """A request the engine refused while adding it: its subscriber gets the error."""
+        subscriber = self._subscribers.pop(request_id, None)
+        if subscriber is not None:
+            _guarded(subscriber.fail, request_id, error)
+        if not self._subscribers:
+            self.idle.set()
+
+
+def _guarded(fn: Callable, *args) -> None:
+    """Call one subscriber; its bug is logged and must not keep the others' outputs from them."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("a subscriber of the engine runner failed")
 
 
 def _settle(future: asyncio.Future, result: object, error: BaseException | None) -> None:

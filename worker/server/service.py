@@ -1,4 +1,11 @@
-"""The worker's gRPC servicer: converts protobuf and calls the engine runner."""
+"""The worker's gRPC servicer: converts protobuf and calls the engine runner.
+
+One Execute stream carries many requests (the scheduler's link), so nothing
+one request does may end it: a refusal, a bug met while admitting it or
+while converting its output, is that request's error event, and the stream
+goes on serving the others. When the engine fails, every stream's in-flight
+requests get UNAVAILABLE and the streams end (see runner.py).
+"""
 
 from __future__ import annotations
 
@@ -10,16 +17,15 @@ import grpc
 import torch
 
 from moemesh.services.core import tensors
-from moemesh.services.core.errors import InvalidRequest, MeshError, NotFound, Unavailable
+from moemesh.services.core.errors import InternalError, InvalidRequest, MeshError, NotFound, Unavailable
 from moemesh.v1 import worker_pb2, worker_pb2_grpc
 from moemesh.worker.embeddings.sentence import EmbeddingModel
 from moemesh.worker.engine.requests import RequestOutput
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.server.convert import output_to_pb, request_from_pb
-from moemesh.worker.server.runner import EngineRunner
+from moemesh.worker.server.runner import EngineRunner, Subscriber
 
 log = logging.getLogger(__name__)
-
 
 
 def coalesce(batch: worker_pb2.EventBatch, outbox: asyncio.Queue) -> worker_pb2.EventBatch:
@@ -56,14 +62,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
     ) -> AsyncIterator[worker_pb2.EventBatch]:
         outbox: asyncio.Queue[worker_pb2.EventBatch] = asyncio.Queue()
         mine: set[str] = set()
-
-        def deliver(outputs: list[RequestOutput]) -> None:
-            for output in outputs:
-                if output.finish_reason is not None:
-                    mine.discard(output.request_id)
-            outbox.put_nowait(worker_pb2.EventBatch(events=[output_to_pb(o, self.tokenizer) for o in outputs]))
-
-        reader = asyncio.create_task(self._read(request_iterator, deliver, mine, outbox))
+        subscriber = self._subscriber(mine, outbox)
+        reader = asyncio.create_task(self._read(request_iterator, subscriber, mine, outbox))
+        # After an engine failure, once the in-flight requests got their UNAVAILABLE, the stream ends.
+        failed = asyncio.create_task(self.runner.in_flight_failed.wait())
+        failed.add_done_callback(lambda task: task.cancelled() or outbox.put_nowait(None))
         try:
             while True:
                 batch = await outbox.get()
@@ -72,30 +75,72 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                 yield coalesce(batch, outbox)
         finally:
             reader.cancel()
+            failed.cancel()
             for request_id in mine:  # the scheduler went away: free their slots
                 self.runner.abort(request_id, "abort")
 
-    async def _read(self, request_iterator, deliver, mine: set[str], outbox: asyncio.Queue) -> None:
+    def _subscriber(self, mine: set[str], outbox: asyncio.Queue) -> Subscriber:
+        """Where the engine's outputs and errors of one stream's requests go."""
+        given_up: set[str] = set()  # ended by a conversion error: their later outputs are dropped
+
+        def deliver(outputs: list[RequestOutput]) -> None:
+            events = []
+            for output in outputs:
+                if output.request_id in given_up:
+                    if output.finish_reason is not None:
+                        given_up.discard(output.request_id)
+                    continue
+                if output.finish_reason is not None:
+                    mine.discard(output.request_id)
+                events.append(self._event(output, mine, given_up))
+            if events:
+                outbox.put_nowait(worker_pb2.EventBatch(events=events))
+
+        def fail(request_id: str, error: MeshError) -> None:
+            mine.discard(request_id)
+            outbox.put_nowait(worker_pb2.EventBatch(events=[_error_event(request_id, error)]))
+
+        return Subscriber(deliver, fail)
+
+    def _event(self, output: RequestOutput, mine: set[str], given_up: set[str]) -> worker_pb2.RequestEvent:
+        """The output as an event; a conversion bug ends that request alone (INTERNAL) and stops its generation."""
+        try:
+            return output_to_pb(output, self.tokenizer)
+        except Exception as exc:
+            log.exception("converting the output of request %s failed", output.request_id)
+            if output.finish_reason is None:
+                mine.discard(output.request_id)
+                given_up.add(output.request_id)
+                self.runner.abort(output.request_id, "abort")
+            return _error_event(output.request_id, InternalError(f"internal error: its output could not be "
+                                                                 f"encoded ({type(exc).__name__})"))
+
+    async def _read(self, request_iterator, subscriber: Subscriber, mine: set[str], outbox: asyncio.Queue) -> None:
         compiling: dict[str, asyncio.Task] = {}  # structured requests waiting for their grammar
         try:
             async for message in request_iterator:
-                if message.WhichOneof("kind") == "cancel":
-                    task = compiling.pop(message.cancel.request_id, None)
-                    if task is not None:
-                        task.cancel()
-                    self.runner.abort(message.cancel.request_id, "abort")
-                    continue
-                work = message.add
-                if work.sampling.HasField("structured"):  # compiled on a thread: nobody else waits for it
-                    task = asyncio.create_task(self._submit_structured(work, deliver, mine, outbox))
-                    compiling[work.request_id] = task
-                    task.add_done_callback(lambda _, rid=work.request_id: compiling.pop(rid, None))
-                    continue
-                self._accept(work, self._submit(work, deliver), mine, outbox)
+                self._handle(message, subscriber, mine, outbox, compiling)
         finally:
             for task in compiling.values():
                 task.cancel()
-        outbox.put_nowait(None)  # the scheduler closed its side
+            outbox.put_nowait(None)  # the scheduler closed its side (or its stream broke)
+
+    def _handle(self, message: worker_pb2.ExecuteRequest, subscriber: Subscriber, mine: set[str],
+                outbox: asyncio.Queue, compiling: dict[str, asyncio.Task]) -> None:
+        """One add or cancel of the stream."""
+        if message.WhichOneof("kind") == "cancel":
+            task = compiling.pop(message.cancel.request_id, None)
+            if task is not None:
+                task.cancel()
+            self.runner.abort(message.cancel.request_id, "abort")
+            return
+        work = message.add
+        if work.sampling.HasField("structured"):  # compiled on a thread: nobody else waits for it
+            task = asyncio.create_task(self._submit_structured(work, subscriber, mine, outbox))
+            compiling[work.request_id] = task
+            task.add_done_callback(lambda _, rid=work.request_id: compiling.pop(rid, None))
+            return
+        self._accept(work, self._submit(work, subscriber), mine, outbox)
 
     @staticmethod
     def _accept(work: worker_pb2.GenerationWork, error: worker_pb2.RequestEvent | None, mine: set[str],
@@ -105,29 +150,38 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         else:
             outbox.put_nowait(worker_pb2.EventBatch(events=[error]))
 
-    async def _submit_structured(self, work: worker_pb2.GenerationWork, deliver, mine: set[str],
+    async def _submit_structured(self, work: worker_pb2.GenerationWork, subscriber: Subscriber, mine: set[str],
                                  outbox: asyncio.Queue) -> None:
         """Compile the request's grammar (cached by text), then hand it to the engine like any other."""
         try:
             grammar = await asyncio.to_thread(self.runner.engine.grammars.compile_spec, work.sampling.structured)
         except MeshError as exc:
-            self._accept(work, _error_event(work, exc), mine, outbox)
+            self._accept(work, _error_event(work.request_id, exc), mine, outbox)
             return
-        self._accept(work, self._submit(work, deliver, grammar), mine, outbox)
+        except Exception as exc:
+            log.exception("compiling the grammar of request %s failed", work.request_id)
+            error = InternalError(f"internal error: its grammar could not be compiled ({type(exc).__name__})")
+            self._accept(work, _error_event(work.request_id, error), mine, outbox)
+            return
+        self._accept(work, self._submit(work, subscriber, grammar), mine, outbox)
 
-    def _submit(self, work: worker_pb2.GenerationWork, deliver, grammar=None) -> worker_pb2.RequestEvent | None:
-        """Hand one request to the engine; a refusal becomes that request's error event."""
+    def _submit(self, work: worker_pb2.GenerationWork, subscriber: Subscriber,
+                grammar=None) -> worker_pb2.RequestEvent | None:
+        """Hand one request to the engine; a refusal, or a bug met on the way, becomes that request's error event."""
         try:
             if self.draining:
                 raise Unavailable("worker is draining")
             if work.model and work.model != self.model_id:
                 raise NotFound(f"model {work.model!r} is not served by this worker")
             request = request_from_pb(work, self.tokenizer, self.generation_defaults, grammar)
-            self.runner.submit(request, deliver)
+            self.runner.submit(request, subscriber)
         except MeshError as exc:
-            return _error_event(work, exc)
+            return _error_event(work.request_id, exc)
         except ValueError as exc:  # the chat template refused the messages, or a tool call's arguments
-            return _error_event(work, InvalidRequest("prompt", str(exc)))
+            return _error_event(work.request_id, InvalidRequest("prompt", str(exc)))
+        except Exception as exc:  # a bug: this request's INTERNAL error, the stream serves on
+            log.exception("admitting request %s failed", work.request_id)
+            return _error_event(work.request_id, InternalError(f"internal error: {type(exc).__name__}"))
         return None
 
     async def Embed(self, request: worker_pb2.EmbedWork, context: grpc.aio.ServicerContext) -> worker_pb2.EmbedResult:
@@ -142,8 +196,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         return result
 
 
-def _error_event(work: worker_pb2.GenerationWork, exc: MeshError) -> worker_pb2.RequestEvent:
-    return worker_pb2.RequestEvent(request_id=work.request_id,
+def _error_event(request_id: str, exc: MeshError) -> worker_pb2.RequestEvent:
+    return worker_pb2.RequestEvent(request_id=request_id,
                                    error=worker_pb2.RequestError(code=exc.code, message=str(exc)))
 
 
