@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
+import math
+import warnings
+
 import torch
 
 from moemesh.v1 import common_pb2
@@ -28,17 +30,23 @@ def to_pb(tensor: torch.Tensor) -> common_pb2.Tensor:
     return common_pb2.Tensor(dtype=name, shape=list(cpu.shape), data=raw.numpy().tobytes())
 
 
-def from_pb(message: common_pb2.Tensor) -> torch.Tensor:
-    """Decode a Tensor message into a CPU tensor (a copy that owns its memory)."""
+def from_pb(message: common_pb2.Tensor, copy: bool = True) -> torch.Tensor:
+    """Decode a Tensor message into a CPU tensor: a copy that owns its memory, or (`copy=False`) a read-only view
+    of the message's bytes, which must then be neither written nor outlive the message."""
     dtype = _TORCH_BY_NAME.get(message.dtype)
     if dtype is None:
         raise ValueError(f"tensor dtype {message.dtype!r} is not one of {sorted(_TORCH_BY_NAME)}")
     shape = tuple(message.shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if len(message.data) != int(np.prod(shape, dtype=np.int64)) * itemsize:
+    itemsize = dtype.itemsize
+    if len(message.data) != math.prod(shape) * itemsize:
         raise ValueError(f"tensor data has {len(message.data)} bytes, shape {shape} needs {itemsize} each")
-    if dtype == torch.bfloat16:
-        flat = torch.frombuffer(bytearray(message.data), dtype=torch.int16).view(torch.bfloat16)
+    if not message.data:
+        return torch.empty(shape, dtype=dtype)  # frombuffer refuses an empty buffer
+    raw_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
+    if copy:
+        flat = torch.frombuffer(bytearray(message.data), dtype=raw_dtype)
     else:
-        flat = torch.frombuffer(bytearray(message.data), dtype=dtype)
-    return flat.reshape(shape)
+        with warnings.catch_warnings():  # torch warns that bytes are immutable: the view is documented read-only
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(message.data, dtype=raw_dtype)
+    return flat.view(dtype).reshape(shape)

@@ -6,6 +6,8 @@ optionally `generation_config.json` and tokenizer files. Opening one reads only
 small JSON files and a few KiB of each weight file, so it is cheap enough to do
 at registration time; the tensors themselves are read by `iter_tensors`, and
 `load_weights` copies them into a model through its table of `WeightRule`s.
+`load_checkpoint` reads only what a model holds: a rank of an
+expert-parallel replica reads its own experts' tensors and rows, nothing else.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,28 +178,141 @@ class WeightRule:
         return found.groupdict() if found else None
 
 
+@dataclass
+class LoadRecord:
+    """What a load read from the checkpoint: each tensor's name, and the bytes of the rows it read."""
+
+    names: set[str] = field(default_factory=set)
+    bytes_read: int = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.names.add(name)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Where one checkpoint tensor goes: the parameter part it fills, and which of its expert rows to read."""
+
+    param_name: str  # canonical name (tied weights share one)
+    expert: int | None  # the expert a per-expert tensor belongs to
+    shard: str | None
+    target: torch.Tensor  # the view of the parameter it is copied into
+    rows: tuple[int, ...] | None  # for a stacked-experts tensor of which only some experts are held: those rows
+
+
+class WeightPlan:
+    """Maps checkpoint names to the parameter parts they fill, for a model that may hold only part of a checkpoint.
+
+    `only(param_name)` selects the parameters this process holds (None: all of
+    them); a module holding some routed experts only (`expert_rows`, expert ->
+    row of its stacked parameters) takes those experts' tensors and rows. A
+    name that fills nothing here (another rank's part) is never read.
+    """
+
+    def __init__(
+        self, model: nn.Module, rules: Iterable[WeightRule], only: Callable[[str], bool] | None = None
+    ) -> None:
+        self.model, self.rules, self.only = model, tuple(rules), only
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.canonical = {id(p): name for name, p in model.named_parameters()}
+        self.filled: dict[tuple[str, int | None, str | None], int] = {}  # piece -> elements written
+
+    def piece(self, name: str) -> Piece | None:
+        """Where checkpoint tensor `name` goes; None when this model does not hold it. ValueError if nothing could."""
+        rule, values = _find_rule(self.rules, name)
+        if rule.parameter is None:
+            return None
+        param_name = rule.parameter.format(**values)
+        if param_name not in self.params:
+            raise ValueError(f"model has no parameter {param_name}")
+        if self.only is not None and not self.only(param_name):
+            return None
+        owner = self.model.get_submodule(param_name.rpartition(".")[0])
+        expert_rows = getattr(owner, "expert_rows", None)  # None: every expert, each at its own row
+        target, rows = self.params[param_name], None
+        expert = int(values["expert"]) if "expert" in values else None
+        if expert is not None:
+            num_experts = getattr(owner, "num_experts", target.shape[0])
+            if expert >= num_experts:
+                raise ValueError(f"expert {expert} is out of range for {param_name} ({num_experts} experts)")
+            row = expert if expert_rows is None else expert_rows.get(expert)
+            if row is None:
+                return None  # another rank's expert
+            target = target[row]
+        elif expert_rows is not None and owner.num_experts != len(expert_rows):
+            rows = tuple(sorted(expert_rows))  # a stack of every expert, of which this model holds some
+        if rule.shard is not None:
+            start, size = owner.shard_offsets[rule.shard]
+            target = target.narrow(0, start, size)
+        return Piece(self.canonical[id(self.params[param_name])], expert, rule.shard, target, rows)
+
+    def fill(self, name: str, piece: Piece, tensor: torch.Tensor) -> None:
+        """Copy `tensor` (only `piece.rows` of it, when it is a stack the model holds part of) into its place."""
+        if piece.rows is not None and tensor.shape[0] != len(piece.rows):
+            tensor = tensor[list(piece.rows)]
+        if piece.target.shape != tensor.shape:
+            raise ValueError(
+                f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
+                f"parameter {piece.param_name} expects {tuple(piece.target.shape)}"
+            )
+        with torch.no_grad():
+            piece.target.copy_(tensor)
+        self.filled[(piece.param_name, piece.expert, piece.shard)] = piece.target.numel()
+
+    def check_all_filled(self) -> None:
+        """ValueError naming the held parameters that the checkpoint did not fill."""
+        _check_all_filled(self.model, self.filled, self.only)
+
+
 def load_weights(model: nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], rules: Iterable[WeightRule]) -> None:
     """Copy checkpoint tensors into `model`, casting dtype; ValueError unless every parameter is filled."""
-    rules = tuple(rules)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    canonical = {id(p): name for name, p in model.named_parameters()}  # tied weights share one name
-    filled: dict[tuple[str, int | None, str | None], int] = {}  # piece -> elements written
-    with torch.no_grad():
-        for name, tensor in tensors:
-            rule, values = _find_rule(rules, name)
-            if rule.parameter is None:
-                continue
-            param_name = rule.parameter.format(**values)
-            expert = int(values["expert"]) if "expert" in values else None
-            target = _target_view(model, params, param_name, expert, rule.shard)
-            if target.shape != tensor.shape:
-                raise ValueError(
-                    f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                    f"parameter {param_name} expects {tuple(target.shape)}"
-                )
-            target.copy_(tensor)
-            filled[(canonical[id(params[param_name])], expert, rule.shard)] = target.numel()
-    _check_all_filled(model, filled)
+    plan = WeightPlan(model, rules)
+    for name, tensor in tensors:
+        piece = plan.piece(name)
+        if piece is not None:
+            plan.fill(name, piece, tensor)
+    plan.check_all_filled()
+
+
+def load_checkpoint(
+    model: nn.Module,
+    ckpt: Checkpoint,
+    rules: Iterable[WeightRule],
+    only: Callable[[str], bool] | None = None,
+    record: LoadRecord | None = None,
+) -> None:
+    """Fill the parameters `model` holds (those `only` selects; some experts only, see `WeightPlan`) from `ckpt`.
+
+    Reads only what they need: a tensor that fills nothing here is never
+    read, and of a stack of every expert only the held experts' rows are.
+    `record` collects what was read. ValueError unless every held parameter
+    is filled.
+    """
+    plan = WeightPlan(model, rules, only)
+    for weight_file in ckpt.weight_files:
+        with safe_open(weight_file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                piece = plan.piece(name)
+                if piece is None:
+                    continue
+                tensor = _read_rows(f.get_slice(name), piece.rows) if piece.rows is not None else f.get_tensor(name)
+                if record is not None:
+                    record.add(name, tensor)
+                plan.fill(name, piece, tensor)
+    plan.check_all_filled()
+
+
+def _read_rows(tensor_slice, rows: tuple[int, ...]) -> torch.Tensor:
+    """Rows `rows` (ascending) of a stored tensor, read as contiguous runs: the other rows are never read."""
+    runs: list[list[int]] = []
+    for row in rows:
+        if runs and runs[-1][1] == row:
+            runs[-1][1] = row + 1
+        else:
+            runs.append([row, row + 1])
+    pieces = [tensor_slice[start:stop] for start, stop in runs]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
 def _find_rule(rules: tuple[WeightRule, ...], name: str) -> tuple[WeightRule, dict[str, str]]:
@@ -208,29 +323,14 @@ def _find_rule(rules: tuple[WeightRule, ...], name: str) -> tuple[WeightRule, di
     raise ValueError(f"checkpoint tensor {name} matches no parameter of the model")
 
 
-def _target_view(
-    model: nn.Module, params: dict[str, nn.Parameter], param_name: str, expert: int | None, shard: str | None
-) -> torch.Tensor:
-    """The part of a parameter that one checkpoint tensor fills."""
-    if param_name not in params:
-        raise ValueError(f"model has no parameter {param_name}")
-    target = params[param_name]
-    if expert is not None:
-        if expert >= target.shape[0]:
-            raise ValueError(f"expert {expert} is out of range for {param_name} ({target.shape[0]} experts)")
-        target = target[expert]
-    if shard is not None:
-        owner = model.get_submodule(param_name.rpartition(".")[0])
-        start, size = owner.shard_offsets[shard]
-        target = target.narrow(0, start, size)
-    return target
-
-
-def _check_all_filled(model: nn.Module, filled: dict[tuple[str, int | None, str | None], int]) -> None:
+def _check_all_filled(
+    model: nn.Module, filled: dict[tuple[str, int | None, str | None], int], only: Callable[[str], bool] | None = None
+) -> None:
     written: dict[str, int] = {}
     for (param_name, _, _), count in filled.items():
         written[param_name] = written.get(param_name, 0) + count
-    missing = [name for name, p in model.named_parameters() if written.get(name, 0) != p.numel()]
+    held = [(name, p) for name, p in model.named_parameters() if only is None or only(name)]
+    missing = [name for name, p in held if written.get(name, 0) != p.numel()]
     if missing:
         raise ValueError(f"checkpoint does not fill these parameters: {', '.join(missing)}")
 

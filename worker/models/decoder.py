@@ -27,7 +27,9 @@ DECODER_CHECKPOINT_RULES: tuple[WeightRule, ...] = (
     WeightRule("model.norm.weight", "norm.weight"),
     WeightRule("lm_head.weight", "lm_head.weight"),
     WeightRule("model.layers.{layer}.input_layernorm.weight", "layers.{layer}.input_layernorm.weight"),
-    WeightRule("model.layers.{layer}.post_attention_layernorm.weight", "layers.{layer}.post_attention_layernorm.weight"),
+    WeightRule(
+        "model.layers.{layer}.post_attention_layernorm.weight", "layers.{layer}.post_attention_layernorm.weight"
+    ),
     WeightRule("model.layers.{layer}.self_attn.q_proj.weight", "layers.{layer}.self_attn.qkv_proj.weight", "q"),
     WeightRule("model.layers.{layer}.self_attn.k_proj.weight", "layers.{layer}.self_attn.qkv_proj.weight", "k"),
     WeightRule("model.layers.{layer}.self_attn.v_proj.weight", "layers.{layer}.self_attn.qkv_proj.weight", "v"),
@@ -207,7 +209,8 @@ class DecoderForCausalLM(nn.Module):
         """A zeroed paged KV cache of `num_blocks` blocks, on the model's device and in its dtype."""
         weight = self.embed_tokens.weight
         return PagedKVCache(
-            self.num_layers, num_blocks, block_size, self.args.num_kv_heads, self.args.head_dim, weight.dtype, weight.device
+            self.num_layers, num_blocks, block_size, self.args.num_kv_heads, self.args.head_dim, weight.dtype,
+            weight.device,
         )
 
     @torch.inference_mode()

@@ -1,8 +1,9 @@
 """Building blocks shared by the model families: norm, rotary, attention, MLPs, experts.
 
 Shapes use N (token rows of the flat batch), B and T (sequences and new
-tokens per sequence of an attention group), L (key positions attended to), H (hidden size), D (head dim), E (experts), k (experts
-per token), I (expert intermediate size). Modules are plain PyTorch; models
+tokens per sequence of an attention group), L (key positions attended to),
+H (hidden size), D (head dim), E (experts), k (experts per token), I
+(expert intermediate size). Modules are plain PyTorch; models
 build them on the meta device and the checkpoint loader fills them. Each
 module that computes an operation of worker/ops (`OpModule`) gets its backend
 once, at load (`choose_backend`), and calls it: no module tests for backends.
@@ -10,7 +11,7 @@ once, at load (`choose_backend`), and calls it: no module tests for backends.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -224,28 +225,43 @@ class TopKRouter(OpModule):
 class MoEExperts(OpModule):
     """SwiGLU experts stacked in tensors, addressed by expert index; see `ops.experts`.
 
-    w13 [E, 2I, H] holds each expert's gate (w1) rows then up (w3) rows;
-    w2 [E, H, I] is the down projection.
+    w13 [E', 2I, H] holds each expert's gate (w1) rows then up (w3) rows;
+    w2 [E', H, I] is the down projection. E' = E unless the module holds only
+    some of the layer's experts (`held_experts`, a rank of an expert-parallel
+    replica): then row `expert_rows[e]` is expert e's. A module whose other
+    experts live on other ranks gets a `remote` (see `ops.remote`), and its
+    backend sends their rows there.
     """
 
     backend: ExpertsBackend
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self, num_experts: int, hidden_size: int, intermediate_size: int, held_experts: Sequence[int] | None = None
+    ) -> None:
         super().__init__()
-        self.num_experts = num_experts
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.num_experts = num_experts  # the layer's routed experts, wherever they are held
+        self.held_experts = tuple(range(num_experts)) if held_experts is None else tuple(sorted(set(held_experts)))
+        self.expert_rows = None if held_experts is None else {e: row for row, e in enumerate(self.held_experts)}
+        held = len(self.held_experts)
+        self.w13 = nn.Parameter(torch.empty(held, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(held, hidden_size, intermediate_size))
         # Rows of one expert's w13 that each checkpoint matrix fills: (start, size).
         self.shard_offsets = {"w1": (0, intermediate_size), "w3": (intermediate_size, intermediate_size)}
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.remote = None  # a RemoteLayer (ops.remote) when other ranks hold some of this layer's experts
+
+    def holding(self, experts: Sequence[int]) -> MoEExperts:
+        """A module of the same shape holding only `experts` (built on the current default device)."""
+        return MoEExperts(self.num_experts, self.hidden_size, self.intermediate_size, experts)
 
     def choose_backend(self, target: Target, release: bool) -> bool:
-        if not self.w13.numel():
+        if self.held_experts and not self.w13.numel():
             return False  # released at an earlier choice: its backend holds the only copy, and stays
-        self.backend = choose_experts(self.w13, self.w2, target)
-        if release and not self.backend.reads_plain_weights:
+        local = choose_experts(self.w13, self.w2, target) if self.held_experts else None
+        if local is not None and release and not local.reads_plain_weights:
             self.w13, self.w2 = released(self.w13), released(self.w2)
-        return self.backend.relaid
+        self.backend = local if self.remote is None else self.remote.backend(local)
+        return local is not None and local.relaid
 
     def forward(
         self,

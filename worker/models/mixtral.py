@@ -26,8 +26,12 @@ from moemesh.worker.models.layers import Attention, RMSNorm, Rotation, SparseMoe
 CHECKPOINT_MAPPING: tuple[WeightRule, ...] = DECODER_CHECKPOINT_RULES + (
     # per-expert names: w1 = gate, w3 = up, w2 = down
     WeightRule("model.layers.{layer}.block_sparse_moe.gate.weight", "layers.{layer}.moe.gate.weight"),
-    WeightRule("model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight", "layers.{layer}.moe.experts.w13", "w1"),
-    WeightRule("model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight", "layers.{layer}.moe.experts.w13", "w3"),
+    WeightRule(
+        "model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight", "layers.{layer}.moe.experts.w13", "w1"
+    ),
+    WeightRule(
+        "model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight", "layers.{layer}.moe.experts.w13", "w3"
+    ),
     WeightRule("model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight", "layers.{layer}.moe.experts.w2"),
     # transformers 5 in-memory names: gate_up_proj [E, 2I, H], down_proj [E, H, I]
     WeightRule("model.layers.{layer}.mlp.gate.weight", "layers.{layer}.moe.gate.weight"),

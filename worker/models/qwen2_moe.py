@@ -44,13 +44,12 @@ QWEN_MOE_MLP_RULES: tuple[WeightRule, ...] = (
 )
 
 CHECKPOINT_MAPPING: tuple[WeightRule, ...] = DECODER_CHECKPOINT_RULES + QKV_BIAS_RULES + QWEN_MOE_MLP_RULES + (
-    WeightRule(
-        "model.layers.{layer}.mlp.shared_expert.gate_proj.weight", "layers.{layer}.mlp.shared_expert.gate_up_proj.weight", "gate"
-    ),
-    WeightRule(
-        "model.layers.{layer}.mlp.shared_expert.up_proj.weight", "layers.{layer}.mlp.shared_expert.gate_up_proj.weight", "up"
-    ),
-    WeightRule("model.layers.{layer}.mlp.shared_expert.down_proj.weight", "layers.{layer}.mlp.shared_expert.down_proj.weight"),
+    WeightRule("model.layers.{layer}.mlp.shared_expert.gate_proj.weight",
+               "layers.{layer}.mlp.shared_expert.gate_up_proj.weight", "gate"),
+    WeightRule("model.layers.{layer}.mlp.shared_expert.up_proj.weight",
+               "layers.{layer}.mlp.shared_expert.gate_up_proj.weight", "up"),
+    WeightRule("model.layers.{layer}.mlp.shared_expert.down_proj.weight",
+               "layers.{layer}.mlp.shared_expert.down_proj.weight"),
     WeightRule("model.layers.{layer}.mlp.shared_expert_gate.weight", "layers.{layer}.mlp.shared_expert_gate.weight"),
 )
 
@@ -77,7 +76,9 @@ class QwenMoeArgs(DecoderArgs):
         experts_key = "num_experts" if config.get("num_experts") is not None else "num_local_experts"
         decoder_sparse_step = config.get("decoder_sparse_step", 1)
         if not isinstance(decoder_sparse_step, int) or decoder_sparse_step < 1:
-            raise ValueError(f"config.json: decoder_sparse_step must be a positive integer, got {decoder_sparse_step!r}")
+            raise ValueError(
+                f"config.json: decoder_sparse_step must be a positive integer, got {decoder_sparse_step!r}"
+            )
         # Qwen configs keep a window size even when use_sliding_window (off by default) turns it off.
         fields["sliding_window"] = (config.get("sliding_window") or None) if config.get("use_sliding_window") else None
         return fields | dict(
@@ -176,7 +177,9 @@ class Qwen2MoeForCausalLM(DecoderForCausalLM):
     def build_layer(self, layer: int) -> DecoderLayer:
         """Biased-qkv attention, then the shared-expert MoE or (off the sparse grid) a dense MLP."""
         args = self.args
-        attention = Attention(args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, qkv_bias=args.qkv_bias)
+        attention = Attention(
+            args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, qkv_bias=args.qkv_bias
+        )
         if args.is_sparse_layer(layer):
             mlp = Qwen2MoeSparseMoeBlock(args)
         else:

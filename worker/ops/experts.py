@@ -17,11 +17,12 @@ target:
 
 Every backend takes `expert_ids`: only those experts are computed and the
 others contribute nothing, so that partial outputs over a partition of the
-experts sum to the whole output. Expert parallelism builds on that: a
-`RemoteExperts` backend (one class plus one entry, first in the table, serving
-targets whose experts are placed on other ranks) would send each shard the
-rows routed to its experts, run the local ones on the backend chosen for
-them, and sum.
+experts sum to the whole output. Expert parallelism builds on that:
+`ops.remote.RemoteExperts` sends each shard the rows routed to its experts,
+runs rank 0's own on the backend chosen here for them, and sums. It is not an
+entry of the table: the placement, not the target, decides where an expert
+runs, so a module whose layer has experts on other ranks wraps its local
+backend in it (`MoEExperts.remote`).
 """
 
 from __future__ import annotations
@@ -56,7 +57,11 @@ class ExpertsBackend(Backend):
 
     @abstractmethod
     def __call__(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_ids: Iterable[int] | None = None
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expert_ids: Iterable[int] | None = None,
     ) -> torch.Tensor:
         """x [T, H] -> [T, H]; with `expert_ids`, only those experts contribute."""
 
@@ -88,7 +93,11 @@ class NativeExperts(ExpertsBackend):
         return cls(w13, w2)
 
     def __call__(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_ids: Iterable[int] | None = None
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expert_ids: Iterable[int] | None = None,
     ) -> torch.Tensor:
         return native.moe_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids)
 
@@ -130,7 +139,11 @@ class GroupedExperts(ExpertsBackend):
         """One expert's SwiGLU MLP: x [n, H] -> [n, H]."""
 
     def __call__(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_ids: Iterable[int] | None = None
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expert_ids: Iterable[int] | None = None,
     ) -> torch.Tensor:
         return self.looped(x, Grouping.of(topk_ids, topk_weights, self.num_experts), expert_ids)
 
@@ -146,7 +159,9 @@ class GroupedExperts(ExpertsBackend):
         return self.combine(x, grouping, outputs, rows_done)
 
     @staticmethod
-    def combine(x: torch.Tensor, grouping: Grouping, outputs: list[torch.Tensor], rows_done: list[slice]) -> torch.Tensor:
+    def combine(
+        x: torch.Tensor, grouping: Grouping, outputs: list[torch.Tensor], rows_done: list[slice]
+    ) -> torch.Tensor:
         """Sum the experts' outputs [n, H] (for grouped rows `rows_done`) into their tokens, weighted: [T, H]."""
         out = torch.zeros_like(x)
         if not outputs:
@@ -203,7 +218,11 @@ class TorchExperts(GroupedExperts):
         return cls(w13, w2)
 
     def __call__(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_ids: Iterable[int] | None = None
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expert_ids: Iterable[int] | None = None,
     ) -> torch.Tensor:
         grouping = Grouping.of(topk_ids, topk_weights, self.num_experts)
         if expert_ids is None and self.stack_pays(grouping.counts):
@@ -264,7 +283,11 @@ class TritonExperts(ExpertsBackend):
         return cls(w13, w2)
 
     def __call__(
-        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, expert_ids: Iterable[int] | None = None
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expert_ids: Iterable[int] | None = None,
     ) -> torch.Tensor:
         return self.kernels.fused_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids)
 

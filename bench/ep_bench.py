@@ -1,0 +1,283 @@
+"""Expert-parallel replicas against the single-process engine, in one run.
+
+On the ~100M benchmark checkpoint (`bench.engine_bench.build_checkpoint`) it
+measures, for replicas of 2 and 4 ranks (shards as real subprocesses on
+this machine, contiguous placement):
+
+  1. the engine's median step time at 1 and 32 sequences, against the
+     single-process engine on the same requests;
+  2. the time of one layer exchange (rank 0 sending every shard its rows,
+     computing its own experts, combining the answers), against a bare gRPC
+     bidirectional ping-pong of the same request and answer sizes to a
+     separate process, over the same synchronous client API (target: <= 1.5x);
+  3. the bytes per step on the wire against the minimum: every routed row's
+     hidden state both ways (rows x hidden x dtype size x 2) plus 4 bytes of
+     id and 4 of weight per choice;
+  4. the resident memory of each rank (a fresh process each) against a
+     process holding the single-process model, and a bare process.
+
+Usage:
+
+    python -m bench.ep_bench [--ranks 2,4] [--seqs 1,32] [--prompt-tokens 100] [--new-tokens 64]
+                             [--shard-threads 1] [--model DIR] [--smoke]
+
+`--smoke` runs a tiny model, briefly, to check that the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import queue
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import grpc
+import torch
+
+from bench.engine_bench import BENCH_CONFIG, build_checkpoint, prompts, run_engine
+from moemesh.v1 import experts_pb2, experts_pb2_grpc
+from moemesh.worker.engine.engine import Engine
+from moemesh.worker.engine.tokenizer import Tokenizer
+from moemesh.worker.models.checkpoint import open_checkpoint
+from moemesh.worker.models.registry import build_model
+from moemesh.worker.ops.remote import ExchangeStats, ExpertExchange, ExpertParallelConfig
+from moemesh.worker.server.shard import parse_placement, resident_bytes
+from tests.support.checkpoints import build_tiny_mixtral
+
+PING_METHOD = "/bench.PingPong/Exchange"
+MIB = 1024 * 1024
+
+
+# ---- processes ----------------------------------------------------------------------------------------------------
+
+class Child:
+    """A process started with a ready pipe: its first line is JSON describing it."""
+
+    def __init__(self, argv: list[str], log: pathlib.Path) -> None:
+        read_fd, write_fd = os.pipe()
+        with open(log, "ab") as out:
+            self.process = subprocess.Popen([*argv, "--ready-fd", str(write_fd)], pass_fds=(write_fd,), stdout=out,
+                                            stderr=out)
+        os.close(write_fd)
+        with os.fdopen(read_fd) as pipe:
+            line = pipe.readline()
+        if not line:
+            raise RuntimeError(f"{argv[:4]} exited before it was ready:\n{log.read_text()[-2000:]}")
+        self.info = json.loads(line)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_shards(ckpt_dir: pathlib.Path, world_size: int, threads: int, logs: pathlib.Path) -> list[Child]:
+    return [Child([sys.executable, "-m", "moemesh.worker.server.shard", "--model-dir", str(ckpt_dir), "--rank",
+                   str(rank), "--world-size", str(world_size), "--num-threads", str(threads)],
+                  logs / f"shard-{world_size}-{rank}.log") for rank in range(1, world_size)]
+
+
+def measure_in_child(mode: str, ckpt_dir: pathlib.Path, logs: pathlib.Path, shards: list[str] = ()) -> int:
+    """Resident bytes of a fresh process that loads `mode` ("bare", "single" or "rank0") and stays."""
+    child = Child([sys.executable, "-m", "bench.ep_bench", "--child", mode, "--model", str(ckpt_dir),
+                   "--shards", ",".join(shards)], logs / f"rss-{mode}.log")
+    child.stop()
+    return child.info["resident_bytes"]
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """--child: load what `args.child` names, report resident bytes on the ready pipe, wait for SIGTERM."""
+    if args.child == "pingpong":
+        serve_pingpong(args.ready_fd)
+        return
+    if args.child != "bare":
+        ckpt = open_checkpoint(args.model)
+        if args.child == "single":
+            model = build_model(ckpt)
+        else:
+            shards = tuple(args.shards.split(","))
+            placement = parse_placement(ckpt, None, len(shards) + 1)
+            exchange = ExpertExchange.connect(ExpertParallelConfig(placement, shards), ckpt.revision)
+            model = build_model(ckpt, expert_parallel=exchange)
+        assert model is not None
+    with os.fdopen(args.ready_fd, "w") as pipe:
+        pipe.write(json.dumps({"resident_bytes": resident_bytes()}) + "\n")
+    time.sleep(3600)
+
+
+# ---- the bare ping-pong -------------------------------------------------------------------------------------------
+
+def serve_pingpong(ready_fd: int) -> None:
+    """A bidirectional stream answering each request (its first 8 bytes: the answer's size) with that many bytes."""
+    from concurrent import futures
+
+    def exchange(requests, context):
+        for request in requests:
+            yield bytes(int.from_bytes(request[:8], "little"))
+
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_receive_message_length", 256 * MIB),
+                                                                 ("grpc.max_send_message_length", 256 * MIB)])
+    handler = grpc.stream_stream_rpc_method_handler(exchange)
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.PingPong", {"Exchange": handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with os.fdopen(ready_fd, "w") as pipe:
+        pipe.write(json.dumps({"address": f"127.0.0.1:{port}"}) + "\n")
+    server.wait_for_termination()
+
+
+def pingpong_seconds(address: str, request_bytes: int, answer_bytes: int, rounds: int) -> float:
+    """Median round trip of one request and its answer, with the client API the exchange uses."""
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 * MIB)])
+    call = channel.stream_stream(PING_METHOD)(iter(requests.get, None))
+    payload = answer_bytes.to_bytes(8, "little") + bytes(max(request_bytes - 8, 0))
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        requests.put(payload)
+        next(call)
+        times.append(time.perf_counter() - start)
+    requests.put(None)
+    call.cancel()
+    channel.close()
+    return statistics.median(times[rounds // 10:])
+
+
+# ---- measurements -------------------------------------------------------------------------------------------------
+
+def engine_steps(model, tokenizer, batch: list[list[int]], new_tokens: int) -> tuple[float, float]:
+    """(median step seconds, tokens/s) of the engine running `batch` to the end."""
+    engine = Engine(model, tokenizer, max_num_seqs=len(batch), max_model_len=len(batch[0]) + new_tokens + 8)
+    tokens_per_second, steps = run_engine(engine, batch, new_tokens)
+    return statistics.median(steps), tokens_per_second
+
+
+def minimum_bytes(stats: ExchangeStats, hidden_size: int, itemsize: int) -> int:
+    """Each routed row's hidden state both ways, plus a 4-byte id and a 4-byte weight per choice."""
+    return stats.rows_sent * hidden_size * itemsize * 2 + stats.choices_sent * 8
+
+
+def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single: dict, logs: pathlib.Path, ping: str) -> dict:
+    """Every figure of one replica size."""
+    ckpt = open_checkpoint(ckpt_dir)
+    shards = start_shards(ckpt_dir, world_size, args.shard_threads, logs)
+    try:
+        addresses = tuple(s.info["address"] for s in shards)
+        placement = parse_placement(ckpt, None, world_size)
+        with ExpertExchange.connect(ExpertParallelConfig(placement, addresses), ckpt.revision) as exchange:
+            model = build_model(ckpt, expert_parallel=exchange)
+            hidden, itemsize = model.args.hidden_size, model.embed_tokens.weight.element_size()
+            engine_steps(model, tokenizer, prompts(2, 16, model.vocab_size), 4)  # warm-up
+            result = {"world_size": world_size, "by_seqs": {}}
+            for seqs in args.seqs:
+                exchange.stats = ExchangeStats()
+                step, tps = engine_steps(model, tokenizer, prompts(seqs, args.prompt_tokens, model.vocab_size),
+                                         args.new_tokens)
+                stats = exchange.stats
+                per_exchange = statistics.median(stats.durations)
+                request_size = stats.bytes_sent // stats.messages
+                answer_size = stats.bytes_received // stats.messages
+                pong = pingpong_seconds(ping, request_size, answer_size, args.ping_rounds)
+                result["by_seqs"][seqs] = {
+                    "step_ms": step * 1e3, "single_step_ms": single[seqs]["step_ms"], "tokens_per_s": tps,
+                    "exchange_ms": per_exchange * 1e3, "pingpong_ms": pong * 1e3,
+                    "shard_compute_ms_per_message": stats.shard_compute_seconds / stats.messages * 1e3,
+                    "bytes_per_step": (stats.bytes_sent + stats.bytes_received) / stats.steps,
+                    "minimum_bytes_per_step": minimum_bytes(stats, hidden, itemsize) / stats.steps,
+                    "messages_per_step": stats.messages / stats.steps}
+            result["rank0_rss"] = measure_in_child("rank0", ckpt_dir, logs, addresses)
+        result["shard_rss"] = [describe(s.info["address"]).resident_bytes for s in shards]
+        return result
+    finally:
+        for shard in shards:
+            shard.stop()
+
+
+def describe(address: str) -> experts_pb2.ShardInfo:
+    with grpc.insecure_channel(address) as channel:
+        return experts_pb2_grpc.ExpertShardStub(channel).Describe(experts_pb2.DescribeShardRequest(), timeout=30)
+
+
+def report(single: dict, replicas: list[dict], rss: dict) -> None:
+    for seqs, figures in single.items():
+        print(f"single process, {seqs:3d} seqs: step {figures['step_ms']:7.2f} ms, "
+              f"{figures['tokens_per_s']:8.1f} tok/s")
+    for replica in replicas:
+        n = replica["world_size"]
+        for seqs, f in replica["by_seqs"].items():
+            print(f"{n} ranks, {seqs:3d} seqs: step {f['step_ms']:7.2f} ms ({f['step_ms'] / f['single_step_ms']:.2f}x "
+                  f"single), {f['tokens_per_s']:8.1f} tok/s; exchange {f['exchange_ms']:.3f} ms vs ping-pong "
+                  f"{f['pingpong_ms']:.3f} ms ({f['exchange_ms'] / f['pingpong_ms']:.2f}x, target <= 1.5; shard "
+                  f"compute {f['shard_compute_ms_per_message']:.3f} ms/message); "
+                  f"{f['bytes_per_step'] / 1024:.1f} KiB/step vs minimum {f['minimum_bytes_per_step'] / 1024:.1f} KiB "
+                  f"({f['bytes_per_step'] / max(f['minimum_bytes_per_step'], 1):.2f}x)")
+        shard_mib = ", ".join(f"{r / MIB:.0f}" for r in replica["shard_rss"])
+        print(f"{n} ranks resident: rank 0 {replica['rank0_rss'] / MIB:.0f} MiB, shards {shard_mib} MiB; single "
+              f"process {rss['single'] / MIB:.0f} MiB; bare process {rss['bare'] / MIB:.0f} MiB")
+
+
+def smoke_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
+    out = workdir / "ep-smoke"
+    if not (out / "config.json").exists():
+        build_tiny_mixtral(out, seed=0, num_local_experts=4, num_hidden_layers=2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", default="2,4", help="replica sizes")
+    parser.add_argument("--seqs", default="1,32", help="concurrent sequences")
+    parser.add_argument("--prompt-tokens", type=int, default=100)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--shard-threads", type=int, default=1, help="torch threads of each shard process")
+    parser.add_argument("--ping-rounds", type=int, default=200)
+    parser.add_argument("--model", type=pathlib.Path, help="checkpoint; default the ~100M benchmark one")
+    parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "moemesh-bench")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, 2 ranks, briefly: checks the script")
+    parser.add_argument("--out", type=pathlib.Path, help="also write the figures here as JSON")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--shards", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(args)
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        args.ranks, args.seqs, args.prompt_tokens, args.new_tokens, args.ping_rounds = "2", "1,4", 12, 6, 30
+    ranks = [int(r) for r in args.ranks.split(",")]
+    args.seqs = [int(s) for s in args.seqs.split(",")]
+    ckpt_dir = args.model or (smoke_checkpoint(args.workdir) if args.smoke else build_checkpoint(args.workdir))
+    logs = pathlib.Path(tempfile.mkdtemp(prefix="ep-bench-"))
+    tokenizer = Tokenizer.from_dir(ckpt_dir)
+    model = build_model(open_checkpoint(ckpt_dir))
+    print(f"checkpoint {ckpt_dir}, {torch.get_num_threads()} threads on rank 0, {args.shard_threads} per shard; "
+          f"logs in {logs}" + ("" if args.model or args.smoke else f"; config {BENCH_CONFIG}"))
+    engine_steps(model, tokenizer, prompts(2, 16, model.vocab_size), 4)  # warm-up
+    single = {}
+    for seqs in args.seqs:
+        step, tps = engine_steps(model, tokenizer, prompts(seqs, args.prompt_tokens, model.vocab_size), args.new_tokens)
+        single[seqs] = {"step_ms": step * 1e3, "tokens_per_s": tps}
+    del model
+    rss = {"bare": measure_in_child("bare", ckpt_dir, logs), "single": measure_in_child("single", ckpt_dir, logs)}
+    ping = Child([sys.executable, "-m", "bench.ep_bench", "--child", "pingpong"], logs / "pingpong.log")
+    try:
+        replicas = [bench_replica(args, ckpt_dir, tokenizer, n, single, logs, ping.info["address"]) for n in ranks]
+    finally:
+        ping.stop()
+    report(single, replicas, rss)
+    if args.out:
+        args.out.write_text(json.dumps({"single": single, "replicas": replicas, "resident": rss}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""Remote experts: rank 0 of an expert-parallel replica runs its MoE layers' other experts on shard processes.
+
+For each MoE layer of a forward, `RemoteExperts` sends each shard (rank > 0),
+all at once, only the hidden rows of the tokens routed to that shard's
+experts, with their expert ids and routing weights (a shard with no rows gets
+no message); computes rank 0's own experts on its local backend meanwhile;
+then waits for the shards' partial sums and adds them into the token rows.
+
+Each shard is reached over ONE persistent bidirectional `ExpertShard.Exchange`
+stream (`ShardLink`), opened when the replica starts and used for every layer
+of every step. The forward runs on the engine thread, in plain synchronous
+torch code, so the links use gRPC's synchronous API: a request queue feeds
+the stream's request iterator, and the forward reads each answer from the
+response iterator, a watchdog thread cancelling the read if its deadline
+passes. A shard that does not answer within `exchange_timeout` seconds, or
+whose stream breaks, raises `ExpertShardFailed` and breaks the exchange for
+good: the replica must then be failed (its requests fail over); nothing
+hangs.
+
+Tensors travel as raw bytes with dtype and shape (`services.core.tensors`);
+expert ids on the wire are global (0..E-1), and each rank maps them to the
+rows of its own stacked weights (`run_held`).
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import queue
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from moemesh.services.core import tensors
+from moemesh.services.core.auth import bearer_metadata
+from moemesh.services.core.errors import Unavailable
+from moemesh.services.core.tls import channel_credentials
+from moemesh.v1 import experts_pb2, experts_pb2_grpc
+from moemesh.worker.ops.backends import Target
+from moemesh.worker.ops.experts import ExpertsBackend
+
+log = logging.getLogger(__name__)
+
+# Large enough for a 2,048-token prefill chunk of a 6,144-wide model in float32 (50 MiB).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_END = object()  # ends a link's request iterator
+
+
+class ExpertShardFailed(Unavailable):
+    """An expert shard stopped answering or its stream broke: the replica cannot compute its layers any more."""
+
+
+class ExpertShardTimeout(ExpertShardFailed):
+    """An expert shard did not answer a layer exchange within the exchange timeout (it is stalled or overloaded)."""
+
+
+@dataclass(frozen=True)
+class ExpertParallelConfig:
+    """How rank 0 reaches its shards: their addresses in rank order (rank 1 first) and the exchange's limits."""
+
+    placement: object  # the replica's ExpertPlacement (worker.models.placement)
+    shards: tuple[str, ...]  # host:port of ranks 1..N-1
+    exchange_timeout: float = 10.0  # seconds one layer exchange may take before the shard counts as stalled
+    connect_timeout: float = 30.0  # seconds to wait for every shard to answer Describe at start
+    cluster_token: str | None = None  # presented to the shards (authorization: Bearer ...)
+    tls_dir: pathlib.Path | None = None  # mutual TLS as role "worker"; None: plaintext
+
+    def __post_init__(self) -> None:
+        if len(self.shards) != self.placement.world_size - 1:
+            raise ValueError(f"ep_shards: {len(self.shards)} shard addresses for a world size of "
+                             f"{self.placement.world_size} (one per rank > 0)")
+        if self.exchange_timeout <= 0 or self.connect_timeout <= 0:
+            raise ValueError("ep_exchange_timeout: timeouts must be positive")
+
+
+@dataclass
+class ExchangeStats:
+    """What the exchanges of a replica cost: for the benchmark and the metrics."""
+
+    steps: int = 0  # forwards that reached a layer with remote experts
+    exchanges: int = 0  # layer exchanges that sent to at least one shard
+    messages: int = 0  # LayerWork messages sent
+    bytes_sent: int = 0  # serialized LayerWork bytes
+    bytes_received: int = 0  # serialized LayerResult bytes
+    rows_sent: int = 0  # token rows sent (each token once per shard it has a choice on)
+    choices_sent: int = 0  # (token, expert) choices sent
+    exchange_seconds: float = 0.0  # summed over exchanges: first send to last answer combined
+    wait_seconds: float = 0.0  # of which rank 0 waited for shards after its own experts were done
+    shard_compute_seconds: float = 0.0  # the shards' own compute time, as they reported it
+    durations: list[float] = field(default_factory=list)  # each exchange's seconds (the last 10,000)
+
+    def record(self, seconds: float) -> None:
+        self.exchanges += 1
+        self.exchange_seconds += seconds
+        self.durations.append(seconds)
+        if len(self.durations) > 10_000:
+            del self.durations[:5_000]
+
+
+def route_to_rank(
+    owners: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The rows of the tokens with a choice on `rank`, and those choices; None when there are none.
+
+    owners [T, k] is the rank of each choice (-1: computed nowhere). Returns
+    rows [n] (token indices), ids [n, k'] (global expert ids, each row's valid
+    ones first, then -1) and weights [n, k'] float32 (0 on padding).
+    """
+    mine = owners == rank  # [T, k]
+    rows = mine.any(dim=1).nonzero().squeeze(1)  # [n]; one host sync
+    if rows.numel() == 0:
+        return None
+    mine = mine[rows]  # [n, k]
+    order = (~mine).to(torch.int8).argsort(dim=1, stable=True)  # valid choices first, in router order
+    width = int(mine.sum(dim=1).max())  # k'
+    ids = torch.where(mine, topk_ids[rows], -1).gather(1, order)[:, :width]
+    weights = torch.where(mine, topk_weights[rows].float(), 0.0).gather(1, order)[:, :width]
+    return rows, ids.to(torch.int32), weights
+
+
+def run_held(backend: ExpertsBackend, rows_of: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
+             weights: torch.Tensor) -> torch.Tensor:
+    """The weighted sum over each row's choices among the held experts: x [n, H] -> [n, H].
+
+    rows_of [E] maps a global expert id to its row of the held weights.
+    ids [n, k'] holds each row's valid choices first, then -1: rows with the
+    same number of valid choices go to the backend together (at most k'
+    calls), so no padding is ever computed.
+    """
+    counts = (ids >= 0).sum(dim=1)  # [n] valid choices per row
+    local = rows_of[ids.clamp(min=0).long()]  # [n, k'] rows of the held weights (padding read as row of expert 0)
+    distinct = counts.unique().tolist()
+    if len(distinct) == 1:
+        c = distinct[0]
+        return backend(x, local[:, :c], weights[:, :c])
+    out = torch.empty_like(x)
+    for c in distinct:
+        rows = (counts == c).nonzero().squeeze(1)
+        out[rows] = backend(x[rows], local[rows, :c], weights[rows, :c])
+    return out
+
+
+class Watchdog:
+    """Cancels the stream being read when its deadline passes: the timeout of a blocking read of a gRPC stream.
+
+    The forward reads each answer straight from the response iterator (no
+    hand-off through another thread: a wake-up less per answer on a busy
+    machine). Arming costs a lock and two assignments; the watchdog thread
+    wakes only when a deadline it knows of passes, or when it was idle.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._armed: tuple[ShardLink, float] | None = None  # the link being read, and its deadline
+        self._idle = True  # waiting for an arm, with no deadline to wake at
+        self._stopped = False
+        self._thread = threading.Thread(target=self._watch, name="expert-exchange-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, link: ShardLink, deadline: float) -> None:
+        with self._condition:
+            self._armed = (link, deadline)
+            if self._idle:
+                self._condition.notify()
+
+    def disarm(self) -> None:
+        with self._condition:
+            self._armed = None
+
+    def stop(self) -> None:
+        with self._condition:
+            self._stopped = True
+            self._condition.notify()
+        self._thread.join(timeout=5.0)
+
+    def _watch(self) -> None:
+        with self._condition:
+            while not self._stopped:
+                if self._armed is None:
+                    self._idle = True
+                    self._condition.wait()
+                    continue
+                link, deadline = self._armed
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    link.expire()
+                    self._armed = None
+                    continue
+                self._idle = False
+                self._condition.wait(left)  # by then this read is long done, or it is late
+
+
+class ShardLink:
+    """One persistent Exchange stream to one shard: LayerWork through a request queue, answers read in place."""
+
+    def __init__(self, rank: int, address: str, channel: grpc.Channel, metadata: Sequence[tuple[str, str]],
+                 watchdog: Watchdog) -> None:
+        self.rank, self.address = rank, address
+        self._channel, self._watchdog = channel, watchdog
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        stub = experts_pb2_grpc.ExpertShardStub(channel)
+        self._call = stub.Exchange(iter(self._requests.get, _END), metadata=tuple(metadata))
+        self._sequence = 0
+        self._expired = False
+
+    def __str__(self) -> str:
+        return f"expert shard rank {self.rank} at {self.address}"
+
+    @property
+    def messages(self) -> int:
+        """LayerWork messages sent on this stream so far."""
+        return self._sequence
+
+    def send(
+        self, step: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[int, int]:
+        """Queue one LayerWork; returns its sequence number and serialized size."""
+        self._sequence += 1
+        work = experts_pb2.LayerWork(step=step, layer=layer, sequence=self._sequence, hidden=tensors.to_pb(hidden),
+                                     expert_ids=tensors.to_pb(ids), weights=tensors.to_pb(weights))
+        self._requests.put(work)
+        return self._sequence, work.ByteSize()
+
+    def receive(self, sequence: int, layer: int, deadline: float, timeout: float) -> experts_pb2.LayerResult:
+        """The answer to LayerWork `sequence`, waiting until `deadline` (time.monotonic()); raises ExpertShardFailed."""
+        self._watchdog.arm(self, deadline)
+        try:
+            answer = next(self._call)
+        except StopIteration:
+            raise ExpertShardFailed(f"{self} closed its stream") from None
+        except grpc.RpcError as exc:
+            if self._expired:
+                raise ExpertShardTimeout(f"{self} did not answer layer {layer} within {timeout:g} s") from None
+            raise ExpertShardFailed(f"{self}: stream broke: {exc.code().name}: {exc.details()}") from None
+        finally:
+            self._watchdog.disarm()
+        if answer.sequence != sequence or answer.layer != layer:
+            raise ExpertShardFailed(f"{self} answered message {answer.sequence} (layer {answer.layer}), "
+                                    f"expected {sequence} (layer {layer})")
+        return answer
+
+    def expire(self) -> None:
+        """The deadline of the read in progress passed: end the stream, so that the read raises."""
+        self._expired = True
+        self._call.cancel()
+
+    def close(self) -> None:
+        """End the stream (the shard sees the end of its requests) and the channel."""
+        self._requests.put(_END)
+        self._call.cancel()
+        self._channel.close()
+
+
+class ExpertExchange:
+    """Rank 0's links to every shard of its replica, and the one exchange per MoE layer over them.
+
+    Open with `connect` (checks each shard: same checkpoint revision, rank,
+    world size and placement), hand to `build_model(..., expert_parallel=)`,
+    `close` when the replica stops. After any shard failure the exchange is
+    broken: every later forward raises at once with the first failure.
+    """
+
+    def __init__(self, config: ExpertParallelConfig, links: list[ShardLink], watchdog: Watchdog) -> None:
+        self.config = config
+        self.links = {link.rank: link for link in links}
+        self._watchdog = watchdog
+        self.stats = ExchangeStats()  # replace it to measure from zero
+        self.step = 0  # forwards so far
+        self.failure: ExpertShardFailed | None = None
+        self._last_layer: int | None = None
+
+    @classmethod
+    def connect(cls, config: ExpertParallelConfig, revision: str) -> ExpertExchange:
+        """Dial every shard, check what it serves, open the streams; ExpertShardFailed if one does not answer in
+        `connect_timeout` seconds, ValueError if one serves another checkpoint, rank or placement."""
+        metadata = bearer_metadata(config.cluster_token)
+        links: list[ShardLink] = []
+        watchdog = Watchdog()
+        try:
+            for rank, address in enumerate(config.shards, start=1):
+                channel = _channel(address, config.tls_dir)
+                try:
+                    _check_info(_describe(channel, rank, address, metadata, config.connect_timeout), config, rank,
+                                address, revision)
+                except BaseException:
+                    channel.close()
+                    raise
+                links.append(ShardLink(rank, address, channel, metadata, watchdog))
+        except BaseException:
+            for link in links:
+                link.close()
+            watchdog.stop()
+            raise
+        log.info("expert-parallel replica connected", extra={"shards": list(config.shards)})
+        return cls(config, links, watchdog)
+
+    def close(self) -> None:
+        for link in self.links.values():
+            link.close()
+        self._watchdog.stop()
+
+    def __enter__(self) -> ExpertExchange:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def layer(
+        self, index: int, owners: Sequence[int], held_experts: Sequence[int], device: torch.device
+    ) -> RemoteLayer:
+        """The exchange of MoE layer `index`, whose expert e is on rank owners[e]; rank 0 holds `held_experts`."""
+        owners_t = torch.tensor(owners, dtype=torch.long, device=device)
+        rows_of = torch.full((len(owners),), -1, dtype=torch.long, device=device)
+        rows_of[list(held_experts)] = torch.arange(len(held_experts), device=device)
+        ranks = sorted(set(owners) - {0})
+        return RemoteLayer(self, index, owners_t, rows_of, ranks)
+
+    def begin(self, layer: int) -> int:
+        """Note a layer's exchange (a layer index not above the last one starts a new step); returns the step."""
+        if self.failure is not None:
+            raise ExpertShardFailed(f"the expert-parallel replica is broken: {self.failure}") from self.failure
+        if self._last_layer is None or layer <= self._last_layer:
+            self.step += 1
+            self.stats.steps += 1
+        self._last_layer = layer
+        return self.step
+
+    def fail(self, failure: ExpertShardFailed) -> None:
+        if self.failure is None:
+            self.failure = failure
+            log.error("expert-parallel exchange failed: %s", failure)
+
+
+@dataclass
+class RemoteLayer:
+    """One MoE layer's view of the exchange: which rank holds each expert, and rank 0's rows of its own."""
+
+    exchange: ExpertExchange
+    index: int
+    owners: torch.Tensor  # [E] rank of each expert
+    rows_of: torch.Tensor  # [E] row of rank 0's held weights (-1: held elsewhere)
+    ranks: list[int]  # the shards holding some of this layer's experts
+
+    def backend(self, local: ExpertsBackend | None) -> RemoteExperts:
+        """The layer's backend: rank 0's experts on `local` (None: it holds none), the rest on the shards."""
+        return RemoteExperts(self, local)
+
+
+class RemoteExperts(ExpertsBackend):
+    """Experts spread over the replica's ranks: rows to each shard, rank 0's own on `local`, partial sums added."""
+
+    reads_plain_weights = False  # the local backend, built first, decides what rank 0 keeps
+
+    def __init__(self, layer: RemoteLayer, local: ExpertsBackend | None) -> None:
+        self.layer, self.local = layer, local
+        self.relaid = local is not None and local.relaid
+        self.panels, self.packed13 = getattr(local, "panels", None), getattr(local, "packed13", None)
+
+    @classmethod
+    def serves(cls, target: Target) -> bool:
+        return True  # chosen by the placement (MoEExperts.remote), never from the backend table
+
+    @classmethod
+    def build(cls, w13: torch.Tensor, w2: torch.Tensor, target: Target) -> RemoteExperts:
+        raise TypeError("RemoteExperts is built from a RemoteLayer, not from weights")
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        expert_ids: Iterable[int] | None = None,
+    ) -> torch.Tensor:
+        layer, exchange = self.layer, self.layer.exchange
+        step = exchange.begin(layer.index)
+        owners = layer.owners[topk_ids]  # [T, k] rank of each choice
+        if expert_ids is not None:
+            wanted = torch.zeros_like(layer.owners, dtype=torch.bool)
+            wanted[list(expert_ids)] = True
+            owners = torch.where(wanted[topk_ids], owners, -1)
+        started = time.perf_counter()
+        sent = self._send(step, x, topk_ids, topk_weights, owners)
+        out = torch.zeros_like(x)
+        try:
+            self._run_local(x, topk_ids, topk_weights, owners, out)
+        except BaseException as exc:  # the shards' answers go unread: the streams are out of step from here on
+            if sent:
+                exchange.fail(ExpertShardFailed(f"rank 0's experts failed mid-exchange: {exc!r}"))
+            raise
+        if sent:
+            waited = time.perf_counter()
+            self._gather(sent, out)
+            done = time.perf_counter()
+            exchange.stats.wait_seconds += done - waited
+            exchange.stats.record(done - started)
+        return out
+
+    def _run_local(self, x, topk_ids, topk_weights, owners, out: torch.Tensor) -> None:
+        """Add rank 0's own experts' weighted outputs into `out`."""
+        own = route_to_rank(owners, topk_ids, topk_weights, 0) if self.local is not None else None
+        if own is not None:
+            rows, ids, weights = own
+            out.index_add_(0, rows, run_held(self.local, self.layer.rows_of, x[rows], ids, weights))
+
+    def _send(self, step: int, x, topk_ids, topk_weights, owners) -> list[tuple[ShardLink, int, torch.Tensor]]:
+        """One LayerWork to each shard with rows in this layer: (link, sequence, token rows) of each."""
+        exchange, sent = self.layer.exchange, []
+        for rank in self.layer.ranks:
+            work = route_to_rank(owners, topk_ids, topk_weights, rank)
+            if work is None:
+                continue  # no token routed there: no message
+            rows, ids, weights = work
+            link = exchange.links[rank]
+            sequence, size = link.send(step, self.layer.index, x[rows], ids, weights)
+            stats = exchange.stats
+            stats.messages += 1
+            stats.bytes_sent += size
+            stats.rows_sent += rows.numel()
+            stats.choices_sent += int((ids >= 0).sum())
+            sent.append((link, sequence, rows))
+        return sent
+
+    def _gather(self, sent: list[tuple[ShardLink, int, torch.Tensor]], out: torch.Tensor) -> None:
+        """Add each shard's partial sums into its token rows of `out`, waiting at most the exchange timeout."""
+        exchange = self.layer.exchange
+        timeout = exchange.config.exchange_timeout
+        deadline = time.monotonic() + timeout
+        for link, sequence, rows in sent:
+            try:
+                answer = link.receive(sequence, self.layer.index, deadline, timeout)
+            except ExpertShardFailed as failure:
+                exchange.fail(failure)
+                raise
+            exchange.stats.bytes_received += answer.ByteSize()
+            exchange.stats.shard_compute_seconds += answer.compute_seconds
+            partial = tensors.from_pb(answer.partial, copy=False)  # [n, H], read only
+            out.index_add_(0, rows, partial.to(device=out.device, dtype=out.dtype))
+
+
+def _channel(address: str, tls_dir: pathlib.Path | None) -> grpc.Channel:
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    if tls_dir is None:
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, channel_credentials(tls_dir, "worker"), options=options)
+
+
+def _describe(channel: grpc.Channel, rank: int, address: str, metadata, timeout: float) -> experts_pb2.ShardInfo:
+    stub = experts_pb2_grpc.ExpertShardStub(channel)
+    try:
+        return stub.Describe(experts_pb2.DescribeShardRequest(), metadata=metadata, timeout=timeout,
+                             wait_for_ready=True)
+    except grpc.RpcError as exc:
+        raise ExpertShardFailed(f"expert shard rank {rank} at {address}: {exc.code().name}: {exc.details()}") from None
+
+
+def _check_info(info: experts_pb2.ShardInfo, config: ExpertParallelConfig, rank: int, address: str,
+                revision: str) -> None:
+    """ValueError naming what a shard serves differently from this rank."""
+    expected = {"rank": rank, "world_size": config.placement.world_size, "revision": revision,
+                "placement": config.placement.to_json()}
+    for name, want in expected.items():
+        got = getattr(info, name)
+        if got != want:
+            raise ValueError(f"ep_shards: the shard at {address} has {name} {got!r}, rank 0 expects {want!r}")
