@@ -14,6 +14,7 @@ from moemesh.services.core.logs import setup_logging
 
 C = TypeVar("C", bound=ServiceConfig)
 SECRETS_DIR_ENV = "MOEMESH_SECRETS_DIR"
+EVENT_LOOP_ENV = "MOEMESH_EVENT_LOOP"  # "uvloop" (the default) or "asyncio"
 
 
 def service_main(
@@ -45,5 +46,19 @@ def service_main(
         print(f"moemesh-{service}: {exc}", file=sys.stderr)
         return 2
     setup_logging(service, config.log_level)
-    asyncio.run(serve(config, args.ready_fd))
+    run_event_loop(serve(config, args.ready_fd))
     return 0
+
+
+def run_event_loop(main: Awaitable[None]) -> None:
+    """Run `main` on uvloop (libuv's loop: less CPU per streamed message on every hop) unless MOEMESH_EVENT_LOOP
+    says "asyncio"."""
+    choice = os.environ.get(EVENT_LOOP_ENV, "uvloop")
+    if choice not in ("uvloop", "asyncio"):
+        raise SystemExit(f"{EVENT_LOOP_ENV} must be 'uvloop' or 'asyncio', not {choice!r}")
+    if choice == "uvloop":
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
