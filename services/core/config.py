@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -59,10 +60,19 @@ def load_config(
     env: Mapping[str, str] | None = None,
     flags: Mapping[str, Any] | None = None,
 ) -> C:
-    """Build ``cls`` from the merged sources; flags whose value is None are ignored."""
+    """Build ``cls`` from the merged sources; flags whose value is None are ignored.
+
+    A secret (a `SecretStr` field, such as `cluster_token`) given as a flag is refused: every process on the
+    machine can read a command line (`ps`), so secrets come from the environment, a secret file or the config file.
+    """
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    on_the_command_line = sorted(name for name in given if _is_secret(cls.model_fields.get(name)))
+    if on_the_command_line:
+        name = on_the_command_line[0]
+        raise ValueError(f"{name}: a secret is not taken from the command line (ps shows it to every user); give it "
+                         f"by environment ({cls.model_config.get('env_prefix', '')}{name.upper()}) or a secret file")
     values: dict[str, Any] = {}
-    for layer in (_file_values(cls, file), _secret_values(cls, secrets_dir), _EnvValues(cls, env or {})(),
-                  {k: v for k, v in (flags or {}).items() if v is not None}):
+    for layer in (_file_values(cls, file), _secret_values(cls, secrets_dir), _EnvValues(cls, env or {})(), given):
         values.update(layer)
     try:
         return cls.model_validate(values)
@@ -122,3 +132,10 @@ def _secret_values(cls: type[ServiceConfig], secrets_dir: str | pathlib.Path | N
     if not pathlib.Path(secrets_dir).is_dir():
         raise ValueError(f"secrets directory {secrets_dir}: no such directory")
     return SecretsSettingsSource(cls, secrets_dir=secrets_dir)()
+
+
+def _is_secret(field: pydantic.fields.FieldInfo | None) -> bool:
+    """Whether a settings field holds a secret (`SecretStr`, optional or not)."""
+    if field is None:
+        return False
+    return field.annotation is pydantic.SecretStr or pydantic.SecretStr in typing.get_args(field.annotation)

@@ -94,11 +94,10 @@ def test_every_setting_is_a_flag_whose_help_is_its_description(cls):
 def test_flags_are_typed_and_only_the_given_ones_override(tmp_path):
     parser = argparse.ArgumentParser(prog="moemesh-test")
     source = add_flags(parser, SchedulerConfig)
-    args = parser.parse_args(["--port", "7", "--preferred-batch-sizes", "[2, 4]", "--cluster-token", "00012345"])
+    args = parser.parse_args(["--port", "7", "--preferred-batch-sizes", "[2, 4]"])
     config = load_config(SchedulerConfig, env={"MOEMESH_SCHEDULER_HEARTBEAT_INTERVAL": "0.25"},
                          flags=flag_values(source, args))
     assert (config.port, config.preferred_batch_sizes) == (7, [2, 4])
-    assert config.cluster_token.get_secret_value() == "00012345"
     assert config.heartbeat_interval == 0.25, "a flag that was not given must not hide the environment"
     parser = argparse.ArgumentParser(prog="moemesh-test")
     source = add_flags(parser, WorkerConfig)
@@ -136,3 +135,13 @@ def test_a_cluster_token_never_shows_in_the_config_repr_and_an_empty_one_is_refu
     env = {"MOEMESH_SCHEDULER_CLUSTER_TOKEN": "", "MOEMESH_GATEWAY_CLUSTER_TOKEN": ""}
     with pytest.raises(ValueError, match=r"\bcluster_token\b"):  # an unset variable in a compose file: fail closed
         load_config(cls, env=env, flags={"scheduler": "x:1"} if cls is GatewayConfig else {})
+
+
+def test_a_secret_on_the_command_line_is_refused_naming_where_it_belongs():
+    """`ps` shows every process's argv to every user: the cluster token never comes from a flag."""
+    parser = argparse.ArgumentParser(prog="moemesh-test")
+    source = add_flags(parser, SchedulerConfig)
+    args = parser.parse_args(["--cluster-token", "00012345"])
+    with pytest.raises(ValueError, match="cluster_token: a secret is not taken from the command line.*"
+                                         "MOEMESH_SCHEDULER_CLUSTER_TOKEN"):
+        load_config(SchedulerConfig, flags=flag_values(source, args))
