@@ -68,7 +68,13 @@ def certs(out, hosts) -> None:
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
               help="Hugging Face MoE checkpoint directory [default: the bundled demo model]")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="worker processes")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="worker processes (replicas of the model)")
+@click.option("--ep-size", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="processes per replica: with N > 1 each replica is rank 0 (engine, attention, routers) and N-1 "
+                   "expert shards, the routed experts spread over all N")
+@click.option("--ep-placement", help='with --ep-size: expert -> rank map, "contiguous" (default), "0,0,1,1" or JSON '
+                                     '{"experts": [...], "layers": {"3": [...]}}')
 @click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True,
               help="gateway gRPC port (0 = any free port)")
 @click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True,
@@ -89,8 +95,8 @@ def certs(out, hosts) -> None:
 @click.option("--tls", is_flag=True, help="mutual TLS between the services, with certificates made for this run")
 @click.option("--tls-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="with --tls: use (or create) the certificates in DIR [default: a temporary directory]")
-def up(model_dir, workers, port, http_port, no_http, redis_url, embeddings, device, dtype, max_num_seqs,
-       ready_file, log_dir, tls, tls_dir) -> None:
+def up(model_dir, workers, ep_size, ep_placement, port, http_port, no_http, redis_url, embeddings, device, dtype,
+       max_num_seqs, ready_file, log_dir, tls, tls_dir) -> None:
     """Start Redis, the scheduler, workers and the gateway on this machine."""
     from moemesh.supervisor import MeshOptions, MeshSecrets
 
@@ -103,12 +109,14 @@ def up(model_dir, workers, port, http_port, no_http, redis_url, embeddings, devi
         from moemesh.worker.embeddings.sentence import default_embedding_model_dir
 
         embedding_dir = default_embedding_model_dir()
+    if ep_placement and ep_size == 1:
+        raise click.UsageError("--ep-placement needs --ep-size of 2 or more")
     options = MeshOptions(
         model_dir=(model_dir or demo_model_dir()).resolve(), workers=workers, port=port,
         http_port=None if no_http else http_port, redis_url=redis_url, embedding_model_dir=embedding_dir,
         device=device, dtype=dtype, max_num_seqs=max_num_seqs,
-        threads_per_worker=max(1, (os.cpu_count() or 1) // workers), log_dir=log_dir,
-        tls_dir=_tls_dir(tls_dir) if tls else None,
+        threads_per_worker=max(1, (os.cpu_count() or 1) // (workers * ep_size)), log_dir=log_dir,
+        tls_dir=_tls_dir(tls_dir) if tls else None, ep_size=ep_size, ep_placement=ep_placement,
     )
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     sys.exit(asyncio.run(_run_mesh(options, ready_file, credentials)))
@@ -169,6 +177,8 @@ def _print_banner(ready: dict) -> None:
         f"  scheduler      {ready['scheduler']['address']}",
         *[f"  worker         {w['address']}  model={w.get('model')}  "
           f"KV {w.get('kv_tokens', 0):,} tokens, {w.get('max_num_seqs', 0)} sequences" for w in ready["workers"]],
+        *[f"  expert shard   {s['address']}  {s.get('replica_group')} rank {s.get('rank')}"
+          for s in ready.get("shards", [])],
         f"  redis          {ready['redis']['url']}",
         "",
         "Try:",
@@ -178,6 +188,80 @@ def _print_banner(ready: dict) -> None:
         "Press Ctrl-C to stop.",
     ]
     click.echo("\n".join(lines), err=True)
+
+
+# ---- ray up -----------------------------------------------------------------
+@main.group("ray")
+def ray_group() -> None:
+    """Run the mesh on a Ray cluster (pip install 'moemesh[ray]')."""
+
+
+@ray_group.command("up")
+@click.option("--address", envvar="RAY_ADDRESS", help="Ray cluster to join [env RAY_ADDRESS; default: the cluster "
+                                                      "this machine runs (`ray start`), else a new local one]")
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+              help="checkpoint directory, at this path on every node [default: the bundled demo model]")
+@click.option("--workers", type=click.IntRange(1, 1024), default=1, show_default=True, help="replicas of the model")
+@click.option("--ep-size", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="processes per replica (one placement group bundle each)")
+@click.option("--strategy", type=click.Choice(["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]), default="PACK",
+              show_default=True, help="placement of each replica's ranks: together (PACK) or over nodes (SPREAD)")
+@click.option("--cpus-per-rank", type=click.FloatRange(min=0.1), default=1.0, show_default=True)
+@click.option("--gpus-per-rank", type=click.FloatRange(min=0), help="[default: 1 when the cluster has GPUs, else 0]")
+@click.option("--max-restarts", type=click.IntRange(-1), default=20, show_default=True,
+              help="times Ray restarts an actor whose service or node died (-1: forever)")
+@click.option("--port", type=click.IntRange(0, 65535), default=50051, show_default=True, help="gateway gRPC port")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="gateway HTTP port")
+@click.option("--no-http", is_flag=True, help="do not serve the HTTP API")
+@click.option("--scheduler-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="0 = a free port (kept across the scheduler's restarts)")
+@click.option("--redis-url", envvar="REDIS_URL", help="use this Redis [env REDIS_URL; default: a redis-server actor "
+                                                      "with a fresh password]")
+@click.option("--embeddings/--no-embeddings", default=True, show_default=True,
+              help="serve the all-MiniLM-L6-v2 embedding model on each worker")
+@click.option("--device", default="auto", show_default=True, help='"auto" (cuda where the bundle has a GPU), "cpu", '
+                                                                  '"cuda"')
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True)
+@click.option("--max-num-seqs", type=click.IntRange(1, 4096), default=None)
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
+              help="each service's log as DIR/<service>.log on its node [default: Ray's worker logs]")
+@click.option("--tls-dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+              help="mutual TLS between the services: certificates from `moemesh certs`, at this path on every node")
+@click.option("--ready-file", type=click.Path(dir_okay=False, path_type=pathlib.Path),
+              help="once every service is ready, write their addresses here (JSON)")
+def ray_up(address, model_dir, workers, ep_size, strategy, cpus_per_rank, gpus_per_rank, max_restarts, port,
+           http_port, no_http, scheduler_port, redis_url, embeddings, device, dtype, max_num_seqs, log_dir, tls_dir,
+           ready_file) -> None:
+    """Place the scheduler, gateway and worker replicas on a Ray cluster as actors; block until Ctrl-C."""
+    from moemesh.supervisor import MeshSecrets
+
+    try:
+        from moemesh.ray_mesh import RayMeshOptions, serve
+    except ImportError as exc:
+        raise click.UsageError(f"{exc}: install Ray with pip install 'moemesh[ray]'") from None
+    try:
+        credentials = MeshSecrets.for_this_run(os.environ)  # MOEMESH_CLUSTER_TOKEN / MOEMESH_KV_TIER_SECRET or fresh
+        embedding_dir = None
+        if embeddings:
+            from moemesh.worker.embeddings.sentence import default_embedding_model_dir
+
+            embedding_dir = default_embedding_model_dir()
+        options = RayMeshOptions(
+            model_dir=(model_dir or demo_model_dir()).resolve(), workers=workers, ep_size=ep_size,
+            embedding_model_dir=embedding_dir, redis_url=redis_url, port=port, http_port=None if no_http else http_port,
+            scheduler_port=scheduler_port, device=device, dtype=dtype, max_num_seqs=max_num_seqs,
+            cpus_per_rank=cpus_per_rank, gpus_per_rank=gpus_per_rank, strategy=strategy, max_restarts=max_restarts,
+            log_dir=log_dir.resolve() if log_dir else None, tls_dir=tls_dir.resolve() if tls_dir else None)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    def on_ready(ready: dict) -> None:
+        if ready_file is not None:
+            _write_ready_file(ready_file, ready)
+        _print_banner(ready)
+
+    sys.exit(serve(options, credentials, address=address, on_ready=on_ready))
 
 
 # ---- hash-key ---------------------------------------------------------------

@@ -63,9 +63,14 @@ class RunningMesh:
     def workers(self) -> list[str]:
         return [w["address"] for w in self.ready["workers"]]
 
+    @property
+    def shards(self) -> list[str]:
+        """The expert shards' addresses (`moemesh up --ep-size N`; none otherwise)."""
+        return [s["address"] for s in self.ready.get("shards", [])]
+
     def service_pids(self) -> list[int]:
         pids = [self.ready["gateway"]["pid"], self.ready["scheduler"]["pid"]]
-        return pids + [w["pid"] for w in self.ready["workers"]]
+        return pids + [w["pid"] for w in self.ready["workers"]] + [s["pid"] for s in self.ready.get("shards", [])]
 
     def logs(self) -> str:
         """The tail of every service's log, for an assertion message."""

@@ -14,6 +14,12 @@ caches' Redis clients find Redis again on its port. A restarted worker takes a
 new port and registers itself. Losing a child never stops the mesh; only
 Ctrl-C / SIGTERM does, or a child in a crash loop (`RestartPolicy`).
 
+With `ep_size` N > 1 each worker is an expert-parallel replica of N
+processes: its expert shards (ranks 1..N-1, `shard-<i>-<rank>`) start first,
+then rank 0 (`worker-<i>`) with their addresses. A restarted shard binds the
+port it had, so that rank 0 (restarted by its own engine-failure exit when it
+loses the shard) reconnects to the same addresses.
+
 Each run has its own credentials (`MeshSecrets`): they reach the children
 through their environment only, never their command line, the ready file or
 a log.
@@ -32,7 +38,7 @@ import sys
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from moemesh.cache.client import connect, reachable
@@ -67,6 +73,14 @@ class MeshOptions:
     threads_per_worker: int = 0
     log_dir: pathlib.Path | None = None
     tls_dir: pathlib.Path | None = None  # mutual TLS between the services (made by `moemesh certs`)
+    ep_size: int = 1  # processes per replica: rank 0 and ep_size - 1 expert shards
+    ep_placement: str | None = None  # expert -> rank map for every replica (None: contiguous)
+
+    def __post_init__(self) -> None:
+        if self.ep_size < 1:
+            raise ValueError(f"ep_size: at least 1, got {self.ep_size}")
+        if self.ep_placement and self.ep_size == 1:
+            raise ValueError("ep_placement: needs ep_size > 1")
 
 
 @dataclass(frozen=True, repr=False)
@@ -158,14 +172,26 @@ class Mesh:
         scheduler = self._add(Child("scheduler", lambda: self._scheduler_argv(scheduler),
                                     {"MOEMESH_SCHEDULER_CLUSTER_TOKEN": self.credentials.cluster_token}))
         await self._launch(scheduler)
-        workers = [self._add(Child(f"worker-{i}", lambda: self._worker_argv(scheduler.bound["address"]),
-                                   self._worker_env())) for i in range(o.workers)]
-        await asyncio.gather(*[self._launch(w) for w in workers])
+        replicas = [self._add_replica(i, scheduler) for i in range(o.workers)]  # in order: worker-0 first
+        await asyncio.gather(*[self._start_replica(shards, worker) for shards, worker in replicas])
         gateway = self._add(Child("gateway", lambda: self._gateway_argv(gateway, scheduler.bound["address"]),
                                   {"MOEMESH_GATEWAY_CLUSTER_TOKEN": self.credentials.cluster_token,
                                    "MOEMESH_GATEWAY_REDIS_URL": self.redis_url}))
         await self._launch(gateway)
         return self.ready()
+
+    def _add_replica(self, index: int, scheduler: Child) -> tuple[list[Child], Child]:
+        """The children of worker `index`: its expert shards (with ep_size > 1), then its rank 0 (stopped first)."""
+        group = f"replica-{index}"
+        shards = [self._add(self._shard_child(index, rank, group, scheduler)) for rank in range(1, self.options.ep_size)]
+        worker = self._add(Child(f"worker-{index}", lambda: self._worker_argv(scheduler.bound["address"], group,
+                                                                              shards), self._worker_env()))
+        return shards, worker
+
+    async def _start_replica(self, shards: list[Child], worker: Child) -> None:
+        """Start a replica's shards, then its rank 0 with their addresses."""
+        await asyncio.gather(*[self._launch(s) for s in shards])
+        await self._launch(worker)
 
     def ready(self) -> dict:
         """The ready file's document: every service's address, pid and restart count (never a secret)."""
@@ -173,7 +199,7 @@ class Mesh:
         redis = {"url": redact_url(self.redis_url), "embedded": self.options.redis_url is None}
         if "redis" in infos:
             redis.update(pid=infos["redis"]["pid"], restarts=infos["redis"]["restarts"])
-        return {
+        ready = {
             "gateway": infos.get("gateway"),
             "scheduler": infos.get("scheduler"),
             "workers": [info for name, info in infos.items() if name.startswith("worker-")],
@@ -181,6 +207,9 @@ class Mesh:
             "supervisor_pid": os.getpid(),
             "tls_dir": str(self.options.tls_dir) if self.options.tls_dir else None,
         }
+        if self.options.ep_size > 1:
+            ready["shards"] = [info for name, info in infos.items() if name.startswith("shard-")]
+        return ready
 
     def _add(self, child: Child) -> Child:
         self.children.append(child)
@@ -194,11 +223,15 @@ class Mesh:
         return [*_module("moemesh.services.scheduler.main"), "--host", self.options.host, "--port", str(port),
                 *self._tls_args()]
 
-    def _worker_argv(self, scheduler_address: str) -> list[str]:
+    def _worker_argv(self, scheduler_address: str, group: str = "", shards: Sequence[Child] = ()) -> list[str]:
         o = self.options
         args = [*_module("moemesh.worker.server.main"), "--host", o.host, "--port", "0",
                 "--scheduler", scheduler_address, "--model-dir", str(o.model_dir), "--device", o.device,
                 "--dtype", o.dtype, *self._tls_args()]
+        if shards:  # rank 0 of an expert-parallel replica: its shards' first addresses (a restart keeps them)
+            args += ["--replica-group", group, "--ep-shards", ",".join(s.bound["address"] for s in shards)]
+            if o.ep_placement:
+                args += ["--ep-placement", o.ep_placement]
         if o.max_num_seqs is not None:
             args += ["--max-num-seqs", str(o.max_num_seqs)]
         if o.threads_per_worker:
@@ -206,6 +239,27 @@ class Mesh:
         if o.embedding_model_dir is not None:
             args += ["--embedding-model-dir", str(o.embedding_model_dir)]
         return args
+
+    def _shard_child(self, index: int, rank: int, group: str, scheduler: Child) -> Child:
+        shard = Child(f"shard-{index}-{rank}", lambda: self._shard_argv(shard, group, rank, scheduler.bound["address"]),
+                      self._shard_env())
+        return shard
+
+    def _shard_argv(self, shard: Child, group: str, rank: int, scheduler_address: str) -> list[str]:
+        o = self.options
+        port = _bound_port(shard.bound.get("address"), 0)  # a restarted shard keeps its address: rank 0 dials it
+        args = [*_module("moemesh.worker.server.shard"), "--host", o.host, "--port", str(port),
+                "--scheduler", scheduler_address, "--replica-group", group, "--rank", str(rank),
+                "--world-size", str(o.ep_size), "--model-dir", str(o.model_dir), "--device", o.device,
+                "--dtype", o.dtype, *self._tls_args()]
+        if o.ep_placement:
+            args += ["--placement", o.ep_placement]
+        if o.threads_per_worker:
+            args += ["--num-threads", str(o.threads_per_worker)]
+        return args
+
+    def _shard_env(self) -> dict[str, str]:
+        return {"MOEMESH_SHARD_CLUSTER_TOKEN": self.credentials.cluster_token}
 
     def _worker_env(self) -> dict[str, str]:
         return {"MOEMESH_WORKER_CLUSTER_TOKEN": self.credentials.cluster_token,

@@ -26,7 +26,7 @@ from moemesh.v1 import models_pb2 as moemesh_dot_v1_dot_models__pb2
 from moemesh.v1 import worker_pb2 as moemesh_dot_v1_dot_worker__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoemesh/v1/scheduler.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/models.proto\x1a\x17moemesh/v1/worker.proto\"k\n\x08\x43\x61pacity\x12\x14\n\x0cmax_num_seqs\x18\x01 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\"\xcb\x01\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12%\n\x06models\x18\x03 \x03(\x0b\x32\x15.moemesh.v1.ModelInfo\x12\x15\n\rreplica_group\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x12\n\nworld_size\x18\x06 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12&\n\x08\x63\x61pacity\x18\x08 \x01(\x0b\x32\x14.moemesh.v1.Capacity\"_\n\x10RegisterResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\x12\x1d\n\x15max_missed_heartbeats\x18\x03 \x01(\x05\"\xaf\x01\n\x08NodeLoad\x12\x14\n\x0crunning_seqs\x18\x01 \x01(\x05\x12\x14\n\x0cwaiting_seqs\x18\x02 \x01(\x05\x12\x16\n\x0e\x66ree_kv_blocks\x18\x03 \x01(\x05\x12\x18\n\x10steps_per_second\x18\x04 \x01(\x01\x12\x1e\n\x16seconds_since_progress\x18\x05 \x01(\x01\x12\x13\n\x0b\x65xpert_load\x18\x06 \x03(\x03\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\"Y\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\"\n\x04load\x18\x03 \x01(\x0b\x32\x14.moemesh.v1.NodeLoad\"\x8d\x01\n\x0eHeartbeatReply\x12\x33\n\x07\x63ommand\x18\x01 \x01(\x0e\x32\".moemesh.v1.HeartbeatReply.Command\"F\n\x07\x43ommand\x12\x10\n\x0c\x43OMMAND_NONE\x10\x00\x12\x16\n\x12\x43OMMAND_REREGISTER\x10\x01\x12\x11\n\rCOMMAND_DRAIN\x10\x02\"6\n\x11\x44\x65registerRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\x12\n\x10ListNodesRequest\"\xee\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x15\n\rreplica_group\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x12\n\nworld_size\x18\x06 \x01(\x05\x12\x11\n\tmodel_ids\x18\x07 \x03(\t\x12\"\n\x04load\x18\x08 \x01(\x0b\x32\x14.moemesh.v1.NodeLoad\x12\x15\n\rheartbeat_age\x18\t \x01(\x01\x12\x17\n\x0frouted_requests\x18\n \x01(\x03\x12\x11\n\tin_flight\x18\x0b \x01(\x05\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.moemesh.v1.NodeInfo2\xfe\x03\n\tScheduler\x12\x45\n\x08Register\x12\x1b.moemesh.v1.RegisterRequest\x1a\x1c.moemesh.v1.RegisterResponse\x12I\n\tHeartbeat\x12\x1c.moemesh.v1.HeartbeatRequest\x1a\x1a.moemesh.v1.HeartbeatReply(\x01\x30\x01\x12K\n\nDeregister\x12\x1d.moemesh.v1.DeregisterRequest\x1a\x1e.moemesh.v1.DeregisterResponse\x12\x42\n\x08\x44ispatch\x12\x1a.moemesh.v1.ExecuteRequest\x1a\x16.moemesh.v1.EventBatch(\x01\x30\x01\x12\x37\n\x05\x45mbed\x12\x15.moemesh.v1.EmbedWork\x1a\x17.moemesh.v1.EmbedResult\x12K\n\nListModels\x12\x1d.moemesh.v1.ListModelsRequest\x1a\x1e.moemesh.v1.ListModelsResponse\x12H\n\tListNodes\x12\x1c.moemesh.v1.ListNodesRequest\x1a\x1d.moemesh.v1.ListNodesResponseB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amoemesh/v1/scheduler.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/models.proto\x1a\x17moemesh/v1/worker.proto\"k\n\x08\x43\x61pacity\x12\x14\n\x0cmax_num_seqs\x18\x01 \x01(\x05\x12\x1e\n\x16max_num_batched_tokens\x18\x02 \x01(\x05\x12\x15\n\rnum_kv_blocks\x18\x03 \x01(\x05\x12\x12\n\nblock_size\x18\x04 \x01(\x05\"\xf4\x01\n\x0fRegisterRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12%\n\x06models\x18\x03 \x03(\x0b\x32\x15.moemesh.v1.ModelInfo\x12\x15\n\rreplica_group\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x12\n\nworld_size\x18\x06 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12&\n\x08\x63\x61pacity\x18\x08 \x01(\x0b\x32\x14.moemesh.v1.Capacity\x12\x11\n\tplacement\x18\t \x01(\t\x12\x14\n\x0cheld_experts\x18\n \x03(\x05\"_\n\x10RegisterResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x1a\n\x12heartbeat_interval\x18\x02 \x01(\x01\x12\x1d\n\x15max_missed_heartbeats\x18\x03 \x01(\x05\"\xaf\x01\n\x08NodeLoad\x12\x14\n\x0crunning_seqs\x18\x01 \x01(\x05\x12\x14\n\x0cwaiting_seqs\x18\x02 \x01(\x05\x12\x16\n\x0e\x66ree_kv_blocks\x18\x03 \x01(\x05\x12\x18\n\x10steps_per_second\x18\x04 \x01(\x01\x12\x1e\n\x16seconds_since_progress\x18\x05 \x01(\x01\x12\x13\n\x0b\x65xpert_load\x18\x06 \x03(\x03\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\"Y\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\x12\"\n\x04load\x18\x03 \x01(\x0b\x32\x14.moemesh.v1.NodeLoad\"\x8d\x01\n\x0eHeartbeatReply\x12\x33\n\x07\x63ommand\x18\x01 \x01(\x0e\x32\".moemesh.v1.HeartbeatReply.Command\"F\n\x07\x43ommand\x12\x10\n\x0c\x43OMMAND_NONE\x10\x00\x12\x16\n\x12\x43OMMAND_REREGISTER\x10\x01\x12\x11\n\rCOMMAND_DRAIN\x10\x02\"6\n\x11\x44\x65registerRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08lease_id\x18\x02 \x01(\t\"\x14\n\x12\x44\x65registerResponse\"\x12\n\x10ListNodesRequest\"\xb9\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x15\n\rreplica_group\x18\x04 \x01(\t\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x12\n\nworld_size\x18\x06 \x01(\x05\x12\x11\n\tmodel_ids\x18\x07 \x03(\t\x12\"\n\x04load\x18\x08 \x01(\x0b\x32\x14.moemesh.v1.NodeLoad\x12\x15\n\rheartbeat_age\x18\t \x01(\x01\x12\x17\n\x0frouted_requests\x18\n \x01(\x03\x12\x11\n\tin_flight\x18\x0b \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x0c \x01(\t\x12\x11\n\tplacement\x18\r \x01(\t\x12\x14\n\x0cheld_experts\x18\x0e \x03(\x05\x12\x10\n\x08routable\x18\x0f \x01(\x08\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.moemesh.v1.NodeInfo2\xfe\x03\n\tScheduler\x12\x45\n\x08Register\x12\x1b.moemesh.v1.RegisterRequest\x1a\x1c.moemesh.v1.RegisterResponse\x12I\n\tHeartbeat\x12\x1c.moemesh.v1.HeartbeatRequest\x1a\x1a.moemesh.v1.HeartbeatReply(\x01\x30\x01\x12K\n\nDeregister\x12\x1d.moemesh.v1.DeregisterRequest\x1a\x1e.moemesh.v1.DeregisterResponse\x12\x42\n\x08\x44ispatch\x12\x1a.moemesh.v1.ExecuteRequest\x1a\x16.moemesh.v1.EventBatch(\x01\x30\x01\x12\x37\n\x05\x45mbed\x12\x15.moemesh.v1.EmbedWork\x1a\x17.moemesh.v1.EmbedResult\x12K\n\nListModels\x12\x1d.moemesh.v1.ListModelsRequest\x1a\x1e.moemesh.v1.ListModelsResponse\x12H\n\tListNodes\x12\x1c.moemesh.v1.ListNodesRequest\x1a\x1d.moemesh.v1.ListNodesResponseB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,27 +37,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CAPACITY']._serialized_start=92
   _globals['_CAPACITY']._serialized_end=199
   _globals['_REGISTERREQUEST']._serialized_start=202
-  _globals['_REGISTERREQUEST']._serialized_end=405
-  _globals['_REGISTERRESPONSE']._serialized_start=407
-  _globals['_REGISTERRESPONSE']._serialized_end=502
-  _globals['_NODELOAD']._serialized_start=505
-  _globals['_NODELOAD']._serialized_end=680
-  _globals['_HEARTBEATREQUEST']._serialized_start=682
-  _globals['_HEARTBEATREQUEST']._serialized_end=771
-  _globals['_HEARTBEATREPLY']._serialized_start=774
-  _globals['_HEARTBEATREPLY']._serialized_end=915
-  _globals['_HEARTBEATREPLY_COMMAND']._serialized_start=845
-  _globals['_HEARTBEATREPLY_COMMAND']._serialized_end=915
-  _globals['_DEREGISTERREQUEST']._serialized_start=917
-  _globals['_DEREGISTERREQUEST']._serialized_end=971
-  _globals['_DEREGISTERRESPONSE']._serialized_start=973
-  _globals['_DEREGISTERRESPONSE']._serialized_end=993
-  _globals['_LISTNODESREQUEST']._serialized_start=995
-  _globals['_LISTNODESREQUEST']._serialized_end=1013
-  _globals['_NODEINFO']._serialized_start=1016
-  _globals['_NODEINFO']._serialized_end=1254
-  _globals['_LISTNODESRESPONSE']._serialized_start=1256
-  _globals['_LISTNODESRESPONSE']._serialized_end=1312
-  _globals['_SCHEDULER']._serialized_start=1315
-  _globals['_SCHEDULER']._serialized_end=1825
+  _globals['_REGISTERREQUEST']._serialized_end=446
+  _globals['_REGISTERRESPONSE']._serialized_start=448
+  _globals['_REGISTERRESPONSE']._serialized_end=543
+  _globals['_NODELOAD']._serialized_start=546
+  _globals['_NODELOAD']._serialized_end=721
+  _globals['_HEARTBEATREQUEST']._serialized_start=723
+  _globals['_HEARTBEATREQUEST']._serialized_end=812
+  _globals['_HEARTBEATREPLY']._serialized_start=815
+  _globals['_HEARTBEATREPLY']._serialized_end=956
+  _globals['_HEARTBEATREPLY_COMMAND']._serialized_start=886
+  _globals['_HEARTBEATREPLY_COMMAND']._serialized_end=956
+  _globals['_DEREGISTERREQUEST']._serialized_start=958
+  _globals['_DEREGISTERREQUEST']._serialized_end=1012
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1014
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1034
+  _globals['_LISTNODESREQUEST']._serialized_start=1036
+  _globals['_LISTNODESREQUEST']._serialized_end=1054
+  _globals['_NODEINFO']._serialized_start=1057
+  _globals['_NODEINFO']._serialized_end=1370
+  _globals['_LISTNODESRESPONSE']._serialized_start=1372
+  _globals['_LISTNODESRESPONSE']._serialized_end=1428
+  _globals['_SCHEDULER']._serialized_start=1431
+  _globals['_SCHEDULER']._serialized_end=1941
 # @@protoc_insertion_point(module_scope)

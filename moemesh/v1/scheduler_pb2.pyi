@@ -22,7 +22,7 @@ class Capacity(_message.Message):
     def __init__(self, max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., block_size: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("node_id", "address", "models", "replica_group", "rank", "world_size", "device", "capacity")
+    __slots__ = ("node_id", "address", "models", "replica_group", "rank", "world_size", "device", "capacity", "placement", "held_experts")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,8 @@ class RegisterRequest(_message.Message):
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    HELD_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     models: _containers.RepeatedCompositeFieldContainer[_models_pb2.ModelInfo]
@@ -39,7 +41,9 @@ class RegisterRequest(_message.Message):
     world_size: int
     device: str
     capacity: Capacity
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[_models_pb2.ModelInfo, _Mapping]]] = ..., replica_group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ...) -> None: ...
+    placement: str
+    held_experts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., models: _Optional[_Iterable[_Union[_models_pb2.ModelInfo, _Mapping]]] = ..., replica_group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., device: _Optional[str] = ..., capacity: _Optional[_Union[Capacity, _Mapping]] = ..., placement: _Optional[str] = ..., held_experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("lease_id", "heartbeat_interval", "max_missed_heartbeats")
@@ -110,7 +114,7 @@ class ListNodesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfo(_message.Message):
-    __slots__ = ("node_id", "address", "state", "replica_group", "rank", "world_size", "model_ids", "load", "heartbeat_age", "routed_requests", "in_flight")
+    __slots__ = ("node_id", "address", "state", "replica_group", "rank", "world_size", "model_ids", "load", "heartbeat_age", "routed_requests", "in_flight", "device", "placement", "held_experts", "routable")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +126,10 @@ class NodeInfo(_message.Message):
     HEARTBEAT_AGE_FIELD_NUMBER: _ClassVar[int]
     ROUTED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
+    HELD_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    ROUTABLE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     state: str
@@ -133,7 +141,11 @@ class NodeInfo(_message.Message):
     heartbeat_age: float
     routed_requests: int
     in_flight: int
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., replica_group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_ids: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., heartbeat_age: _Optional[float] = ..., routed_requests: _Optional[int] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    device: str
+    placement: str
+    held_experts: _containers.RepeatedScalarFieldContainer[int]
+    routable: bool
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., state: _Optional[str] = ..., replica_group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., model_ids: _Optional[_Iterable[str]] = ..., load: _Optional[_Union[NodeLoad, _Mapping]] = ..., heartbeat_age: _Optional[float] = ..., routed_requests: _Optional[int] = ..., in_flight: _Optional[int] = ..., device: _Optional[str] = ..., placement: _Optional[str] = ..., held_experts: _Optional[_Iterable[int]] = ..., routable: _Optional[bool] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
     __slots__ = ("nodes",)

@@ -81,8 +81,10 @@ class SchedulerServicer:
     """
 
     def Register(self, request, context):
-        """A worker process announces itself and receives a lease. Requires the
-        cluster token in the `authorization` metadata when one is configured.
+        """A worker process (or an expert shard) announces itself and receives a
+        lease. Requires the cluster token in the `authorization` metadata when one
+        is configured. INVALID_ARGUMENT when rank is outside 0..world_size-1, or
+        an expert shard (rank > 0) lists models.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -31,6 +31,15 @@ def counter(name: str, doc: str, value: float, labels: dict[str, str] | None = N
     return family
 
 
+def labelled_counter(name: str, doc: str, samples: dict[tuple[str, ...], float],
+                     label_names: Iterable[str]) -> CounterMetricFamily:
+    """A counter family (`name` without `_total`) with one sample per label tuple."""
+    family = CounterMetricFamily(name, doc, labels=list(label_names))
+    for labels, value in samples.items():
+        family.add_metric(list(labels), value)
+    return family
+
+
 def gauge(name: str, doc: str, samples: dict[tuple[str, ...], float] | float, label_names: Iterable[str] = ()) -> Metric:
     """A gauge family: one value, or values keyed by label tuples."""
     family = GaugeMetricFamily(name, doc, labels=list(label_names))

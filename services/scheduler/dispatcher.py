@@ -13,7 +13,9 @@ delivered. When its replica is lost (stream broken, evicted, or it refuses
 with UNAVAILABLE while draining), the request goes back to the head of the
 queue with those tokens as `resume_token_ids`: another replica prefills
 prompt + delivered tokens and continues, and the client sees one stream with
-nothing lost or repeated.
+nothing lost or repeated. The loss of an expert shard is the loss of its
+replica: its rank 0's requests move on the same way, and rank 0 is told to
+cancel them (which frees their KV blocks, should its engine still run).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from moemesh.services.core.costs import estimate_tokens
 from moemesh.services.core.errors import Overloaded
 from moemesh.services.scheduler.links import WorkerLink
 from moemesh.services.scheduler.queue import RETRY_PRIORITY, AdmissionQueue, Pending, QueueLimits
-from moemesh.services.scheduler.registry import Node, NodeState, Registry
+from moemesh.services.scheduler.registry import Node, Registry
 from moemesh.services.scheduler.router import HashRing, affinity_key, choose
 from moemesh.v1 import common_pb2, worker_pb2
 
@@ -117,9 +119,11 @@ class Dispatcher:
         self._rings: dict[str, tuple[int, HashRing]] = {}
         registry.on_evict.append(self._node_lost)
         registry.on_unhealthy.append(self._node_unhealthy)
+        registry.on_replica_lost.append(self._replica_lost)
 
     # ---- links -------------------------------------------------------------
     def link(self, node: Node) -> WorkerLink:
+        """The execution stream to `node` (rank 0 of a replica: expert shards have none)."""
         link = self.links.get(node.node_id)
         if link is None:
             link = WorkerLink(node.node_id, node.address, self._on_batch, self._on_link_closed, self.tls_dir,
@@ -220,7 +224,8 @@ class Dispatcher:
         capacity = model_capacity(members, model)
         blocked: Pending | None = None  # the first request that cannot be placed now
         # Only as many requests as the replicas have slots for can be placed, plus those the scan passes over.
-        for item in queue.ahead(_free_slots(members, policy.max_batch_size) + policy.max_head_bypass + 1):
+        routable = [n for n in members if self.registry.is_routable(n)]
+        for item in queue.ahead(_free_slots(routable, policy.max_batch_size) + policy.max_head_bypass + 1):
             route: Route = item.payload
             if self._refuse_if_never_fits(queue, item, capacity):
                 continue
@@ -266,7 +271,7 @@ class Dispatcher:
         limit = self.policy.max_batch_size
 
         def available(node: Node) -> bool:
-            return (node.state == NodeState.READY and sent.get(node.node_id, 0) < limit
+            return (self.registry.is_routable(node) and sent.get(node.node_id, 0) < limit
                     and not (avoid_tried and node.node_id in route.tried) and self._has_room(node, route))
 
         key = affinity_key(route.work.prompt.text, list(route.work.prompt_token_ids))
@@ -364,6 +369,16 @@ class Dispatcher:
     def _node_unhealthy(self, node: Node) -> None:
         """A replica that stopped making progress keeps its registration but not its requests: they continue
         elsewhere, and it is told to drop them (should it recover, its late events are ignored)."""
+        self._move_off(node, f"replica {node.node_id} stopped making progress")
+
+    def _replica_lost(self, leader: Node, shard: Node) -> None:
+        """A shard of `leader`'s replica was lost: the replica cannot compute; its requests continue elsewhere,
+        and rank 0 is told to cancel them, freeing their KV blocks (its engine fails anyway at its next exchange
+        with the lost shard, and it restarts)."""
+        self._move_off(leader, f"replica {leader.replica_group} lost its rank {shard.rank} ({shard.node_id})")
+
+    def _move_off(self, node: Node, why: str) -> None:
+        """Cancel `node`'s in-flight requests there and queue them to continue on another replica."""
         link = self.links.get(node.node_id)
         stuck = [(rid, r) for rid, r in self.routes.items() if r.node_id == node.node_id]
         for request_id, route in stuck:
@@ -371,9 +386,10 @@ class Dispatcher:
                 link.send(worker_pb2.ExecuteRequest(cancel=worker_pb2.Cancel(request_id=request_id,
                                                                              reason="failover")))
             self._release_node(route)
-            self._requeue(request_id, route, f"replica {node.node_id} stopped making progress")
+            self._requeue(request_id, route, why)
         if stuck:
-            log.warning("node unhealthy with requests in flight", extra={"node_id": node.node_id, "moved": len(stuck)})
+            log.warning("requests moved off a replica: %s", why, extra={"node_id": node.node_id,
+                                                                        "moved": len(stuck)})
             self.pump()
 
     def _requeue(self, request_id: str, route: Route, why: str) -> None:
@@ -423,10 +439,9 @@ class Dispatcher:
         self._timer = loop.call_later(min(delay, 0.05), fire)
 
 
-def _free_slots(members: list[Node], max_batch_size: int) -> int:
-    """Requests the ready replicas could take in one pump round."""
-    return sum(max(0, min(n.max_num_seqs - n.in_flight, max_batch_size)) for n in members
-               if n.state == NodeState.READY)
+def _free_slots(routable: list[Node], max_batch_size: int) -> int:
+    """Requests the `routable` replicas could take in one pump round."""
+    return sum(max(0, min(n.max_num_seqs - n.in_flight, max_batch_size)) for n in routable)
 
 
 def token_capacity(node: Node, model: str) -> int | None:

@@ -9,7 +9,7 @@ import sys
 
 from moemesh.services.core.auth import SCHEDULER_ACCESS, ClusterAuthInterceptor
 from moemesh.services.core.entrypoint import service_main
-from moemesh.services.core.metrics import counter, gauge, serve_metrics
+from moemesh.services.core.metrics import counter, gauge, labelled_counter, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.core.tls import server_credentials
 from moemesh.services.scheduler.config import SchedulerConfig
@@ -58,10 +58,23 @@ def scheduler_metrics(registry: Registry, dispatcher: Dispatcher, embed_batcher:
     for node in registry.nodes.values():
         states[(node.state.value,)] += 1
     families.append(gauge("moemesh_scheduler_nodes", "Registered nodes by state.", states, ["state"]))
+    families.append(expert_tokens_metric(registry))
     families.append(counter("moemesh_scheduler_embed_requests", "Embed requests received.", embed_batcher.requests))
     families.append(counter("moemesh_scheduler_embed_worker_calls", "Worker Embed calls (batched requests share one).",
                             embed_batcher.calls))
     return families
+
+
+def expert_tokens_metric(registry: Registry):
+    """moemesh_expert_tokens_total{model, replica_group, expert}: the data a placement rebalancer reads."""
+    samples = {(model, group, str(expert)): tokens
+               for (model, group), totals in registry.expert_tokens.items()
+               for expert, tokens in enumerate(totals)}
+    return labelled_counter(
+        "moemesh_expert_tokens",
+        "Tokens routed to each expert by a replica since it registered, summed over its MoE layers (a token "
+        "counts once per layer for each of its top-k experts), as its heartbeats report them.",
+        samples, ["model", "replica_group", "expert"])
 
 
 async def serve(config: SchedulerConfig, ready_fd: int | None) -> None:

@@ -1,7 +1,14 @@
-"""The node registry: who is registered, their leases, load and state.
+"""The node registry: who is registered, their leases, load and state, and which replicas are whole.
 
 Plain data, no protobuf and no I/O, so it can be tested with fake nodes. The
 scheduler can always rebuild it from re-registrations.
+
+A replica is one process (world size 1) or an expert-parallel group of N
+processes sharing a `replica_group`: rank 0 runs the engine and is the node
+requests go to; ranks 1..N-1 are expert shards, which serve no model and are
+never routed to. A replica is routable only while every rank of its group is
+registered and ready (`is_routable`). Losing any shard counts as losing the
+replica: `on_replica_lost` fires for its rank 0, whose requests then move on.
 """
 
 from __future__ import annotations
@@ -44,11 +51,12 @@ class Load:
     steps_per_second: float = 0.0
     seconds_since_progress: float = 0.0
     draining: bool = False
+    expert_load: tuple[int, ...] = ()  # tokens routed to each expert since the node's previous report
 
 
 @dataclass
 class Node:
-    """One registered worker process."""
+    """One registered worker process (rank 0 of a replica, or one of its expert shards)."""
 
     node_id: str
     address: str
@@ -57,6 +65,8 @@ class Node:
     rank: int = 0
     world_size: int = 1
     device: str = "cpu"
+    placement: str = ""  # the replica's expert placement (canonical JSON) when world_size > 1
+    held_experts: tuple[int, ...] = ()  # the experts this rank holds in the placement's default map
     max_num_seqs: int = 1
     num_kv_blocks: int = 0  # 0 = not reported
     block_size: int = 16
@@ -68,11 +78,17 @@ class Node:
     routed_requests: int = 0  # requests routed here since registration
 
     def serves(self, model_id: str) -> bool:
-        return any(m.model_id == model_id for m in self.models)
+        """Whether requests for `model_id` may go here: never to an expert shard, whatever it reported."""
+        return self.rank == 0 and any(m.model_id == model_id for m in self.models)
+
+    @property
+    def generation_model(self) -> str:
+        """The id of the generation model this node serves ("" if none)."""
+        return next((m.model_id for m in self.models if m.kind == "generation"), "")
 
 
 class Registry:
-    """Registered nodes keyed by node id; eviction callbacks fire on loss."""
+    """Registered nodes keyed by node id, the ranks of each replica group; callbacks fire on loss."""
 
     def __init__(self, heartbeat_interval: float, max_missed: int, clock: Callable[[], float] = time.monotonic,
                  hang_timeout: float = 30.0) -> None:
@@ -83,14 +99,28 @@ class Registry:
         self.nodes: dict[str, Node] = {}
         self.on_evict: list[Callable[[Node], None]] = []
         self.on_unhealthy: list[Callable[[Node], None]] = []  # fired when a node turns UNHEALTHY (it stays registered)
+        # Fired with a replica's rank 0 when one of its shards is lost (rank 0 stays registered, not routable).
+        self.on_replica_lost: list[Callable[[Node, Node], None]] = []  # (rank 0, the lost shard)
         self.version = 0  # bumped whenever membership changes
         self._serving: dict[str, tuple[int, list[Node]]] = {}
+        self.groups: dict[str, dict[int, str]] = {}  # expert-parallel replica group -> rank -> node id
+        # Tokens per expert reported by each replica, summed since it registered: (model, group) -> [E].
+        self.expert_tokens: dict[tuple[str, str], list[int]] = {}
 
     def register(self, node: Node) -> Node:
-        """Add (or replace, on re-registration) a node; it is routable at once."""
+        """Add (or replace, on re-registration) a node; it is routable at once if its replica is whole.
+
+        In an expert-parallel group (world size > 1), a newer process of the same group and rank replaces the
+        old one (a restarted rank may register before the old one is evicted): the old one is evicted, as lost.
+        """
         old = self.nodes.get(node.node_id)
         if old is not None:
             self.evict(old.node_id)
+        if node.world_size > 1:
+            holder = self.groups.get(node.replica_group, {}).get(node.rank)
+            if holder is not None:
+                self.evict(holder)
+            self.groups.setdefault(node.replica_group, {})[node.rank] = node.node_id
         node.last_heartbeat = self.clock()
         self.nodes[node.node_id] = node
         self.version += 1
@@ -103,6 +133,8 @@ class Registry:
             return False
         node.load = load
         node.last_heartbeat = self.clock()
+        if load.expert_load and node.rank == 0:
+            self._count_expert_tokens(node, load.expert_load)
         if load.draining:
             node.state = NodeState.DRAINING
         elif load.running_seqs and load.seconds_since_progress > self.hang_timeout:
@@ -123,13 +155,57 @@ class Registry:
         return True
 
     def evict(self, node_id: str) -> None:
+        """Remove a node as lost; a lost shard takes its replica out of routing and fires `on_replica_lost`."""
         node = self.nodes.pop(node_id, None)
         if node is None:
             return
         self.version += 1
         node.state = NodeState.DEAD
+        ranks = self.groups.get(node.replica_group, {})
+        if ranks.get(node.rank) == node_id:
+            del ranks[node.rank]
+            if not ranks:
+                del self.groups[node.replica_group]
+        if node.rank == 0:
+            self.expert_tokens.pop((node.generation_model, node.replica_group), None)
         for callback in self.on_evict:
             callback(node)
+        leader = self.leader_of(node)
+        if node.rank > 0 and leader is not None:
+            for callback in self.on_replica_lost:
+                callback(leader, node)
+
+    def leader_of(self, node: Node) -> Node | None:
+        """Rank 0 of `node`'s replica group, if registered."""
+        leader_id = self.groups.get(node.replica_group, {}).get(0)
+        return self.nodes.get(leader_id) if leader_id is not None else None
+
+    def ranks_of(self, leader: Node) -> list[Node]:
+        """The registered ranks of `leader`'s group, rank 0 first."""
+        ranks = self.groups.get(leader.replica_group, {})
+        return [self.nodes[ranks[r]] for r in sorted(ranks)]
+
+    def is_routable(self, node: Node) -> bool:
+        """Whether requests may go to `node`: a ready rank 0 whose every rank 1..world_size-1 is registered, ready,
+        and agrees on the world size and placement."""
+        if node.rank != 0 or node.state != NodeState.READY:
+            return False
+        if node.world_size == 1:
+            return True
+        ranks = self.groups.get(node.replica_group, {})
+        for rank in range(1, node.world_size):
+            shard = self.nodes.get(ranks.get(rank, ""))
+            if (shard is None or shard.state != NodeState.READY or shard.world_size != node.world_size
+                    or shard.placement != node.placement):
+                return False
+        return len(ranks) == node.world_size  # no rank beyond the world size either
+
+    def _count_expert_tokens(self, node: Node, expert_load: tuple[int, ...]) -> None:
+        totals = self.expert_tokens.setdefault((node.generation_model, node.replica_group), [])
+        if len(totals) < len(expert_load):
+            totals.extend([0] * (len(expert_load) - len(totals)))
+        for expert, tokens in enumerate(expert_load):
+            totals[expert] += max(tokens, 0)  # counters only grow
 
     def expire(self) -> list[str]:
         """Mark late nodes suspect; evict those past max_missed intervals."""
@@ -145,7 +221,7 @@ class Registry:
         return evicted
 
     def serving(self, model_id: str) -> list[Node]:
-        """Registered nodes serving the model, in any state; cached until membership changes."""
+        """Registered replicas (rank 0) serving the model, in any state; cached until membership changes."""
         cached = self._serving.get(model_id)
         if cached is None or cached[0] != self.version:
             cached = (self.version, [n for n in self.nodes.values() if n.serves(model_id)])
@@ -153,14 +229,14 @@ class Registry:
         return cached[1]
 
     def routable(self, model_id: str) -> list[Node]:
-        """Ready nodes serving the model."""
-        return [n for n in self.nodes.values() if n.state == NodeState.READY and n.serves(model_id)]
+        """Routable replicas (see `is_routable`) serving the model."""
+        return [n for n in self.nodes.values() if n.serves(model_id) and self.is_routable(n)]
 
     def catalogue(self) -> dict[str, tuple[ServedModel, int]]:
-        """Model id -> (its description, number of routable nodes)."""
+        """Model id -> (its description, number of routable replicas)."""
         found: dict[str, tuple[ServedModel, int]] = {}
         for node in self.nodes.values():
-            if node.state != NodeState.READY:
+            if not self.is_routable(node):
                 continue
             for model in node.models:
                 _, count = found.get(model.model_id, (model, 0))

@@ -45,7 +45,8 @@ def node_from_pb(pb: scheduler_pb2.RegisterRequest) -> Node:
     return Node(
         node_id=pb.node_id, address=pb.address, models=tuple(served_model_from_pb(m) for m in pb.models),
         replica_group=pb.replica_group or pb.node_id, rank=pb.rank, world_size=pb.world_size or 1,
-        device=pb.device, max_num_seqs=pb.capacity.max_num_seqs or 1,
+        device=pb.device, placement=pb.placement, held_experts=tuple(pb.held_experts),
+        max_num_seqs=pb.capacity.max_num_seqs or 1,
         num_kv_blocks=pb.capacity.num_kv_blocks, block_size=pb.capacity.block_size or 16,
         load=Load(free_kv_blocks=pb.capacity.num_kv_blocks),  # all free until the first heartbeat says otherwise
     )
@@ -55,8 +56,26 @@ def load_from_pb(pb: scheduler_pb2.NodeLoad) -> Load:
     return Load(
         running_seqs=pb.running_seqs, waiting_seqs=pb.waiting_seqs, free_kv_blocks=pb.free_kv_blocks,
         steps_per_second=pb.steps_per_second, seconds_since_progress=pb.seconds_since_progress,
-        draining=pb.draining,
+        draining=pb.draining, expert_load=tuple(pb.expert_load),
     )
+
+
+MAX_WORLD_SIZE = 1024  # ranks in one replica group, at most
+
+
+def check_registration(pb: scheduler_pb2.RegisterRequest) -> None:
+    """InvalidRequest naming the field a registration gets wrong."""
+    if not pb.node_id or not pb.address:
+        raise InvalidRequest("node_id" if not pb.node_id else "address", "is required")
+    world_size = pb.world_size or 1
+    if not 1 <= world_size <= MAX_WORLD_SIZE:
+        raise InvalidRequest("world_size", f"must be 1..{MAX_WORLD_SIZE}, got {pb.world_size}")
+    if not 0 <= pb.rank < world_size:
+        raise InvalidRequest("rank", f"must be 0..{world_size - 1} (world_size {world_size}), got {pb.rank}")
+    if pb.rank > 0 and len(pb.models):
+        raise InvalidRequest("models", "an expert shard (rank > 0) serves no model: requests go to rank 0")
+    if world_size > 1 and not pb.replica_group:
+        raise InvalidRequest("replica_group", "is required with world_size > 1 (it ties the ranks together)")
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -70,12 +89,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.embed_batcher = EmbedBatcher(self._embed_on_a_replica, embed_max_inputs, embed_max_delay)
 
     async def Register(self, request, context):
-        if not request.node_id or not request.address:
-            raise InvalidRequest("node_id" if not request.node_id else "address", "is required")
+        check_registration(request)
         node = self.registry.register(node_from_pb(request))
-        self.dispatcher.link(node)
-        self.dispatcher.pump()  # queued requests may fit on the newcomer
-        log.info("node registered", extra={"node_id": node.node_id, "address": node.address})
+        if node.rank == 0:  # an expert shard takes no requests: only rank 0 gets an execution stream
+            self.dispatcher.link(node)
+        self.dispatcher.pump()  # queued requests may fit on the newcomer (or on the replica it completes)
+        log.info("node registered", extra={"node_id": node.node_id, "address": node.address,
+                                           "replica_group": node.replica_group, "rank": node.rank,
+                                           "world_size": node.world_size})
         return scheduler_pb2.RegisterResponse(
             lease_id=node.lease_id,
             heartbeat_interval=self.registry.heartbeat_interval,
@@ -152,10 +173,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 load=scheduler_pb2.NodeLoad(running_seqs=n.load.running_seqs, waiting_seqs=n.load.waiting_seqs,
                                             free_kv_blocks=n.load.free_kv_blocks,
                                             steps_per_second=n.load.steps_per_second,
-                                            seconds_since_progress=n.load.seconds_since_progress),
+                                            seconds_since_progress=n.load.seconds_since_progress,
+                                            expert_load=n.load.expert_load, draining=n.load.draining),
                 heartbeat_age=now - n.last_heartbeat,
                 routed_requests=n.routed_requests,
                 in_flight=n.in_flight,
+                device=n.device,
+                placement=n.placement,
+                held_experts=n.held_experts,
+                routable=self.registry.is_routable(n),
             )
             for n in self.registry.nodes.values()
         ])

@@ -109,3 +109,25 @@ def test_without_a_chat_template_the_plain_format_is_used(tokenizer_dir, tmp_pat
 def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_a_resumed_stream_cut_inside_a_character_repeats_no_text(tokenizer):
+    """Failover: the client got the text of some tokens, the last of them ending inside a character; the new
+    replica resumes after those tokens and must send exactly the rest of the text, nothing twice."""
+    from moemesh.worker.engine.requests import GenerationRequest
+    from moemesh.worker.engine.sampling import SamplingParams
+    from moemesh.worker.engine.sequence import Sequence
+    from moemesh.worker.engine.stops import append_token, take_output
+
+    prompt = tokenizer.encode("The router picks")
+    answer = tokenizer.encode(" ok 🎉 done", add_special_tokens=False)
+    cut = next(n for n in range(1, len(answer)) if tokenizer.decode(answer[:n]).endswith("\ufffd"))
+    delivered = tokenizer.decode(answer[:cut]).rstrip("\ufffd")  # what the first replica could send
+    request = GenerationRequest("r", tuple(prompt), SamplingParams(max_tokens=len(answer), ignore_eos=True),
+                                resume_token_ids=tuple(answer[:cut]), resume_text_chars=len(delivered))
+    seq = Sequence.from_request(request, IncrementalDetokenizer(tokenizer, prompt_ids=prompt))
+    rest = take_output(seq).text
+    for token in answer[cut:]:
+        append_token(seq, token, None, set(), 1000)
+        rest += take_output(seq).text
+    assert delivered + rest == tokenizer.decode(answer) == " ok 🎉 done"

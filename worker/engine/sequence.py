@@ -30,6 +30,7 @@ class Sequence:
     cached_tokens: int | None = None  # prompt tokens found in the prefix cache at first admission
     num_preemptions: int = 0
     pending_text: str = ""  # decoded but held back: it may start a stop string
+    skip_text_chars: int = 0  # characters still to drop: an earlier replica delivered them (failover)
     finish_reason: str | None = None
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
@@ -42,17 +43,29 @@ class Sequence:
     def from_request(cls, request: GenerationRequest, detokenizer: IncrementalDetokenizer) -> Sequence:
         """A new sequence for `request`; resumed tokens (failover) count as generated and are not computed yet."""
         resumed = list(request.resume_token_ids)
-        # Text of the resumed tokens that the client has not received yet goes out first.
-        pending = detokenizer.push(resumed)[request.resume_text_chars :] if resumed else ""
-        return cls(
+        seq = cls(
             request=request,
             seed=request.params.seed if request.params.seed is not None else random.getrandbits(31),
             detokenizer=detokenizer,
             token_ids=[*request.prompt_token_ids, *resumed],
             num_generated=len(resumed),
-            pending_text=pending,
+            skip_text_chars=request.resume_text_chars,
             prefix_root=prefix_root(request.cache_scope) if request.cache_scope else DEFAULT_ROOT,
         )
+        if resumed:  # text of the resumed tokens that the client has not received yet goes out first
+            seq.add_text(detokenizer.push(resumed))
+        return seq
+
+    def add_text(self, text: str) -> None:
+        """Append decoded text to `pending_text`, less the characters an earlier replica already delivered.
+
+        The detokenizer may hold back the end of the resumed tokens' text (an unfinished UTF-8 character), so
+        those characters can come out with a later push: the count still to skip carries over until it is spent.
+        """
+        if self.skip_text_chars:
+            skipped = min(self.skip_text_chars, len(text))
+            text, self.skip_text_chars = text[skipped:], self.skip_text_chars - skipped
+        self.pending_text += text
 
     @property
     def params(self):

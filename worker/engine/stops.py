@@ -33,9 +33,9 @@ def append_token(seq: Sequence, token: int, logprobs: TokenLogprobs | None, eos_
     params = seq.params
     if (not params.ignore_eos or grammar_ended) and token in eos_token_ids or token in params.stop_token_ids:
         seq.finish_reason = "stop"  # the stop token's own text is not part of the output
-        seq.pending_text += seq.detokenizer.flush()
+        seq.add_text(seq.detokenizer.flush())
         return True
-    seq.pending_text += seq.detokenizer.push([token])
+    seq.add_text(seq.detokenizer.push([token]))
     if params.stop and cut_at_stop(seq) or grammar_ended:
         seq.finish_reason = "stop"
     elif seq.num_generated >= params.max_tokens:
@@ -44,7 +44,7 @@ def append_token(seq: Sequence, token: int, logprobs: TokenLogprobs | None, eos_
         seq.finish_reason = "context"
     if seq.finish_reason is None:
         return False
-    seq.pending_text += seq.detokenizer.flush()
+    seq.add_text(seq.detokenizer.flush())
     if params.stop:  # the flushed characters may complete a stop string
         cut_at_stop(seq)
     return True
@@ -53,7 +53,7 @@ def append_token(seq: Sequence, token: int, logprobs: TokenLogprobs | None, eos_
 def finish_now(seq: Sequence, reason: str) -> Sequence:
     """End a sequence without a new token (e.g. max_tokens 0); returns it."""
     seq.finish_reason = reason
-    seq.pending_text += seq.detokenizer.flush()
+    seq.add_text(seq.detokenizer.flush())
     return seq
 
 

@@ -249,6 +249,7 @@ class MoEExperts(OpModule):
         self.shard_offsets = {"w1": (0, intermediate_size), "w3": (intermediate_size, intermediate_size)}
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.remote = None  # a RemoteLayer (ops.remote) when other ranks hold some of this layer's experts
+        self.expert_load = None  # an ExpertLoad (models.expert_load) counting the router's choices, when one is kept
 
     def holding(self, experts: Sequence[int]) -> MoEExperts:
         """A module of the same shape holding only `experts` (built on the current default device)."""
@@ -276,6 +277,8 @@ class MoEExperts(OpModule):
         contribute nothing, so that the sum of the outputs over a partition
         of the experts equals the full output.
         """
+        if self.expert_load is not None:
+            self.expert_load.add(topk_ids)
         return self.backend(x, topk_ids, topk_weights, expert_ids)
 
 

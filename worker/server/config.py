@@ -29,7 +29,20 @@ class WorkerConfig(ServiceConfig):
         default=None, description="this worker's address as others should dial it; default host:bound port")
     scheduler: str = pydantic.Field(min_length=3, description="scheduler host:port")
     node_id: str | None = pydantic.Field(default=None, description="unique node id; default hostname-pid-random")
-    replica_group: str | None = pydantic.Field(default=None, description="replica group id; default the node id")
+    replica_group: str | None = pydantic.Field(
+        default=None, description="replica group id, the same on every rank of an expert-parallel replica (its "
+                                  "shards' --replica-group); default the node id")
+    ep_shards: str | None = pydantic.Field(
+        default=None, description="expert parallelism (this worker is rank 0): the expert shards' host:port, ranks "
+                                  "1..N-1 in order, comma-separated; unset: every expert in this process")
+    ep_placement: str | None = pydantic.Field(
+        default=None, description='with ep_shards: expert -> rank map, the same on every rank: "contiguous" '
+                                  '(default), "0,0,1,1", or JSON {"experts": [...], "layers": {"3": [...]}}')
+    ep_exchange_timeout: float = pydantic.Field(
+        default=10.0, gt=0, le=600, description="with ep_shards: seconds one MoE layer's exchange may take before "
+                                                "the shard counts as stalled and this replica fails (restarts)")
+    ep_connect_timeout: float = pydantic.Field(
+        default=30.0, gt=0, le=3600, description="with ep_shards: seconds to wait at start for every shard to answer")
     device: str = pydantic.Field(default="cpu", description='"cpu" or "cuda[:N]"')
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = pydantic.Field(
         default="auto", description="weights and KV cache dtype; auto: bfloat16 on CUDA, float32 on the CPU")
@@ -92,6 +105,22 @@ class WorkerConfig(ServiceConfig):
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs ({self.max_num_seqs})"
             )
         return self
+
+    @pydantic.field_validator("ep_shards")
+    @classmethod
+    def _shards_are_addresses(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        for address in value.split(","):
+            host, _, port = address.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected host:port[,host:port...] (ranks 1..N-1 in order), got {address!r}")
+        return value
+
+    @property
+    def shard_addresses(self) -> tuple[str, ...]:
+        """The expert shards' addresses, rank 1 first (empty: a single-process replica)."""
+        return tuple(a.strip() for a in self.ep_shards.split(",")) if self.ep_shards else ()
 
     @pydantic.field_validator("model_dir")
     @classmethod

@@ -1,4 +1,11 @@
-"""Worker process entry point: load the model, serve, register, drain on SIGTERM."""
+"""Worker process entry point: load the model, serve, register, drain on SIGTERM.
+
+With `--ep-shards`, the worker is rank 0 of an expert-parallel replica: it
+connects to its expert shards (ranks 1..N-1, `worker.server.shard`) on the
+engine thread before building the model, holds only its own routed experts,
+registers as rank 0 of its replica group, watches the shards' health, and
+closes the exchange when it stops (see worker/server/replica.py).
+"""
 
 from __future__ import annotations
 
@@ -31,11 +38,16 @@ from moemesh.worker.engine.kv_sizing import (
 )
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.checkpoint import open_checkpoint
+from moemesh.worker.models.expert_load import ExpertLoad, count_expert_load
 from moemesh.worker.models.registry import build_model
+from moemesh.worker.ops.remote import ExpertExchange
+from moemesh.worker.ops.report import describe_backends
 from moemesh.worker.server.config import WorkerConfig
 from moemesh.worker.server.membership import Membership
+from moemesh.worker.server.replica import ShardWatch, connect_exchange, replica_placement
 from moemesh.worker.server.runner import EngineFailed, EngineRunner
 from moemesh.worker.server.service import WorkerServicer
+from moemesh.worker.server.shard import held_experts
 
 log = logging.getLogger("moemesh.worker")
 
@@ -60,6 +72,10 @@ class WorkerProcess:
         self.model_id = config.model_id or self.checkpoint.model_id
         self.node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        self.placement = replica_placement(config, self.checkpoint)  # None: a single-process replica
+        self.exchange: ExpertExchange | None = None  # rank 0's streams to its expert shards (made on the engine thread)
+        self.expert_load: ExpertLoad | None = None  # tokens per expert, counted on the engine thread
+        self._expert_load_read: asyncio.Future | None = None
         # Embedding models this worker serves, by id; the first is the default for requests naming none.
         self.embedders: dict[str, EmbeddingModel] = {}
         # Every model is built, and runs, on the engine thread (see runner.py).
@@ -74,8 +90,24 @@ class WorkerProcess:
         config = self.config
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if self.placement is not None:
+            self.exchange = connect_exchange(config, self.checkpoint, self.placement)
+        try:
+            engine = self._build_engine()
+        except BaseException:
+            if self.exchange is not None:
+                self.exchange.close()
+            raise
+        if self.expert_load is not None:
+            self.expert_load.take()  # count from zero: not the warm-up and capture passes
+        return engine
+
+    def _build_engine(self) -> Engine:
+        config = self.config
         model = build_model(self.checkpoint, dtype=resolve_dtype(config.dtype, config.device), device=config.device,
-                            pack_weights=config.pack_weights)
+                            pack_weights=config.pack_weights, expert_parallel=self.exchange)
+        log.info("backends: %s", describe_backends(model))  # which kernels run, and why (a fallback shows here)
+        self.expert_load = count_expert_load(model)
         num_blocks, max_num_seqs = engine_size(model, config)
         engine = Engine(
             model,
@@ -132,8 +164,25 @@ class WorkerProcess:
             free_kv_blocks=self.engine.num_free_blocks,
             steps_per_second=stats.steps_per_second,
             seconds_since_progress=stats.seconds_since_progress,
+            expert_load=self._expert_load_since_last_beat(),
             draining=self.servicer.draining,
         )
+
+    def _expert_load_since_last_beat(self) -> list[int]:
+        """Tokens per expert that the last read found, and a new read queued to the engine thread.
+
+        The counts live where the model runs (on CUDA, on the device); reading them there between steps costs
+        one small device read per heartbeat and never blocks the event loop, so each heartbeat carries what
+        the read queued by the one before it found.
+        """
+        if self.expert_load is None:
+            return []
+        read, found = self._expert_load_read, []
+        if read is not None and read.done():
+            found = read.result() if read.exception() is None else []  # the engine failed: nothing to report
+        if read is None or read.done():
+            self._expert_load_read = self.runner.call(self.expert_load.take)
+        return found
 
     def metrics(self) -> list:
         """The worker's metric families, read from the live engine."""
@@ -180,8 +229,10 @@ class WorkerProcess:
             models=self.models(),
             replica_group=self.config.replica_group or self.node_id,
             rank=0,
-            world_size=1,
+            world_size=self.placement.world_size if self.placement is not None else 1,
             device=self.config.device,
+            placement=self.placement.to_json() if self.placement is not None else "",
+            held_experts=held_experts(self.placement, 0) if self.placement is not None else [],
             capacity=scheduler_pb2.Capacity(
                 max_num_seqs=self.engine.max_num_seqs,
                 max_num_batched_tokens=self.engine.max_num_batched_tokens,
@@ -204,6 +255,8 @@ class WorkerProcess:
             membership = Membership(channel, self.registration(), self.load, metadata)
             membership.start()
             await membership.registered.wait()
+            watch = ShardWatch(self.config.shard_addresses, self.config.tls_dir, self.runner.fail)
+            watch.start()
             await self.server.set_serving(True)
             metrics_address, stop_metrics = None, None
             if self.config.metrics_port is not None:
@@ -212,8 +265,9 @@ class WorkerProcess:
             announce_ready(ready_fd, service="worker", address=self.server.address, node_id=self.node_id,
                            model=self.model_id, metrics_address=metrics_address,
                            kv_tokens=self.engine.blocks.num_blocks * self.engine.block_size,
-                           max_num_seqs=self.engine.max_num_seqs)
+                           max_num_seqs=self.engine.max_num_seqs, **self._replica_info())
             await _first_of(stop.wait(), self.runner.failed.wait())
+            await watch.stop()
             if stop_metrics is not None:
                 stop_metrics()
             if self.runner.failure is None:
@@ -223,8 +277,17 @@ class WorkerProcess:
                 await self.give_up(membership)
         await self.server.stop()
         await self.runner.stop()
+        if self.exchange is not None:
+            self.exchange.close()
         if self.runner.failure is not None:
             raise EngineFailed("the engine loop failed") from self.runner.failure
+
+    def _replica_info(self) -> dict:
+        """The ready line's description of an expert-parallel replica (nothing for a single process)."""
+        if self.placement is None:
+            return {}
+        return {"replica_group": self.config.replica_group or self.node_id, "rank": 0,
+                "world_size": self.placement.world_size, "shards": list(self.config.shard_addresses)}
 
     async def give_up(self, membership: Membership) -> None:
         """After an engine failure: report unhealthy, leave the registry, then fail in-flight requests over.

@@ -130,6 +130,11 @@ class EngineRunner:
     def abort(self, request_id: str, reason: str = "abort") -> None:
         self._send("abort", (request_id, reason))
 
+    def fail(self, error: BaseException) -> None:
+        """Fail the engine from outside (an expert shard of this replica was lost): the engine thread raises
+        `error` before its next step and takes the engine-failure path, as if the step had raised it."""
+        self._send("fail", error)
+
     @property
     def in_flight(self) -> int:
         return len(self._subscribers)
@@ -173,6 +178,8 @@ class EngineRunner:
                 self._add(payload)  # type: ignore[arg-type]
             elif kind == "call":
                 self._run_call(*payload)  # type: ignore[misc]
+            elif kind == "fail":
+                raise payload  # type: ignore[misc]
             else:
                 self.engine.abort(*payload)  # type: ignore[misc]
 

@@ -1,13 +1,18 @@
 """Expert shard process (rank > 0 of an expert-parallel replica): load its experts, answer layer exchanges.
 
     python -m moemesh.worker.server.shard --model-dir D --rank 1 --world-size 2 [--placement P] --port 0
-        [--device cpu] [--dtype auto] [--ready-fd N]
+        [--device cpu] [--dtype auto] [--scheduler H:P --replica-group G] [--ready-fd N]
 
 It reads from the checkpoint only the routed experts the placement gives its
 rank, picks their backend for its own device and dtype, and serves
 `ExpertShard` (see protos/moemesh/v1/experts.proto): rank 0 opens one
 Exchange stream and sends it, per MoE layer, the rows routed to its experts.
 Messages are answered in order, computed on one thread beside the event loop.
+
+With `--scheduler`, it registers as rank r of its replica group and
+heartbeats like a worker (serving no model: the scheduler never routes to
+it), so that the replica is routable only while every rank is there, and the
+loss of this shard fails the replica's requests over at once.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
@@ -25,17 +32,18 @@ import torch
 from pydantic_settings import SettingsConfigDict
 
 from moemesh.services.core import tensors
-from moemesh.services.core.auth import ClusterAuthInterceptor
+from moemesh.services.core.auth import ClusterAuthInterceptor, bearer_metadata
 from moemesh.services.core.config import ServiceConfig
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.errors import InvalidRequest
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
-from moemesh.services.core.tls import server_credentials
-from moemesh.v1 import common_pb2, experts_pb2, experts_pb2_grpc
+from moemesh.services.core.tls import aio_channel, server_credentials
+from moemesh.v1 import common_pb2, experts_pb2, experts_pb2_grpc, scheduler_pb2
 from moemesh.worker.models.checkpoint import LoadRecord, open_checkpoint
 from moemesh.worker.models.expert_parallel import ExpertShardModel
 from moemesh.worker.models.placement import ExpertPlacement
 from moemesh.worker.models.registry import build_expert_shard, model_class, resolve_dtype
+from moemesh.worker.server.membership import Membership
 
 log = logging.getLogger("moemesh.shard")
 
@@ -67,14 +75,26 @@ class ShardConfig(ServiceConfig):
     pack_weights: bool = pydantic.Field(default=True, description="on the CPU, lay expert weights out for the kernels")
     num_threads: int = pydantic.Field(default=0, ge=0, description="torch threads; 0: torch's default")
     cluster_token: pydantic.SecretStr | None = pydantic.Field(
-        default=None, min_length=8, description="the mesh's shared secret, required of every caller (give it by "
-                                                "environment, MOEMESH_SHARD_CLUSTER_TOKEN, or a secret file)")
+        default=None, min_length=8, description="the mesh's shared secret, required of every caller and presented "
+                                                "to the scheduler (give it by environment, "
+                                                "MOEMESH_SHARD_CLUSTER_TOKEN, or a secret file)")
+    scheduler: str | None = pydantic.Field(
+        default=None, min_length=3, description="scheduler host:port to register with (as rank `rank` of "
+                                                "`replica_group`); unset: not registered")
+    replica_group: str | None = pydantic.Field(
+        default=None, min_length=1, description="the replica group id, the same as rank 0's --replica-group; "
+                                                "required with --scheduler")
+    node_id: str | None = pydantic.Field(default=None, description="unique node id; default hostname-pid-random")
+    advertise_address: str | None = pydantic.Field(
+        default=None, description="this shard's address as others should dial it; default host:bound port")
     log_level: str = pydantic.Field(default="info", description="log level")
 
     @pydantic.model_validator(mode="after")
     def _rank_in_world(self) -> ShardConfig:
         if self.rank >= self.world_size:
             raise ValueError(f"rank ({self.rank}) must be below world_size ({self.world_size})")
+        if self.scheduler and not self.replica_group:
+            raise ValueError("replica_group: required with scheduler (rank 0's --replica-group)")
         return self
 
 
@@ -82,6 +102,11 @@ def parse_placement(ckpt, text: str | None, world_size: int) -> ExpertPlacement:
     """The placement `text` gives the checkpoint's experts (see worker.models.placement)."""
     args = model_class(ckpt.architecture).args_class.from_config(ckpt.config)
     return ExpertPlacement.parse(text, args.num_experts, world_size)
+
+
+def held_experts(placement: ExpertPlacement, rank: int) -> list[int]:
+    """The experts `rank` holds in the placement's default map (what a rank registers)."""
+    return [expert for expert, owner in enumerate(placement.owners) if owner == rank]
 
 
 class ExpertShardServicer(experts_pb2_grpc.ExpertShardServicer):
@@ -147,6 +172,15 @@ def load_shard(config: ShardConfig) -> tuple[ExpertShardModel, experts_pb2.Shard
     return shard, info
 
 
+def registration(config: ShardConfig, info: experts_pb2.ShardInfo, placement: ExpertPlacement, node_id: str,
+                 address: str) -> scheduler_pb2.RegisterRequest:
+    """What this shard registers: its group, rank, world size, placement, experts and device; no model."""
+    return scheduler_pb2.RegisterRequest(
+        node_id=node_id, address=config.advertise_address or address, replica_group=config.replica_group,
+        rank=config.rank, world_size=config.world_size, device=info.device, placement=info.placement,
+        held_experts=held_experts(placement, config.rank))
+
+
 async def serve(config: ShardConfig, ready_fd: int | None) -> None:
     stop = stop_event_on_signals()
     credentials = server_credentials(config.tls_dir, "worker") if config.tls_dir else None
@@ -159,11 +193,22 @@ async def serve(config: ShardConfig, ready_fd: int | None) -> None:
     server.add(experts_pb2_grpc.add_ExpertShardServicer_to_server, servicer, EXPERT_SHARD_SERVICE)
     await server.start()
     await server.set_serving(True)
+    node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    membership = None
+    if config.scheduler:
+        request = registration(config, info, shard.placement, node_id, server.address)
+        channel = aio_channel(config.scheduler, config.tls_dir, "worker")
+        membership = Membership(channel, request, lambda: scheduler_pb2.NodeLoad(), bearer_metadata(token))
+        membership.start()
+        await membership.registered.wait()
     announce_ready(ready_fd, service="expert-shard", address=server.address, rank=config.rank,
-                   world_size=config.world_size,
+                   world_size=config.world_size, node_id=node_id, replica_group=config.replica_group,
                    experts={layer: list(module.held_experts) for layer, module in shard.layers.items()},
                    loaded_bytes=info.loaded_bytes, resident_bytes=resident_bytes())
     await stop.wait()
+    if membership is not None:  # leave first: the replica stops taking requests before this shard goes
+        await membership.stop(deregister=True)
+        await channel.close()
     await server.stop()
     servicer.executor.shutdown(wait=False, cancel_futures=True)
 
