@@ -6,7 +6,8 @@
 # 1. makes this checkout importable as `moemesh` without installing it, and installs the wheels in .whl/
 #    (scripts/gpu_wheels.sh downloads them on a machine with a package index) for the GPU machine's Python;
 # 2. runs the `gpu` tests (tests/*/test_cuda_*.py): the model families, the engine (with and without CUDA
-#    graphs), sampling and the KV cache on CUDA, and a mesh started with `moemesh up --device cuda`; and the
+#    graphs), sampling and the KV cache on CUDA, an expert-parallel replica with rank 0 on CUDA and its shard on
+#    the CPU, and a mesh started with `moemesh up --device cuda`; and the
 #    Triton kernels against their PyTorch references, compiled (tests/model/test_triton_kernels.py);
 # 3. runs bench/gpu_check.py (python -m bench.gpu_check): the engine against transformers on a >= 2B
 #    random Mixtral in bf16 at 1, 32 and 128 sequences, with the fraction of the memory-bandwidth limit a decode step reaches;
