@@ -11,6 +11,7 @@ import pathlib
 import signal
 import sys
 import tempfile
+import time
 
 import click
 import grpc
@@ -293,8 +294,25 @@ def hash_key(key, salt, generate) -> None:
 
 
 # ---- clients ----------------------------------------------------------------
-def _channel(target: str) -> grpc.Channel:
+def _channel(target: str, tls: bool = False, tls_ca: pathlib.Path | None = None) -> grpc.Channel:
+    """A channel to the gateway (or Envoy in front of it): TLS with the system's roots or `tls_ca` when asked."""
+    if tls or tls_ca:
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_ca.read_bytes() if tls_ca else None))
     return grpc.insecure_channel(target)
+
+
+def client_options(command):
+    """--api-key (or MOEMESH_API_KEY) and the TLS options of a client command."""
+    command = click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+                           help="TLS, trusting this CA certificate (PEM)")(command)
+    command = click.option("--tls", is_flag=True, help="TLS with the system's trusted roots (e.g. Envoy at the edge)")(
+        command)
+    return click.option("--api-key", envvar="MOEMESH_API_KEY",
+                        help="sent as `authorization: Bearer` [env MOEMESH_API_KEY]")(command)
+
+
+def _auth(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
 def _fail(exc: grpc.RpcError) -> None:
@@ -315,8 +333,9 @@ def _fail(exc: grpc.RpcError) -> None:
 @click.option("--stop", multiple=True, help="stop sequence (repeatable)")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="deadline, seconds")
 @click.option("--json", "as_json", is_flag=True, help="print each stream event as JSON")
+@client_options
 def generate(prompt, target, model, chat, max_tokens, temperature, top_p, top_k, seed, stop, timeout,
-             as_json) -> None:
+             as_json, api_key, tls, tls_ca) -> None:
     """Stream a completion of PROMPT from the gateway."""
     from google.protobuf import json_format
 
@@ -330,11 +349,11 @@ def generate(prompt, target, model, chat, max_tokens, temperature, top_p, top_k,
     else:
         prompt_pb = common_pb2.Prompt(text=prompt)
     request = generation_pb2.GenerateRequest(model=model, prompt=prompt_pb, sampling=sampling)
-    with _channel(target) as channel:
+    with _channel(target, tls, tls_ca) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
             last = None
-            for event in stub.Generate(request, timeout=timeout):
+            for event in stub.Generate(request, timeout=timeout, metadata=_auth(api_key)):
                 if as_json:
                     click.echo(json_format.MessageToJson(event, indent=None))
                 else:
@@ -354,12 +373,14 @@ def generate(prompt, target, model, chat, max_tokens, temperature, top_p, top_k,
 @click.option("--target", default=DEFAULT_TARGET, show_default=True, help="gateway host:port")
 @click.option("--model", default="", help="embedding model id [default: the gateway's default]")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
-def embed(texts, target, model, timeout) -> None:
+@client_options
+def embed(texts, target, model, timeout, api_key, tls, tls_ca) -> None:
     """Print the embedding vector of each TEXT (one JSON object per line)."""
-    with _channel(target) as channel:
+    with _channel(target, tls, tls_ca) as channel:
         stub = embeddings_pb2_grpc.EmbeddingsStub(channel)
         try:
-            reply = stub.Embed(embeddings_pb2.EmbedRequest(model=model, inputs=texts), timeout=timeout)
+            reply = stub.Embed(embeddings_pb2.EmbedRequest(model=model, inputs=texts), timeout=timeout,
+                               metadata=_auth(api_key))
         except grpc.RpcError as exc:
             _fail(exc)
     for item in reply.embeddings:
@@ -369,13 +390,15 @@ def embed(texts, target, model, timeout) -> None:
 
 @main.command()
 @click.option("--target", default=DEFAULT_TARGET, show_default=True, help="gateway host:port")
-def models(target) -> None:
+@client_options
+def models(target, api_key, tls, tls_ca) -> None:
     """List the models the mesh serves."""
     from google.protobuf import json_format
 
-    with _channel(target) as channel:
+    with _channel(target, tls, tls_ca) as channel:
         try:
-            reply = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=10)
+            reply = models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(), timeout=10,
+                                                                   metadata=_auth(api_key))
         except grpc.RpcError as exc:
             _fail(exc)
     click.echo(json_format.MessageToJson(reply))
@@ -384,11 +407,12 @@ def models(target) -> None:
 @main.command()
 @click.option("--target", default=DEFAULT_TARGET, show_default=True, help="service host:port")
 @click.option("--service", default="", help="service name [default: overall health]")
-def health(target, service) -> None:
+@client_options
+def health(target, service, api_key, tls, tls_ca) -> None:
     """Print a service's health (grpc.health.v1); exit 1 unless SERVING."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with _channel(target) as channel:
+    with _channel(target, tls, tls_ca) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         except grpc.RpcError as exc:
@@ -424,6 +448,53 @@ def nodes(target, tls_dir) -> None:
         except grpc.RpcError as exc:
             _fail(exc)
     click.echo(json_format.MessageToJson(reply))
+
+
+@main.command()
+@click.option("--ready-file", type=click.Path(exists=True, dir_okay=False, path_type=pathlib.Path),
+              help="read every address from the ready file of `moemesh up --ready-file`")
+@click.option("--scheduler", help="scheduler host:port")
+@click.option("--gateway", help="gateway host:port (the models it serves)")
+@click.option("--scheduler-metrics", help="the scheduler's metrics host:port (queues)")
+@click.option("--gateway-metrics", help="the gateway's metrics host:port (caches)")
+@click.option("--tls-dir", type=click.Path(exists=True, file_okay=False, path_type=pathlib.Path),
+              help="mutual TLS to the scheduler as the operator role (operator.crt/.key)")
+@click.option("--api-key", envvar="MOEMESH_API_KEY", help="the gateway's API key [env MOEMESH_API_KEY]")
+@click.option("--watch", type=float, help="refresh every this many seconds until Ctrl-C")
+def status(ready_file, scheduler, gateway, scheduler_metrics, gateway_metrics, tls_dir, api_key, watch) -> None:
+    """The mesh at a glance: nodes, models, queues and caches.
+
+    The scheduler is asked as an operator, with the cluster token from MOEMESH_CLUSTER_TOKEN (never a flag: a
+    command line shows in `ps`) or the operator certificate.
+    """
+    from rich.console import Console
+    from rich.live import Live
+
+    from moemesh.status import Targets, read, render
+
+    targets = Targets.from_ready_file(ready_file) if ready_file else Targets()
+    for name, value in (("scheduler", scheduler), ("gateway", gateway), ("scheduler_metrics", scheduler_metrics),
+                        ("gateway_metrics", gateway_metrics)):
+        if value:
+            setattr(targets, name, value)
+    if not (targets.scheduler or targets.gateway):
+        raise click.UsageError("give --ready-file, or --scheduler and/or --gateway")
+
+    def look():
+        return read(targets, cluster_token=os.environ.get("MOEMESH_CLUSTER_TOKEN"), api_key=api_key, tls_dir=tls_dir)
+
+    console = Console()
+    if watch is None:
+        snapshot = look()
+        console.print(render(snapshot))
+        sys.exit(1 if snapshot.errors else 0)
+    with Live(render(look()), console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                time.sleep(watch)
+                live.update(render(look()), refresh=True)
+        except KeyboardInterrupt:
+            pass
 
 
 # ---- bench ------------------------------------------------------------------

@@ -169,3 +169,25 @@ def test_tenants_do_not_share_cached_answers(mesh):
     again = complete(mesh, "alpha-key", prompt)
     assert again.usage.from_response_cache and again.text == first.text
     assert complete(mesh, "gamma-key", prompt).usage.from_response_cache
+
+
+def test_client_commands_authenticate_with_an_api_key_from_the_flag_or_the_environment(mesh):
+    """`moemesh generate/models --api-key` (or MOEMESH_API_KEY) reach a gateway that requires a key."""
+    import subprocess
+    import sys
+
+    def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "moemesh.cli", *args, "--target", mesh.gateway],
+                              capture_output=True, text=True, timeout=120,
+                              env={k: v for k, v in os.environ.items() if k != "MOEMESH_API_KEY"} | (env or {}))
+
+    refused = cli("models")
+    assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
+    listed = cli("models", "--api-key", "gamma-key")
+    assert listed.returncode == 0 and MODEL in listed.stdout
+    generated = cli("generate", "def client():", "--max-tokens", "4", "--temperature", "0",
+                    env={"MOEMESH_API_KEY": "beta-key"})
+    assert generated.returncode == 1 and "PERMISSION_DENIED" in generated.stderr, "beta may not use demo-moe"
+    generated = cli("generate", "def client():", "--max-tokens", "4", "--temperature", "0",
+                    env={"MOEMESH_API_KEY": "alpha-key"})
+    assert generated.returncode == 0 and "completion_tokens=4" in generated.stderr
