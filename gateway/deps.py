@@ -21,6 +21,7 @@ from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
 from moemesh.gateway.journal import Journal
 from moemesh.gateway.ratelimit import RateLimiter
+from moemesh.gateway.request_metrics import RequestMetrics
 from moemesh.gateway.tenants import Authenticator, TenantRegistry
 from moemesh.services.scheduler.client import SchedulerClient
 
@@ -39,6 +40,7 @@ class GatewayDeps:
     redis: aioredis.Redis | None = None  # the caches' Redis, which /readyz reports on
     audit: AuditLog | None = None  # None: an AuditLog that follows config.audit_prompts
     limiter_redis: aioredis.Redis | None = None  # the limiter's own short-timeout client, closed with the rest
+    request_metrics: RequestMetrics = field(default_factory=RequestMetrics)  # latency and size histograms
 
     def __post_init__(self) -> None:
         if self.audit is None:  # a frozen dataclass fills a derived field this way

@@ -139,6 +139,7 @@ class Generation:
                     response.usage.CopyFrom(event.usage)
                     response.timings.CopyFrom(self.clock.timings(event.usage.completion_tokens))
                     status, usage, finish = "OK", event.usage, event.finish_reason
+                    self.deps.request_metrics.observe(self.model.id, event.usage, response.timings)
                 if index >= self.request.resume_from_index:
                     yield response
                 index += 1

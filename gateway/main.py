@@ -37,7 +37,8 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
     await server.set_serving(True)
     metrics_address, stop_metrics = None, None
     if config.metrics_port is not None:
-        metrics_address, stop_metrics = serve_metrics(config.host, config.metrics_port, lambda: cache_metrics(deps.caches))
+        metrics_address, stop_metrics = serve_metrics(config.host, config.metrics_port,
+                                                      lambda: cache_metrics(deps.caches) + deps.request_metrics.families())
     announce_ready(ready_fd, service="gateway", address=server.address,
                    http_address=http.address if http else None, metrics_address=metrics_address)
     await stop.wait()

@@ -181,6 +181,8 @@ def _print_banner(ready: dict) -> None:
         *[f"  expert shard   {s['address']}  {s.get('replica_group')} rank {s.get('rank')}"
           for s in ready.get("shards", [])],
         f"  redis          {ready['redis']['url']}",
+        *(["  metrics        " + "  ".join(f"{name}=http://{address}/metrics" for name, address in metrics)]
+          if (metrics := _metrics_addresses(ready)) else []),
         "",
         "Try:",
         f"  moemesh generate --target {gateway['address']} \"def fibonacci(n):\"",
@@ -189,6 +191,13 @@ def _print_banner(ready: dict) -> None:
         "Press Ctrl-C to stop.",
     ]
     click.echo("\n".join(lines), err=True)
+
+
+def _metrics_addresses(ready: dict) -> list[tuple[str, str]]:
+    """(service, host:port) of every Prometheus endpoint in a ready file."""
+    services = [("gateway", ready["gateway"]), ("scheduler", ready["scheduler"]),
+                *[(f"worker-{i}", w) for i, w in enumerate(ready["workers"])]]
+    return [(name, info["metrics_address"]) for name, info in services if info and info.get("metrics_address")]
 
 
 # ---- ray up -----------------------------------------------------------------

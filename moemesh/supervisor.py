@@ -435,9 +435,16 @@ def _bound_port(address: str | None, default: int) -> int:
     return int(address.rsplit(":", 1)[1]) if address else default
 
 
+# Metrics are on under `moemesh up`, each service on a free port (named in the ready file and the banner), unless
+# the environment sets a port already.
+METRICS_DEFAULTS = {f"MOEMESH_{service}_METRICS_PORT": "0" for service in ("GATEWAY", "SCHEDULER", "WORKER")}
+
+
 def _inherited_env() -> dict[str, str]:
-    """The supervisor's environment without the run's credentials: a child gets only those it needs, by name."""
-    return {k: v for k, v in os.environ.items() if k not in (CLUSTER_TOKEN_ENV, KV_TIER_SECRET_ENV)}
+    """The supervisor's environment without the run's credentials (a child gets only those it needs, by name),
+    with metrics on unless set."""
+    inherited = {k: v for k, v in os.environ.items() if k not in (CLUSTER_TOKEN_ENV, KV_TIER_SECRET_ENV)}
+    return METRICS_DEFAULTS | inherited
 
 
 def _read_line(fd: int) -> str:

@@ -32,6 +32,7 @@ import grpc
 
 from moemesh.services.core.costs import estimate_tokens
 from moemesh.services.core.errors import Overloaded
+from moemesh.services.core.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram
 from moemesh.services.scheduler.links import WorkerLink
 from moemesh.services.scheduler.queue import RETRY_PRIORITY, AdmissionQueue, Pending, QueueLimits
 from moemesh.services.scheduler.registry import Node, Registry
@@ -114,6 +115,12 @@ class Dispatcher:
         self.routes: dict[str, Route] = {}
         self.queues: dict[str, AdmissionQueue] = {}
         self.counters = DispatchCounters()
+        self.queue_wait = Histogram("moemesh_scheduler_queue_wait_seconds",
+                                    "Time a request waited in its model's admission queue before dispatch.",
+                                    LATENCY_BUCKETS, "model")
+        self.batch_size = Histogram("moemesh_scheduler_batch_size",
+                                    "Requests handed to one replica in one dispatch round (the dynamic batch).",
+                                    BATCH_BUCKETS, "model")
         self._completions: list[float] = []  # recent finish times, for retry-after hints
         self._timer: asyncio.TimerHandle | None = None
         self._rings: dict[str, tuple[int, HashRing]] = {}
@@ -237,11 +244,14 @@ class Dispatcher:
                 continue
             if blocked is not None:
                 if blocked.bypassed >= policy.max_head_bypass:
-                    return  # it has been passed enough: the replicas drain until it fits
+                    break  # it has been passed enough: the replicas drain until it fits
                 blocked.bypassed += 1
             queue.take(item)
+            self.queue_wait.observe(queue.clock() - item.enqueued_at, model)
             self._send(route, node)
             sent[node.node_id] = sent.get(node.node_id, 0) + 1
+        for count in sent.values():
+            self.batch_size.observe(count, model)
 
     def _fail_without_replicas(self, queue: AdmissionQueue) -> None:
         """No replica is registered for the model: fail what is queued, except failovers within their wait."""

@@ -59,6 +59,7 @@ def scheduler_metrics(registry: Registry, dispatcher: Dispatcher, embed_batcher:
         states[(node.state.value,)] += 1
     families.append(gauge("moemesh_scheduler_nodes", "Registered nodes by state.", states, ["state"]))
     families.append(expert_tokens_metric(registry))
+    families += [dispatcher.queue_wait.family(), dispatcher.batch_size.family()]
     families.append(counter("moemesh_scheduler_embed_requests", "Embed requests received.", embed_batcher.requests))
     families.append(counter("moemesh_scheduler_embed_worker_calls", "Worker Embed calls (batched requests share one).",
                             embed_batcher.calls))
