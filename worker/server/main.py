@@ -39,7 +39,7 @@ from moemesh.worker.engine.kv_sizing import (
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.expert_load import ExpertLoad, count_expert_load
-from moemesh.worker.models.registry import build_model
+from moemesh.worker.models.registry import build_model, resolve_dtype
 from moemesh.worker.ops.remote import ExpertExchange
 from moemesh.worker.ops.report import describe_backends
 from moemesh.worker.server.config import WorkerConfig
@@ -53,16 +53,6 @@ log = logging.getLogger("moemesh.worker")
 
 WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 EXIT_ENGINE_FAILED = 70  # EX_SOFTWARE: the engine loop raised; the supervisor restarts the worker
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """'auto' is bf16 on CUDA and fp32 on CPU (no fast bf16 on these CPUs)."""
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return DTYPES[name]
-
-
 class WorkerProcess:
     """Everything one worker process runs, started and stopped in order."""
 
