@@ -37,6 +37,7 @@ from moemesh.cache.embeddings import EmbeddingCache
 from moemesh.cache.guard import REDIS_UNAVAILABLE, RedisGuard
 from moemesh.cache.keys import digest_of_parts
 from moemesh.cache.stats import CacheStats
+from moemesh.services.core.tracing import span
 from moemesh.v1 import common_pb2, generation_pb2, worker_pb2
 
 __all__ = ["CacheStats", "EmbeddingCache", "LocalAnswers", "ResponseCache", "merge_events", "response_key"]
@@ -224,7 +225,10 @@ class ResponseCache:
         is stored.
         """
         if read:
-            stored = await self.get(key)
+            with span("cache lookup", {"moemesh.cache.tier": "response"}) as lookup:
+                stored = await self.get(key)
+                if lookup is not None:
+                    lookup.set_attribute("moemesh.cache.hit", stored is not None)
             if stored is not None:
                 for event in stored:
                     yield event, True

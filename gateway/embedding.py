@@ -15,27 +15,34 @@ import torch
 from moemesh.cache.embeddings import pack_embedding, unpack_embedding
 from moemesh.gateway.audit import status_name
 from moemesh.gateway.caches import GatewayCaches
+from moemesh.gateway.calls import NO_CALL_CONTEXT, CallContext
 from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.ratelimit import estimate_text_tokens
 from moemesh.gateway.tenants import OPEN_TENANT, Tenant
 from moemesh.gateway.validation import validate_embed_inputs
 from moemesh.services.core import tensors
 from moemesh.services.core.errors import error_from_rpc
+from moemesh.services.core.logs import bind_request
+from moemesh.services.core.tracing import span
 from moemesh.services.scheduler.client import SchedulerClient
 from moemesh.v1 import common_pb2, embeddings_pb2, models_pb2, worker_pb2
 
 
 async def embed(deps: GatewayDeps, request: embeddings_pb2.EmbedRequest, *, tenant: Tenant = OPEN_TENANT,
-                timeout: float | None = None) -> embeddings_pb2.EmbedResponse:
+                timeout: float | None = None, call: CallContext = NO_CALL_CONTEXT) -> embeddings_pb2.EmbedResponse:
     """Validate an EmbedRequest and embed its inputs (shared by the gRPC servicer and the HTTP API).
 
-    With the embedding cache, inputs found there are not sent upstream; only the rest are embedded.
+    With the embedding cache, inputs found there are not sent upstream; only the rest are embedded. The
+    response's id is the request's, else the caller's X-Request-Id (`call`), else a fresh one.
     """
     started = time.perf_counter()
+    request_id = request.request_id or call.request_id or uuid.uuid4().hex
+    bind_request(request_id, call.trace)  # this call's log lines name the request
     try:
         response = await _embed(deps, request, tenant, timeout)
+        response.request_id = request_id
     except BaseException as exc:
-        deps.audit.record("embed", request.request_id, tenant.id, request.model, status_name(exc), started,
+        deps.audit.record("embed", request_id, tenant.id, request.model, status_name(exc), started,
                           inputs=len(request.inputs))
         raise
     deps.audit.record("embed", response.request_id, tenant.id, response.model, "OK", started,
@@ -73,9 +80,10 @@ async def _from_cache(caches: GatewayCaches | None, tenant: Tenant, model: model
     if caches is None:
         return []
     keys = [caches.embedding_key(tenant, model, normalize, text) for text in inputs]
-    for i, raw in enumerate(await caches.embeddings.get_many(keys, model.dimensions)):
-        if raw is not None:
-            vectors[i], counts[i] = unpack_embedding(raw)
+    with span("cache lookup", {"moemesh.cache.tier": "embedding", "moemesh.cache.keys": len(keys)}):
+        for i, raw in enumerate(await caches.embeddings.get_many(keys, model.dimensions)):
+            if raw is not None:
+                vectors[i], counts[i] = unpack_embedding(raw)
     return keys
 
 
@@ -97,7 +105,6 @@ def _response(request: embeddings_pb2.EmbedRequest, model: models_pb2.ModelInfo,
               counts: list[int], fresh: set[int]) -> embeddings_pb2.EmbedResponse:
     matrix = torch.stack(vectors)  # [N, D]
     return embeddings_pb2.EmbedResponse(
-        request_id=request.request_id or uuid.uuid4().hex,
         model=model.id,
         dimensions=matrix.shape[1],
         embeddings=[embeddings_pb2.Embedding(index=i, values=row) for i, row in enumerate(matrix.tolist())],

@@ -20,12 +20,15 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 from moemesh.gateway.audit import status_name
+from moemesh.gateway.calls import NO_CALL_CONTEXT, CallContext
 from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.journal import Journal
 from moemesh.gateway.ratelimit import RateLimiter, estimate_tokens
 from moemesh.gateway.tenants import OPEN_TENANT, Tenant, cache_scope
 from moemesh.gateway.validation import validate_generate
 from moemesh.services.core.errors import MeshError
+from moemesh.services.core.logs import bind_request
+from moemesh.services.core.tracing import span
 from moemesh.v1 import common_pb2, generation_pb2, models_pb2, worker_pb2
 
 
@@ -103,7 +106,7 @@ class Generation:
         self.clock = clock
         self.journal = journal  # set for a resumable (caller-named) request
         self.quota = quota  # set when the tenant has a tokens limit and this call generates
-        self.public_id = request.request_id or work.request_id  # the caller's id (the work's is tenant-scoped)
+        self.public_id = work.client_request_id  # the caller's id (the work's is tenant-scoped)
 
     @property
     def request_id(self) -> str:
@@ -159,28 +162,32 @@ class Generation:
 
 
 async def start_generation(deps: GatewayDeps, request: generation_pb2.GenerateRequest, *,
-                           tenant: Tenant = OPEN_TENANT, timeout: float | None = None) -> Generation:
+                           tenant: Tenant = OPEN_TENANT, timeout: float | None = None,
+                           call: CallContext = NO_CALL_CONTEXT) -> Generation:
     """Resolve the model, check the tenant may use it, validate the request (InvalidRequest naming the field)
     and charge the tenant's rate limits (Overloaded when over); nothing is sent yet.
 
     The one path from a GenerateRequest to its events, shared by the gRPC servicer and the HTTP API.
-    `timeout` is the caller's remaining time in seconds (None: no deadline).
+    `timeout` is the caller's remaining time in seconds (None: no deadline); `call` what the transport tells of
+    the caller (its X-Request-Id and trace context).
     """
     clock = StreamClock()
     try:
-        return await _admit(deps, request, tenant, timeout, clock)
+        with span("admit"):
+            return await _admit(deps, request, tenant, timeout, clock, call)
     except MeshError as exc:
-        deps.audit.record("generate", request.request_id, tenant.id, request.model, status_name(exc), clock.start,
-                          error=str(exc))
+        deps.audit.record("generate", request.request_id or call.request_id, tenant.id, request.model,
+                          status_name(exc), clock.start, error=str(exc))
         raise
 
 
 async def _admit(deps: GatewayDeps, request: generation_pb2.GenerateRequest, tenant: Tenant,
-                 timeout: float | None, clock: StreamClock) -> Generation:
+                 timeout: float | None, clock: StreamClock, call: CallContext) -> Generation:
     model = await deps.catalogue.resolve(request.model, models_pb2.MODEL_KIND_GENERATION)
     tenant.check_model(model.id)
     validate_generate(request, model, deps.config)
-    work = _work(request, model, tenant, timeout)
+    work = _work(request, model, tenant, timeout, call)
+    bind_request(work.client_request_id, work.trace_context)  # this call's log lines name the request
     work.cache_scope = cache_scope(tenant, deps.config.cache_shared_scope)  # salts prefix KV too, not just answers
     journal = await _claim_journal(deps.journal, tenant, request)
     quota = None
@@ -197,8 +204,8 @@ async def _admit(deps: GatewayDeps, request: generation_pb2.GenerateRequest, ten
 
 
 def _work(request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo, tenant: Tenant,
-          timeout: float | None) -> worker_pb2.GenerationWork:
-    return worker_pb2.GenerationWork(
+          timeout: float | None, call: CallContext) -> worker_pb2.GenerationWork:
+    work = worker_pb2.GenerationWork(
         # A caller's id is unique per tenant only; the mesh-wide one carries the tenant (both encoded: no two pairs
         # meet, whatever separators they hold).
         request_id=f"{quote(tenant.id, safe='')}/{quote(request.request_id, safe='')}" if request.request_id
@@ -209,7 +216,10 @@ def _work(request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo, 
         deadline_unix=time.time() + timeout if timeout is not None else 0.0,
         priority=tenant.effective_priority(request.priority),
         tenant=tenant.id,
+        trace_context=call.trace,  # replaced by the dispatch span's context when tracing is on
     )
+    work.client_request_id = request.request_id or call.request_id or work.request_id
+    return work
 
 
 async def _claim_journal(journal: Journal | None, tenant: Tenant,

@@ -19,6 +19,7 @@ from moemesh.gateway import openai_api
 from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.http_deps import Deps
 from moemesh.gateway.openai_errors import add_error_handlers, error_response
+from moemesh.services.core.tracing import enabled as tracing_enabled
 
 health = fastapi.APIRouter()
 
@@ -57,6 +58,12 @@ def create_app(deps: GatewayDeps) -> fastapi.FastAPI:
     app.add_middleware(BodyLimit, limit=deps.config.max_request_bytes)
     app.include_router(openai_api.router)
     app.include_router(health)
+    if tracing_enabled():
+        # One server span per API request (continuing a caller's traceparent); none for the probes, and none per
+        # streamed chunk (the ASGI send/receive spans), which would cost a span per token.
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+        FastAPIInstrumentor.instrument_app(app, excluded_urls="/healthz,/readyz,/health",
+                                           exclude_spans=["receive", "send"])
     return app
 
 

@@ -12,6 +12,7 @@ import fastapi
 from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.tenants import Tenant, credential_from_headers
 from moemesh.services.core.errors import Unauthenticated
+from moemesh.services.core.tracing import span
 
 
 async def gateway_deps(request: fastapi.Request) -> GatewayDeps:
@@ -26,8 +27,9 @@ def caller_tenant(request: fastapi.Request, deps: Annotated[GatewayDeps, fastapi
     refusal is audited with its reason.
     """
     try:
-        return deps.auth.authenticate(credential_from_headers(request.headers.get("authorization"),
-                                                              request.headers.get("x-api-key")))
+        with span("auth"):
+            return deps.auth.authenticate(credential_from_headers(request.headers.get("authorization"),
+                                                                  request.headers.get("x-api-key")))
     except Unauthenticated as exc:
         deps.audit.refused(exc, transport="http", method=f"{request.method} {request.url.path}",
                            peer=request.client.host if request.client else None)

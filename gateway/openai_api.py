@@ -28,6 +28,7 @@ import fastapi
 import numpy as np
 from fastapi.responses import JSONResponse, Response
 
+from moemesh.gateway.calls import CallContext, http_call_context
 from moemesh.gateway.deadlines import ClientGone, grace, request_timeout, until_disconnected
 from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.embedding import embed
@@ -79,19 +80,22 @@ async def _generate(deps: GatewayDeps, request: fastapi.Request, tenant: Tenant,
     """Run the body's generations (one per choice) and answer in the endpoint's shape: streamed (SSE) or whole;
     499 when the client went away first."""
     timeout = request_timeout(request)
+    call = http_call_context(request.headers)
     grpc_requests = body.generate_requests(cache_mode(request))
     try:
         if body.stream:
-            generations, streams = await _admit(deps, request, grpc_requests, body, tenant, timeout, _open_streams)
+            generations, streams = await _admit(deps, request, grpc_requests, body, tenant, timeout, call,
+                                                _open_streams)
             return event_stream(generations, streams, body.include_usage, shape)
-        generations, answers = await _admit(deps, request, grpc_requests, body, tenant, timeout, _whole_answers)
+        generations, answers = await _admit(deps, request, grpc_requests, body, tenant, timeout, call,
+                                            _whole_answers)
     except ClientGone:
         return Response(status_code=499)
     return JSONResponse(shape.answer(generations, answers), headers={"X-Request-Id": generations[0].request_id})
 
 
 async def _admit(deps: GatewayDeps, request: fastapi.Request, grpc_requests: list[generation_pb2.GenerateRequest],
-                 body: SamplingBody, tenant: Tenant, timeout: float | None,
+                 body: SamplingBody, tenant: Tenant, timeout: float | None, call: CallContext,
                  then: Callable[[list[Generation]], Awaitable[T]]) -> tuple[list[Generation], T]:
     """Start every generation and await `then` on them (their first events, or whole answers), so that a refusal
     of any (invalid, overloaded, unavailable) is still an HTTP error status for the whole request; cancelled
@@ -99,7 +103,8 @@ async def _admit(deps: GatewayDeps, request: fastapi.Request, grpc_requests: lis
 
     async def run() -> tuple[list[Generation], T]:
         with openai_names(body.param_names()):
-            generations = [await start_generation(deps, r, tenant=tenant, timeout=timeout) for r in grpc_requests]
+            generations = [await start_generation(deps, r, tenant=tenant, timeout=timeout, call=call)
+                           for r in grpc_requests]
             return generations, await then(generations)
 
     return await until_disconnected(request.receive, run(), grace(timeout))
@@ -146,11 +151,12 @@ async def _whole_answers(generations: list[Generation]) -> list[Answer]:
 async def embeddings(body: EmbeddingRequest, request: fastapi.Request, deps: Deps, tenant: Caller) -> Response:
     """Embeddings of one or more texts, as float lists or base64 float32."""
     timeout = request_timeout(request)
+    call = http_call_context(request.headers)
     grpc_request = body.embed_request(cache_mode(request))
 
     async def run():
         with openai_names(body.param_names()):
-            return await embed(deps, grpc_request, tenant=tenant, timeout=timeout)
+            return await embed(deps, grpc_request, tenant=tenant, timeout=timeout, call=call)
 
     try:
         result = await until_disconnected(request.receive, run(), grace(timeout))

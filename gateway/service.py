@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import grpc
 
+from moemesh.gateway.calls import grpc_call_context
 from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.embedding import embed
 from moemesh.gateway.generation import start_generation
@@ -18,6 +19,7 @@ from moemesh.gateway.tenants import Tenant, credential_from_metadata
 from moemesh.gateway.validation import validate_size
 from moemesh.services.core.errors import Unauthenticated, error_from_rpc
 from moemesh.services.core.server import GrpcServer
+from moemesh.services.core.tracing import span
 from moemesh.v1 import (
     embeddings_pb2,
     embeddings_pb2_grpc,
@@ -32,7 +34,8 @@ def tenant_of(context: grpc.aio.ServicerContext, deps: GatewayDeps, method: str)
     """The caller's tenant from `authorization: Bearer <key or JWT>` (or `x-api-key`) metadata; a refusal is
     audited with its reason."""
     try:
-        return deps.auth.authenticate(credential_from_metadata(context.invocation_metadata()))
+        with span("auth"):
+            return deps.auth.authenticate(credential_from_metadata(context.invocation_metadata()))
     except Unauthenticated as exc:
         deps.audit.refused(exc, transport="grpc", method=method, peer=context.peer())
         raise
@@ -56,8 +59,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     async def Generate(self, request, context) -> AsyncIterator[generation_pb2.GenerateResponse]:
         """The generation's events as they come."""
         tenant = tenant_of(context, self.deps, "Generate")
+        call = grpc_call_context(context.invocation_metadata())
         with upstream_errors():
-            generation = await start_generation(self.deps, request, tenant=tenant, timeout=context.time_remaining())
+            generation = await start_generation(self.deps, request, tenant=tenant, timeout=context.time_remaining(),
+                                                call=call)
             async for response in generation.responses():
                 yield response
 
@@ -89,8 +94,9 @@ class EmbeddingsServicer(embeddings_pb2_grpc.EmbeddingsServicer):
         """The inputs' embeddings."""
         validate_size(request, self.deps.config)
         tenant = tenant_of(context, self.deps, "Embed")
+        call = grpc_call_context(context.invocation_metadata())
         with upstream_errors():
-            return await embed(self.deps, request, tenant=tenant, timeout=context.time_remaining())
+            return await embed(self.deps, request, tenant=tenant, timeout=context.time_remaining(), call=call)
 
 
 class ModelsServicer(models_pb2_grpc.ModelsServicer):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from moemesh.v1 import common_pb2 as moemesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/worker.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xa2\x02\n\x0eGenerationWork\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x06prompt\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Prompt\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x15\n\rdeadline_unix\x18\x06 \x01(\x01\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\x05\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x19\n\x11resume_text_chars\x18\n \x01(\x05\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x0b \x01(\t\",\n\x06\x43\x61ncel\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"i\n\x0e\x45xecuteRequest\x12)\n\x03\x61\x64\x64\x18\x01 \x01(\x0b\x32\x1a.moemesh.v1.GenerationWorkH\x00\x12$\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.CancelH\x00\x42\x06\n\x04kind\"J\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x03 \x01(\x01\"\x9e\x02\n\x0cRequestEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x18.moemesh.v1.RequestError\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\"6\n\nEventBatch\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.moemesh.v1.RequestEvent\"=\n\tEmbedWork\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x11\n\tnormalize\x18\x03 \x01(\x08\"H\n\x0b\x45mbedResult\x12#\n\x07vectors\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x14\n\x0ctoken_counts\x18\x02 \x03(\x05\x32\x84\x01\n\x06Worker\x12\x41\n\x07\x45xecute\x12\x1a.moemesh.v1.ExecuteRequest\x1a\x16.moemesh.v1.EventBatch(\x01\x30\x01\x12\x37\n\x05\x45mbed\x12\x15.moemesh.v1.EmbedWork\x1a\x17.moemesh.v1.EmbedResultB\x02P\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17moemesh/v1/worker.proto\x12\nmoemesh.v1\x1a\x17moemesh/v1/common.proto\"\xb7\x03\n\x0eGenerationWork\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\"\n\x06prompt\x18\x03 \x01(\x0b\x32\x12.moemesh.v1.Prompt\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\x05\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.moemesh.v1.SamplingParams\x12\x15\n\rdeadline_unix\x18\x06 \x01(\x01\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\x05\x12\x10\n\x08priority\x18\x08 \x01(\x05\x12\x0e\n\x06tenant\x18\t \x01(\t\x12\x19\n\x11resume_text_chars\x18\n \x01(\x05\x12\x13\n\x0b\x63\x61\x63he_scope\x18\x0b \x01(\t\x12\x43\n\rtrace_context\x18\x0c \x03(\x0b\x32,.moemesh.v1.GenerationWork.TraceContextEntry\x12\x19\n\x11\x63lient_request_id\x18\r \x01(\t\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\",\n\x06\x43\x61ncel\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"i\n\x0e\x45xecuteRequest\x12)\n\x03\x61\x64\x64\x18\x01 \x01(\x0b\x32\x1a.moemesh.v1.GenerationWorkH\x00\x12$\n\x06\x63\x61ncel\x18\x02 \x01(\x0b\x32\x12.moemesh.v1.CancelH\x00\x42\x06\n\x04kind\"J\n\x0cRequestError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x03 \x01(\x01\"\x9e\x02\n\x0cRequestEvent\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.moemesh.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.moemesh.v1.Usage\x12\'\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x18.moemesh.v1.RequestError\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.moemesh.v1.TokenLogprob\"6\n\nEventBatch\x12(\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x18.moemesh.v1.RequestEvent\"=\n\tEmbedWork\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12\x11\n\tnormalize\x18\x03 \x01(\x08\"H\n\x0b\x45mbedResult\x12#\n\x07vectors\x18\x01 \x01(\x0b\x32\x12.moemesh.v1.Tensor\x12\x14\n\x0ctoken_counts\x18\x02 \x03(\x05\x32\x84\x01\n\x06Worker\x12\x41\n\x07\x45xecute\x12\x1a.moemesh.v1.ExecuteRequest\x1a\x16.moemesh.v1.EventBatch(\x01\x30\x01\x12\x37\n\x05\x45mbed\x12\x15.moemesh.v1.EmbedWork\x1a\x17.moemesh.v1.EmbedResultB\x02P\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,26 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'moemesh.v1.worker_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'P\001'
+  _globals['_GENERATIONWORK_TRACECONTEXTENTRY']._loaded_options = None
+  _globals['_GENERATIONWORK_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_GENERATIONWORK']._serialized_start=65
-  _globals['_GENERATIONWORK']._serialized_end=355
-  _globals['_CANCEL']._serialized_start=357
-  _globals['_CANCEL']._serialized_end=401
-  _globals['_EXECUTEREQUEST']._serialized_start=403
-  _globals['_EXECUTEREQUEST']._serialized_end=508
-  _globals['_REQUESTERROR']._serialized_start=510
-  _globals['_REQUESTERROR']._serialized_end=584
-  _globals['_REQUESTEVENT']._serialized_start=587
-  _globals['_REQUESTEVENT']._serialized_end=873
-  _globals['_EVENTBATCH']._serialized_start=875
-  _globals['_EVENTBATCH']._serialized_end=929
-  _globals['_EMBEDWORK']._serialized_start=931
-  _globals['_EMBEDWORK']._serialized_end=992
-  _globals['_EMBEDRESULT']._serialized_start=994
-  _globals['_EMBEDRESULT']._serialized_end=1066
-  _globals['_WORKER']._serialized_start=1069
-  _globals['_WORKER']._serialized_end=1201
+  _globals['_GENERATIONWORK']._serialized_end=504
+  _globals['_GENERATIONWORK_TRACECONTEXTENTRY']._serialized_start=453
+  _globals['_GENERATIONWORK_TRACECONTEXTENTRY']._serialized_end=504
+  _globals['_CANCEL']._serialized_start=506
+  _globals['_CANCEL']._serialized_end=550
+  _globals['_EXECUTEREQUEST']._serialized_start=552
+  _globals['_EXECUTEREQUEST']._serialized_end=657
+  _globals['_REQUESTERROR']._serialized_start=659
+  _globals['_REQUESTERROR']._serialized_end=733
+  _globals['_REQUESTEVENT']._serialized_start=736
+  _globals['_REQUESTEVENT']._serialized_end=1022
+  _globals['_EVENTBATCH']._serialized_start=1024
+  _globals['_EVENTBATCH']._serialized_end=1078
+  _globals['_EMBEDWORK']._serialized_start=1080
+  _globals['_EMBEDWORK']._serialized_end=1141
+  _globals['_EMBEDRESULT']._serialized_start=1143
+  _globals['_EMBEDRESULT']._serialized_end=1215
+  _globals['_WORKER']._serialized_start=1218
+  _globals['_WORKER']._serialized_end=1350
 # @@protoc_insertion_point(module_scope)

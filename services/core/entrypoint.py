@@ -11,6 +11,7 @@ from typing import TypeVar
 
 from moemesh.services.core.config import ServiceConfig, add_flags, flag_values, load_config
 from moemesh.services.core.logs import setup_logging
+from moemesh.services.core.tracing import setup_tracing, shutdown_tracing
 
 C = TypeVar("C", bound=ServiceConfig)
 SECRETS_DIR_ENV = "MOEMESH_SECRETS_DIR"
@@ -46,7 +47,11 @@ def service_main(
         print(f"moemesh-{service}: {exc}", file=sys.stderr)
         return 2
     setup_logging(service, config.log_level)
-    run_event_loop(serve(config, args.ready_fd))
+    setup_tracing(service)
+    try:
+        run_event_loop(serve(config, args.ready_fd))
+    finally:
+        shutdown_tracing()  # the spans still batched go out before the process ends
     return 0
 
 

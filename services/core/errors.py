@@ -121,9 +121,14 @@ def public_message(code: int, message: str) -> str:
     if not _ADDRESS.search(message):
         return message
     log.warning("an upstream error's message was withheld from the caller (it names an internal address)",
-                extra={"code": code_pb2.Code.Name(code) if code in code_pb2.Code.values() else code,
+                extra={"code": code_name(code),
                        "upstream_message": message})
     return _WITHHELD.get(code, "the mesh failed to serve the request")
+
+
+def code_name(code: int) -> str:
+    """The name of a google.rpc.Code number ("UNKNOWN" for a number it does not define)."""
+    return code_pb2.Code.Name(code) if code in code_pb2.Code.values() else "UNKNOWN"
 
 
 def error_from_code(code: int, message: str, retry_after: float = 0.0) -> MeshError:

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moemesh.services.core.interceptors import ErrorMappingInterceptor
+from moemesh.services.core.tracing import server_interceptors
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,8 @@ class GrpcServer:
         self.grace = grace
         self.credentials = credentials
         self.server = grpc.aio.server(
-            interceptors=[ErrorMappingInterceptor(), *interceptors],  # inner ones' errors get mapped too
+            # Tracing outermost (its span sees the mapped status); inner interceptors' errors get mapped too.
+            interceptors=[*server_interceptors(), ErrorMappingInterceptor(), *interceptors],
             options=[
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),

@@ -20,6 +20,8 @@ import pathlib
 
 import grpc
 
+from moemesh.services.core.tracing import client_interceptors
+
 # The operator role is for people and tools (ListNodes); no service runs as it.
 ROLES = ("scheduler", "worker", "gateway", "operator")
 ROLE_URI_PREFIX = "moemesh:role:"
@@ -121,7 +123,9 @@ def certificate_role(pem: bytes) -> str | None:
 
 
 def aio_channel(target: str, tls_dir: pathlib.Path | None, role: str) -> grpc.aio.Channel:
-    """A channel to another mesh service: mutual TLS when `tls_dir` is set, else plaintext."""
+    """A channel to another mesh service: mutual TLS when `tls_dir` is set, else plaintext; with tracing on, its
+    per-request calls carry the trace context."""
+    interceptors = client_interceptors() or None
     if tls_dir is None:
-        return grpc.aio.insecure_channel(target)
-    return grpc.aio.secure_channel(target, channel_credentials(tls_dir, role))
+        return grpc.aio.insecure_channel(target, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, channel_credentials(tls_dir, role), interceptors=interceptors)

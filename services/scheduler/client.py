@@ -19,8 +19,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from moemesh.services.core.auth import bearer_metadata
-from moemesh.services.core.errors import Unavailable, error_from_code
+from moemesh.services.core.errors import Unavailable, code_name, error_from_code
 from moemesh.services.core.tls import aio_channel
+from moemesh.services.core.tracing import request_trace
 from moemesh.v1 import models_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,11 @@ class SchedulerClient:
         events: asyncio.Queue[worker_pb2.RequestEvent] = asyncio.Queue()
         self._pending[work.request_id] = events
         outbox = self._outbox
+        span = request_trace("dispatch", None, {"moemesh.request_id": work.client_request_id or work.request_id,
+                                                "moemesh.model": work.model}, kind="CLIENT")
+        span.inject(work.trace_context)  # the scheduler's span for the request is this one's child
         outbox.put_nowait(worker_pb2.ExecuteRequest(add=work))
-        finished = False
+        finished, tokens, error = False, 0, None
         try:
             while True:
                 event = await events.get()
@@ -73,7 +77,11 @@ class SchedulerClient:
                     event = _merge(event, following)
                 if event.HasField("error"):
                     finished = True
+                    error = code_name(event.error.code)
                     raise error_from_code(event.error.code, event.error.message, event.error.retry_after_seconds)
+                if event.token_ids and not tokens:
+                    span.event("first token")
+                tokens += len(event.token_ids)
                 finished = event.finish_reason != 0
                 yield event
                 if finished:
@@ -83,6 +91,7 @@ class SchedulerClient:
             if not finished:
                 outbox.put_nowait(worker_pb2.ExecuteRequest(
                     cancel=worker_pb2.Cancel(request_id=work.request_id, reason="client")))
+            span.end({"moemesh.completion_tokens": tokens, "moemesh.cancelled": not finished}, error)
 
     async def embed(self, work: worker_pb2.EmbedWork, timeout: float | None = None) -> worker_pb2.EmbedResult:
         return await self.stub.Embed(work, timeout=timeout, metadata=self.metadata)

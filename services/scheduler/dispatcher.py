@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from moemesh.services.core.costs import estimate_tokens
-from moemesh.services.core.errors import Overloaded
+from moemesh.services.core.errors import Overloaded, code_name
+from moemesh.services.core.logs import request_fields
 from moemesh.services.core.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Histogram
+from moemesh.services.core.tracing import NO_TRACE, NoTrace, RequestTrace, request_trace
 from moemesh.services.scheduler.links import WorkerLink
 from moemesh.services.scheduler.queue import RETRY_PRIORITY, AdmissionQueue, Pending, QueueLimits
 from moemesh.services.scheduler.registry import Node, Registry
@@ -83,6 +85,7 @@ class Route:
     failovers: int = 0
     tried: set[str] = field(default_factory=set)
     cancelled: bool = False
+    trace: RequestTrace | NoTrace = NO_TRACE  # its span here: queue waits, dispatches, failovers
 
 
 @dataclass
@@ -155,12 +158,16 @@ class Dispatcher:
             self.counters.rejected += 1
             session.send([_error_event(work.request_id, grpc.StatusCode.INVALID_ARGUMENT, problem)])
             return
-        route = Route(work, session, cost=estimate_tokens(work))
+        route = Route(work, session, cost=estimate_tokens(work), trace=request_trace("schedule", work.trace_context, {
+            "moemesh.request_id": work.client_request_id or work.request_id, "moemesh.model": work.model,
+            "moemesh.tenant": work.tenant, "moemesh.priority": work.priority}))
+        route.trace.phase("queue wait")
         queue = self._queue(work.model)
         try:
             queue.push(self._pending(route), retry_after=self.retry_after())
         except Overloaded as exc:
             self.counters.rejected += 1
+            route.trace.end(error="RESOURCE_EXHAUSTED")
             session.send([_error_event(work.request_id, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
                                        retry_after=exc.retry_after)])
             return
@@ -176,7 +183,7 @@ class Dispatcher:
         route.cancelled = True
         if route.node_id is None:  # still queued: no worker to tell
             self._queue(route.work.model).remove(request_id)
-            self._drop(request_id, route)
+            self._drop(request_id, route, "CANCELLED")
             self.counters.queue_cancels += 1
             return
         link = self.links.get(route.node_id)
@@ -205,7 +212,7 @@ class Dispatcher:
             for late in queue.expired(now_unix):
                 route = late.payload
                 self.counters.deadline_in_queue += 1
-                self._drop(late.request_id, route)
+                self._drop(late.request_id, route, "DEADLINE_EXCEEDED")
                 route.session.send([_error_event(late.request_id, grpc.StatusCode.DEADLINE_EXCEEDED,
                                                  "deadline passed while queued")])
             if queue:
@@ -260,7 +267,7 @@ class Dispatcher:
             if route.failovers and queue.clock() - head.enqueued_at < self.policy.failover_wait:
                 return  # a replacement replica may register in time
             queue.pop()
-            self._drop(head.request_id, route)
+            self._drop(head.request_id, route, "UNAVAILABLE")
             route.session.send([_error_event(head.request_id, grpc.StatusCode.UNAVAILABLE,
                                              "no ready replica serves this model", retry_after=1.0)])
 
@@ -270,7 +277,7 @@ class Dispatcher:
         if problem is None:
             return False
         queue.take(item)
-        self._drop(item.request_id, item.payload)
+        self._drop(item.request_id, item.payload, "INVALID_ARGUMENT")
         self.counters.rejected += 1
         item.payload.session.send([_error_event(item.request_id, grpc.StatusCode.INVALID_ARGUMENT, problem)])
         return True
@@ -315,6 +322,8 @@ class Dispatcher:
         route.tried.add(node.node_id)
         node.in_flight += 1
         node.routed_requests += 1
+        route.trace.phase("run", {"moemesh.node_id": node.node_id, "moemesh.resumed_tokens": len(route.token_ids)})
+        route.trace.inject(work.trace_context)  # the worker's span for the request is this one's child
         self.link(node).send(worker_pb2.ExecuteRequest(add=work))
 
     # ---- events --------------------------------------------------------------
@@ -335,7 +344,7 @@ class Dispatcher:
             if event.finish_reason or event.HasField("error"):
                 if event.finish_reason == common_pb2.FINISH_REASON_ABORT:
                     self.counters.engine_aborts += 1
-                self._finish(event.request_id, route)
+                self._finish(event.request_id, route, code_name(event.error.code) if event.HasField("error") else None)
                 freed = True
             by_session.setdefault(id(route.session), (route.session, []))[1].append(event)
         for session, events in by_session.values():
@@ -343,9 +352,9 @@ class Dispatcher:
         if freed:
             self.pump()
 
-    def _finish(self, request_id: str, route: Route) -> None:
+    def _finish(self, request_id: str, route: Route, error: str | None = None) -> None:
         self._release_node(route)
-        self._drop(request_id, route)
+        self._drop(request_id, route, error)
         self.counters.completed += 1
         self._completions.append(time.monotonic())
 
@@ -355,9 +364,17 @@ class Dispatcher:
             node.in_flight -= 1
         route.node_id = None
 
-    def _drop(self, request_id: str, route: Route) -> None:
+    def _drop(self, request_id: str, route: Route, error: str | None = None) -> None:
+        """Forget the request (finished, refused or cancelled; `error` names the status it ended with, if not OK)."""
         self.routes.pop(request_id, None)
         route.session.request_ids.discard(request_id)
+        route.trace.end({"moemesh.failovers": route.failovers, "moemesh.delivered_tokens": len(route.token_ids)},
+                        error)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("request ended", extra={**request_fields(route.work.client_request_id or request_id,
+                                                                route.work.trace_context),
+                                               "status": error or "OK", "failovers": route.failovers,
+                                               "delivered_tokens": len(route.token_ids)})
 
     def _on_link_closed(self, node_id: str) -> None:
         """A broken execution stream means the node is gone."""
@@ -406,16 +423,22 @@ class Dispatcher:
         """Send a request that lost its replica to another one, or fail it when it cannot go on."""
         if route.cancelled:  # its client is gone: nothing to continue
             self.counters.engine_aborts += 1  # it ended aborted, as the cancel asked
-            self._drop(request_id, route)
+            self._drop(request_id, route, "CANCELLED")
             return
         route.failovers += 1
         if route.failovers > self.policy.max_failovers:
             self.counters.failed_over_lost += 1
-            self._drop(request_id, route)
+            self._drop(request_id, route, "UNAVAILABLE")
             route.session.send([_error_event(request_id, grpc.StatusCode.UNAVAILABLE,
                                              f"{why}; gave up after {self.policy.max_failovers} failovers")])
             return
         self.counters.failovers += 1
+        route.trace.event("failover", {"moemesh.reason": why, "moemesh.delivered_tokens": len(route.token_ids)})
+        route.trace.phase("queue wait")
+        log.info("request failed over: %s", why, extra={**request_fields(route.work.client_request_id or request_id,
+                                                                          route.work.trace_context),
+                                                         "failovers": route.failovers,
+                                                         "delivered_tokens": len(route.token_ids)})
         pending = self._pending(route)
         pending.priority = RETRY_PRIORITY
         self._queue(route.work.model).push(pending, force=True)

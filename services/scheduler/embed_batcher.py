@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from moemesh.services.core import tensors
+from moemesh.services.core.tracing import current_span_context, span
 from moemesh.v1 import worker_pb2
 
 EmbedCall = Callable[[worker_pb2.EmbedWork], Awaitable[worker_pb2.EmbedResult]]
@@ -23,6 +24,7 @@ EmbedCall = Callable[[worker_pb2.EmbedWork], Awaitable[worker_pb2.EmbedResult]]
 @dataclass
 class _Batch:
     requests: list[tuple[worker_pb2.EmbedWork, asyncio.Future]] = field(default_factory=list)
+    spans: list[object] = field(default_factory=list)  # each request's span context (tracing on), to link to
     inputs: int = 0
     timer: asyncio.TimerHandle | None = None
 
@@ -54,6 +56,7 @@ class EmbedBatcher:
             batch.timer = asyncio.get_running_loop().call_later(self.max_delay, self._flush, key)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         batch.requests.append((request, future))
+        batch.spans.append(current_span_context())
         batch.inputs += len(request.inputs)
         if batch.inputs >= self.max_inputs:
             self._flush(key)
@@ -76,7 +79,10 @@ class EmbedBatcher:
                                       inputs=[text for request, _ in batch.requests for text in request.inputs])
         self.calls += 1
         try:
-            result = await self.call(merged)
+            # Runs in the context of the request that opened the batch; the span links the others' spans.
+            with span("embed batch", {"moemesh.requests": len(batch.requests), "moemesh.inputs": batch.inputs},
+                      links=batch.spans):
+                result = await self.call(merged)
         except Exception:  # a merged failure is retried request by request
             await asyncio.gather(*(self._single(request, future) for request, future in batch.requests))
             return

@@ -17,7 +17,9 @@ import grpc
 import torch
 
 from moemesh.services.core import tensors
-from moemesh.services.core.errors import InternalError, InvalidRequest, MeshError, NotFound, Unavailable
+from moemesh.services.core.errors import InternalError, InvalidRequest, MeshError, NotFound, Unavailable, code_name
+from moemesh.services.core.logs import request_fields
+from moemesh.services.core.tracing import NO_TRACE, RequestTrace, request_trace
 from moemesh.v1 import worker_pb2, worker_pb2_grpc
 from moemesh.worker.embeddings.sentence import EmbeddingModel
 from moemesh.worker.engine.requests import RequestOutput
@@ -56,6 +58,9 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         self.generation_defaults = generation_defaults
         self.embedders = embedders
         self.draining = False
+        self.traces: dict[str, RequestTrace] = {}  # request id -> its span here (tracing on only)
+        self.decoding: set[str] = set()  # traced requests past their first token
+        self.log_fields: dict[str, dict] = {}  # request id -> its ids for the log line at its end (debug level)
 
     async def Execute(
         self, request_iterator: AsyncIterator[worker_pb2.ExecuteRequest], context: grpc.aio.ServicerContext
@@ -92,12 +97,21 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
                     continue
                 if output.finish_reason is not None:
                     mine.discard(output.request_id)
+                if self.traces:
+                    self._trace_output(output)
+                if output.finish_reason is not None and self.log_fields:
+                    self._log_end(output)
                 events.append(self._event(output, mine, given_up))
             if events:
                 outbox.put_nowait(worker_pb2.EventBatch(events=events))
 
         def fail(request_id: str, error: MeshError) -> None:
             mine.discard(request_id)
+            self.log_fields.pop(request_id, None)
+            trace = self.traces.pop(request_id, None)
+            if trace is not None:
+                self.decoding.discard(request_id)
+                trace.end(error=code_name(error.code))
             outbox.put_nowait(worker_pb2.EventBatch(events=[_error_event(request_id, error)]))
 
         return Subscriber(deliver, fail)
@@ -107,7 +121,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         try:
             return output_to_pb(output, self.tokenizer)
         except Exception as exc:
-            log.exception("converting the output of request %s failed", output.request_id)
+            log.exception("converting the output of request %s failed", output.request_id,
+                          extra={"request_id": output.request_id})
             if output.finish_reason is None:
                 mine.discard(output.request_id)
                 given_up.add(output.request_id)
@@ -159,7 +174,8 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             self._accept(work, _error_event(work.request_id, exc), mine, outbox)
             return
         except Exception as exc:
-            log.exception("compiling the grammar of request %s failed", work.request_id)
+            log.exception("compiling the grammar of request %s failed", work.request_id,
+                          extra=request_fields(work.client_request_id or work.request_id, work.trace_context))
             error = InternalError(f"internal error: its grammar could not be compiled ({type(exc).__name__})")
             self._accept(work, _error_event(work.request_id, error), mine, outbox)
             return
@@ -174,15 +190,50 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             if work.model and work.model != self.model_id:
                 raise NotFound(f"model {work.model!r} is not served by this worker")
             request = request_from_pb(work, self.tokenizer, self.generation_defaults, grammar)
+            trace = request_trace("generate", work.trace_context, {
+                "moemesh.request_id": work.client_request_id or work.request_id, "moemesh.model": work.model,
+                "moemesh.prompt_tokens": len(request.prompt_token_ids),
+                "moemesh.resumed_tokens": len(work.resume_token_ids)})
             self.runner.submit(request, subscriber)
+            if trace is not NO_TRACE:
+                trace.phase("prefill")  # waiting for a slot, then the prompt's forward passes
+                self.traces[work.request_id] = trace
+            if log.isEnabledFor(logging.DEBUG):
+                self.log_fields[work.request_id] = request_fields(work.client_request_id or work.request_id,
+                                                                  work.trace_context)
         except MeshError as exc:
             return _error_event(work.request_id, exc)
         except ValueError as exc:  # the chat template refused the messages, or a tool call's arguments
             return _error_event(work.request_id, InvalidRequest("prompt", str(exc)))
         except Exception as exc:  # a bug: this request's INTERNAL error, the stream serves on
-            log.exception("admitting request %s failed", work.request_id)
+            log.exception("admitting request %s failed", work.request_id,
+                          extra=request_fields(work.client_request_id or work.request_id, work.trace_context))
             return _error_event(work.request_id, InternalError(f"internal error: {type(exc).__name__}"))
         return None
+
+    def _trace_output(self, output: RequestOutput) -> None:
+        """Move the request's span on: the first token ends its prefill, the finish ends it."""
+        trace = self.traces.get(output.request_id)
+        if trace is None:
+            return
+        if output.token_ids and output.request_id not in self.decoding:
+            self.decoding.add(output.request_id)
+            trace.event("first token")
+            trace.phase("decode")
+        if output.finish_reason is not None:
+            del self.traces[output.request_id]
+            self.decoding.discard(output.request_id)
+            trace.end({"moemesh.prompt_tokens": output.prompt_tokens,
+                       "moemesh.completion_tokens": output.completion_tokens,
+                       "moemesh.cached_tokens": output.cached_tokens, "moemesh.finish_reason": output.finish_reason})
+
+    def _log_end(self, output: RequestOutput) -> None:
+        fields = self.log_fields.pop(output.request_id, None)
+        if fields is not None:
+            log.debug("request finished", extra={**fields, "finish_reason": output.finish_reason,
+                                                 "prompt_tokens": output.prompt_tokens,
+                                                 "completion_tokens": output.completion_tokens,
+                                                 "cached_tokens": output.cached_tokens})
 
     async def Embed(self, request: worker_pb2.EmbedWork, context: grpc.aio.ServicerContext) -> worker_pb2.EmbedResult:
         default = next(iter(self.embedders.values()), None)
