@@ -1,12 +1,14 @@
 """The audit log: one structured record per request (logger `moemesh.audit`), prompt text only when configured.
 
 Refused authentications are audited too (kind "auth", status UNAUTHENTICATED): the front door, the caller's
-address and why the credential was refused, never the credential itself.
+address and why the credential was refused, never the credential itself. Every record is also counted by kind and
+status (`outcomes`, exported as `moemesh_gateway_requests_total`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -32,10 +34,12 @@ class AuditLog:
 
     def __init__(self, prompts: bool = False) -> None:
         self.prompts = prompts
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()  # (kind, status) -> records
 
     def record(self, kind: str, request_id: str, tenant: str, model: str, status: str, started: float,
                **fields) -> None:
         """One record: who, what, how much, how long (since `started`, a perf_counter time), how it ended."""
+        self.outcomes[(kind, status)] += 1
         audit_log.info("request", extra={"audit": {
             "kind": kind, "request_id": request_id, "tenant": tenant, "model": model, "status": status,
             "latency_s": round(time.perf_counter() - started, 6), **fields,

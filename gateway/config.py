@@ -55,6 +55,4 @@ class GatewayConfig(ServiceConfig):
         default=0.1, gt=0, le=5, description="timeout of one rate-limit call to Redis, seconds")
     audit_prompts: bool = pydantic.Field(
         default=False, description='audit records (logger "moemesh.audit") carry the prompt text')
-    metrics_port: int | None = pydantic.Field(
-        default=None, ge=0, le=65535, description="Prometheus /metrics port (0: a free one); unset: off")
     log_level: str = pydantic.Field(default="info", description="log level")

@@ -11,7 +11,7 @@ from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.http import HttpServer, create_app
 from moemesh.gateway.service import add_servicers
 from moemesh.services.core.entrypoint import service_main
-from moemesh.services.core.metrics import counter, gauge, median, serve_metrics
+from moemesh.services.core.metrics import counter, gauge, labelled_counter, median, serve_metrics
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 
 log = logging.getLogger("moemesh.gateway")
@@ -38,7 +38,7 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
     metrics_address, stop_metrics = None, None
     if config.metrics_port is not None:
         metrics_address, stop_metrics = serve_metrics(config.host, config.metrics_port,
-                                                      lambda: cache_metrics(deps.caches) + deps.request_metrics.families())
+                                                      lambda: gateway_metrics(deps))
     announce_ready(ready_fd, service="gateway", address=server.address,
                    http_address=http.address if http else None, metrics_address=metrics_address)
     await stop.wait()
@@ -49,6 +49,19 @@ async def serve(config: GatewayConfig, ready_fd: int | None) -> None:
         await http.stop()
     await server.stop()
     await deps.close()
+
+
+def gateway_metrics(deps: GatewayDeps) -> list:
+    """Everything the gateway exports: requests by outcome, rate-limit refusals, latency and size histograms,
+    caches."""
+    limited = deps.limiter.stats.limited if deps.limiter is not None else 0  # no limits (open mode): none refused
+    return [
+        labelled_counter("moemesh_gateway_requests", "Requests the gateway ended, by kind (generate, embed, auth: a "
+                         "refused credential) and status.", deps.audit.outcomes, ("kind", "status")),
+        counter("moemesh_gateway_rate_limited", "Requests refused by a tenant's rate limit.", limited),
+        *deps.request_metrics.families(),
+        *cache_metrics(deps.caches),
+    ]
 
 
 def cache_metrics(caches: GatewayCaches | None) -> list:

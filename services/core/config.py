@@ -24,7 +24,7 @@ import json
 import pathlib
 import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import pydantic
 from pydantic_settings import (
@@ -38,10 +38,19 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 
+def _off_is_none(value: Any) -> Any:
+    """"off" (or an empty value) turns an optional port off: `moemesh up` sets metrics ports unless told so."""
+    return None if isinstance(value, str) and value.strip().lower() in ("", "off", "none") else value
+
+
 class ServiceConfig(BaseSettings):
     """Base of every service's settings: frozen, unknown keys rejected, one environment prefix per service."""
 
     model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix="MOEMESH_")
+
+    metrics_port: Annotated[int | None, pydantic.BeforeValidator(_off_is_none)] = pydantic.Field(
+        default=None, ge=0, le=65535,
+        description="Prometheus /metrics port (0: a free one); unset or 'off': off (`moemesh up` sets 0)")
 
     tls_dir: pathlib.Path | None = pydantic.Field(
         default=None,

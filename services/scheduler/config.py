@@ -52,8 +52,6 @@ class SchedulerConfig(ServiceConfig):
     tenant_weights: dict[str, float] = pydantic.Field(
         default_factory=dict, description="fair-queuing weight per tenant (JSON object; default 1.0)")
     log_level: str = pydantic.Field(default="info", description="log level")
-    metrics_port: int | None = pydantic.Field(
-        default=None, ge=0, le=65535, description="Prometheus /metrics port (0: a free one); unset: off")
 
     def dispatch_policy(self) -> DispatchPolicy:
         """The dispatcher's knobs from these settings."""

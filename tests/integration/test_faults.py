@@ -1,9 +1,9 @@
 """Fault injection under load, through `moemesh up`: the failure table of ARCHITECTURE.md, one fault at a time.
 
-Every fault is injected while 16 greedy streams are in flight, and each test
-asserts what the user sees (no lost or repeated token: every stream equals a
-greedy reference run; no hung stream: every call has a deadline and ends
-well before it; recovery within a stated bound) and what the supervisor does
+Every fault is injected while 16 streams are in flight (half greedy, half
+sampled from a seed), and each test asserts what the user sees (no lost or
+repeated token: every stream equals the undisturbed run of its request; no
+hung stream: every call has a deadline and ends well before it; recovery within a stated bound) and what the supervisor does
 (the dead child is restarted on its port, the ready file follows, the mesh
 never stops for a lost child). A supervisor driving plain processes shows the
 restart policy itself, and one test runs the services without a supervisor
@@ -40,12 +40,25 @@ LONG_PROMPT = "The scheduler admits requests, batches them, and picks a replica 
 
 
 # ---- requests and streams --------------------------------------------------------------------------------------------
-def request(prompt: str, max_tokens: int = MAX_TOKENS, cached: bool = False) -> generation_pb2.GenerateRequest:
-    """A greedy request of exactly `max_tokens`; `cached`: it may use the response cache (else it really runs)."""
+def request(prompt: str, max_tokens: int = MAX_TOKENS, cached: bool = False,
+            seed: int | None = None) -> generation_pb2.GenerateRequest:
+    """A request of exactly `max_tokens`, greedy or (with `seed`) sampled at temperature 0.8 from that seed;
+    `cached`: it may use the response cache (else it really runs)."""
     mode = common_pb2.CACHE_MODE_DEFAULT if cached else common_pb2.CACHE_MODE_NO_STORE
-    return generation_pb2.GenerateRequest(
-        prompt=common_pb2.Prompt(text=prompt), cache_mode=mode,
-        sampling=common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    sampling = common_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    if seed is not None:
+        sampling.temperature, sampling.seed = 0.8, seed
+    return generation_pb2.GenerateRequest(prompt=common_pb2.Prompt(text=prompt), cache_mode=mode, sampling=sampling)
+
+
+def stream(i: int, max_tokens: int = MAX_TOKENS, cached: bool = False) -> generation_pb2.GenerateRequest:
+    """The i-th of the 16 streams every fault is injected under: every other one sampled from a seed (a failover
+    must continue a random stream exactly, not only a greedy one)."""
+    return request(PROMPTS[i], max_tokens, cached, seed=None if i % 2 == 0 else 100 + i)
+
+
+def streams(max_tokens: int = MAX_TOKENS, cached: bool = False) -> list[generation_pb2.GenerateRequest]:
+    return [stream(i, max_tokens, cached) for i in range(len(PROMPTS))]
 
 
 def collect(events) -> dict:
@@ -95,7 +108,7 @@ def assert_identical(outcomes: list, reference: list[dict], what: str) -> None:
         assert got["finish"] == common_pb2.FINISH_REASON_LENGTH, f"{what}: stream {i} did not complete"
         assert got["ids"] == want["ids"][:len(got["ids"])] and len(got["ids"]) == len(want["ids"]), \
             f"{what}: stream {i} lost, repeated or changed tokens"
-        assert got["text"] == want["text"], f"{what}: stream {i}: text differs from the greedy reference"
+        assert got["text"] == want["text"], f"{what}: stream {i}: text differs from the undisturbed run's"
 
 
 def wait_until(probe: Callable[[], T], timeout: float, what: str) -> T:
@@ -191,8 +204,8 @@ def mesh(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(mesh) -> list[dict]:
-    """The 16 prompts' greedy answers on the undisturbed mesh."""
-    answers = Load(mesh.gateway, [request(p) for p in PROMPTS]).results()
+    """The 16 streams' answers on the undisturbed mesh."""
+    answers = Load(mesh.gateway, streams()).results()
     assert all(isinstance(a, dict) and len(a["ids"]) == MAX_TOKENS for a in answers), answers
     return answers
 
@@ -247,7 +260,7 @@ def test_the_cluster_credentials_reach_each_child_by_environment_only(healthy):
 def test_a_worker_killed_under_16_streams_loses_no_token_and_is_restarted_and_serves_again(healthy, reference):
     mesh = healthy
     victim = mesh.ready["workers"][0]
-    load = Load(mesh.gateway, [request(p) for p in PROMPTS])
+    load = Load(mesh.gateway, streams())
     load.assert_running()
     held = {n.address: n.in_flight for n in nodes(mesh)}
     assert held.get(victim["address"], 0) > 0, f"the victim must hold streams: {held}"
@@ -258,7 +271,7 @@ def test_a_worker_killed_under_16_streams_loses_no_token_and_is_restarted_and_se
     assert back["restarts"] == victim["restarts"] + 1
     wait_until(lambda: ready_workers(mesh) == set(mesh.workers), RECOVERY_BOUND, "the new worker registers")
     before = {n.address: n.routed_requests for n in nodes(mesh)}
-    assert_identical(Load(mesh.gateway, [request(p) for p in PROMPTS]).results(), reference, "after the restart")
+    assert_identical(Load(mesh.gateway, streams()).results(), reference, "after the restart")
     routed = {n.address: n.routed_requests - before.get(n.address, 0) for n in nodes(mesh)}
     assert routed[back["address"]] > 0, f"the restarted worker must take traffic again: {routed}"
 
@@ -266,7 +279,7 @@ def test_a_worker_killed_under_16_streams_loses_no_token_and_is_restarted_and_se
 def test_a_stopped_worker_under_load_is_failed_over_and_rejoins_after_sigcont(healthy, reference):
     mesh = healthy
     victim = mesh.ready["workers"][1]
-    load = Load(mesh.gateway, [request(p) for p in PROMPTS])
+    load = Load(mesh.gateway, streams())
     load.assert_running()
     assert {n.address: n.in_flight for n in nodes(mesh)}[victim["address"]] > 0, "the victim must hold streams"
     os.kill(victim["pid"], signal.SIGSTOP)  # hung, not dead: only the missing heartbeats tell
@@ -280,14 +293,14 @@ def test_a_stopped_worker_under_load_is_failed_over_and_rejoins_after_sigcont(he
     wait_until(lambda: victim["address"] in ready_workers(mesh), RECOVERY_BOUND, "the resumed worker re-registers")
     now = mesh.read_ready()["workers"][1]
     assert (now["pid"], now["restarts"]) == (victim["pid"], victim["restarts"]), "a paused worker is not killed"
-    assert_identical(Load(mesh.gateway, [request(p) for p in PROMPTS]).results(), reference, "after SIGCONT")
+    assert_identical(Load(mesh.gateway, streams()).results(), reference, "after SIGCONT")
 
 
 # ---- scheduler and gateway -------------------------------------------------------------------------------------------
 def test_a_scheduler_killed_under_load_ends_streams_retryably_and_heals_on_the_same_address(healthy, reference):
     mesh = healthy
     victim = mesh.ready["scheduler"]
-    load = Load(mesh.gateway, [request(p) for p in PROMPTS])
+    load = Load(mesh.gateway, streams())
     load.assert_running()
     os.kill(victim["pid"], signal.SIGKILL)
     killed = time.monotonic()
@@ -300,7 +313,7 @@ def test_a_scheduler_killed_under_load_ends_streams_retryably_and_heals_on_the_s
     assert grpc.StatusCode.UNAVAILABLE in outcomes, "streams in flight through the killed scheduler are cut"
     assert time.monotonic() - killed < 15, "the cut streams must end at once, not at their deadline"
 
-    answer = wait_until(lambda: generate(mesh.gateway, request(PROMPTS[0]), timeout=10), RECOVERY_BOUND,
+    answer = wait_until(lambda: generate(mesh.gateway, stream(0), timeout=10), RECOVERY_BOUND,
                         "a new request succeeds after the scheduler's restart")
     assert answer["ids"] == reference[0]["ids"]
     back = mesh.read_ready()["scheduler"]
@@ -313,7 +326,7 @@ def test_a_killed_gateway_is_restarted_on_the_same_port(healthy, reference):
     mesh = healthy
     victim = mesh.ready["gateway"]
     os.kill(victim["pid"], signal.SIGKILL)
-    answer = wait_until(lambda: generate(mesh.gateway, request(PROMPTS[1]), timeout=10), RECOVERY_BOUND,
+    answer = wait_until(lambda: generate(mesh.gateway, stream(1), timeout=10), RECOVERY_BOUND,
                         "the gateway answers again on its address")
     assert answer["ids"] == reference[1]["ids"]
     back = mesh.read_ready()["gateway"]
@@ -324,7 +337,7 @@ def test_a_killed_gateway_is_restarted_on_the_same_port(healthy, reference):
 def test_redis_paused_under_load_costs_no_request_and_the_caches_come_back(healthy, reference):
     mesh = healthy
     short = MAX_TOKENS - 8  # keys of their own in the response cache, and still the reference's first tokens
-    load = Load(mesh.gateway, [request(p, short, cached=True) for p in PROMPTS])
+    load = Load(mesh.gateway, streams(short, cached=True))
     load.assert_running()
     redis_client(mesh).execute_command("CLIENT", "PAUSE", 4000, "ALL")  # every other client waits 4 s for an answer
     paused = time.monotonic()
@@ -341,7 +354,7 @@ def test_redis_paused_under_load_costs_no_request_and_the_caches_come_back(healt
 def test_redis_killed_under_load_costs_no_request_and_is_restarted_with_working_caches(healthy, reference):
     mesh = healthy
     victim = mesh.ready["redis"]
-    load = Load(mesh.gateway, [request(p, cached=True) for p in PROMPTS])
+    load = Load(mesh.gateway, streams(cached=True))
     load.assert_running()
     os.kill(victim["pid"], signal.SIGKILL)
     assert_identical(load.results(), reference, "Redis kill -9")

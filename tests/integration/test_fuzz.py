@@ -17,7 +17,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moemesh.local import start_mesh, stop_mesh
 from moemesh.v1 import common_pb2, embeddings_pb2, embeddings_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 DOCUMENTED_GRPC = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -28,10 +27,9 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    running = start_mesh(tmp_path_factory.mktemp("fuzz"))
-    yield running
-    stop_mesh(running)
+def mesh(traced_mesh):
+    """The run's shared demo mesh (tests/conftest.py): fuzzing it with tracing on exercises that path too."""
+    return traced_mesh
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import time
 import urllib.request
 
@@ -16,7 +15,6 @@ import numpy as np
 import openai
 import pytest
 
-from moemesh.local import start_mesh, stop_mesh
 from moemesh.services.core.errors import DeadlineExceeded, Overloaded, Unavailable
 from moemesh.v1 import (
     common_pb2,
@@ -36,20 +34,9 @@ CHAT = [{"role": "system", "content": "You write Python."}, {"role": "user", "co
 
 # ---- against a real mesh -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    """The demo mesh, with the scheduler's metrics served (to count client disconnects)."""
-    saved = os.environ.get("MOEMESH_SCHEDULER_METRICS_PORT")
-    os.environ["MOEMESH_SCHEDULER_METRICS_PORT"] = "0"
-    try:
-        running = start_mesh(tmp_path_factory.mktemp("openai"))
-    finally:
-        if saved is None:
-            os.environ.pop("MOEMESH_SCHEDULER_METRICS_PORT")
-        else:
-            os.environ["MOEMESH_SCHEDULER_METRICS_PORT"] = saved
-    yield running
-    if running.process.poll() is None:
-        stop_mesh(running)
+def mesh(traced_mesh):
+    """The run's shared demo mesh (tests/conftest.py; its metrics count client disconnects)."""
+    return traced_mesh
 
 
 @pytest.fixture(scope="module")

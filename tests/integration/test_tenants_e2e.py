@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.request
 
 import grpc
 import httpx
@@ -158,6 +159,11 @@ def test_exceeding_requests_per_second_is_resource_exhausted_with_a_retry_after(
     assert response.status_code == 429 and response.json()["error"]["type"] == "rate_limit_error"
     assert 1 <= int(response.headers["Retry-After"]) <= 10
     assert complete(mesh, "alpha-key").finish_reason, "another tenant is not limited"
+    metrics = urllib.request.urlopen(f"http://{mesh.ready['gateway']['metrics_address']}/metrics", timeout=10).read()
+    counted = {line.split()[0]: float(line.split()[1]) for line in metrics.decode().splitlines()
+               if line.startswith(("moemesh_gateway_rate_limited_total", "moemesh_gateway_requests_total{"))}
+    assert counted["moemesh_gateway_rate_limited_total"] >= 2, "both refusals are counted"
+    assert counted['moemesh_gateway_requests_total{kind="generate",status="RESOURCE_EXHAUSTED"}'] >= 2
 
 
 def test_tenants_do_not_share_cached_answers(mesh):

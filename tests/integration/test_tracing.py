@@ -14,7 +14,6 @@ import grpc
 import httpx
 import pytest
 
-from moemesh.local import start_mesh, stop_mesh
 from moemesh.v1 import common_pb2, embeddings_pb2, embeddings_pb2_grpc, generation_pb2, generation_pb2_grpc
 from tests.support.otlp import OtlpReceiver
 
@@ -22,26 +21,15 @@ SERVICES = {"moemesh-gateway", "moemesh-scheduler", "moemesh-worker"}
 
 
 @pytest.fixture(scope="module")
-def receiver():
-    with OtlpReceiver() as running:
-        yield running
+def receiver(otlp_receiver):
+    return otlp_receiver
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory, receiver):
-    """The demo mesh (embeddings too) with traces on by the standard variables, and debug logs in the scheduler
-    and the worker (their per-request lines)."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
-        env.setenv("OTEL_EXPORTER_OTLP_INSECURE", "true")
-        env.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # milliseconds: spans arrive soon after a request
-        env.delenv("OTEL_TRACES_EXPORTER", raising=False)
-        env.delenv("OTEL_SERVICE_NAME", raising=False)
-        env.setenv("MOEMESH_SCHEDULER_LOG_LEVEL", "debug")
-        env.setenv("MOEMESH_WORKER_LOG_LEVEL", "debug")
-        running = start_mesh(tmp_path_factory.mktemp("tracing"))
-    yield running
-    stop_mesh(running)
+def mesh(traced_mesh):
+    """The run's shared demo mesh (tests/conftest.py): traces on by the standard variables, exported to the
+    receiver; debug logs in the scheduler and the worker (their per-request lines)."""
+    return traced_mesh
 
 
 def new_traceparent() -> tuple[str, str]:
