@@ -95,8 +95,6 @@ class WorkerConfig(ServiceConfig):
     drain_grace: float = pydantic.Field(
         default=30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
     log_level: str = pydantic.Field(default="info", description="log level")
-    metrics_port: int | None = pydantic.Field(
-        default=None, ge=0, le=65535, description="Prometheus /metrics port (0: a free one); unset: off")
 
     @pydantic.model_validator(mode="after")
     def _budget_covers_the_batch(self) -> WorkerConfig:
