@@ -11,7 +11,7 @@ turns under the same load from an external OpenAI-SDK client (`bench.mesh_vs_eng
 While one mesh is loaded the other idles. It prints each side's output tokens/s per run, the ratio of the best
 runs and of the run pairs' medians, and the cost (target: at most 3%). Usage:
 
-    python -m bench.observability_bench [--concurrency 32] [--requests 64] [--repeats 3]
+    python -m bench.observability_bench [--concurrency 32] [--requests 64] [--repeats 6]
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--words", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=6)  # pairs: one run swings by 5-10% on a shared host
     parser.add_argument("--scrape-interval", type=float, default=5.0)
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "moemesh-bench")
     args = parser.parse_args()
