@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 from pydantic_settings import SettingsConfigDict
 
-from moemesh.services.core.config import ServiceConfig
+from moemesh.services.core.config import MetricsPort, ServiceConfig
 
 
 class GatewayConfig(ServiceConfig):
@@ -56,3 +56,4 @@ class GatewayConfig(ServiceConfig):
     audit_prompts: bool = pydantic.Field(
         default=False, description='audit records (logger "moemesh.audit") carry the prompt text')
     log_level: str = pydantic.Field(default="info", description="log level")
+    metrics_port: MetricsPort = None

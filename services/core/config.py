@@ -43,14 +43,16 @@ def _off_is_none(value: Any) -> Any:
     return None if isinstance(value, str) and value.strip().lower() in ("", "off", "none") else value
 
 
+# A service's Prometheus port setting: `metrics_port: MetricsPort = None`.
+MetricsPort = Annotated[Annotated[int, pydantic.Field(ge=0, le=65535)] | None, pydantic.BeforeValidator(_off_is_none),
+                        pydantic.Field(description="Prometheus /metrics port (0: a free one); unset or 'off': off "
+                                                   "(`moemesh up` sets 0)")]
+
+
 class ServiceConfig(BaseSettings):
     """Base of every service's settings: frozen, unknown keys rejected, one environment prefix per service."""
 
     model_config = SettingsConfigDict(extra="forbid", frozen=True, env_prefix="MOEMESH_")
-
-    metrics_port: Annotated[int | None, pydantic.BeforeValidator(_off_is_none)] = pydantic.Field(
-        default=None, ge=0, le=65535,
-        description="Prometheus /metrics port (0: a free one); unset or 'off': off (`moemesh up` sets 0)")
 
     tls_dir: pathlib.Path | None = pydantic.Field(
         default=None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 from pydantic_settings import SettingsConfigDict
 
-from moemesh.services.core.config import ServiceConfig
+from moemesh.services.core.config import MetricsPort, ServiceConfig
 from moemesh.services.scheduler.dispatcher import DispatchPolicy
 
 
@@ -52,6 +52,7 @@ class SchedulerConfig(ServiceConfig):
     tenant_weights: dict[str, float] = pydantic.Field(
         default_factory=dict, description="fair-queuing weight per tenant (JSON object; default 1.0)")
     log_level: str = pydantic.Field(default="info", description="log level")
+    metrics_port: MetricsPort = None
 
     def dispatch_policy(self) -> DispatchPolicy:
         """The dispatcher's knobs from these settings."""

@@ -8,7 +8,7 @@ from typing import Literal
 import pydantic
 from pydantic_settings import SettingsConfigDict
 
-from moemesh.services.core.config import ServiceConfig
+from moemesh.services.core.config import MetricsPort, ServiceConfig
 
 # Sequences a worker's engine runs at once, unless configured: the one default `moemesh up` and the
 # worker share.
@@ -95,6 +95,7 @@ class WorkerConfig(ServiceConfig):
     drain_grace: float = pydantic.Field(
         default=30.0, ge=0, description="seconds in-flight requests get to finish on SIGTERM")
     log_level: str = pydantic.Field(default="info", description="log level")
+    metrics_port: MetricsPort = None
 
     @pydantic.model_validator(mode="after")
     def _budget_covers_the_batch(self) -> WorkerConfig:
