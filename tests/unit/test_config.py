@@ -145,3 +145,16 @@ def test_a_secret_on_the_command_line_is_refused_naming_where_it_belongs():
     with pytest.raises(ValueError, match="cluster_token: a secret is not taken from the command line.*"
                                          "MOEMESH_SCHEDULER_CLUSTER_TOKEN"):
         load_config(SchedulerConfig, flags=flag_values(source, args))
+
+
+@pytest.mark.parametrize(("value", "port"), [("off", None), ("OFF", None), ("", None), ("0", 0), ("9464", 9464)])
+def test_a_metrics_port_may_be_turned_off_by_name(value, port):
+    """`moemesh up` turns metrics on with port 0 unless MOEMESH_<SERVICE>_METRICS_PORT says otherwise: "off" must
+    be a way to say so."""
+    config = load_config(GatewayConfig, env={"MOEMESH_GATEWAY_METRICS_PORT": value}, flags={"scheduler": "x:1"})
+    assert config.metrics_port == port
+
+
+def test_a_metrics_port_out_of_range_is_refused_naming_the_setting():
+    with pytest.raises(ValueError, match="metrics_port"):
+        load_config(GatewayConfig, env={"MOEMESH_GATEWAY_METRICS_PORT": "70000"}, flags={"scheduler": "x:1"})
