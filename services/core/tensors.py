@@ -19,6 +19,11 @@ _TORCH_BY_NAME = {
 }
 _NAME_BY_TORCH = {v: k for k, v in _TORCH_BY_NAME.items()}
 
+# `from_pb(copy=False)` views a message's immutable bytes, documented read-only; torch warns about such a view (once).
+# Filtered once here: a `warnings.catch_warnings()` per call would cost more than the decode and, changing the
+# process-wide filters, is not safe while other threads decode.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
 
 def to_pb(tensor: torch.Tensor) -> common_pb2.Tensor:
     """Encode a tensor (any device) as a Tensor message."""
@@ -46,7 +51,5 @@ def from_pb(message: common_pb2.Tensor, copy: bool = True) -> torch.Tensor:
     if copy:
         flat = torch.frombuffer(bytearray(message.data), dtype=raw_dtype)
     else:
-        with warnings.catch_warnings():  # torch warns that bytes are immutable: the view is documented read-only
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(message.data, dtype=raw_dtype)
+        flat = torch.frombuffer(message.data, dtype=raw_dtype)  # read-only view (its warning is filtered above)
     return flat.view(dtype).reshape(shape)

@@ -92,13 +92,19 @@ class ExchangeStats:
     wait_seconds: float = 0.0  # of which rank 0 waited for shards after its own experts were done
     shard_compute_seconds: float = 0.0  # the shards' own compute time, as they reported it
     durations: list[float] = field(default_factory=list)  # each exchange's seconds (the last 10,000)
+    # Each exchange's seconds beyond the longest compute in it (a shard's own work on its message: decode,
+    # compute, encode, as it reported it; or rank 0's own experts, computed meanwhile): what the exchange adds to
+    # the compute, to set against a bare round trip of the same bytes.
+    overheads: list[float] = field(default_factory=list)
 
-    def record(self, seconds: float) -> None:
+    def record(self, seconds: float, compute_seconds: float = 0.0) -> None:
         self.exchanges += 1
         self.exchange_seconds += seconds
         self.durations.append(seconds)
+        self.overheads.append(max(seconds - compute_seconds, 0.0))
         if len(self.durations) > 10_000:
             del self.durations[:5_000]
+            del self.overheads[:5_000]
 
 
 def route_to_rank(
@@ -385,6 +391,7 @@ class RemoteExperts(ExpertsBackend):
         started = time.perf_counter()
         sent = self._send(step, x, topk_ids, topk_weights, owners)
         out = torch.zeros_like(x)
+        local_started = time.perf_counter()
         try:
             self._run_local(x, topk_ids, topk_weights, owners, out)
         except BaseException as exc:  # the shards' answers go unread: the streams are out of step from here on
@@ -393,10 +400,10 @@ class RemoteExperts(ExpertsBackend):
             raise
         if sent:
             waited = time.perf_counter()
-            self._gather(sent, out)
+            shard_seconds = self._gather(sent, out)
             done = time.perf_counter()
             exchange.stats.wait_seconds += done - waited
-            exchange.stats.record(done - started)
+            exchange.stats.record(done - started, max(shard_seconds, waited - local_started))
         return out
 
     def _run_local(self, x, topk_ids, topk_weights, owners, out: torch.Tensor) -> None:
@@ -424,11 +431,13 @@ class RemoteExperts(ExpertsBackend):
             sent.append((link, sequence, rows))
         return sent
 
-    def _gather(self, sent: list[tuple[ShardLink, int, torch.Tensor]], out: torch.Tensor) -> None:
-        """Add each shard's partial sums into its token rows of `out`, waiting at most the exchange timeout."""
+    def _gather(self, sent: list[tuple[ShardLink, int, torch.Tensor]], out: torch.Tensor) -> float:
+        """Add each shard's partial sums into its token rows of `out`, waiting at most the exchange timeout;
+        returns the longest time a shard reported spending on its message."""
         exchange = self.layer.exchange
         timeout = exchange.config.exchange_timeout
         deadline = time.monotonic() + timeout
+        slowest = 0.0
         for link, sequence, rows in sent:
             try:
                 answer = link.receive(sequence, self.layer.index, deadline, timeout)
@@ -437,8 +446,10 @@ class RemoteExperts(ExpertsBackend):
                 raise
             exchange.stats.bytes_received += answer.ByteSize()
             exchange.stats.shard_compute_seconds += answer.compute_seconds
+            slowest = max(slowest, answer.compute_seconds)
             partial = tensors.from_pb(answer.partial, copy=False)  # [n, H], read only
             out.index_add_(0, rows, partial.to(device=out.device, dtype=out.dtype))
+        return slowest
 
 
 def _channel(address: str, tls_dir: pathlib.Path | None) -> grpc.Channel:

@@ -22,6 +22,7 @@ from moemesh.cache.kv_tier import BlockSpec, RedisKVTier
 from moemesh.services.core.auth import WORKER_ACCESS, ClusterAuthInterceptor, bearer_metadata
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.metrics import counter, gauge, median, serve_metrics
+from moemesh.services.core.processes import release_free_heap
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.core.tls import aio_channel, server_credentials
 from moemesh.v1 import models_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
@@ -96,6 +97,7 @@ class WorkerProcess:
         config = self.config
         model = build_model(self.checkpoint, dtype=resolve_dtype(config.dtype, config.device), device=config.device,
                             pack_weights=config.pack_weights, expert_parallel=self.exchange)
+        release_free_heap()  # the load's temporaries
         log.info("backends: %s", describe_backends(model))  # which kernels run, and why (a fallback shows here)
         self.expert_load = count_expert_load(model)
         num_blocks, max_num_seqs = engine_size(model, config)

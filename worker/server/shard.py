@@ -36,6 +36,7 @@ from moemesh.services.core.auth import ClusterAuthInterceptor, bearer_metadata
 from moemesh.services.core.config import ServiceConfig
 from moemesh.services.core.entrypoint import service_main
 from moemesh.services.core.errors import InvalidRequest
+from moemesh.services.core.processes import release_free_heap
 from moemesh.services.core.server import GrpcServer, announce_ready, stop_event_on_signals
 from moemesh.services.core.tls import aio_channel, server_credentials
 from moemesh.v1 import common_pb2, experts_pb2, experts_pb2_grpc, scheduler_pb2
@@ -165,6 +166,7 @@ def load_shard(config: ShardConfig) -> tuple[ExpertShardModel, experts_pb2.Shard
     dtype = resolve_dtype(config.dtype, config.device)
     record = LoadRecord()
     shard = build_expert_shard(ckpt, placement, config.rank, dtype, config.device, config.pack_weights, record=record)
+    release_free_heap()  # the load's temporaries
     info = experts_pb2.ShardInfo(
         model_id=ckpt.model_id, revision=ckpt.revision, rank=config.rank, world_size=config.world_size,
         placement=placement.to_json(), device=str(shard.device), dtype=str(dtype).removeprefix("torch."),
