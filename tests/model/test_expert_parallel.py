@@ -295,6 +295,11 @@ def test_process_shards_generate_the_single_process_tokens(process_replica, sing
     _, expected_logits, expected = single_process("mixtral")
     torch.testing.assert_close(mixed_batch_logits(process_replica.model), expected_logits, rtol=0, atol=1e-5)
     assert greedy(process_replica.model, Tokenizer.from_dir(process_replica.ckpt.path)) == expected
+    stats = process_replica.exchange.stats
+    assert stats.exchanges == len(stats.durations) == len(stats.overheads) > 0
+    assert stats.shard_compute_seconds > 0, "the shards report their own work"
+    assert all(0 <= extra <= whole for extra, whole in zip(stats.overheads, stats.durations)), \
+        "what an exchange adds beyond its compute is part of it"
 
 
 def test_process_shards_report_loading_only_their_experts(process_replica):
