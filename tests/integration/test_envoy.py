@@ -13,7 +13,6 @@ import pytest
 
 from moemesh.cache.embedded import free_port
 from moemesh.envoy import EnvoySettings, envoy_binary, write_config
-from moemesh.local import start_mesh, stop_mesh
 from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from protos.generate import descriptor_set
 from tests.support.mesh import Service
@@ -30,9 +29,10 @@ def wait_listening(port: int, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture(scope="module")
-def edge(tmp_path_factory):
+def edge(tmp_path_factory, traced_mesh):
+    """Envoy in front of two gateways: the shared demo mesh's (tests/conftest.py) and a second one of this module."""
     tmp = tmp_path_factory.mktemp("envoy")
-    mesh = start_mesh(tmp, "--no-http", "--no-embeddings")
+    mesh = traced_mesh
     second = envoy = None
     try:
         second = Service("moemesh.gateway.main", "--port", "0", "--scheduler", mesh.scheduler, log=tmp / "gateway2.log",
@@ -53,7 +53,6 @@ def edge(tmp_path_factory):
             envoy.wait(timeout=30)
         if second is not None:
             second.stop()
-        stop_mesh(mesh)
 
 
 def greedy(text: str, max_tokens: int = 16) -> generation_pb2.GenerateRequest:

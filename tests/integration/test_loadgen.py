@@ -13,7 +13,6 @@ from click.testing import CliRunner
 
 from moemesh.cache.embedded import free_port
 from moemesh.cli import demo_model_dir, main
-from moemesh.local import start_mesh, stop_mesh
 
 REQUESTS, OUTPUT_TOKENS, PROMPT_TOKENS = 8, 16, 32
 LEVEL_FIELDS = {"mode", "value", "label", "completed", "failed", "duration_s", "request_throughput",
@@ -24,10 +23,9 @@ LATENCIES = ("ttft_ms", "tpot_ms", "itl_ms", "e2e_ms")
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    running = start_mesh(tmp_path_factory.mktemp("loadgen"), "--no-embeddings")
-    yield running
-    stop_mesh(running)
+def mesh(traced_mesh):
+    """The run's shared demo mesh (tests/conftest.py)."""
+    return traced_mesh
 
 
 def bench(*args: str):

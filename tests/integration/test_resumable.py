@@ -5,16 +5,14 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from moemesh.local import start_mesh, stop_mesh
 from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from tests.support.mesh import routed_requests
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    running = start_mesh(tmp_path_factory.mktemp("resume"), "--no-http", "--no-embeddings")
-    yield running
-    stop_mesh(running)
+def mesh(traced_mesh):
+    """The run's shared demo mesh (tests/conftest.py)."""
+    return traced_mesh
 
 
 def request(request_id: str = "", resume_from: int = 0) -> generation_pb2.GenerateRequest:
