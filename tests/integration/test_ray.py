@@ -5,7 +5,9 @@ as `moemesh up` serves it) are placed by Ray, each in its own placement
 group; a generation and an embedding go through the gateway; removing one
 replica's actor while greedy streams are in flight fails them over to the
 other with exactly the tokens of a clean run; a service that exits is
-restarted by Ray in its bundle, on the address it had.
+restarted by Ray in its bundle, on the address it had. A replica of two ranks
+(an expert shard beside rank 0) gets a placement group of two bundles and
+generates the single-process replicas' tokens.
 """
 
 from __future__ import annotations
@@ -104,7 +106,8 @@ def wait_until(probe, timeout: float, what: str):
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray instance on loopback, light enough for a 2-core machine; shut down after the module."""
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
+    # Logical CPUs (what bundles reserve), enough for both meshes of this module: not the machine's two cores.
+    ray.init(address="local", num_cpus=8, num_gpus=0, include_dashboard=False, _node_ip_address="127.0.0.1",
              object_store_memory=80 * 1024 * 1024, logging_level="WARNING", log_to_driver=False)
     yield
     ray.shutdown()
@@ -190,6 +193,32 @@ def test_a_service_that_exits_is_restarted_by_ray_in_its_bundle_on_the_address_i
 
     answer = wait_until(generation, RECOVERY_BOUND, "a new request through the gateway succeeds")
     assert answer["ids"] == reference[1]["ids"], "the healed mesh serves the same greedy answer"
+
+
+# ---- an expert-parallel replica --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ep_mesh(cluster, checkpoint, tmp_path_factory):
+    """One replica of two ranks (rank 0 and an expert shard) on the same cluster, without embeddings."""
+    placed = start_mesh_on_ray(checkpoint, workers=1, ep_size=2, port=0, http_port=None,
+                               log_dir=tmp_path_factory.mktemp("ray-ep-logs"),
+                               env={"MOEMESH_SCHEDULER_HEARTBEAT_INTERVAL": "0.5"})
+    yield placed
+    placed.stop()
+
+
+def test_an_expert_parallel_replica_is_placed_rank_by_rank_and_serves_the_single_process_tokens(ep_mesh, reference):
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    assert [len(g["bundles"]) for g in groups].count(2) == 1, f"one placement group of two bundles: {groups}"
+    (shard,) = ep_mesh.ready["shards"]
+    (worker,) = ep_mesh.ready["workers"]
+    registered = {n.address: n for n in nodes(ep_mesh)}
+    leader, member = registered[worker["address"]], registered[shard["address"]]
+    assert (leader.rank, member.rank) == (0, 1) and leader.world_size == member.world_size == 2
+    assert leader.replica_group == member.replica_group and leader.routable, "both ranks registered: routable"
+    with grpc.insecure_channel(ep_mesh.gateway) as channel:
+        answer = collect(generation_pb2_grpc.GenerationStub(channel).Generate(request(PROMPTS[2]), timeout=120))
+    assert answer["finish"] == common_pb2.FINISH_REASON_LENGTH
+    assert answer["ids"] == reference[2]["ids"], "the two-rank replica generates the single-process replicas' tokens"
 
 
 def _restarted(mesh: RayMesh, name: str, old_pid: int) -> dict | None:
