@@ -48,9 +48,16 @@ class _State:
     enabled: bool = False
     provider: object | None = None  # the TracerProvider spans come from (the global one once set up)
 
+    cached_tracer: object | None = None  # built from `provider` on first use (see `use`)
+
+    def use(self, enabled: bool, provider: object | None) -> None:
+        self.enabled, self.provider, self.cached_tracer = enabled, provider, None
+
     def tracer(self):
-        from opentelemetry import trace
-        return trace.get_tracer("moemesh", tracer_provider=self.provider)
+        if self.cached_tracer is None:
+            from opentelemetry import trace
+            self.cached_tracer = trace.get_tracer("moemesh", tracer_provider=self.provider)
+        return self.cached_tracer
 
 
 # The process's tracing switch, set once at start-up by `setup_tracing` (OpenTelemetry's provider is
@@ -76,8 +83,8 @@ def setup_tracing(service: str, env: Mapping[str, str] | None = None) -> bool:
     """
     env = os.environ if env is None else env
     _state.service = service
-    _state.enabled = tracing_requested(env)
-    if not _state.enabled:
+    if not tracing_requested(env):
+        _state.use(False, None)
         return False
     from opentelemetry import trace
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
@@ -89,7 +96,7 @@ def setup_tracing(service: str, env: Mapping[str, str] | None = None) -> bool:
     for exporter in _exporters(env):
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)  # the gRPC and FastAPI instrumentation use the global provider
-    _state.provider = provider
+    _state.use(True, provider)
     log.info("tracing on: spans exported by %s", env.get("OTEL_TRACES_EXPORTER") or "otlp")
     return True
 
@@ -127,11 +134,11 @@ def traced_by(provider) -> Iterator[None]:
     """Within the block, this process's request spans come from `provider` (a test's, with an in-memory
     exporter) as if tracing were set up; the previous state after it."""
     saved = (_state.enabled, _state.provider)
-    _state.enabled, _state.provider = True, provider
+    _state.use(True, provider)
     try:
         yield
     finally:
-        _state.enabled, _state.provider = saved
+        _state.use(*saved)
 
 
 def _request_filter():
@@ -156,10 +163,20 @@ def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
     return list(aio_client_interceptors(filter_=_request_filter()))
 
 
+MAX_TRACESTATE = 512  # characters: W3C's limit on what a vendor list must hold
+
+
 def incoming_context(pairs: Sequence[tuple[str, str]] | Mapping[str, str]) -> dict[str, str]:
-    """The W3C trace fields among headers or gRPC metadata (names in lower case), as a carrier."""
+    """The W3C trace fields among headers or gRPC metadata (names in lower case), as a carrier: a well-formed
+    `traceparent` and, beside it, a `tracestate` of at most 512 characters. Anything else a caller sends is
+    dropped here (it would ride in every hop's work message and log line), and the trace starts afresh."""
     items = pairs.items() if isinstance(pairs, Mapping) else pairs
-    return {key: value for key, value in items if key in TRACE_FIELDS and isinstance(value, str)}
+    fields = {key: value for key, value in items if key in TRACE_FIELDS and isinstance(value, str)}
+    if not TRACEPARENT.fullmatch(fields.get("traceparent", "")):
+        return {}
+    if len(fields.get("tracestate", "")) > MAX_TRACESTATE:
+        del fields["tracestate"]
+    return fields
 
 
 def trace_id_of(carrier: Mapping[str, str]) -> str:

@@ -136,7 +136,18 @@ def test_a_callers_request_id_must_be_a_plain_token(value):
 
 
 def test_the_call_context_keeps_only_the_trace_fields():
-    call = grpc_call_context((("x-request-id", "ok-1"), ("traceparent", "00-aa-bb-01"), ("authorization", "k"),
+    traceparent = f"00-{'ab' * 16}-{'cd' * 8}-01"
+    call = grpc_call_context((("x-request-id", "ok-1"), ("traceparent", traceparent), ("authorization", "k"),
                               ("tracestate", "vendor=1"), ("x-bin", b"\x00")))
     assert call.request_id == "ok-1"
-    assert dict(call.trace) == {"traceparent": "00-aa-bb-01", "tracestate": "vendor=1"}
+    assert dict(call.trace) == {"traceparent": traceparent, "tracestate": "vendor=1"}
+
+
+def test_a_malformed_or_oversized_trace_context_from_a_caller_is_dropped():
+    good = f"00-{'ab' * 16}-{'cd' * 8}-01"
+    assert tracing.incoming_context([("traceparent", good), ("tracestate", "v=1")]) == {"traceparent": good,
+                                                                                         "tracestate": "v=1"}
+    assert tracing.incoming_context([("traceparent", "not-a-traceparent"), ("tracestate", "v=1")]) == {}
+    assert tracing.incoming_context([("tracestate", "v=1")]) == {}, "a tracestate alone means nothing"
+    assert tracing.incoming_context([("traceparent", good), ("tracestate", "v" * 10_000)]) == {"traceparent": good}
+    assert tracing.incoming_context([("traceparent", good.upper())]) == {}, "W3C trace ids are lower-case hex"
