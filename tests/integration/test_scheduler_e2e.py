@@ -223,8 +223,9 @@ def test_sigterm_drains_a_worker_its_streams_finish_and_new_work_goes_elsewhere(
         victim = mesh.ready["workers"][0]
         with grpc.insecure_channel(mesh.gateway) as ch:
             stub = generation_pb2_grpc.GenerationStub(ch)
-            clean = [collect(stub.Generate(request(p, 200), timeout=120)) for p in PROMPTS[:4]]
-            calls = [stub.Generate(request(p, 200), timeout=120) for p in PROMPTS[:4]]
+            undisturbed = [stub.Generate(request(p, 120), timeout=120) for p in PROMPTS[:4]]  # all at once
+            clean = [collect(call) for call in undisturbed]
+            calls = [stub.Generate(request(p, 120), timeout=120) for p in PROMPTS[:4]]
             firsts = [next(call) for call in calls]
             assert {n.address: n.in_flight for n in nodes(mesh)}[victim["address"]] > 0
             os.kill(victim["pid"], signal.SIGTERM)

@@ -364,7 +364,8 @@ def test_a_worker_whose_engine_fails_mid_stream_hands_its_streams_to_the_other_r
             cache_mode=common_pb2.CACHE_MODE_NO_STORE) for i in range(6)]
         with grpc.insecure_channel(mesh.gateway) as ch, grpc.insecure_channel(mesh.scheduler) as sched:
             stub = generation_pb2_grpc.GenerationStub(ch)
-            clean = [[t for e in stub.Generate(r, timeout=120) for t in e.token_ids] for r in requests]
+            undisturbed = [stub.Generate(r, timeout=120) for r in requests]  # all at once, as the disturbed run
+            clean = [[t for e in call for t in e.token_ids] for call in undisturbed]
             calls = [stub.Generate(r, timeout=120) for r in requests]
             firsts = [next(call) for call in calls]  # every stream is under way
             victim = mesh.ready["workers"][0]
