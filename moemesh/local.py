@@ -24,8 +24,35 @@ from dataclasses import dataclass
 START_TIMEOUT = 240.0  # seconds: a loaded 2-core machine builds the native kernels and loads models first
 
 
+class ReadyAddresses:
+    """The services' addresses, read from a ready document (`self.ready`, as `moemesh up` writes it)."""
+
+    ready: dict
+
+    @property
+    def gateway(self) -> str:
+        return self.ready["gateway"]["address"]
+
+    @property
+    def http(self) -> str:
+        return self.ready["gateway"]["http_address"]
+
+    @property
+    def scheduler(self) -> str:
+        return self.ready["scheduler"]["address"]
+
+    @property
+    def workers(self) -> list[str]:
+        return [w["address"] for w in self.ready["workers"]]
+
+    @property
+    def shards(self) -> list[str]:
+        """The expert shards' addresses (`--ep-size N`; none otherwise)."""
+        return [s["address"] for s in self.ready.get("shards", [])]
+
+
 @dataclass
-class RunningMesh:
+class RunningMesh(ReadyAddresses):
     """A `moemesh up` process tree and what its ready file says."""
 
     process: subprocess.Popen
@@ -46,27 +73,6 @@ class RunningMesh:
     @property
     def ready_file(self) -> pathlib.Path:
         return self.log_dir.parent / "ready.json"
-
-    @property
-    def gateway(self) -> str:
-        return self.ready["gateway"]["address"]
-
-    @property
-    def http(self) -> str:
-        return self.ready["gateway"]["http_address"]
-
-    @property
-    def scheduler(self) -> str:
-        return self.ready["scheduler"]["address"]
-
-    @property
-    def workers(self) -> list[str]:
-        return [w["address"] for w in self.ready["workers"]]
-
-    @property
-    def shards(self) -> list[str]:
-        """The expert shards' addresses (`moemesh up --ep-size N`; none otherwise)."""
-        return [s["address"] for s in self.ready.get("shards", [])]
 
     def service_pids(self) -> list[int]:
         pids = [self.ready["gateway"]["pid"], self.ready["scheduler"]["pid"]]

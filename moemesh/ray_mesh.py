@@ -40,6 +40,7 @@ import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from moemesh.local import ReadyAddresses
 from moemesh.ray_service import READY_TIMEOUT, STOP_GRACE, ServiceActor, ServiceSpec
 from moemesh.supervisor import CLUSTER_TOKEN_ENV, KV_TIER_SECRET_ENV, MeshSecrets, ServiceFailed
 
@@ -89,7 +90,7 @@ class RayMeshOptions:
 
 # ---- the driver ------------------------------------------------------------------------------------------------------
 @dataclass
-class RayMesh:
+class RayMesh(ReadyAddresses):
     """A mesh placed on Ray: its actors, placement groups, addresses and credentials."""
 
     options: RayMeshOptions
@@ -97,18 +98,6 @@ class RayMesh:
     actors: dict = field(default_factory=dict)  # service name -> actor handle
     placement_groups: list = field(default_factory=list)
     ready: dict = field(default_factory=dict)  # as `moemesh up`'s ready file: addresses and pids, never a secret
-
-    @property
-    def gateway(self) -> str:
-        return self.ready["gateway"]["address"]
-
-    @property
-    def scheduler(self) -> str:
-        return self.ready["scheduler"]["address"]
-
-    @property
-    def workers(self) -> list[str]:
-        return [w["address"] for w in self.ready["workers"]]
 
     def describe(self, name: str, timeout: float = 30.0) -> dict:
         """What the actor of service `name` reports now (its pid and restarts change when Ray restarts it)."""
