@@ -216,7 +216,10 @@ def test_a_planted_entry_without_the_mesh_mac_changes_no_output_and_is_a_counted
     expected, _ = generate(make_engine(parts, None), PROMPT)
     reader = make_tier(parts, server.url, secret=SECRET)
     client = redis.Redis.from_url(server.url)
-    chosen_kv = bytes(reader.spec.nbytes)  # all-zero keys and values, for the prefix the attacker chose
+    # Keys and values the attacker chose for the prefix: large, so that, used, they would surely change the output
+    # (all-zero ones can leave a tiny model's greedy tokens as they were).
+    chosen = torch.randn(reader.spec.nbytes // 4, generator=torch.Generator().manual_seed(7)) * 30
+    chosen_kv = chosen.to(torch.float32).numpy().tobytes()
     plant(client, reader, DEFAULT_ROOT, chosen_kv, secret=b"an attacker's guess at the secret")
 
     engine = make_engine(parts, reader)
