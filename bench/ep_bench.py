@@ -16,10 +16,14 @@ this machine, contiguous placement):
   4. the resident memory of each rank (a fresh process each) against a
      process holding the single-process model, and a bare process.
 
+Every rank gets the torch threads `moemesh up --ep-size N` gives it: the
+machine's cores divided by the ranks (at least one); the single-process
+engine gets them all, as `moemesh up` gives a one-process replica.
+
 Usage:
 
     python -m bench.ep_bench [--ranks 2,4] [--seqs 1,32] [--prompt-tokens 100] [--new-tokens 64]
-                             [--shard-threads 1] [--model DIR] [--smoke]
+                             [--threads-per-rank T] [--model DIR] [--smoke]
 
 `--smoke` runs a tiny model, briefly, to check that the script works.
 """
@@ -77,6 +81,11 @@ class Child:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+
+
+def threads_per_rank(world_size: int) -> int:
+    """What `moemesh up --ep-size N` gives each rank on this machine: the cores divided by the ranks."""
+    return max(1, (os.cpu_count() or 1) // world_size)
 
 
 def start_shards(ckpt_dir: pathlib.Path, world_size: int, threads: int, logs: pathlib.Path) -> list[Child]:
@@ -169,7 +178,10 @@ def minimum_bytes(stats: ExchangeStats, hidden_size: int, itemsize: int) -> int:
 def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single: dict, logs: pathlib.Path, ping: str) -> dict:
     """Every figure of one replica size."""
     ckpt = open_checkpoint(ckpt_dir)
-    shards = start_shards(ckpt_dir, world_size, args.shard_threads, logs)
+    threads = args.threads_per_rank or threads_per_rank(world_size)
+    shards = start_shards(ckpt_dir, world_size, threads, logs)
+    all_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         addresses = tuple(s.info["address"] for s in shards)
         placement = parse_placement(ckpt, None, world_size)
@@ -177,7 +189,7 @@ def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single: dict, logs
             model = build_model(ckpt, expert_parallel=exchange)
             hidden, itemsize = model.args.hidden_size, model.embed_tokens.weight.element_size()
             engine_steps(model, tokenizer, prompts(2, 16, model.vocab_size), 4)  # warm-up
-            result = {"world_size": world_size, "by_seqs": {}}
+            result = {"world_size": world_size, "threads_per_rank": threads, "by_seqs": {}}
             for seqs in args.seqs:
                 exchange.stats = ExchangeStats()
                 step, tps = engine_steps(model, tokenizer, prompts(seqs, args.prompt_tokens, model.vocab_size),
@@ -199,6 +211,7 @@ def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single: dict, logs
         result["shard_rss"] = [describe(s.info["address"]).resident_bytes for s in shards]
         return result
     finally:
+        torch.set_num_threads(all_threads)
         for shard in shards:
             shard.stop()
 
@@ -241,7 +254,9 @@ def main() -> None:
     parser.add_argument("--seqs", default="1,32", help="concurrent sequences")
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--shard-threads", type=int, default=1, help="torch threads of each shard process")
+    parser.add_argument("--threads-per-rank", type=int, default=0,
+                        help="torch threads of every rank of a replica; 0: as `moemesh up` sets them, the cores "
+                             "divided by the ranks")
     parser.add_argument("--ping-rounds", type=int, default=200)
     parser.add_argument("--model", type=pathlib.Path, help="checkpoint; default the ~100M benchmark one")
     parser.add_argument("--workdir", type=pathlib.Path, default=pathlib.Path(tempfile.gettempdir()) / "moemesh-bench")
@@ -263,7 +278,8 @@ def main() -> None:
     logs = pathlib.Path(tempfile.mkdtemp(prefix="ep-bench-"))
     tokenizer = Tokenizer.from_dir(ckpt_dir)
     model = build_model(open_checkpoint(ckpt_dir))
-    print(f"checkpoint {ckpt_dir}, {torch.get_num_threads()} threads on rank 0, {args.shard_threads} per shard; "
+    print(f"checkpoint {ckpt_dir}; {torch.get_num_threads()} threads for the single process, "
+          f"{args.threads_per_rank or 'the cores / the ranks'} per rank of a replica; "
           f"logs in {logs}" + ("" if args.model or args.smoke else f"; config {BENCH_CONFIG}"))
     engine_steps(model, tokenizer, prompts(2, 16, model.vocab_size), 4)  # warm-up
     single = {}

@@ -32,7 +32,13 @@ from moemesh.worker.models.layers import TopKRouter
 from moemesh.worker.models.placement import ExpertPlacement
 from moemesh.worker.models.registry import build_expert_shard, build_model
 from moemesh.worker.ops.remote import ExpertExchange, ExpertParallelConfig, ExpertShardFailed, ExpertShardTimeout
-from moemesh.worker.server.shard import EXPERT_SHARD_ACCESS, EXPERT_SHARD_SERVICE, ExpertShardServicer, parse_placement
+from moemesh.worker.server.shard import (
+    EXPERT_SHARD_ACCESS,
+    EXPERT_SHARD_SERVICE,
+    INLINE_ROWS,
+    ExpertShardServicer,
+    parse_placement,
+)
 from tests.support.checkpoints import FAMILIES
 from tests.support.engine import random_prompt, request, run
 from tests.support.mesh import Service
@@ -355,6 +361,27 @@ def test_a_shard_refuses_work_for_experts_it_does_not_hold(guarded_shard):
     assert "expert_ids" in raised.value.details() and "[0]" in raised.value.details()
     answer = exchange_once(guarded_shard.address, layer_work([[2, 3], [3, -1]]), bearer_metadata("cluster-secret"))
     assert list(answer.partial.shape) == [2, 64] and answer.sequence == 1
+
+
+def test_small_and_large_messages_on_one_stream_are_answered_in_order_and_agree(guarded_shard):
+    # Small messages are answered on the shard's event loop, larger ones on its compute thread: one stream
+    # mixing both gets its answers in order, and a row gets the same partial sum either way.
+    rows = INLINE_ROWS + 36
+    ids = torch.tensor([[2, 3], [3, -1]] * (rows // 2), dtype=torch.int32)
+    hidden = torch.randn(rows, 64)
+    large = experts_pb2.LayerWork(step=1, layer=0, sequence=1, hidden=tensors.to_pb(hidden),
+                                  expert_ids=tensors.to_pb(ids), weights=tensors.to_pb(torch.full(ids.shape, 0.5)))
+    small = [experts_pb2.LayerWork(step=1, layer=0, sequence=2 + i, hidden=tensors.to_pb(hidden[i : i + 1]),
+                                   expert_ids=tensors.to_pb(ids[i : i + 1]),
+                                   weights=tensors.to_pb(torch.full((1, 2), 0.5))) for i in range(2)]
+    with grpc.insecure_channel(guarded_shard.address) as channel:
+        answers = list(experts_pb2_grpc.ExpertShardStub(channel).Exchange(
+            iter([large, *small]), metadata=bearer_metadata("cluster-secret"), timeout=30))
+    assert [a.sequence for a in answers] == [1, 2, 3]
+    whole = tensors.from_pb(answers[0].partial)
+    assert list(whole.shape) == [rows, 64]
+    for i, answer in enumerate(answers[1:]):
+        torch.testing.assert_close(tensors.from_pb(answer.partial)[0], whole[i], rtol=0, atol=1e-6)
 
 
 def test_a_shard_refuses_callers_without_the_cluster_token(guarded_shard):
