@@ -114,7 +114,8 @@ def held_experts(placement: ExpertPlacement, rank: int) -> list[int]:
 # Messages of at most this many token rows (every decode step's, small prefill chunks') are answered on the event
 # loop itself: a few milliseconds of compute at most, and two thread hand-offs fewer per layer (0.3-0.5 ms on a
 # busy 2-core machine). Larger ones go to the compute thread, so that the loop keeps answering health checks and
-# heartbeats through a long prefill chunk.
+# heartbeats through a long prefill chunk. With more than one torch thread the two threads each get an OpenMP
+# team; messages are answered one at a time, so the teams never run at once, and the idle one sleeps.
 INLINE_ROWS = 64
 
 
