@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import queue
 import threading
 import time
@@ -51,7 +52,14 @@ if _FAULTS and "moemesh.worker.server.main" in sys.orig_argv:
     _step = _engine.Engine.step
 
     def _faulty_step(self):
-        if os.path.exists(os.path.join(_FAULTS, f"fail-{os.getpid()}")):
+        mine = os.path.join(_FAULTS, f"fail-{os.getpid()}")
+        anyone = os.path.join(_FAULTS, "fail-first-mid-stream")
+        if os.path.exists(anyone) and any(seq.num_generated >= 8 for seq in self.running):
+            try:
+                os.rename(anyone, mine)  # atomic: one worker claims it
+            except FileNotFoundError:
+                pass  # another worker claimed it first
+        if os.path.exists(mine):
             raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by the test)")
         return _step(self)
 
@@ -74,6 +82,12 @@ def faults(tmp_path_factory):
 
 def fail_engine_of(faults, pid: int) -> None:
     (faults / f"fail-{pid}").touch()
+
+
+def fail_first_engine_mid_stream(faults: pathlib.Path) -> None:
+    """The first worker to step with a sequence 8 tokens into its output fails, from that step on (its
+    `fail-<pid>` appears); the others serve on."""
+    (faults / "fail-first-mid-stream").touch()
 
 
 @pytest.fixture(scope="module")
@@ -357,24 +371,26 @@ def test_an_engine_failure_fails_in_flight_requests_with_unavailable_reports_unh
 def test_a_worker_whose_engine_fails_mid_stream_hands_its_streams_to_the_other_replica(tmp_path, faults, monkeypatch):
     monkeypatch.setenv("MOEMESH_SCHEDULER_AFFINITY_LOAD_GUARD", "0")  # spread the streams over both workers
     mesh = start_mesh(tmp_path, "--workers", "2", "--no-embeddings", "--no-http")
+    trigger = faults / "fail-first-mid-stream"
     try:
         requests = [generation_pb2.GenerateRequest(
             prompt=common_pb2.Prompt(text=f"def handler_{i}(request):\n    "),
             sampling=common_pb2.SamplingParams(max_tokens=120, ignore_eos=True, temperature=0.0),
             cache_mode=common_pb2.CACHE_MODE_NO_STORE) for i in range(6)]
-        with grpc.insecure_channel(mesh.gateway) as ch, grpc.insecure_channel(mesh.scheduler) as sched:
+        with grpc.insecure_channel(mesh.gateway) as ch:
             stub = generation_pb2_grpc.GenerationStub(ch)
             undisturbed = [stub.Generate(r, timeout=120) for r in requests]  # all at once, as the disturbed run
             clean = [[t for e in call for t in e.token_ids] for call in undisturbed]
+            # Whichever worker first runs a stream 8 tokens in fails then, mid-stream (the router may give one
+            # worker all six; waiting here to choose one could let its streams finish first on a slow host).
+            fail_first_engine_mid_stream(faults)
             calls = [stub.Generate(r, timeout=120) for r in requests]
-            firsts = [next(call) for call in calls]  # every stream is under way
-            victim = mesh.ready["workers"][0]
-            held = {n.address: n.in_flight for n in nodes(sched, mesh.internal_metadata)}
-            assert held[victim["address"]] > 0, f"the victim must hold streams: {held}"
-            fail_engine_of(faults, victim["pid"])
-            disturbed = [[*first.token_ids, *(t for e in call for t in e.token_ids)] for first, call in zip(firsts, calls)]
+            disturbed = [[t for e in call for t in e.token_ids] for call in calls]
         for i, (before, after) in enumerate(zip(clean, disturbed)):
             assert after == before, f"stream {i}: tokens lost, repeated or changed by the failover"
-        wait_for(lambda: not pid_alive(victim["pid"]), 30, "the failed worker exits")
+        failed = [w["pid"] for w in mesh.ready["workers"] if (faults / f"fail-{w['pid']}").exists()]
+        assert len(failed) == 1, "one worker's engine failed mid-stream"
+        wait_for(lambda: not pid_alive(failed[0]), 30, "the failed worker exits")
     finally:
+        trigger.unlink(missing_ok=True)
         stop_mesh(mesh)
