@@ -44,9 +44,10 @@ def make_engine(parts, tier: RedisKVTier | None, writes: str = "all") -> Engine:
 
 
 def make_tier(parts, url: str, **kwargs) -> RedisKVTier:
+    """A tier with a Redis timeout a loaded test host cannot trip (the fault tests pass their own short one)."""
     model, _ = parts
     shape = model.make_cache(1, BLOCK).block_shape
-    return RedisKVTier(url, "tiny", "rev1", BlockSpec("float32", shape), **kwargs)
+    return RedisKVTier(url, "tiny", "rev1", BlockSpec("float32", shape), **{"timeout": 5.0, **kwargs})
 
 
 def generate(engine: Engine, prompt: list[int], rid: str = "r") -> tuple[list[int], int]:
@@ -218,8 +219,8 @@ def test_a_planted_entry_without_the_mesh_mac_changes_no_output_and_is_a_counted
     client = redis.Redis.from_url(server.url)
     # Keys and values the attacker chose for the prefix: large, so that, used, they would surely change the output
     # (all-zero ones can leave a tiny model's greedy tokens as they were).
-    chosen = torch.randn(reader.spec.nbytes // 4, generator=torch.Generator().manual_seed(7)) * 30
-    chosen_kv = chosen.to(torch.float32).numpy().tobytes()
+    chosen = torch.randn(reader.spec.nbytes // 4, generator=torch.Generator().manual_seed(7)) * 30  # float32
+    chosen_kv = chosen.numpy().tobytes()
     plant(client, reader, DEFAULT_ROOT, chosen_kv, secret=b"an attacker's guess at the secret")
 
     engine = make_engine(parts, reader)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import queue
 import threading
 import time
@@ -82,12 +81,6 @@ def faults(tmp_path_factory):
 
 def fail_engine_of(faults, pid: int) -> None:
     (faults / f"fail-{pid}").touch()
-
-
-def fail_first_engine_mid_stream(faults: pathlib.Path) -> None:
-    """The first worker to step with a sequence 8 tokens into its output fails, from that step on (its
-    `fail-<pid>` appears); the others serve on."""
-    (faults / "fail-first-mid-stream").touch()
 
 
 @pytest.fixture(scope="module")
@@ -371,6 +364,8 @@ def test_an_engine_failure_fails_in_flight_requests_with_unavailable_reports_unh
 def test_a_worker_whose_engine_fails_mid_stream_hands_its_streams_to_the_other_replica(tmp_path, faults, monkeypatch):
     monkeypatch.setenv("MOEMESH_SCHEDULER_AFFINITY_LOAD_GUARD", "0")  # spread the streams over both workers
     mesh = start_mesh(tmp_path, "--workers", "2", "--no-embeddings", "--no-http")
+    # While it exists, the first worker to step with a stream 8 tokens in fails from then on (its `fail-<pid>`
+    # appears); the other serves on.
     trigger = faults / "fail-first-mid-stream"
     try:
         requests = [generation_pb2.GenerateRequest(
@@ -383,7 +378,7 @@ def test_a_worker_whose_engine_fails_mid_stream_hands_its_streams_to_the_other_r
             clean = [[t for e in call for t in e.token_ids] for call in undisturbed]
             # Whichever worker first runs a stream 8 tokens in fails then, mid-stream (the router may give one
             # worker all six; waiting here to choose one could let its streams finish first on a slow host).
-            fail_first_engine_mid_stream(faults)
+            trigger.touch()
             calls = [stub.Generate(r, timeout=120) for r in requests]
             disturbed = [[t for e in call for t in e.token_ids] for call in calls]
         for i, (before, after) in enumerate(zip(clean, disturbed)):

@@ -136,7 +136,7 @@ class ExpertShardServicer(experts_pb2_grpc.ExpertShardServicer):
                 yield await loop.run_in_executor(self.executor, self.answer, work)
 
     def answer(self, work: experts_pb2.LayerWork) -> experts_pb2.LayerResult:
-        """One layer's partial sums (runs on the compute thread)."""
+        """One layer's partial sums (on the event loop for a small message, else on the compute thread)."""
         started = time.perf_counter()
         hidden = _decode("hidden", work.hidden)
         partial = self.shard.compute(work.layer, hidden, _decode("expert_ids", work.expert_ids),
