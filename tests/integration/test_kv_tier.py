@@ -229,7 +229,11 @@ def test_a_planted_entry_without_the_mesh_mac_changes_no_output_and_is_a_counted
     assert cached == 0 and engine.counters.tier_hit_tokens == 0
     assert reader.stats.rejected == 1 and reader.stats.unverified == 1 and reader.stats.hits == 0
 
-    # The same entries under the real secret would have been used: only the MAC kept them out.
+    # The same entries under the real secret would have been used: only the MAC kept them out. The victim's engine
+    # writes the blocks it computed in the background (replacing the rejected entries); those writes land first, so
+    # that they cannot overwrite the entries planted next.
+    reader.flush()
+    assert reader.stats.stored == 5, "the victim rewrote the five blocks it computed"
     plant(client, reader, DEFAULT_ROOT, chosen_kv, secret=SECRET)
     trusting = make_tier(parts, server.url, secret=SECRET)
     poisoned, cached = generate(make_engine(parts, trusting), PROMPT, "poisoned")
