@@ -263,11 +263,12 @@ class RedisKVTier:
         except queue.Full:
             self.stats.dropped += len(blocks)
 
-    def flush(self, timeout: float = 5.0) -> None:
-        """Wait until queued writes are done (tests, shutdown)."""
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until queued writes are done (tests, shutdown); whether they were within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while self._writes.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.005)
+        return not self._writes.unfinished_tasks
 
     def close(self) -> None:
         """Finish queued writes, stop the writer and close the connection pool."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pydantic
 from pydantic_settings import SettingsConfigDict
 
+from moemesh.cache.client import DEFAULT_TIMEOUT
 from moemesh.services.core.config import MetricsPort, ServiceConfig
 
 
@@ -39,6 +40,9 @@ class GatewayConfig(ServiceConfig):
     response_cache: bool = pydantic.Field(
         default=True, description="cache deterministic answers (greedy or seeded) in Redis (needs redis_url)")
     response_cache_ttl: float = pydantic.Field(default=3600.0, gt=0, description="lifetime of a cached answer, seconds")
+    cache_redis_timeout: float = pydantic.Field(
+        default=DEFAULT_TIMEOUT, gt=0, le=5,
+        description="socket timeout of the caches' Redis calls, seconds (a call past it is a miss, never an error)")
     embedding_cache_ttl: float = pydantic.Field(
         default=86400.0, gt=0, description="lifetime of a cached embedding, seconds")
     cache_shared_scope: bool = pydantic.Field(

@@ -61,7 +61,7 @@ class GatewayDeps:
         """Every dependency the config asks for; nothing connects until the client is started."""
         token = config.cluster_token.get_secret_value() if config.cluster_token else None
         client = SchedulerClient(config.scheduler, config.tls_dir, token)
-        redis = connect(config.redis_url) if config.redis_url else None
+        redis = connect(config.redis_url, config.cache_redis_timeout) if config.redis_url else None
         registry = TenantRegistry.load(config.tenants_file) if config.tenants_file else None
         limiter, limiter_redis = _limiter(config, registry)
         return cls(config=config, client=client,
