@@ -191,7 +191,8 @@ def second_replica(mesh, checkpoint, tmp_path_factory):
     service = Service("moemesh.worker.server.main", "--model-dir", str(checkpoint), "--scheduler", mesh.scheduler,
                       "--port", "0", "--node-id", "single", "--num-threads", "1", "--no-pooled-embeddings",
                       log=tmp_path_factory.mktemp("logs") / "single.log",
-                      env={"MOEMESH_WORKER_CLUSTER_TOKEN": mesh.cluster_token})
+                      # As many slots as the expert-parallel replica, so that load-based routing splits streams evenly.
+                      env={"MOEMESH_WORKER_CLUSTER_TOKEN": mesh.cluster_token, "MOEMESH_WORKER_MAX_NUM_SEQS": "8"})
     yield service.info["address"]
     service.stop()
 
@@ -247,13 +248,14 @@ def test_list_nodes_shows_both_ranks_in_one_group_and_routes_only_to_rank_0(mesh
 
 
 def settled(read: Callable[[], float]) -> float:
-    """`read()` once it no longer changes: counts arrive with heartbeats, up to two intervals after the work."""
-    value = read()
+    """`read()` once it no longer changes: counts arrive with heartbeats, up to two intervals after the work (three
+    equal reads two intervals apart, so that one late heartbeat on a loaded host cannot pass for the end)."""
+    values = [read()]
     while True:
         time.sleep(2 * HEARTBEAT_INTERVAL)
-        value, previous = read(), value
-        if value == previous:
-            return value
+        values.append(read())
+        if values[-3:] == [values[-1]] * 3:
+            return values[-1]
 
 
 def test_tokens_per_expert_reach_the_scheduler_metrics(mesh, model_id):

@@ -33,9 +33,9 @@ from tests.support.redis_server import RedisServer
 T = TypeVar("T")
 
 PROMPTS = [f"def handler_{i}(request):\n    " for i in range(16)]
-MAX_TOKENS = 64
+MAX_TOKENS = 128  # a few seconds of streams: a fault set after the first events lands mid-generation on a slow host
 STREAM_DEADLINE = 90.0  # seconds: a stream still open then is hung (each fault here heals within seconds)
-RECOVERY_BOUND = 30.0  # seconds a restarted service may take to serve again on this loaded 2-core machine
+RECOVERY_BOUND = 60.0  # seconds a restarted service may take to serve again on a loaded 2-core machine
 LONG_PROMPT = "The scheduler admits requests, batches them, and picks a replica for each batch of work. " * 3
 
 
@@ -137,11 +137,21 @@ def ready_workers(mesh: RunningMesh) -> set[str]:
     return {n.address for n in nodes(mesh) if n.state == "ready"}
 
 
+def busiest_worker(mesh: RunningMesh) -> int:
+    """The index (in the ready file) of the worker holding the most streams now. Load alone routes, but a heartbeat
+    late on a loaded host leaves a worker unroutable for a moment, and the other may then get every stream."""
+    held = {n.address: n.in_flight for n in nodes(mesh)}
+    workers = mesh.read_ready()["workers"]
+    index = max(range(len(workers)), key=lambda i: held.get(workers[i].get("address"), 0))
+    assert held.get(workers[index].get("address"), 0) > 0, f"a worker must hold the streams: {held}"
+    return index
+
+
 def whole(mesh: RunningMesh) -> bool:
     """Every service runs and both workers of the ready file are routable."""
     ready = mesh.read_ready()
     return (all(pid_alive(p) for p in [*mesh.service_pids(), ready["redis"]["pid"]])
-            and ready_workers(mesh) == set(mesh.workers))
+            and ready_workers(mesh) == {w.get("address") for w in ready["workers"]})
 
 
 def restarted(mesh: RunningMesh, pick: Callable[[dict], dict], old_pid: int) -> dict:
@@ -259,29 +269,32 @@ def test_the_cluster_credentials_reach_each_child_by_environment_only(healthy):
 # ---- workers ---------------------------------------------------------------------------------------------------------
 def test_a_worker_killed_under_16_streams_loses_no_token_and_is_restarted_and_serves_again(healthy, reference):
     mesh = healthy
-    victim = mesh.ready["workers"][0]
     load = Load(mesh.gateway, streams())
     load.assert_running()
-    held = {n.address: n.in_flight for n in nodes(mesh)}
-    assert held.get(victim["address"], 0) > 0, f"the victim must hold streams: {held}"
+    index = busiest_worker(mesh)
+    victim = mesh.read_ready()["workers"][index]
     os.kill(victim["pid"], signal.SIGKILL)
     assert_identical(load.results(), reference, "worker kill -9")
 
-    back = restarted(mesh, lambda ready: ready["workers"][0], victim["pid"])
+    back = restarted(mesh, lambda ready: ready["workers"][index], victim["pid"])
     assert back["restarts"] == victim["restarts"] + 1
     wait_until(lambda: ready_workers(mesh) == set(mesh.workers), RECOVERY_BOUND, "the new worker registers")
-    before = {n.address: n.routed_requests for n in nodes(mesh)}
-    assert_identical(Load(mesh.gateway, streams()).results(), reference, "after the restart")
-    routed = {n.address: n.routed_requests - before.get(n.address, 0) for n in nodes(mesh)}
-    assert routed[back["address"]] > 0, f"the restarted worker must take traffic again: {routed}"
+
+    def takes_traffic() -> bool:  # a load may miss it while a late heartbeat leaves it unroutable: ask again
+        before = {n.address: n.routed_requests for n in nodes(mesh)}
+        assert_identical(Load(mesh.gateway, streams()).results(), reference, "after the restart")
+        after = {n.address: n.routed_requests for n in nodes(mesh)}
+        return after.get(back["address"], 0) > before.get(back["address"], 0)
+
+    wait_until(takes_traffic, RECOVERY_BOUND, "the restarted worker takes traffic again")
 
 
 def test_a_stopped_worker_under_load_is_failed_over_and_rejoins_after_sigcont(healthy, reference):
     mesh = healthy
-    victim = mesh.ready["workers"][1]
     load = Load(mesh.gateway, streams())
     load.assert_running()
-    assert {n.address: n.in_flight for n in nodes(mesh)}[victim["address"]] > 0, "the victim must hold streams"
+    index = busiest_worker(mesh)
+    victim = mesh.read_ready()["workers"][index]
     os.kill(victim["pid"], signal.SIGSTOP)  # hung, not dead: only the missing heartbeats tell
     try:
         started = time.monotonic()
@@ -291,7 +304,7 @@ def test_a_stopped_worker_under_load_is_failed_over_and_rejoins_after_sigcont(he
     finally:
         os.kill(victim["pid"], signal.SIGCONT)
     wait_until(lambda: victim["address"] in ready_workers(mesh), RECOVERY_BOUND, "the resumed worker re-registers")
-    now = mesh.read_ready()["workers"][1]
+    now = mesh.read_ready()["workers"][index]
     assert (now["pid"], now["restarts"]) == (victim["pid"], victim["restarts"]), "a paused worker is not killed"
     assert_identical(Load(mesh.gateway, streams()).results(), reference, "after SIGCONT")
 

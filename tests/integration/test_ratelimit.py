@@ -22,6 +22,13 @@ def redis_server():
     server.stop()
 
 
+def patient(url: str) -> RateLimiter:
+    """A limiter whose Redis calls may take seconds: for the tests of what Redis decides, not of its timeout (with the
+    default 100 ms, a first check, which opens a connection and loads the script, can overrun on a loaded host and be
+    decided in-process instead: a designed fallback, tested below)."""
+    return RateLimiter(ratelimit.connect(url, timeout=5.0), timeout=5.0)
+
+
 def tenant(name: str, **limits) -> Tenant:
     return Tenant(id=name, **limits)
 
@@ -39,8 +46,8 @@ async def admitted(limiter: RateLimiter, who: Tenant, n: int, tokens: int = 0) -
 
 def test_requests_bucket_allows_the_burst_then_refuses_with_the_refill_wait(redis_server):
     async def go():
-        client = ratelimit.connect(redis_server.url)
-        limiter = RateLimiter(client)
+        limiter = patient(redis_server.url)
+        client = limiter.redis
         who = tenant("burst", requests_per_second=2, burst=5)
         ok, refused = await admitted(limiter, who, 8)
         assert ok == 5 and len(refused) == 3
@@ -59,7 +66,7 @@ def test_requests_bucket_allows_the_burst_then_refuses_with_the_refill_wait(redi
 
 def test_tokens_per_minute_charges_the_estimate_and_tells_the_wait(redis_server):
     async def go():
-        limiter = RateLimiter(ratelimit.connect(redis_server.url))
+        limiter = patient(redis_server.url)
         who = tenant("tokens", tokens_per_minute=600)  # refills 10 tokens per second
         await limiter.check(who, 500)
         with pytest.raises(Overloaded) as err:
@@ -74,7 +81,7 @@ def test_tokens_per_minute_charges_the_estimate_and_tells_the_wait(redis_server)
 
 def test_a_refused_request_charges_neither_bucket(redis_server):
     async def go():
-        limiter = RateLimiter(ratelimit.connect(redis_server.url))
+        limiter = patient(redis_server.url)
         who = tenant("both", requests_per_second=1, burst=3, tokens_per_minute=60)
         await limiter.check(who, 50)
         for _ in range(3):
@@ -88,7 +95,7 @@ def test_a_refused_request_charges_neither_bucket(redis_server):
 
 def test_two_gateways_share_one_bucket(redis_server):
     async def go():
-        first, second = RateLimiter(ratelimit.connect(redis_server.url)), RateLimiter(ratelimit.connect(redis_server.url))
+        first, second = patient(redis_server.url), patient(redis_server.url)
         who = tenant("shared", requests_per_second=1, burst=6)
         ok_a, _ = await admitted(first, who, 4)
         ok_b, refused_b = await admitted(second, who, 4)
@@ -101,10 +108,8 @@ def test_two_gateways_share_one_bucket(redis_server):
 
 def test_concurrent_checks_never_overspend(redis_server):
     async def go():
-        # This test is about the atomicity of concurrent charges in Redis. With the default 100 ms timeout, 40
-        # cold connections on a loaded 2-core machine can time out and be decided in-process instead (a designed
-        # fallback, tested below), so these limiters wait longer.
-        limiters = [RateLimiter(ratelimit.connect(redis_server.url, timeout=5.0), timeout=5.0) for _ in range(4)]
+        # About the atomicity of concurrent charges in Redis: 40 cold connections on a loaded host need the time.
+        limiters = [patient(redis_server.url) for _ in range(4)]
         who = tenant("race", requests_per_second=0.01, burst=10)
         results = await asyncio.gather(*(limiters[i % 4].check(who) for i in range(40)), return_exceptions=True)
         assert sum(limiter.stats.local_checks for limiter in limiters) == 0, "every check must be decided by Redis"
@@ -138,20 +143,27 @@ def test_redis_paused_times_out_quickly_and_recovers(redis_server):
         limiter.breaker.cooldown = 0.2
         who = tenant("paused", requests_per_second=100, burst=100)
         await limiter.check(who)
+        base = limiter.stats.local_checks  # 0, unless that first check (a new connection) overran 100 ms
         redis_server.pause()
         try:
             started = time.monotonic()
             for _ in range(5):
                 await limiter.check(who)
             assert time.monotonic() - started < 2.0
-            assert limiter.stats.local_checks == 5
+            assert limiter.stats.local_checks - base == 5
         finally:
             redis_server.resume()
-        await asyncio.sleep(0.3)
-        before = limiter.stats.local_checks
-        await limiter.check(who)
-        await limiter.check(who)
-        assert limiter.stats.local_checks == before, "back on Redis after the cooldown"
+        # After the cooldown a probe goes to Redis; on a loaded host its reconnect can overrun 100 ms and reopen the
+        # circuit for another cooldown, so allow a few.
+        for _ in range(20):
+            await asyncio.sleep(0.3)
+            before = limiter.stats.local_checks
+            await limiter.check(who)
+            await limiter.check(who)
+            if limiter.stats.local_checks == before:
+                break
+        else:
+            raise AssertionError("never back on Redis after the cooldown")
 
     asyncio.run(go())
 
@@ -186,8 +198,8 @@ def test_token_estimate_is_prompt_chars_over_four_plus_max_tokens():
 
 def test_settling_refunds_a_short_answer_and_charges_a_long_one_into_debt(redis_server):
     async def go():
-        client = ratelimit.connect(redis_server.url)
-        limiter = RateLimiter(client)
+        limiter = patient(redis_server.url)
+        client = limiter.redis
         who = tenant("settle", tokens_per_minute=60)  # refills 1 token per second
         charged = await limiter.check(who, 40)
         assert charged == 40

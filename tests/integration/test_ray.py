@@ -144,8 +144,8 @@ def test_ray_places_each_replica_in_its_own_placement_group_and_the_workers_regi
     replicas = [g for g in groups if len(g["bundles"]) == 1]  # one bundle per rank: single-process replicas
     assert len(replicas) == 2 and all(g["strategy"] == "PACK" for g in replicas), groups
     assert all(b == {"CPU": 1.0} for g in replicas for b in g["bundles"].values()), "no GPU here: CPU bundles only"
-    registered = {n.address for n in nodes(mesh) if n.state == "ready"}
-    assert registered == set(mesh.workers), f"the workers Ray placed register like any other: {registered}"
+    wait_until(lambda: {n.address for n in nodes(mesh) if n.state == "ready"} == set(mesh.workers), 10,
+               "the workers Ray placed register like any other")
     assert all(w["node_ip"] == "127.0.0.1" and pid_alive(w["pid"]) for w in mesh.ready["workers"])
     services = [mesh.ready["gateway"], mesh.ready["scheduler"], *mesh.ready["workers"]]
     assert all(s.get("metrics_address") for s in services), "metrics are on, as under moemesh up"
@@ -161,24 +161,33 @@ def test_a_replica_placed_by_ray_serves_a_generation_and_an_embedding_through_th
 
 
 def test_removing_a_replicas_actor_fails_its_streams_over_with_the_tokens_of_a_clean_run(mesh, reference):
-    victim = mesh.ready["workers"][0]
+    removed = []
 
     def remove_victim():
+        # The victim is whichever replica holds the most streams: on a loaded host a late heartbeat can leave one
+        # replica unroutable for a moment, and the router then gives the other all of them.
         held = {n.address: n.in_flight for n in nodes(mesh)}
-        assert held.get(victim["address"], 0) > 0, f"the victim must hold running streams: {held}"
-        ray.kill(mesh.actors["worker-0"])
+        address = max(held, key=held.get)
+        assert held[address] > 0, f"the victim must hold running streams: {held}"
+        index = mesh.workers.index(address)
+        assert mesh.describe(f"worker-{index}")["address"] == address
+        removed.append(mesh.ready["workers"][index])
+        ray.kill(mesh.actors[f"worker-{index}"])
 
     outcomes = run_streams(mesh.gateway, remove_victim)
     for i, (got, want) in enumerate(zip(outcomes, reference, strict=True)):
         assert isinstance(got, dict), f"stream {i} failed with {got} instead of failing over"
         assert got["finish"] == common_pb2.FINISH_REASON_LENGTH, f"stream {i} did not complete"
         assert got["ids"] == want["ids"], f"stream {i} lost, repeated or changed tokens"
+    (victim,) = removed
     wait_until(lambda: not pid_alive(victim["pid"]), 5, "the removed actor's worker process dies with it")
-    assert {n.address for n in nodes(mesh) if n.state == "ready"} == {mesh.workers[1]}
+    survivors = set(mesh.workers) - {victim["address"]}
+    wait_until(lambda: {n.address for n in nodes(mesh) if n.state == "ready"} == survivors, 10,
+               "only the other replica is left serving")
 
 
 def test_a_service_that_exits_is_restarted_by_ray_in_its_bundle_on_the_address_it_had(mesh, reference):
-    serving = {n.address for n in nodes(mesh) if n.state == "ready"}
+    serving = {n.address for n in nodes(mesh) if n.state in ("ready", "suspect")}  # suspect: a heartbeat is late
     before = mesh.describe("scheduler")
     os.kill(before["pid"], signal.SIGKILL)
     after = wait_until(lambda: _restarted(mesh, "scheduler", before["pid"]), RECOVERY_BOUND,
@@ -214,7 +223,9 @@ def test_an_expert_parallel_replica_is_placed_rank_by_rank_and_serves_the_single
     registered = {n.address: n for n in nodes(ep_mesh)}
     leader, member = registered[worker["address"]], registered[shard["address"]]
     assert (leader.rank, member.rank) == (0, 1) and leader.world_size == member.world_size == 2
-    assert leader.replica_group == member.replica_group and leader.routable, "both ranks registered: routable"
+    assert leader.replica_group == member.replica_group
+    wait_until(lambda: {n.address: n for n in nodes(ep_mesh)}[worker["address"]].routable, 10,
+               "both ranks registered: routable (a late heartbeat can leave it unroutable for a moment)")
     with grpc.insecure_channel(ep_mesh.gateway) as channel:
         answer = collect(generation_pb2_grpc.GenerationStub(channel).Generate(request(PROMPTS[2]), timeout=120))
     assert answer["finish"] == common_pb2.FINISH_REASON_LENGTH

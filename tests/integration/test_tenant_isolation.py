@@ -42,11 +42,14 @@ def mesh(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("isolation")
     tenants_file = tmp / "tenants.json"
     tenants_file.write_text(json.dumps(TENANTS))
-    os.environ["MOEMESH_GATEWAY_TENANTS_FILE"] = str(tenants_file)
+    # The tests count hits: a cache write past the default 0.2 s timeout (a loaded host) would be a designed miss.
+    env = {"MOEMESH_GATEWAY_TENANTS_FILE": str(tenants_file), "MOEMESH_GATEWAY_CACHE_REDIS_TIMEOUT": "2"}
+    os.environ.update(env)
     try:
         running = start_mesh(tmp, "--no-embeddings")
     finally:
-        del os.environ["MOEMESH_GATEWAY_TENANTS_FILE"]
+        for name in env:
+            del os.environ[name]
     yield running
     stop_mesh(running)
 
