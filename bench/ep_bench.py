@@ -9,7 +9,10 @@ this machine, contiguous placement):
   2. the time of one layer exchange (rank 0 sending every shard its rows,
      computing its own experts, combining the answers), against a bare gRPC
      bidirectional ping-pong of the same request and answer sizes to a
-     separate process, over the same synchronous client API (target: <= 1.5x);
+     separate process, over the same synchronous client API (target: <= 1.5x),
+     idle and again while another process computes on one rank's threads
+     (as a rank computes its experts while the messages travel: how much of
+     the excess is the cores' contention, not the exchange's code);
   3. the bytes per step on the wire against the minimum: every routed row's
      hidden state both ways (rows x hidden x dtype size x 2) plus 4 bytes of
      id and 4 of weight per choice;
@@ -107,6 +110,9 @@ def child_main(args: argparse.Namespace) -> None:
     if args.child == "pingpong":
         serve_pingpong(args.ready_fd)
         return
+    if args.child == "burn":
+        burn(args.ready_fd, args.threads_per_rank)
+        return
     if args.child != "bare":
         ckpt = open_checkpoint(args.model)
         if args.child == "single":
@@ -161,6 +167,28 @@ def pingpong_seconds(address: str, request_bytes: int, answer_bytes: int, rounds
     return statistics.median(times[rounds // 10:])
 
 
+def burn(ready_fd: int, threads: int) -> None:
+    """Matrix products on `threads` torch threads until terminated: the compute of one rank, without its exchange."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(512, 512), torch.randn(512, 512)
+    with os.fdopen(ready_fd, "w") as pipe:
+        pipe.write(json.dumps({"threads": threads}) + "\n")
+    while True:
+        torch.mm(a, b)
+
+
+def busy_pingpong_seconds(address: str, request_bytes: int, answer_bytes: int, rounds: int, threads: int,
+                          logs: pathlib.Path) -> float:
+    """`pingpong_seconds` while another process computes on `threads` threads."""
+    burner = Child([sys.executable, "-m", "bench.ep_bench", "--child", "burn", "--threads-per-rank", str(threads)],
+                   logs / "burn.log")
+    try:
+        time.sleep(0.2)  # its threads are running
+        return pingpong_seconds(address, request_bytes, answer_bytes, rounds)
+    finally:
+        burner.stop()
+
+
 # ---- measurements -------------------------------------------------------------------------------------------------
 
 def engine_steps(model, tokenizer, batch: list[list[int]], new_tokens: int) -> tuple[float, float]:
@@ -200,9 +228,11 @@ def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single: dict, logs
                 request_size = stats.bytes_sent // stats.messages
                 answer_size = stats.bytes_received // stats.messages
                 pong = pingpong_seconds(ping, request_size, answer_size, args.ping_rounds)
+                busy_pong = busy_pingpong_seconds(ping, request_size, answer_size, args.ping_rounds, threads, logs)
                 result["by_seqs"][seqs] = {
                     "step_ms": step * 1e3, "single_step_ms": single[seqs]["step_ms"], "tokens_per_s": tps,
                     "exchange_ms": per_exchange * 1e3, "pingpong_ms": pong * 1e3, "overhead_ms": overhead * 1e3,
+                    "busy_pingpong_ms": busy_pong * 1e3,
                     "shard_compute_ms_per_message": stats.shard_compute_seconds / stats.messages * 1e3,
                     "bytes_per_step": (stats.bytes_sent + stats.bytes_received) / stats.steps,
                     "minimum_bytes_per_step": minimum_bytes(stats, hidden, itemsize) / stats.steps,
@@ -232,7 +262,9 @@ def report(single: dict, replicas: list[dict], rss: dict) -> None:
                   f"single), {f['tokens_per_s']:8.1f} tok/s; exchange {f['exchange_ms']:.3f} ms, of which beyond "
                   f"the compute in it {f['overhead_ms']:.3f} ms vs ping-pong {f['pingpong_ms']:.3f} ms "
                   f"({f['overhead_ms'] / f['pingpong_ms']:.2f}x, target <= 1.5; whole exchange "
-                  f"{f['exchange_ms'] / f['pingpong_ms']:.2f}x; shard work {f['shard_compute_ms_per_message']:.3f} "
+                  f"{f['exchange_ms'] / f['pingpong_ms']:.2f}x; ping-pong while one rank's threads compute "
+                  f"{f['busy_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['busy_pingpong_ms']:.2f}x; shard work "
+                  f"{f['shard_compute_ms_per_message']:.3f} "
                   f"ms/message); "
                   f"{f['bytes_per_step'] / 1024:.1f} KiB/step vs minimum {f['minimum_bytes_per_step'] / 1024:.1f} KiB "
                   f"({f['bytes_per_step'] / max(f['minimum_bytes_per_step'], 1):.2f}x)")
