@@ -50,6 +50,11 @@ def make_tier(parts, url: str, **kwargs) -> RedisKVTier:
     return RedisKVTier(url, "tiny", "rev1", BlockSpec("float32", shape), **{"timeout": 5.0, **kwargs})
 
 
+def written(tier: RedisKVTier) -> None:
+    """Wait for the tier's background writes (its writer thread runs at nice 19: a loaded host may take a while)."""
+    assert tier.flush(60), "the background writes did not finish"
+
+
 def generate(engine: Engine, prompt: list[int], rid: str = "r") -> tuple[list[int], int]:
     """Greedy tokens and cached_tokens of one request run to completion."""
     engine.add(GenerationRequest(rid, tuple(prompt), SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)))
@@ -69,7 +74,7 @@ def test_a_cold_engine_reuses_blocks_another_engine_wrote(parts, server):
     writer_tier = make_tier(parts, server.url)
     expected, cached = generate(make_engine(parts, writer_tier), PROMPT)
     assert cached == 0
-    assert writer_tier.flush(60), "the background writes did not finish"
+    written(writer_tier)
     assert writer_tier.stats.stored >= 5
 
     reader_tier = make_tier(parts, server.url)
@@ -85,13 +90,13 @@ def test_reused_policy_writes_a_prefix_once_it_recurs(parts, server):
     tier = make_tier(parts, server.url)
     engine = make_engine(parts, tier, writes="reused")
     generate(engine, PROMPT, "once")
-    assert tier.flush(60), "the background writes did not finish"
+    written(tier)
     assert tier.stats.stored == 0, "a prompt seen once costs no writes"
     _, cached = generate(engine, PROMPT, "twice")  # a local prefix hit: it recurs, so it is shared
-    assert tier.flush(60), "the background writes did not finish"
+    written(tier)
     assert cached == 40 and tier.stats.stored == 5
     generate(engine, PROMPT, "thrice")
-    assert tier.flush(60), "the background writes did not finish"
+    written(tier)
     assert tier.stats.stored == 5, "blocks written lately are not written again"
     ids, cached = generate(make_engine(parts, make_tier(parts, server.url), writes="reused"), PROMPT)
     assert cached == 40
@@ -100,7 +105,7 @@ def test_reused_policy_writes_a_prefix_once_it_recurs(parts, server):
 def test_a_prompt_sharing_only_a_prefix_gets_only_that_prefix(parts, server):
     tier = make_tier(parts, server.url)
     generate(make_engine(parts, tier), PROMPT)
-    assert tier.flush(60), "the background writes did not finish"
+    written(tier)
     other = PROMPT[:20] + [499] * 25  # the first 2 blocks agree
     expected, _ = generate(make_engine(parts, None), other)
     ids, cached = generate(make_engine(parts, make_tier(parts, server.url)), other)
@@ -110,7 +115,7 @@ def test_a_prompt_sharing_only_a_prefix_gets_only_that_prefix(parts, server):
 def test_corrupt_and_mismatched_entries_are_ignored_and_counted(parts, server):
     tier = make_tier(parts, server.url)
     expected, _ = generate(make_engine(parts, tier), PROMPT)
-    assert tier.flush(60), "the background writes did not finish"
+    written(tier)
     hashes = prefix_hashes(PROMPT, BLOCK)
     client = redis.Redis.from_url(server.url)
     raw = bytearray(client.get(tier.key(hashes[1])))
@@ -159,7 +164,7 @@ def test_redis_stopped_paused_and_restarted_never_fails_a_request(parts, server)
     tier.client = redis.Redis.from_url(server.url, socket_timeout=5, socket_connect_timeout=5)
     engine.blocks.reset_prefix_cache()
     assert generate(engine, PROMPT, "back")[0] == expected
-    assert tier.flush(60), "the background writes did not finish"
+    written(tier)
     assert tier.stats.stored >= 5, "the tier refills once Redis is back"
 
     tier.client.close()
@@ -205,7 +210,7 @@ def plant(client: redis.Redis, tier: RedisKVTier, scope_root: bytes, payload: by
 def test_kv_tier_blocks_are_salted_by_the_requests_cache_scope(parts, server):
     writer = make_tier(parts, server.url, secret=SECRET)
     expected, _ = generate_in(make_engine(parts, writer), PROMPT, "a1", "tenant:alpha")
-    assert writer.flush(60), "the background writes did not finish"
+    written(writer)
     assert writer.stats.stored >= 5
 
     other = make_tier(parts, server.url, secret=SECRET)
@@ -236,7 +241,7 @@ def test_a_planted_entry_without_the_mesh_mac_changes_no_output_and_is_a_counted
     # The same entries under the real secret would have been used: only the MAC kept them out. The victim's engine
     # writes the blocks it computed in the background (replacing the rejected entries); those writes land first, so
     # that they cannot overwrite the entries planted next.
-    assert reader.flush(60), "the background writes did not finish"
+    written(reader)
     assert reader.stats.stored == 5, "the victim rewrote the five blocks it computed"
     plant(client, reader, DEFAULT_ROOT, chosen_kv, secret=SECRET)
     trusting = make_tier(parts, server.url, secret=SECRET)
@@ -248,7 +253,7 @@ def test_rejected_entries_are_replaced_by_the_next_write_of_their_blocks(parts, 
     tier = make_tier(parts, server.url, secret=SECRET)
     plant(redis.Redis.from_url(server.url), tier, DEFAULT_ROOT, bytes(tier.spec.nbytes), secret=b"x" * 32)
     expected, cached = generate(make_engine(parts, tier), PROMPT)  # "all": its computed blocks are written
-    assert tier.flush(60), "the background writes did not finish"
+    written(tier)
     assert cached == 0 and tier.stats.stored >= 5
     fresh = make_tier(parts, server.url, secret=SECRET)
     ids, cached = generate(make_engine(parts, fresh), PROMPT)
