@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 
 from moemesh.v1 import common_pb2
@@ -18,6 +19,7 @@ _TORCH_BY_NAME = {
     "int64": torch.int64,
 }
 _NAME_BY_TORCH = {v: k for k, v in _TORCH_BY_NAME.items()}
+_NAME_BY_NUMPY = {np.dtype(name): name for name in ("float32", "float16", "int32", "int64")}
 
 # `from_pb(copy=False)` views a message's immutable bytes, documented read-only; torch warns about such a view (once).
 # Filtered once here: a `warnings.catch_warnings()` per call would cost more than the decode and, changing the
@@ -25,8 +27,13 @@ _NAME_BY_TORCH = {v: k for k, v in _TORCH_BY_NAME.items()}
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 
-def to_pb(tensor: torch.Tensor) -> common_pb2.Tensor:
-    """Encode a tensor (any device) as a Tensor message."""
+def to_pb(tensor: torch.Tensor | np.ndarray) -> common_pb2.Tensor:
+    """Encode a tensor (any device), or a host array, as a Tensor message."""
+    if isinstance(tensor, np.ndarray):
+        name = _NAME_BY_NUMPY.get(tensor.dtype)
+        if name is None:
+            raise ValueError(f"array dtype {tensor.dtype} cannot be encoded")
+        return common_pb2.Tensor(dtype=name, shape=list(tensor.shape), data=tensor.tobytes())
     name = _NAME_BY_TORCH.get(tensor.dtype)
     if name is None:
         raise ValueError(f"tensor dtype {tensor.dtype} cannot be encoded")

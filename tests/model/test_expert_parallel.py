@@ -384,6 +384,30 @@ def test_small_and_large_messages_on_one_stream_are_answered_in_order_and_agree(
         torch.testing.assert_close(tensors.from_pb(answer.partial)[0], whole[i], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("expert_ids, field, message", [
+    ([[-1, 2]], "expert_ids", "valid ones before any -1"),
+    ([[2, -1], [-1, -1]], "expert_ids", "at least one expert"),
+    ([[2, 9]], "expert_ids", "does not hold experts [9]"),
+    ([[2, -7]], "expert_ids", "-1 marks padding"),
+])
+def test_a_shard_refuses_malformed_choices_naming_the_field(guarded_shard, expert_ids, field, message):
+    with pytest.raises(grpc.RpcError) as raised:
+        exchange_once(guarded_shard.address, layer_work(expert_ids), bearer_metadata("cluster-secret"))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in raised.value.details() and message in raised.value.details()
+    answer = exchange_once(guarded_shard.address, layer_work([[3, 2]]), bearer_metadata("cluster-secret"))
+    assert list(answer.partial.shape) == [1, 64], "the shard keeps serving after refusing"
+
+
+def test_a_shard_refuses_work_without_choices(guarded_shard):
+    work = layer_work([[2]])
+    work.expert_ids.CopyFrom(tensors.to_pb(torch.empty(1, 0, dtype=torch.int32)))
+    work.weights.CopyFrom(tensors.to_pb(torch.empty(1, 0)))
+    with pytest.raises(grpc.RpcError) as raised:
+        exchange_once(guarded_shard.address, work, bearer_metadata("cluster-secret"))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "k' >= 1" in raised.value.details()
+
+
 def test_a_shard_refuses_callers_without_the_cluster_token(guarded_shard):
     with pytest.raises(grpc.RpcError) as raised:
         exchange_once(guarded_shard.address, layer_work([[2, 3]]))

@@ -9,6 +9,7 @@ around its experts; a shard (rank > 0) keeps only its experts:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,13 +64,12 @@ class ExpertShardModel:
         self.layers, self.placement, self.rank = layers, placement, rank
         self.device, self.dtype = device, dtype
         self.hidden_size = next(iter(layers.values())).hidden_size if layers else 0
-        self.rows_of = {index: self._rows_of(module) for index, module in layers.items()}  # [E] each
-        self.held_on_cpu = {index: torch.cat([(rows >= 0).cpu(), torch.ones(1, dtype=torch.bool)])
-                            for index, rows in self.rows_of.items()}  # [E + 1]: padding (-1) reads the last
+        self.rows_of = {index: self._rows_of(module) for index, module in layers.items()}  # [E] each, host
 
-    def _rows_of(self, module: MoEExperts) -> torch.Tensor:
-        rows = torch.full((module.num_experts,), -1, dtype=torch.long, device=self.device)
-        rows[list(module.held_experts)] = torch.arange(len(module.held_experts), device=self.device)
+    @staticmethod
+    def _rows_of(module: MoEExperts) -> np.ndarray:
+        rows = np.full(module.num_experts, -1, dtype=np.int64)
+        rows[list(module.held_experts)] = np.arange(len(module.held_experts))
         return rows
 
     def compute(
@@ -77,33 +77,41 @@ class ExpertShardModel:
     ) -> torch.Tensor:
         """hidden [n, H], expert_ids [n, k'] (global, valid first, -1 after), weights [n, k'] -> [n, H] partial sums,
         in hidden's dtype on the CPU. InvalidRequest naming the field if the work is not for this shard."""
-        self._check(layer, hidden, expert_ids, weights)
+        ids, counts = self._check(layer, hidden, expert_ids, weights)
         module = self.layers[layer]
         x = hidden.to(device=self.device, dtype=self.dtype)
-        ids = expert_ids.to(device=self.device, dtype=torch.long)
-        out = run_held(module.backend, self.rows_of[layer], x, ids, weights.to(device=self.device, dtype=torch.float32))
+        host_weights = weights.to(dtype=torch.float32).cpu().numpy()
+        out = run_held(module.backend, self.rows_of[layer], x, ids, host_weights, counts)
         return out.to(device="cpu", dtype=hidden.dtype)
 
-    def _check(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> None:
+    def _check(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
+               weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """The work's expert ids as a host array, and each row's count of valid ones; InvalidRequest if the work is
+        not for this shard."""
         if layer not in self.layers or not self.layers[layer].held_experts:
             raise InvalidRequest("layer", f"rank {self.rank} holds no expert of layer {layer}")
         n = hidden.shape[0]
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size or n == 0:
             raise InvalidRequest("hidden", f"expected [n >= 1, {self.hidden_size}], got {list(hidden.shape)}")
-        if expert_ids.dim() != 2 or expert_ids.shape[0] != n or expert_ids.is_floating_point():
-            raise InvalidRequest("expert_ids", f"expected integer [{n}, k'], got {expert_ids.dtype} "
+        if expert_ids.dim() != 2 or expert_ids.shape[0] != n or expert_ids.is_floating_point() \
+                or expert_ids.shape[1] == 0:
+            raise InvalidRequest("expert_ids", f"expected integer [{n}, k' >= 1], got {expert_ids.dtype} "
                                                f"{list(expert_ids.shape)}")
         if weights.shape != expert_ids.shape or not weights.is_floating_point():
             raise InvalidRequest("weights", f"expected float [{n}, {expert_ids.shape[1]}], got {weights.dtype} "
                                             f"{list(weights.shape)}")
-        valid = expert_ids >= 0  # [n, k']
-        if not bool(valid[:, 0].all()) or bool((valid[:, 1:] > valid[:, :-1]).any()):
+        ids = expert_ids.cpu().numpy()
+        valid = ids >= 0  # [n, k']
+        if (ids < -1).any():
+            raise InvalidRequest("expert_ids", "expert ids are 0 or more, and -1 marks padding")
+        if not valid[:, 0].all() or (valid[:, 1:] > valid[:, :-1]).any():
             raise InvalidRequest("expert_ids", "each row needs at least one expert, the valid ones before any -1")
-        held = self.held_on_cpu[layer]  # [E + 1] whether this rank holds each expert; the last entry: -1 padding
-        ids = torch.where(valid, expert_ids.long(), -1).clamp(max=held.shape[0] - 2)
-        if bool((expert_ids >= held.shape[0] - 1).any()) or not bool(held[ids].all()):
-            foreign = sorted({int(e) for e in expert_ids[valid].tolist()} - set(self.layers[layer].held_experts))
+        rows_of = self.rows_of[layer]  # [E] row of each held expert, -1 for the others
+        if (ids >= rows_of.shape[0]).any() or (rows_of[ids[valid]] < 0).any():
+            held = set(self.layers[layer].held_experts)
+            foreign = sorted({int(e) for e in ids[valid].tolist()} - held)
             raise InvalidRequest("expert_ids", f"rank {self.rank} does not hold experts {foreign} of layer {layer}")
+        return ids, np.count_nonzero(valid, axis=1)
 
 
 def shard_layers(layers: dict[int, tuple[str, MoEExperts]]) -> dict[int, MoEExperts]:

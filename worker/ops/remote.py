@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 
 from moemesh.services.core import tensors
@@ -107,46 +108,111 @@ class ExchangeStats:
             del self.overheads[:5_000]
 
 
-def route_to_rank(
-    owners: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, rank: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+@dataclass(frozen=True)
+class Routed:
+    """One rank's share of a layer's routing, on the host: which token rows, and their choices on that rank."""
+
+    rows: np.ndarray  # [n] int64 token indices
+    ids: np.ndarray  # [n, k'] int32 global expert ids, each row's valid ones first (in router order), then -1
+    weights: np.ndarray  # [n, k'] float32 routing weights, 0 on padding
+    counts: np.ndarray  # [n] valid choices per row
+
+    def rows_on(self, device: torch.device) -> torch.Tensor:
+        return on_device(self.rows, device)
+
+
+def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array as a tensor on `device`: shares its memory on the CPU, one copy elsewhere."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
+
+
+def host_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The router's choices as host arrays (no copy for CPU tensors; one sync for device ones)."""
+    return (topk_ids.detach().cpu().numpy(),
+            topk_weights.detach().to(dtype=torch.float32).cpu().numpy())
+
+
+# Up to this many (token, choice) pairs, routing loops in Python: a few microseconds, where each numpy call costs
+# about as much as the whole loop (bench/ep_bench.py's decode steps at 1 to 4 sequences).
+_PYTHON_ROUTING_CHOICES = 32
+
+
+def route_to_rank(owners: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray, rank: int) -> Routed | None:
     """The rows of the tokens with a choice on `rank`, and those choices; None when there are none.
 
-    owners [T, k] is the rank of each choice (-1: computed nowhere). Returns
-    rows [n] (token indices), ids [n, k'] (global expert ids, each row's valid
-    ones first, then -1) and weights [n, k'] float32 (0 on padding).
+    owners [T, k] is the rank of each choice (-1: computed nowhere). Host
+    arrays throughout: a decode step's routing is a few dozen numbers, which
+    a dozen small tensor operations handled in over a hundred microseconds.
     """
-    mine = owners == rank  # [T, k]
-    rows = mine.any(dim=1).nonzero().squeeze(1)  # [n]; one host sync
-    if rows.numel() == 0:
+    if owners.size <= _PYTHON_ROUTING_CHOICES:
+        return _route_small(owners, topk_ids, topk_weights, rank)
+    T, k = owners.shape
+    chosen = np.flatnonzero(owners == rank)  # flat (token, choice) positions: by token, router order within one
+    m = chosen.size
+    if m == 0:
         return None
-    mine = mine[rows]  # [n, k]
-    order = (~mine).to(torch.int8).argsort(dim=1, stable=True)  # valid choices first, in router order
-    width = int(mine.sum(dim=1).max())  # k'
-    ids = torch.where(mine, topk_ids[rows], -1).gather(1, order)[:, :width]
-    weights = torch.where(mine, topk_weights[rows].float(), 0.0).gather(1, order)[:, :width]
-    return rows, ids.to(torch.int32), weights
+    if m == T * k:  # every choice is on `rank`
+        return Routed(np.arange(T), topk_ids.astype(np.int32), topk_weights.astype(np.float32), np.full(T, k))
+    token_of = chosen // k
+    first = np.empty(m, dtype=bool)  # the first chosen pair of each token
+    first[0] = True
+    np.not_equal(token_of[1:], token_of[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    rows, counts = token_of[starts], np.diff(starts, append=m)
+    n, width = rows.size, int(counts.max())
+    ids_of, weights_of = topk_ids.ravel()[chosen], topk_weights.ravel()[chosen]
+    if n * width == m:  # every row has the same count: no padding
+        return Routed(rows, ids_of.reshape(n, width).astype(np.int32),
+                      weights_of.reshape(n, width).astype(np.float32), counts)
+    at = (np.repeat(np.arange(n), counts), np.arange(m) - np.repeat(starts, counts))  # (row, column) of each pair
+    ids = np.full((n, width), -1, dtype=np.int32)
+    ids[at] = ids_of
+    weights = np.zeros((n, width), dtype=np.float32)
+    weights[at] = weights_of
+    return Routed(rows, ids, weights, counts)
 
 
-def run_held(backend: ExpertsBackend, rows_of: torch.Tensor, x: torch.Tensor, ids: torch.Tensor,
-             weights: torch.Tensor) -> torch.Tensor:
+def _route_small(owners: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray, rank: int) -> Routed | None:
+    """`route_to_rank` for a few choices, in plain Python."""
+    rows, choices = [], []
+    for token, ranks in enumerate(owners.tolist()):
+        mine = [j for j, owner in enumerate(ranks) if owner == rank]
+        if mine:
+            rows.append(token)
+            choices.append(mine)
+    if not rows:
+        return None
+    width = max(len(mine) for mine in choices)
+    all_ids, all_weights = topk_ids.tolist(), topk_weights.tolist()
+    ids = [[all_ids[t][j] for j in mine] + [-1] * (width - len(mine)) for t, mine in zip(rows, choices)]
+    weights = [[all_weights[t][j] for j in mine] + [0.0] * (width - len(mine)) for t, mine in zip(rows, choices)]
+    return Routed(np.array(rows, dtype=np.int64), np.array(ids, dtype=np.int32), np.array(weights, dtype=np.float32),
+                  np.array([len(mine) for mine in choices], dtype=np.int64))
+
+
+def run_held(backend: ExpertsBackend, rows_of: np.ndarray, x: torch.Tensor, ids: np.ndarray,
+             weights: np.ndarray, counts: np.ndarray | None = None) -> torch.Tensor:
     """The weighted sum over each row's choices among the held experts: x [n, H] -> [n, H].
 
     rows_of [E] maps a global expert id to its row of the held weights.
-    ids [n, k'] holds each row's valid choices first, then -1: rows with the
-    same number of valid choices go to the backend together (at most k'
-    calls), so no padding is ever computed.
+    ids [n, k'] (host) holds each row's valid choices first, then -1;
+    `counts` [n] is the number of valid ones (computed when not given). Rows
+    with the same count go to the backend together (at most k' calls), so no
+    padding is ever computed.
     """
-    counts = (ids >= 0).sum(dim=1)  # [n] valid choices per row
-    local = rows_of[ids.clamp(min=0).long()]  # [n, k'] rows of the held weights (padding read as row of expert 0)
-    distinct = counts.unique().tolist()
-    if len(distinct) == 1:
-        c = distinct[0]
-        return backend(x, local[:, :c], weights[:, :c])
+    if counts is None:
+        counts = np.count_nonzero(ids >= 0, axis=1)
+    local = rows_of[np.maximum(ids, 0)]  # [n, k'] rows of the held weights (padding read as expert 0's)
+    device = x.device
+    low, high = int(counts.min()), int(counts.max())
+    if low == high:
+        return backend(x, on_device(local[:, :high], device), on_device(weights[:, :high], device))
     out = torch.empty_like(x)
-    for c in distinct:
-        rows = (counts == c).nonzero().squeeze(1)
-        out[rows] = backend(x[rows], local[rows, :c], weights[rows, :c])
+    for c in np.unique(counts).tolist():
+        rows = np.flatnonzero(counts == c)
+        rows_t = on_device(rows, device)
+        out[rows_t] = backend(x[rows_t], on_device(local[rows, :c], device), on_device(weights[rows, :c], device))
     return out
 
 
@@ -222,7 +288,7 @@ class ShardLink:
         return self._sequence
 
     def send(
-        self, step: int, layer: int, hidden: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+        self, step: int, layer: int, hidden: torch.Tensor, ids: np.ndarray, weights: np.ndarray
     ) -> tuple[int, int]:
         """Queue one LayerWork; returns its sequence number and serialized size."""
         self._sequence += 1
@@ -319,11 +385,10 @@ class ExpertExchange:
         self, index: int, owners: Sequence[int], held_experts: Sequence[int], device: torch.device
     ) -> RemoteLayer:
         """The exchange of MoE layer `index`, whose expert e is on rank owners[e]; rank 0 holds `held_experts`."""
-        owners_t = torch.tensor(owners, dtype=torch.long, device=device)
-        rows_of = torch.full((len(owners),), -1, dtype=torch.long, device=device)
-        rows_of[list(held_experts)] = torch.arange(len(held_experts), device=device)
+        rows_of = np.full(len(owners), -1, dtype=np.int64)
+        rows_of[list(held_experts)] = np.arange(len(held_experts))
         ranks = sorted(set(owners) - {0})
-        return RemoteLayer(self, index, owners_t, rows_of, ranks)
+        return RemoteLayer(self, index, np.asarray(owners, dtype=np.int64), rows_of, ranks)
 
     def begin(self, layer: int) -> int:
         """Note a layer's exchange (a layer index not above the last one starts a new step); returns the step."""
@@ -347,8 +412,8 @@ class RemoteLayer:
 
     exchange: ExpertExchange
     index: int
-    owners: torch.Tensor  # [E] rank of each expert
-    rows_of: torch.Tensor  # [E] row of rank 0's held weights (-1: held elsewhere)
+    owners: np.ndarray  # [E] rank of each expert
+    rows_of: np.ndarray  # [E] row of rank 0's held weights (-1: held elsewhere)
     ranks: list[int]  # the shards holding some of this layer's experts
 
     def backend(self, local: ExpertsBackend | None) -> RemoteExperts:
@@ -383,17 +448,18 @@ class RemoteExperts(ExpertsBackend):
     ) -> torch.Tensor:
         layer, exchange = self.layer, self.layer.exchange
         step = exchange.begin(layer.index)
-        owners = layer.owners[topk_ids]  # [T, k] rank of each choice
+        ids, weights = host_routing(topk_ids, topk_weights)  # [T, k] each
+        owners = layer.owners[ids]  # [T, k] rank of each choice
         if expert_ids is not None:
-            wanted = torch.zeros_like(layer.owners, dtype=torch.bool)
+            wanted = np.zeros(len(layer.owners), dtype=bool)
             wanted[list(expert_ids)] = True
-            owners = torch.where(wanted[topk_ids], owners, -1)
+            owners = np.where(wanted[ids], owners, -1)
         started = time.perf_counter()
-        sent = self._send(step, x, topk_ids, topk_weights, owners)
+        sent = self._send(step, x, ids, weights, owners)
         out = torch.zeros_like(x)
         local_started = time.perf_counter()
         try:
-            self._run_local(x, topk_ids, topk_weights, owners, out)
+            self._run_local(x, ids, weights, owners, out)
         except BaseException as exc:  # the shards' answers go unread: the streams are out of step from here on
             if sent:
                 exchange.fail(ExpertShardFailed(f"rank 0's experts failed mid-exchange: {exc!r}"))
@@ -406,28 +472,32 @@ class RemoteExperts(ExpertsBackend):
             exchange.stats.record(done - started, max(shard_seconds, waited - local_started))
         return out
 
-    def _run_local(self, x, topk_ids, topk_weights, owners, out: torch.Tensor) -> None:
+    def _run_local(self, x: torch.Tensor, ids: np.ndarray, weights: np.ndarray, owners: np.ndarray,
+                   out: torch.Tensor) -> None:
         """Add rank 0's own experts' weighted outputs into `out`."""
-        own = route_to_rank(owners, topk_ids, topk_weights, 0) if self.local is not None else None
+        own = route_to_rank(owners, ids, weights, 0) if self.local is not None else None
         if own is not None:
-            rows, ids, weights = own
-            out.index_add_(0, rows, run_held(self.local, self.layer.rows_of, x[rows], ids, weights))
+            rows = own.rows_on(x.device)
+            held = run_held(self.local, self.layer.rows_of, x[rows], own.ids, own.weights, own.counts)
+            out.index_add_(0, rows, held)
 
-    def _send(self, step: int, x, topk_ids, topk_weights, owners) -> list[tuple[ShardLink, int, torch.Tensor]]:
+    def _send(self, step: int, x: torch.Tensor, ids: np.ndarray, weights: np.ndarray,
+              owners: np.ndarray) -> list[tuple[ShardLink, int, torch.Tensor]]:
         """One LayerWork to each shard with rows in this layer: (link, sequence, token rows) of each."""
         exchange, sent = self.layer.exchange, []
         for rank in self.layer.ranks:
-            work = route_to_rank(owners, topk_ids, topk_weights, rank)
+            work = route_to_rank(owners, ids, weights, rank)
             if work is None:
                 continue  # no token routed there: no message
-            rows, ids, weights = work
+            rows = work.rows_on(x.device)
+            hidden = x if work.rows.size == x.shape[0] else x[rows]  # every token: no gather
             link = exchange.links[rank]
-            sequence, size = link.send(step, self.layer.index, x[rows], ids, weights)
+            sequence, size = link.send(step, self.layer.index, hidden, work.ids, work.weights)
             stats = exchange.stats
             stats.messages += 1
             stats.bytes_sent += size
-            stats.rows_sent += rows.numel()
-            stats.choices_sent += int((ids >= 0).sum())
+            stats.rows_sent += work.rows.size
+            stats.choices_sent += int(work.counts.sum())
             sent.append((link, sequence, rows))
         return sent
 

@@ -1,0 +1,93 @@
+"""Rank 0's routing of a layer's choices to the ranks holding the experts, against a plain reference; and the
+coding of the host arrays it sends."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moemesh.services.core import tensors
+from moemesh.worker.ops import remote
+from moemesh.worker.ops.remote import route_to_rank
+
+
+def reference(owners, topk_ids, topk_weights, rank):
+    """Each token with a choice on `rank`: its choices there in router order, padded with -1 / 0 to the widest."""
+    rows, choices = [], []
+    for t in range(owners.shape[0]):
+        mine = [j for j in range(owners.shape[1]) if owners[t, j] == rank]
+        if mine:
+            rows.append(t)
+            choices.append(mine)
+    if not rows:
+        return None
+    width = max(map(len, choices))
+    ids = np.full((len(rows), width), -1, dtype=np.int32)
+    weights = np.zeros((len(rows), width), dtype=np.float32)
+    for i, (t, mine) in enumerate(zip(rows, choices)):
+        ids[i, : len(mine)] = topk_ids[t, mine]
+        weights[i, : len(mine)] = topk_weights[t, mine]
+    return np.array(rows), ids, weights, np.array(list(map(len, choices)))
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 4, 16, 33, 300])
+@pytest.mark.parametrize("num_experts, k, world_size", [(8, 2, 2), (8, 2, 4), (64, 8, 3), (60, 4, 2)])
+def test_routing_matches_the_reference_for_every_rank(tokens, num_experts, k, world_size):
+    rng = np.random.default_rng(tokens * 1000 + num_experts + k + world_size)
+    owners_of = rng.integers(0, world_size, num_experts)  # an uneven placement
+    topk_ids = np.stack([rng.choice(num_experts, k, replace=False) for _ in range(tokens)])
+    topk_weights = rng.random((tokens, k), dtype=np.float32)
+    owners = owners_of[topk_ids]
+    owners[rng.random(owners.shape) < 0.1] = -1  # choices filtered out (computed nowhere)
+    seen = 0
+    for rank in range(world_size):
+        got, want = route_to_rank(owners, topk_ids, topk_weights, rank), reference(owners, topk_ids, topk_weights, rank)
+        if want is None:
+            assert got is None
+            continue
+        rows, ids, weights, counts = want
+        np.testing.assert_array_equal(got.rows, rows)
+        np.testing.assert_array_equal(got.ids, ids)
+        np.testing.assert_array_equal(got.weights, weights)
+        np.testing.assert_array_equal(got.counts, counts)
+        assert got.ids.dtype == np.int32 and got.weights.dtype == np.float32 and got.rows.dtype == np.int64
+        seen += int(counts.sum())
+    assert seen == int((owners >= 0).sum()), "every choice computed somewhere goes to exactly one rank"
+
+
+def test_small_and_large_batches_take_the_two_paths_and_agree(monkeypatch):
+    rng = np.random.default_rng(7)
+    topk_ids = np.stack([rng.choice(8, 2, replace=False) for _ in range(12)])
+    topk_weights = rng.random((12, 2), dtype=np.float32)
+    owners = np.array([0, 1, 1, 0, 2, 2, 1, 0])[topk_ids]
+    small = [route_to_rank(owners, topk_ids, topk_weights, rank) for rank in range(3)]
+    monkeypatch.setattr(remote, "_PYTHON_ROUTING_CHOICES", 0)
+    large = [route_to_rank(owners, topk_ids, topk_weights, rank) for rank in range(3)]
+    for a, b in zip(small, large):
+        for field in ("rows", "ids", "weights", "counts"):
+            np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+
+
+def test_a_rank_without_choices_gets_nothing_and_a_rank_with_all_gets_them_in_order():
+    topk_ids = np.array([[5, 1], [0, 7]] * 20)
+    topk_weights = np.array([[0.75, 0.25], [0.5, 0.5]] * 20, dtype=np.float32)
+    owners = np.ones_like(topk_ids)
+    assert route_to_rank(owners, topk_ids, topk_weights, 0) is None
+    routed = route_to_rank(owners, topk_ids, topk_weights, 1)
+    np.testing.assert_array_equal(routed.rows, np.arange(40))
+    np.testing.assert_array_equal(routed.ids, topk_ids)
+    np.testing.assert_array_equal(routed.weights, topk_weights)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int32", "int64"])
+def test_a_host_array_is_coded_as_the_same_tensor_message(dtype):
+    array = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype)
+    message = tensors.to_pb(array)
+    assert message == tensors.to_pb(torch.from_numpy(array))
+    np.testing.assert_array_equal(tensors.from_pb(message).numpy(), array)
+
+
+def test_an_array_of_a_dtype_the_wire_lacks_is_refused():
+    with pytest.raises(ValueError, match="cannot be encoded"):
+        tensors.to_pb(np.zeros(3, dtype=np.uint8))
