@@ -30,6 +30,7 @@ from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.models.checkpoint import LoadRecord, iter_tensors, open_checkpoint
 from moemesh.worker.models.layers import TopKRouter
 from moemesh.worker.models.placement import ExpertPlacement
+from moemesh.worker.models.qwen2_moe import Qwen2MoeSparseMoeBlock
 from moemesh.worker.models.registry import build_expert_shard, build_model
 from moemesh.worker.ops.remote import ExpertExchange, ExpertParallelConfig, ExpertShardFailed, ExpertShardTimeout
 from moemesh.worker.server.shard import (
@@ -274,6 +275,29 @@ def test_a_shard_with_no_token_in_a_layer_gets_no_message(checkpoints, single_pr
         sent = {rank: link.messages for rank, link in replica.exchange.links.items()}
         assert sent == expected, "each shard gets exactly one message per layer where it has a token"
         assert min(sent.values()) < len(chosen), "this routing should leave some shard without a token"
+    finally:
+        replica.close()
+
+
+def test_rank_0_computes_the_shared_expert_while_the_shards_compute(checkpoints, single_process, one_thread):
+    # Qwen2-MoE keeps its shared expert on rank 0: it must run after the layer's messages went out and before
+    # their answers were read, and the logits must not change.
+    ckpt = open_checkpoint(checkpoints("qwen2_moe"))
+    replica = thread_replica(ckpt, parse_placement(ckpt, "contiguous", 2))
+    _, expected_logits, _ = single_process("qwen2_moe")
+    try:
+        stats = replica.exchange.stats
+        seen = []
+        for block in (m for m in replica.model.modules() if isinstance(m, Qwen2MoeSparseMoeBlock)):
+            def shared(hidden, original=block.run_shared_expert):
+                seen.append((stats.messages, stats.exchanges))  # sent so far, exchanges whose answers were read
+                return original(hidden)
+            block.run_shared_expert = shared
+        torch.testing.assert_close(mixed_batch_logits(replica.model), expected_logits, rtol=0, atol=1e-5)
+        layers = sum(isinstance(m, Qwen2MoeSparseMoeBlock) for m in replica.model.modules())
+        assert layers > 0 and stats.exchanges == layers, "every MoE layer sent its shard rows"
+        assert seen == [(layer + 1, layer) for layer in range(layers)], \
+            "each layer's shared expert ran after its message went out and before its answer was read"
     finally:
         replica.close()
 

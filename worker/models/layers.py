@@ -11,7 +11,7 @@ once, at load (`choose_backend`), and calls it: no module tests for backends.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -270,16 +270,22 @@ class MoEExperts(OpModule):
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
         expert_ids: Iterable[int] | None = None,
+        alongside: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Weighted sum of each token's experts: x [T, H] -> [T, H].
 
         With `expert_ids`, only those experts are computed and the others
         contribute nothing, so that the sum of the outputs over a partition
-        of the experts equals the full output.
+        of the experts equals the full output. `alongside` is more of the
+        layer's work (a shared expert) whose [T, H] result is added to the
+        sum: where other ranks hold experts it runs while they compute theirs.
         """
         if self.expert_load is not None:
             self.expert_load.add(topk_ids)
-        return self.backend(x, topk_ids, topk_weights, expert_ids)
+        if alongside is not None and self.remote is not None:
+            return self.backend(x, topk_ids, topk_weights, expert_ids, alongside=alongside)
+        out = self.backend(x, topk_ids, topk_weights, expert_ids)
+        return out if alongside is None else out + alongside()
 
 
 class SparseMoeBlock(nn.Module):
@@ -307,9 +313,10 @@ class SparseMoeBlock(nn.Module):
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
         expert_ids: Iterable[int] | None = None,
+        alongside: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Experts' weighted outputs [T, H]; only `expert_ids` when given."""
-        return self.experts(hidden, topk_ids, topk_weights, expert_ids)
+        """Experts' weighted outputs [T, H]; only `expert_ids` when given; plus `alongside()` when given."""
+        return self.experts(hidden, topk_ids, topk_weights, expert_ids, alongside)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] -> [T, H]."""

@@ -145,7 +145,8 @@ class Qwen2MoeSparseMoeBlock(SparseMoeBlock):
     """Routed experts plus a shared expert every token uses, scaled by a sigmoid gate.
 
     `forward` = `run_experts(x, *route(x)) + run_shared_expert(x)`: when the
-    routed experts run elsewhere, the shared one stays with the layer.
+    routed experts run elsewhere, the shared one stays with the layer, and
+    is computed while the other ranks compute theirs.
     """
 
     def __init__(self, args: Qwen2MoeArgs) -> None:
@@ -164,8 +165,8 @@ class Qwen2MoeSparseMoeBlock(SparseMoeBlock):
         return torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H] -> [T, H]."""
-        return super().forward(hidden) + self.run_shared_expert(hidden)
+        """hidden [T, H] -> [T, H]; the shared expert runs while other ranks compute their routed experts."""
+        return self.run_experts(hidden, *self.route(hidden), alongside=lambda: self.run_shared_expert(hidden))
 
 
 class Qwen2MoeForCausalLM(DecoderForCausalLM):

@@ -29,7 +29,7 @@ import pathlib
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -445,7 +445,10 @@ class RemoteExperts(ExpertsBackend):
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
         expert_ids: Iterable[int] | None = None,
+        alongside: Callable[[], torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """The weighted sum over every rank's experts; `alongside()` (more of the layer's work, a shared expert)
+        runs after rank 0's own experts, while the shards compute, and its result is added last."""
         layer, exchange = self.layer, self.layer.exchange
         step = exchange.begin(layer.index)
         ids, weights = host_routing(topk_ids, topk_weights)  # [T, k] each
@@ -460,6 +463,7 @@ class RemoteExperts(ExpertsBackend):
         local_started = time.perf_counter()
         try:
             self._run_local(x, ids, weights, owners, out)
+            extra = alongside() if alongside is not None else None
         except BaseException as exc:  # the shards' answers go unread: the streams are out of step from here on
             if sent:
                 exchange.fail(ExpertShardFailed(f"rank 0's experts failed mid-exchange: {exc!r}"))
@@ -470,7 +474,7 @@ class RemoteExperts(ExpertsBackend):
             done = time.perf_counter()
             exchange.stats.wait_seconds += done - waited
             exchange.stats.record(done - started, max(shard_seconds, waited - local_started))
-        return out
+        return out if extra is None else out + extra
 
     def _run_local(self, x: torch.Tensor, ids: np.ndarray, weights: np.ndarray, owners: np.ndarray,
                    out: torch.Tensor) -> None:
