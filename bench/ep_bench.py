@@ -5,7 +5,8 @@ measures, for replicas of 2 and 4 ranks (shards as real subprocesses on
 this machine, contiguous placement):
 
   1. the engine's median step time at 1 and 32 sequences, against the
-     single-process engine on the same requests;
+     single-process engine on the same requests, the two run in alternating
+     rounds (`--rounds`), so that a host whose speed drifts slows both;
   2. the time of one layer exchange (rank 0 sending every shard its rows,
      computing its own experts, combining the answers), against a bare gRPC
      bidirectional ping-pong of the same request and answer sizes to a
@@ -25,7 +26,7 @@ engine gets them all, as `moemesh up` gives a one-process replica.
 
 Usage:
 
-    python -m bench.ep_bench [--ranks 2,4] [--seqs 1,32] [--prompt-tokens 100] [--new-tokens 64]
+    python -m bench.ep_bench [--ranks 2,4] [--seqs 1,32] [--prompt-tokens 100] [--new-tokens 64] [--rounds 2]
                              [--threads-per-rank T] [--model DIR] [--smoke]
 
 `--smoke` runs a tiny model, briefly, to check that the script works.
@@ -203,8 +204,8 @@ def minimum_bytes(stats: ExchangeStats, hidden_size: int, itemsize: int) -> int:
     return stats.rows_sent * hidden_size * itemsize * 2 + stats.choices_sent * 8
 
 
-def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single: dict, logs: pathlib.Path, ping: str) -> dict:
-    """Every figure of one replica size."""
+def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single_model, logs: pathlib.Path, ping: str) -> dict:
+    """Every figure of one replica size; the single-process model runs the same batches in alternating rounds."""
     ckpt = open_checkpoint(ckpt_dir)
     threads = args.threads_per_rank or threads_per_rank(world_size)
     shards = start_shards(ckpt_dir, world_size, threads, logs)
@@ -219,9 +220,16 @@ def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single: dict, logs
             engine_steps(model, tokenizer, prompts(2, 16, model.vocab_size), 4)  # warm-up
             result = {"world_size": world_size, "threads_per_rank": threads, "by_seqs": {}}
             for seqs in args.seqs:
+                batch = prompts(seqs, args.prompt_tokens, model.vocab_size)
                 exchange.stats = ExchangeStats()
-                step, tps = engine_steps(model, tokenizer, prompts(seqs, args.prompt_tokens, model.vocab_size),
-                                         args.new_tokens)
+                rounds: dict[str, list[tuple[float, float]]] = {"single": [], "replica": []}
+                for _ in range(args.rounds):
+                    torch.set_num_threads(all_threads)
+                    rounds["single"].append(engine_steps(single_model, tokenizer, batch, args.new_tokens))
+                    torch.set_num_threads(threads)
+                    rounds["replica"].append(engine_steps(model, tokenizer, batch, args.new_tokens))
+                step, tps = (statistics.median(r[i] for r in rounds["replica"]) for i in (0, 1))
+                single_step, single_tps = (statistics.median(r[i] for r in rounds["single"]) for i in (0, 1))
                 stats = exchange.stats
                 per_exchange = statistics.median(stats.durations)
                 overhead = statistics.median(stats.overheads)
@@ -230,7 +238,9 @@ def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single: dict, logs
                 pong = pingpong_seconds(ping, request_size, answer_size, args.ping_rounds)
                 busy_pong = busy_pingpong_seconds(ping, request_size, answer_size, args.ping_rounds, threads, logs)
                 result["by_seqs"][seqs] = {
-                    "step_ms": step * 1e3, "single_step_ms": single[seqs]["step_ms"], "tokens_per_s": tps,
+                    "step_ms": step * 1e3, "single_step_ms": single_step * 1e3, "tokens_per_s": tps,
+                    "single_tokens_per_s": single_tps,
+                    "rounds_ms": [(a[0] * 1e3, b[0] * 1e3) for a, b in zip(rounds["single"], rounds["replica"])],
                     "exchange_ms": per_exchange * 1e3, "pingpong_ms": pong * 1e3, "overhead_ms": overhead * 1e3,
                     "busy_pingpong_ms": busy_pong * 1e3,
                     "shard_compute_ms_per_message": stats.shard_compute_seconds / stats.messages * 1e3,
@@ -251,15 +261,14 @@ def describe(address: str) -> experts_pb2.ShardInfo:
         return experts_pb2_grpc.ExpertShardStub(channel).Describe(experts_pb2.DescribeShardRequest(), timeout=30)
 
 
-def report(single: dict, replicas: list[dict], rss: dict) -> None:
-    for seqs, figures in single.items():
-        print(f"single process, {seqs:3d} seqs: step {figures['step_ms']:7.2f} ms, "
-              f"{figures['tokens_per_s']:8.1f} tok/s")
+def report(replicas: list[dict], rss: dict) -> None:
     for replica in replicas:
         n = replica["world_size"]
         for seqs, f in replica["by_seqs"].items():
-            print(f"{n} ranks, {seqs:3d} seqs: step {f['step_ms']:7.2f} ms ({f['step_ms'] / f['single_step_ms']:.2f}x "
-                  f"single), {f['tokens_per_s']:8.1f} tok/s; exchange {f['exchange_ms']:.3f} ms, of which beyond "
+            rounds = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in f["rounds_ms"])
+            print(f"{n} ranks, {seqs:3d} seqs: step {f['step_ms']:7.2f} ms against {f['single_step_ms']:.2f} ms single "
+                  f"({f['step_ms'] / f['single_step_ms']:.2f}x; each round, single / replica: {rounds} ms), "
+                  f"{f['tokens_per_s']:8.1f} tok/s; exchange {f['exchange_ms']:.3f} ms, of which beyond "
                   f"the compute in it {f['overhead_ms']:.3f} ms vs ping-pong {f['pingpong_ms']:.3f} ms "
                   f"({f['overhead_ms'] / f['pingpong_ms']:.2f}x, target <= 1.5; whole exchange "
                   f"{f['exchange_ms'] / f['pingpong_ms']:.2f}x; ping-pong while one rank's threads compute "
@@ -286,6 +295,7 @@ def main() -> None:
     parser.add_argument("--seqs", default="1,32", help="concurrent sequences")
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of the single process and a replica")
     parser.add_argument("--threads-per-rank", type=int, default=0,
                         help="torch threads of every rank of a replica; 0: as `moemesh up` sets them, the cores "
                              "divided by the ranks")
@@ -303,7 +313,7 @@ def main() -> None:
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.smoke:
-        args.ranks, args.seqs, args.prompt_tokens, args.new_tokens, args.ping_rounds = "2", "1,4", 12, 6, 30
+        args.ranks, args.seqs, args.prompt_tokens, args.new_tokens, args.ping_rounds, args.rounds = "2", "1,4", 12, 6, 30, 1
     ranks = [int(r) for r in args.ranks.split(",")]
     args.seqs = [int(s) for s in args.seqs.split(",")]
     ckpt_dir = args.model or (smoke_checkpoint(args.workdir) if args.smoke else build_checkpoint(args.workdir))
@@ -314,20 +324,15 @@ def main() -> None:
           f"{args.threads_per_rank or 'the cores / the ranks'} per rank of a replica; "
           f"logs in {logs}" + ("" if args.model or args.smoke else f"; config {BENCH_CONFIG}"))
     engine_steps(model, tokenizer, prompts(2, 16, model.vocab_size), 4)  # warm-up
-    single = {}
-    for seqs in args.seqs:
-        step, tps = engine_steps(model, tokenizer, prompts(seqs, args.prompt_tokens, model.vocab_size), args.new_tokens)
-        single[seqs] = {"step_ms": step * 1e3, "tokens_per_s": tps}
-    del model
     rss = {"bare": measure_in_child("bare", ckpt_dir, logs), "single": measure_in_child("single", ckpt_dir, logs)}
     ping = Child([sys.executable, "-m", "bench.ep_bench", "--child", "pingpong"], logs / "pingpong.log")
     try:
-        replicas = [bench_replica(args, ckpt_dir, tokenizer, n, single, logs, ping.info["address"]) for n in ranks]
+        replicas = [bench_replica(args, ckpt_dir, tokenizer, n, model, logs, ping.info["address"]) for n in ranks]
     finally:
         ping.stop()
-    report(single, replicas, rss)
+    report(replicas, rss)
     if args.out:
-        args.out.write_text(json.dumps({"single": single, "replicas": replicas, "resident": rss}, indent=2))
+        args.out.write_text(json.dumps({"replicas": replicas, "resident": rss}, indent=2))
 
 
 if __name__ == "__main__":
