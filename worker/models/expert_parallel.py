@@ -16,7 +16,7 @@ from torch import nn
 from moemesh.services.core.errors import InvalidRequest
 from moemesh.worker.models.layers import MoEExperts
 from moemesh.worker.models.placement import ExpertPlacement
-from moemesh.worker.ops.remote import run_held
+from moemesh.worker.ops.remote import held_rows, run_held
 
 
 def moe_experts(model: nn.Module) -> dict[int, tuple[str, MoEExperts]]:
@@ -64,13 +64,8 @@ class ExpertShardModel:
         self.layers, self.placement, self.rank = layers, placement, rank
         self.device, self.dtype = device, dtype
         self.hidden_size = next(iter(layers.values())).hidden_size if layers else 0
-        self.rows_of = {index: self._rows_of(module) for index, module in layers.items()}  # [E] each, host
-
-    @staticmethod
-    def _rows_of(module: MoEExperts) -> np.ndarray:
-        rows = np.full(module.num_experts, -1, dtype=np.int64)
-        rows[list(module.held_experts)] = np.arange(len(module.held_experts))
-        return rows
+        self.rows_of = {index: held_rows(module.num_experts, module.held_experts)
+                        for index, module in layers.items()}  # [E] each, host
 
     def compute(
         self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor

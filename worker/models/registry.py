@@ -84,8 +84,7 @@ def build_model(
     placement = expert_parallel.config.placement if expert_parallel is not None else None
     for index, (_, module) in held.items():
         if len(module.held_experts) < module.num_experts:
-            module.remote = expert_parallel.layer(index, placement.owners_of(index), module.held_experts,
-                                                  model.embed_tokens.weight.device)
+            module.remote = expert_parallel.layer(index, placement.owners_of(index), module.held_experts)
     model.choose_backends(relayout=pack_weights)
     return model
 

@@ -191,6 +191,13 @@ def _route_small(owners: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndar
                   np.array([len(mine) for mine in choices], dtype=np.int64))
 
 
+def held_rows(num_experts: int, held_experts: Sequence[int]) -> np.ndarray:
+    """[E] the row of each held expert in its rank's stacked weights (held_experts sorted), -1 for the others."""
+    rows = np.full(num_experts, -1, dtype=np.int64)
+    rows[list(held_experts)] = np.arange(len(held_experts))
+    return rows
+
+
 def run_held(backend: ExpertsBackend, rows_of: np.ndarray, x: torch.Tensor, ids: np.ndarray,
              weights: np.ndarray, counts: np.ndarray | None = None) -> torch.Tensor:
     """The weighted sum over each row's choices among the held experts: x [n, H] -> [n, H].
@@ -381,14 +388,11 @@ class ExpertExchange:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def layer(
-        self, index: int, owners: Sequence[int], held_experts: Sequence[int], device: torch.device
-    ) -> RemoteLayer:
+    def layer(self, index: int, owners: Sequence[int], held_experts: Sequence[int]) -> RemoteLayer:
         """The exchange of MoE layer `index`, whose expert e is on rank owners[e]; rank 0 holds `held_experts`."""
-        rows_of = np.full(len(owners), -1, dtype=np.int64)
-        rows_of[list(held_experts)] = np.arange(len(held_experts))
         ranks = sorted(set(owners) - {0})
-        return RemoteLayer(self, index, np.asarray(owners, dtype=np.int64), rows_of, ranks)
+        return RemoteLayer(self, index, np.asarray(owners, dtype=np.int64), held_rows(len(owners), held_experts),
+                           ranks)
 
     def begin(self, layer: int) -> int:
         """Note a layer's exchange (a layer index not above the last one starts a new step); returns the step."""
