@@ -28,7 +28,7 @@ from moemesh.v1 import (
     scheduler_pb2_grpc,
     worker_pb2,
 )
-from tests.support.mesh import DEMO_MODEL, Service
+from tests.support.mesh import DEMO_MODEL, Service, live
 
 TOKEN = "internal-auth-test-token-0123456789"
 WITH_TOKEN = (("authorization", f"Bearer {TOKEN}"),)
@@ -114,11 +114,6 @@ def test_every_internal_method_names_the_certificate_roles_that_may_call_it():
     assert set(WORKER_ACCESS) == set(WORKER.methods_by_name), "a worker method without an access rule"
     for roles in [*SCHEDULER_ACCESS.values(), *WORKER_ACCESS.values()]:
         assert roles and roles <= set(ROLES)
-
-
-def live(state: str) -> bool:
-    """Registered and serving: "ready", or "suspect" for as long as a heartbeat is late (a loaded host)."""
-    return state in ("ready", "suspect")
 
 
 @pytest.mark.parametrize("credential", CREDENTIALS)

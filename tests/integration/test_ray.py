@@ -29,7 +29,7 @@ from moemesh.v1 import (
     scheduler_pb2_grpc,
 )
 from tests.support.checkpoints import build_tiny_mixtral
-from tests.support.mesh import pid_alive
+from tests.support.mesh import live, pid_alive
 
 # Ray resolves 127.0.0.1 to the machine's outward address on Linux; this, read when ray is first imported, keeps the
 # whole instance (and so every service the actors start) on loopback, as Ray does on a laptop.
@@ -187,7 +187,7 @@ def test_removing_a_replicas_actor_fails_its_streams_over_with_the_tokens_of_a_c
 
 
 def test_a_service_that_exits_is_restarted_by_ray_in_its_bundle_on_the_address_it_had(mesh, reference):
-    serving = {n.address for n in nodes(mesh) if n.state in ("ready", "suspect")}  # suspect: a heartbeat is late
+    serving = {n.address for n in nodes(mesh) if live(n.state)}
     before = mesh.describe("scheduler")
     os.kill(before["pid"], signal.SIGKILL)
     after = wait_until(lambda: _restarted(mesh, "scheduler", before["pid"]), RECOVERY_BOUND,

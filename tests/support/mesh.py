@@ -18,6 +18,11 @@ from moemesh.v1 import scheduler_pb2, scheduler_pb2_grpc
 DEMO_MODEL = demo_model_dir()
 
 
+def live(state: str) -> bool:
+    """A node registered and serving: "ready", or "suspect" for as long as a heartbeat is late (a loaded host)."""
+    return state in ("ready", "suspect")
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` runs (a zombie has exited, though it still answers a signal probe)."""
     try:
