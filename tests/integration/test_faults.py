@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -483,3 +485,38 @@ def test_redis_in_a_crash_loop_stops_the_mesh_with_a_message_naming_it_and_its_l
     assert "redis exited 5 times within 60 s" in output and str(mesh.log_dir / "redis.log") in output, output
     assert "exited (signal SIGKILL); restart 1 in 0.5 s" in output, "each restart is logged with its delay"
     assert not [p for p in pids if pid_alive(p)], "the mesh stops whole"
+
+
+def processes_with_token(token: str) -> list[int]:
+    """Pids of the processes whose environment holds this run's cluster token (every service of one mesh)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as environ:
+                    if token.encode() in environ.read():
+                        found.append(int(entry))
+            except OSError:
+                continue  # gone, or not ours
+    return found
+
+
+def test_a_gateway_that_cannot_start_stops_the_workers_starting_beside_it(tmp_path):
+    """The gateway starts while the workers load: when it fails, `moemesh up` stops at once, whole."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()  # the gateway's port, taken
+    token = "gateway-start-" + os.urandom(8).hex()
+    started = time.monotonic()
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "moemesh.cli", "up", "--port", str(held.getsockname()[1]), "--no-http",
+             "--no-embeddings", "--model", str(DEMO_MODEL), "--log-dir", str(tmp_path / "logs")],
+            env={**os.environ, "MOEMESH_CLUSTER_TOKEN": token}, capture_output=True, text=True, timeout=RECOVERY_BOUND)
+    finally:
+        held.close()
+    assert process.returncode == 1, process.stderr
+    assert "gateway did not become ready" in process.stderr and "gateway.log" in process.stderr, process.stderr
+    assert "worker-0" not in process.stderr, "the worker's start was cancelled, not reported as its failure"
+    assert time.monotonic() - started < RECOVERY_BOUND
+    assert not [p for p in processes_with_token(token) if pid_alive(p)], "no service outlives the failed start"
