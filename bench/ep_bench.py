@@ -11,9 +11,12 @@ this machine, contiguous placement):
      computing its own experts, combining the answers), against a bare gRPC
      bidirectional ping-pong of the same request and answer sizes to a
      separate process, over the same synchronous client API (target: <= 1.5x),
-     idle and again while another process computes on one rank's threads
+     idle, again while another process computes on one rank's threads
      (as a rank computes its experts while the messages travel: how much of
-     the excess is the cores' contention, not the exchange's code);
+     the excess is the cores' contention, not the exchange's code), and at the
+     layers' pace, the client computing before each round as long as rank 0
+     computes between two exchanges (gRPC's threads sleep between rounds, as
+     they do between layers, and pay for waking up);
   3. the bytes per step on the wire against the minimum: every routed row's
      hidden state both ways (rows x hidden x dtype size x 2) plus 4 bytes of
      id and 4 of weight per choice;
@@ -150,14 +153,20 @@ def serve_pingpong(ready_fd: int) -> None:
     server.wait_for_termination()
 
 
-def pingpong_seconds(address: str, request_bytes: int, answer_bytes: int, rounds: int) -> float:
-    """Median round trip of one request and its answer, with the client API the exchange uses."""
+def pingpong_seconds(address: str, request_bytes: int, answer_bytes: int, rounds: int, pace: float = 0.0) -> float:
+    """Median round trip of one request and its answer, with the client API the exchange uses; with `pace`, the
+    client computes that many seconds (matrix products on its torch threads) before each round, as rank 0 computes
+    a layer's other work between two exchanges."""
     requests: queue.SimpleQueue = queue.SimpleQueue()
     channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 * MIB)])
     call = channel.stream_stream(PING_METHOD)(iter(requests.get, None))
     payload = answer_bytes.to_bytes(8, "little") + bytes(max(request_bytes - 8, 0))
+    a, b = torch.randn(128, 128), torch.randn(128, 128)
     times = []
     for _ in range(rounds):
+        until = time.perf_counter() + pace
+        while time.perf_counter() < until:
+            torch.mm(a, b)
         start = time.perf_counter()
         requests.put(payload)
         next(call)
@@ -237,12 +246,16 @@ def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single_model, logs
                 answer_size = stats.bytes_received // stats.messages
                 pong = pingpong_seconds(ping, request_size, answer_size, args.ping_rounds)
                 busy_pong = busy_pingpong_seconds(ping, request_size, answer_size, args.ping_rounds, threads, logs)
+                # What rank 0 computes between two exchanges: a step's time beyond its exchanges, per MoE layer.
+                layers = stats.exchanges / stats.steps
+                pace = max(step - layers * per_exchange, 0.0) / layers
+                paced_pong = pingpong_seconds(ping, request_size, answer_size, args.ping_rounds, pace)
                 result["by_seqs"][seqs] = {
                     "step_ms": step * 1e3, "single_step_ms": single_step * 1e3, "tokens_per_s": tps,
                     "single_tokens_per_s": single_tps,
                     "rounds_ms": [(a[0] * 1e3, b[0] * 1e3) for a, b in zip(rounds["single"], rounds["replica"])],
                     "exchange_ms": per_exchange * 1e3, "pingpong_ms": pong * 1e3, "overhead_ms": overhead * 1e3,
-                    "busy_pingpong_ms": busy_pong * 1e3,
+                    "busy_pingpong_ms": busy_pong * 1e3, "pace_ms": pace * 1e3, "paced_pingpong_ms": paced_pong * 1e3,
                     "shard_compute_ms_per_message": stats.shard_compute_seconds / stats.messages * 1e3,
                     "bytes_per_step": (stats.bytes_sent + stats.bytes_received) / stats.steps,
                     "minimum_bytes_per_step": minimum_bytes(stats, hidden, itemsize) / stats.steps,
@@ -272,7 +285,9 @@ def report(replicas: list[dict], rss: dict) -> None:
                   f"the compute in it {f['overhead_ms']:.3f} ms vs ping-pong {f['pingpong_ms']:.3f} ms "
                   f"({f['overhead_ms'] / f['pingpong_ms']:.2f}x, target <= 1.5; whole exchange "
                   f"{f['exchange_ms'] / f['pingpong_ms']:.2f}x; ping-pong while one rank's threads compute "
-                  f"{f['busy_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['busy_pingpong_ms']:.2f}x; shard work "
+                  f"{f['busy_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['busy_pingpong_ms']:.2f}x; ping-pong at "
+                  f"the layers' pace (the client computing {f['pace_ms']:.2f} ms before each round) "
+                  f"{f['paced_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['paced_pingpong_ms']:.2f}x; shard work "
                   f"{f['shard_compute_ms_per_message']:.3f} "
                   f"ms/message); "
                   f"{f['bytes_per_step'] / 1024:.1f} KiB/step vs minimum {f['minimum_bytes_per_step'] / 1024:.1f} KiB "
