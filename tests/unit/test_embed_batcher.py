@@ -74,3 +74,36 @@ async def test_every_caller_gets_an_answer(callers):
     results = await asyncio.gather(*(batcher.embed(work(chr(97 + i % 26) * (i + 1))) for i in range(callers)))
     assert [list(r.token_counts) for r in results] == [[i + 1] for i in range(callers)]
     assert len(worker.calls) <= max(1, -(-callers // 5)) + 1
+
+
+async def test_a_merged_answer_that_does_not_split_is_retried_request_by_request():
+    class ShortOnMerge(FakeWorker):
+        async def __call__(self, work: worker_pb2.EmbedWork) -> worker_pb2.EmbedResult:
+            result = await super().__call__(work)
+            if len(self.calls) == 1:  # the merged call's answer is one row short: its rows cannot be told apart
+                result.vectors.shape[0] -= 1
+                result.vectors.data = result.vectors.data[:-8]
+            return result
+
+    worker = ShortOnMerge()
+    batcher = EmbedBatcher(worker, max_inputs=64, max_delay=0.01)
+    first, second = await asyncio.wait_for(asyncio.gather(batcher.embed(work("a", "bb")), batcher.embed(work("ccc"))),
+                                           5.0)
+    assert worker.calls == [["a", "bb", "ccc"], ["a", "bb"], ["ccc"]], "the merged call, then each alone"
+    assert tensors.from_pb(first.vectors).tolist() == [[1.0, 97.0], [2.0, 98.0]]
+    assert tensors.from_pb(second.vectors).tolist() == [[3.0, 99.0]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_rows_are_split_as_bytes_in_any_dtype(dtype):
+    class InDtype(FakeWorker):
+        async def __call__(self, work: worker_pb2.EmbedWork) -> worker_pb2.EmbedResult:
+            result = await super().__call__(work)
+            result.vectors.CopyFrom(tensors.to_pb(tensors.from_pb(result.vectors).to(getattr(torch, dtype))))
+            return result
+
+    batcher = EmbedBatcher(InDtype(), max_inputs=64, max_delay=0.01)
+    first, second = await asyncio.gather(batcher.embed(work("a", "bb")), batcher.embed(work("ccc")))
+    assert first.vectors.dtype == second.vectors.dtype == dtype
+    assert tensors.from_pb(first.vectors).float().tolist() == [[1.0, 97.0], [2.0, 98.0]]
+    assert tensors.from_pb(second.vectors).float().tolist() == [[3.0, 99.0]]

