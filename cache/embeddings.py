@@ -16,8 +16,8 @@ from __future__ import annotations
 import struct
 import time
 
+import numpy as np
 import redis.asyncio as aioredis
-import torch
 
 from moemesh.cache.guard import REDIS_UNAVAILABLE, RedisGuard
 from moemesh.cache.keys import digest_of_parts
@@ -27,15 +27,15 @@ FORMAT_VERSION = "v1"  # part of every key: bump when the entry layout changes
 _COUNT = struct.Struct("<I")  # the entry's header: the input's token count
 
 
-def pack_embedding(vector: torch.Tensor, token_count: int) -> bytes:
+def pack_embedding(vector: np.ndarray, token_count: int) -> bytes:
     """An embedding cache entry: uint32 token count, then the float32 vector."""
-    return _COUNT.pack(token_count) + vector.to(torch.float32).contiguous().numpy().tobytes()
+    return _COUNT.pack(token_count) + np.ascontiguousarray(vector, dtype="<f4").tobytes()
 
 
-def unpack_embedding(raw: bytes) -> tuple[torch.Tensor, int]:
-    """The vector and token count of an entry written by `pack_embedding`."""
+def unpack_embedding(raw: bytes) -> tuple[np.ndarray, int]:
+    """The vector (a read-only view of `raw`) and token count of an entry written by `pack_embedding`."""
     (count,) = _COUNT.unpack_from(raw)
-    return torch.frombuffer(bytearray(raw[_COUNT.size:]), dtype=torch.float32), count
+    return np.frombuffer(raw, dtype="<f4", offset=_COUNT.size), count
 
 
 def entry_size(dimensions: int) -> int:

@@ -17,6 +17,7 @@ def imported_by(module: str) -> set[str]:
 
 @pytest.mark.parametrize(("module", "absent"), [
     ("moemesh.services.scheduler.main", {"torch", "transformers"}),  # it routes; it computes nothing
+    ("moemesh.gateway.main", {"torch", "transformers"}),
     ("moemesh.worker.server.main", {"transformers"}),  # imported only to load a sentence-embedding model
     ("moemesh.worker.server.shard", {"transformers"}),
 ])
