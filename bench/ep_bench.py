@@ -9,8 +9,9 @@ this machine, contiguous placement):
      rounds (`--rounds`), so that a host whose speed drifts slows both;
   2. the time of one layer exchange (rank 0 sending every shard its rows,
      computing its own experts, combining the answers), against a bare gRPC
-     bidirectional ping-pong of the same request and answer sizes to a
-     separate process, over the same synchronous client API (target: <= 1.5x),
+     bidirectional ping-pong of the same request and answer sizes to as many
+     separate processes at once as an exchange has shards with work (on
+     average), over the same synchronous client API (target: <= 1.5x),
      idle, again while another process computes on one rank's threads
      (as a rank computes its experts while the messages travel: how much of
      the excess is the cores' contention, not the exchange's code), and at the
@@ -47,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 
 import grpc
 import torch
@@ -153,13 +155,17 @@ def serve_pingpong(ready_fd: int) -> None:
     server.wait_for_termination()
 
 
-def pingpong_seconds(address: str, request_bytes: int, answer_bytes: int, rounds: int, pace: float = 0.0) -> float:
-    """Median round trip of one request and its answer, with the client API the exchange uses; with `pace`, the
-    client computes that many seconds (matrix products on its torch threads) before each round, as rank 0 computes
-    a layer's other work between two exchanges."""
-    requests: queue.SimpleQueue = queue.SimpleQueue()
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 * MIB)])
-    call = channel.stream_stream(PING_METHOD)(iter(requests.get, None))
+def pingpong_seconds(addresses: Sequence[str], request_bytes: int, answer_bytes: int, rounds: int,
+                     pace: float = 0.0) -> float:
+    """Median round trip of one request and its answer to each of `addresses` at once (as rank 0 sends each
+    shard its message, then reads the answers), with the client API the exchange uses; with `pace`, the client
+    computes that many seconds (matrix products on its torch threads) before each round, as rank 0 computes a
+    layer's other work between two exchanges."""
+    links = []
+    for address in addresses:
+        requests: queue.SimpleQueue = queue.SimpleQueue()
+        channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 * MIB)])
+        links.append((requests, channel, channel.stream_stream(PING_METHOD)(iter(requests.get, None))))
     payload = answer_bytes.to_bytes(8, "little") + bytes(max(request_bytes - 8, 0))
     a, b = torch.randn(128, 128), torch.randn(128, 128)
     times = []
@@ -168,12 +174,15 @@ def pingpong_seconds(address: str, request_bytes: int, answer_bytes: int, rounds
         while time.perf_counter() < until:
             torch.mm(a, b)
         start = time.perf_counter()
-        requests.put(payload)
-        next(call)
+        for requests, _, _ in links:
+            requests.put(payload)
+        for _, _, call in links:
+            next(call)
         times.append(time.perf_counter() - start)
-    requests.put(None)
-    call.cancel()
-    channel.close()
+    for requests, channel, call in links:
+        requests.put(None)
+        call.cancel()
+        channel.close()
     return statistics.median(times[rounds // 10:])
 
 
@@ -187,14 +196,14 @@ def burn(ready_fd: int, threads: int) -> None:
         torch.mm(a, b)
 
 
-def busy_pingpong_seconds(address: str, request_bytes: int, answer_bytes: int, rounds: int, threads: int,
+def busy_pingpong_seconds(addresses: Sequence[str], request_bytes: int, answer_bytes: int, rounds: int, threads: int,
                           logs: pathlib.Path) -> float:
     """`pingpong_seconds` while another process computes on `threads` threads."""
     burner = Child([sys.executable, "-m", "bench.ep_bench", "--child", "burn", "--threads-per-rank", str(threads)],
                    logs / "burn.log")
     try:
         time.sleep(0.2)  # its threads are running
-        return pingpong_seconds(address, request_bytes, answer_bytes, rounds)
+        return pingpong_seconds(addresses, request_bytes, answer_bytes, rounds)
     finally:
         burner.stop()
 
@@ -213,7 +222,8 @@ def minimum_bytes(stats: ExchangeStats, hidden_size: int, itemsize: int) -> int:
     return stats.rows_sent * hidden_size * itemsize * 2 + stats.choices_sent * 8
 
 
-def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single_model, logs: pathlib.Path, ping: str) -> dict:
+def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single_model, logs: pathlib.Path,
+                  pings: Sequence[str]) -> dict:
     """Every figure of one replica size; the single-process model runs the same batches in alternating rounds."""
     ckpt = open_checkpoint(ckpt_dir)
     threads = args.threads_per_rank or threads_per_rank(world_size)
@@ -244,18 +254,21 @@ def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single_model, logs
                 overhead = statistics.median(stats.overheads)
                 request_size = stats.bytes_sent // stats.messages
                 answer_size = stats.bytes_received // stats.messages
-                pong = pingpong_seconds(ping, request_size, answer_size, args.ping_rounds)
-                busy_pong = busy_pingpong_seconds(ping, request_size, answer_size, args.ping_rounds, threads, logs)
+                # The same messages: as many peers at once as an exchange has shards with work, on average.
+                peers = pings[:max(1, round(stats.messages / stats.exchanges))]
+                pong = pingpong_seconds(peers, request_size, answer_size, args.ping_rounds)
+                busy_pong = busy_pingpong_seconds(peers, request_size, answer_size, args.ping_rounds, threads, logs)
                 # What rank 0 computes between two exchanges: a step's time beyond its exchanges, per MoE layer.
                 layers = stats.exchanges / stats.steps
                 pace = max(step - layers * per_exchange, 0.0) / layers
-                paced_pong = pingpong_seconds(ping, request_size, answer_size, args.ping_rounds, pace)
+                paced_pong = pingpong_seconds(peers, request_size, answer_size, args.ping_rounds, pace)
                 result["by_seqs"][seqs] = {
                     "step_ms": step * 1e3, "single_step_ms": single_step * 1e3, "tokens_per_s": tps,
                     "single_tokens_per_s": single_tps,
                     "rounds_ms": [(a[0] * 1e3, b[0] * 1e3) for a, b in zip(rounds["single"], rounds["replica"])],
                     "exchange_ms": per_exchange * 1e3, "pingpong_ms": pong * 1e3, "overhead_ms": overhead * 1e3,
                     "busy_pingpong_ms": busy_pong * 1e3, "pace_ms": pace * 1e3, "paced_pingpong_ms": paced_pong * 1e3,
+                    "pingpong_peers": len(peers),
                     "shard_compute_ms_per_message": stats.shard_compute_seconds / stats.messages * 1e3,
                     "bytes_per_step": (stats.bytes_sent + stats.bytes_received) / stats.steps,
                     "minimum_bytes_per_step": minimum_bytes(stats, hidden, itemsize) / stats.steps,
@@ -283,6 +296,7 @@ def report(replicas: list[dict], rss: dict) -> None:
                   f"({f['step_ms'] / f['single_step_ms']:.2f}x; each round, single / replica: {rounds} ms), "
                   f"{f['tokens_per_s']:8.1f} tok/s; exchange {f['exchange_ms']:.3f} ms, of which beyond "
                   f"the compute in it {f['overhead_ms']:.3f} ms vs ping-pong {f['pingpong_ms']:.3f} ms "
+                  f"(to {f['pingpong_peers']} peer(s) at once) "
                   f"({f['overhead_ms'] / f['pingpong_ms']:.2f}x, target <= 1.5; whole exchange "
                   f"{f['exchange_ms'] / f['pingpong_ms']:.2f}x; ping-pong while one rank's threads compute "
                   f"{f['busy_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['busy_pingpong_ms']:.2f}x; ping-pong at "
@@ -340,11 +354,14 @@ def main() -> None:
           f"logs in {logs}" + ("" if args.model or args.smoke else f"; config {BENCH_CONFIG}"))
     engine_steps(model, tokenizer, prompts(2, 16, model.vocab_size), 4)  # warm-up
     rss = {"bare": measure_in_child("bare", ckpt_dir, logs), "single": measure_in_child("single", ckpt_dir, logs)}
-    ping = Child([sys.executable, "-m", "bench.ep_bench", "--child", "pingpong"], logs / "pingpong.log")
+    pings = [Child([sys.executable, "-m", "bench.ep_bench", "--child", "pingpong"], logs / f"pingpong-{i}.log")
+             for i in range(1, max(ranks))]  # a peer per shard of the largest replica
     try:
-        replicas = [bench_replica(args, ckpt_dir, tokenizer, n, model, logs, ping.info["address"]) for n in ranks]
+        addresses = [ping.info["address"] for ping in pings]
+        replicas = [bench_replica(args, ckpt_dir, tokenizer, n, model, logs, addresses) for n in ranks]
     finally:
-        ping.stop()
+        for ping in pings:
+            ping.stop()
     report(replicas, rss)
     if args.out:
         args.out.write_text(json.dumps({"replicas": replicas, "resident": rss}, indent=2))
