@@ -22,6 +22,7 @@ from moemesh.gateway.tenants import OPEN_TENANT, Tenant
 from moemesh.gateway.validation import validate_embed_inputs
 from moemesh.services.core.errors import error_from_rpc
 from moemesh.services.core.logs import bind_request
+from moemesh.services.core.tensor_rows import row_bytes
 from moemesh.services.core.tracing import span
 from moemesh.services.scheduler.client import SchedulerClient
 from moemesh.v1 import common_pb2, embeddings_pb2, models_pb2, worker_pb2
@@ -115,13 +116,14 @@ def _response(request: embeddings_pb2.EmbedRequest, model: models_pb2.ModelInfo,
 def _float_rows(vectors: common_pb2.Tensor, rows: int) -> np.ndarray:
     """The worker's [rows, D] vectors (float32, float16 or bfloat16 on the wire: services.core.tensors) as float32,
     decoded with numpy: the gateway imports no torch (seconds of each start, a quarter GiB resident)."""
-    wire = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}.get(vectors.dtype)
-    shape = tuple(vectors.shape)
-    if wire is None or len(shape) != 2 or shape[0] != rows or len(vectors.data) != rows * shape[1] * (
-            4 if wire == "<f4" else 2):
-        raise ValueError(f"the worker answered {rows} inputs with a {vectors.dtype!r} tensor of shape {list(shape)} "
-                         f"and {len(vectors.data)} bytes")
+    wire = _NUMPY_WIRE.get(vectors.dtype)
+    if wire is None or len(vectors.shape) != 2 or row_bytes(vectors, rows) is None:
+        raise ValueError(f"the worker answered {rows} inputs with a {vectors.dtype!r} tensor of shape "
+                         f"{list(vectors.shape)} and {len(vectors.data)} bytes")
     flat = np.frombuffer(vectors.data, dtype=wire)
     if vectors.dtype == "bfloat16":  # the upper half of a float32's bits
         flat = (flat.astype("<u4") << 16).view("<f4")
-    return flat.astype("<f4", copy=False).reshape(shape)
+    return flat.astype("<f4", copy=False).reshape(tuple(vectors.shape))
+
+
+_NUMPY_WIRE = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}  # bfloat16: its raw 16 bits

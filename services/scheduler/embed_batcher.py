@@ -11,10 +11,10 @@ another caller's request.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from moemesh.services.core.tensor_rows import row_bytes
 from moemesh.services.core.tracing import current_span_context, span
 from moemesh.v1 import common_pb2, worker_pb2
 
@@ -83,7 +83,7 @@ class EmbedBatcher:
             with span("embed batch", {"moemesh.requests": len(batch.requests), "moemesh.inputs": batch.inputs},
                       links=batch.spans):
                 result = await self.call(merged)
-            row_bytes = _row_bytes(result.vectors, batch.inputs)  # [sum inputs, D]
+            width = _row_bytes(result.vectors, batch.inputs)  # [sum inputs, D]
         except Exception:  # a merged failure, or an answer that does not split, is retried request by request
             await asyncio.gather(*(self._single(request, future) for request, future in batch.requests))
             return
@@ -92,7 +92,7 @@ class EmbedBatcher:
             stop = start + len(request.inputs)
             if not future.done():
                 rows = common_pb2.Tensor(dtype=result.vectors.dtype, shape=[stop - start, *result.vectors.shape[1:]],
-                                         data=result.vectors.data[start * row_bytes:stop * row_bytes])
+                                         data=result.vectors.data[start * width:stop * width])
                 future.set_result(worker_pb2.EmbedResult(vectors=rows, token_counts=result.token_counts[start:stop]))
             start = stop
 
@@ -108,16 +108,10 @@ class EmbedBatcher:
             future.set_result(result)
 
 
-# Bytes per element of each dtype a Tensor message may carry (services.core.tensors): the scheduler splits the
-# worker's rows as bytes, without decoding them (and without importing torch, seconds of every start).
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8}
-
-
 def _row_bytes(vectors: common_pb2.Tensor, rows: int) -> int:
-    """Bytes per row of a [rows, ...] Tensor message; ValueError if the message is not that."""
-    itemsize = _ITEMSIZE.get(vectors.dtype)
-    if itemsize is None or not vectors.shape or vectors.shape[0] != rows \
-            or len(vectors.data) != math.prod(vectors.shape) * itemsize:
+    """Bytes per row of the worker's [rows, ...] answer; ValueError if it is not that."""
+    width = row_bytes(vectors, rows)
+    if width is None:
         raise ValueError(f"the worker answered {rows} inputs with a {vectors.dtype!r} tensor of shape "
                          f"{list(vectors.shape)} and {len(vectors.data)} bytes")
-    return len(vectors.data) // rows
+    return width

@@ -41,3 +41,10 @@ def test_a_cache_entry_round_trips_the_vector_and_count():
     back, count = unpack_embedding(raw)
     assert count == 17 and back.dtype == np.float32 and np.array_equal(back, vector)
     assert pack_embedding(vector.astype(np.float64), 17) == raw, "stored as float32 whatever it came as"
+
+
+def test_the_torch_free_row_sizes_are_those_of_the_wire_format():
+    from moemesh.services.core.tensor_rows import ITEMSIZE
+
+    for name, size in ITEMSIZE.items():
+        assert tensors.from_pb(tensors.to_pb(torch.zeros(1, dtype=getattr(torch, name)))).element_size() == size
