@@ -59,9 +59,10 @@ def default_engine(ckpt: pathlib.Path) -> Engine:
     config = WorkerConfig(model_dir=ckpt, scheduler="127.0.0.1:1")
     model = build_model(open_checkpoint(ckpt), dtype=torch.float32, pack_weights=config.pack_weights)
     tokenizer = Tokenizer.from_dir(ckpt)
-    blocks, seqs = engine_size(model, config)
-    return Engine(model, tokenizer, max_num_seqs=seqs, max_model_len=config.max_model_len, num_blocks=blocks,
-                  block_size=config.block_size, max_num_batched_tokens=config.max_num_batched_tokens)
+    size = engine_size(model, config)
+    return Engine(model, tokenizer, max_num_seqs=size.max_num_seqs, max_model_len=config.max_model_len,
+                  num_blocks=size.num_blocks, block_size=config.block_size,
+                  max_num_batched_tokens=size.max_num_batched_tokens)
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], concurrency: int, new_tokens: int) -> tuple[float, float]:
@@ -158,7 +159,8 @@ def main() -> None:
     ids = [engine.tokenizer.encode(p) for p in prompts]
     print(f"checkpoint {ckpt}; {args.requests} requests, {args.concurrency} concurrent, "
           f"{statistics.mean(map(len, ids)):.0f} prompt tokens (mean) + {args.new_tokens}; engine sized "
-          f"{engine.max_num_seqs} sequences, {engine.blocks.num_blocks * engine.block_size} KV tokens; "
+          f"{engine.max_num_seqs} sequences, {engine.blocks.num_blocks * engine.block_size} KV tokens, "
+          f"{engine.max_num_batched_tokens} tokens a step; "
           f"{torch.get_num_threads()} threads")
     run_engine(engine, ids[:4], 4, 8)  # warm-up
     engine_runs, mesh_runs = [], []

@@ -177,7 +177,8 @@ def _print_banner(ready: dict) -> None:
         *([f"  gateway HTTP   http://{gateway['http_address']}"] if gateway.get("http_address") else []),
         f"  scheduler      {ready['scheduler']['address']}",
         *[f"  worker         {w['address']}  model={w.get('model')}  "
-          f"KV {w.get('kv_tokens', 0):,} tokens, {w.get('max_num_seqs', 0)} sequences" for w in ready["workers"]],
+          f"KV {w.get('kv_tokens', 0):,} tokens, {w.get('max_num_seqs', 0)} sequences, "
+          f"{w.get('max_num_batched_tokens', 0):,} tokens a step" for w in ready["workers"]],
         *[f"  expert shard   {s['address']}  {s.get('replica_group')} rank {s.get('rank')}"
           for s in ready.get("shards", [])],
         f"  redis          {ready['redis']['url']}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from moemesh.v1 import (
     scheduler_pb2,
     scheduler_pb2_grpc,
 )
+from moemesh.worker.engine.kv_sizing import default_token_budget
 from moemesh.worker.engine.tokenizer import Tokenizer
 from tests.support.mesh import DEMO_MODEL, live, pid_alive
 
@@ -83,6 +85,12 @@ def test_the_worker_sizes_its_kv_pool_and_sequence_limit_from_memory(mesh):
     worker = mesh.ready["workers"][0]
     assert worker["max_num_seqs"] >= 32
     assert worker["kv_tokens"] >= worker["max_num_seqs"] * 256
+    # The step's token budget follows the worker's compute threads on the CPU, and its log says so.
+    threads = re.search(r"at most (\d+) tokens a step \(for (\d+) compute threads\)",
+                        (mesh.log_dir / "worker-0.log").read_text())
+    assert threads, "the worker logs its token budget"
+    assert worker["max_num_batched_tokens"] == int(threads[1]) == default_token_budget("cpu", int(threads[2]))
+    assert worker["max_num_batched_tokens"] >= worker["max_num_seqs"]
 
 
 def test_concurrent_streams_all_complete(channel):

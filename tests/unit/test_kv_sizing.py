@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from moemesh.worker.engine.kv_sizing import (
     DEFAULT_CPU_KV_GIB,
+    DEFAULT_TOKEN_BUDGET,
     GIB,
     MAX_AUTO_SEQS,
     TOKENS_PER_AUTO_SLOT,
@@ -14,8 +16,12 @@ from moemesh.worker.engine.kv_sizing import (
     auto_max_num_seqs,
     blocks_in_budget,
     cpu_kv_budget_bytes,
+    default_token_budget,
     plan_cpu_kv_pool,
 )
+from moemesh.worker.server.config import WorkerConfig
+from moemesh.worker.server.main import engine_size
+from tests.support.mesh import DEMO_MODEL
 
 
 class FakeCache:
@@ -23,6 +29,8 @@ class FakeCache:
 
 
 class FakeModel:
+    max_context_tokens = 4096
+
     def make_cache(self, num_blocks: int, block_size: int) -> FakeCache:
         return FakeCache()
 
@@ -71,3 +79,23 @@ def test_the_start_up_line_says_where_the_memory_went():
     line = plan.describe(block_size=16)
     assert "1000 blocks of 16 tokens (16000 tokens, 0.98 GiB)" in line
     assert "0.90 of 80.0 GiB" in line and "20.00 GiB in use" in line and "0.50 GiB for a step" in line
+
+
+def test_the_token_budget_follows_the_cpus_threads_within_bounds_and_is_fixed_on_cuda():
+    assert [default_token_budget("cpu", n) for n in (1, 2, 3, 4, 8, 64)] == [512, 512, 768, 1024, 2048, 2048]
+    assert default_token_budget("cuda", 2) == default_token_budget("cuda:1", 64) == DEFAULT_TOKEN_BUDGET == 2048
+
+
+def _size(**settings) -> tuple[int, int, int]:
+    config = WorkerConfig(model_dir=DEMO_MODEL, scheduler="127.0.0.1:1", cpu_kv_cache_gib=0.5, **settings)
+    return tuple(engine_size(FakeModel(), config))
+
+
+def test_the_engine_size_takes_the_budget_as_configured_else_from_the_threads_and_never_below_the_batch():
+    threads = torch.get_num_threads()
+    blocks, seqs, budget = _size()
+    assert budget == default_token_budget("cpu", threads) and seqs <= budget
+    assert _size(max_num_batched_tokens=300)[2] == 300, "a configured budget is kept as it is"
+    assert _size(max_num_seqs=4000)[1:] == (4000, 4000), "a sequence limit above the default raises the budget"
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        WorkerConfig(model_dir=DEMO_MODEL, scheduler="127.0.0.1:1", max_num_seqs=64, max_num_batched_tokens=32)

@@ -10,6 +10,16 @@ streams as its memory allows.
 On the CPU the budget is `cpu_kv_cache_gib`, by default the smaller of
 `DEFAULT_CPU_KV_GIB` and `CPU_KV_MEMORY_FRACTION` of the machine's memory.
 
+A step's token budget (`max_num_batched_tokens`: prompt chunks plus one
+token per decode) follows the machine too, when it is not configured: on
+CUDA `DEFAULT_TOKEN_BUDGET`; on the CPU `CPU_TOKENS_PER_THREAD` per compute
+thread, from `CPU_MIN_TOKEN_BUDGET` to `DEFAULT_TOKEN_BUDGET`. Every
+decoding sequence waits for the step that carries a prompt chunk, and a
+CPU computes about a thread's share of such a chunk per unit of time: with a
+fixed 2,048 tokens, a 2-core worker spent 2 to 3.5 s on one such step (every
+stream's inter-token p99 then passes a second), where 512 tokens take about
+0.6 s and serve the same throughput (BENCHMARKS.md, "The token budget").
+
 On CUDA the KV cache gets
 what is left of `gpu_memory_utilization` of the device's memory once the
 CUDA context, the weights (and anything else already on the device) and the
@@ -43,6 +53,11 @@ POOL_CAP_FACTOR = 16
 # Sequence limits sized from the pool: a slot per this many tokens of it, up to this many slots.
 TOKENS_PER_AUTO_SLOT = 1024
 MAX_AUTO_SEQS = 256
+# A step's token budget when none is configured: this on CUDA; on the CPU this many per compute thread, within
+# [CPU_MIN_TOKEN_BUDGET, DEFAULT_TOKEN_BUDGET].
+DEFAULT_TOKEN_BUDGET = 2048
+CPU_TOKENS_PER_THREAD = 256
+CPU_MIN_TOKEN_BUDGET = 512
 # The CPU's KV budget when none is configured: the smaller of these.
 DEFAULT_CPU_KV_GIB = 2.0
 CPU_KV_MEMORY_FRACTION = 0.1
@@ -53,6 +68,13 @@ def auto_max_num_seqs(num_blocks: int, block_size: int, max_model_len: int) -> i
     max_model_len, when shorter), between 1 and MAX_AUTO_SEQS."""
     per_slot = min(max_model_len, TOKENS_PER_AUTO_SLOT)
     return max(1, min(MAX_AUTO_SEQS, num_blocks * block_size // per_slot))
+
+
+def default_token_budget(device: str, threads: int) -> int:
+    """The most tokens one step computes when `max_num_batched_tokens` is not configured (see the module doc)."""
+    if device.startswith("cuda"):
+        return DEFAULT_TOKEN_BUDGET
+    return min(max(CPU_TOKENS_PER_THREAD * threads, CPU_MIN_TOKEN_BUDGET), DEFAULT_TOKEN_BUDGET)
 
 
 def cpu_kv_budget_bytes(configured_gib: float = 0.0) -> int:

@@ -66,8 +66,10 @@ class WorkerConfig(ServiceConfig):
     cuda_graphs: bool = pydantic.Field(
         default=True, description="on CUDA, capture decode steps as CUDA graphs at start-up and replay them "
                                   "(where every operation's backend allows it); off: every step runs eagerly")
-    max_num_batched_tokens: int = pydantic.Field(
-        default=2048, ge=1, description="most new tokens one engine step computes (prompt chunks plus one per decode)")
+    max_num_batched_tokens: int | None = pydantic.Field(
+        default=None, ge=1, description="most new tokens one engine step computes (prompt chunks plus one per decode); "
+                                        "unset: 2048 on CUDA, on the CPU 256 per compute thread from 512 to 2048 (at "
+                                        "least max_num_seqs)")
     enable_prefix_caching: bool = pydantic.Field(default=True, description="reuse the KV blocks of shared prompt prefixes")
     kv_tier_url: str | None = pydantic.Field(
         default=None, description="Redis URL of the shared prefix-KV tier; unset: off. A URL with a password belongs "
@@ -99,7 +101,8 @@ class WorkerConfig(ServiceConfig):
 
     @pydantic.model_validator(mode="after")
     def _budget_covers_the_batch(self) -> WorkerConfig:
-        if self.max_num_seqs is not None and self.max_num_batched_tokens < self.max_num_seqs:
+        if None not in (self.max_num_seqs, self.max_num_batched_tokens) and \
+                self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs ({self.max_num_seqs})"
             )

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import uuid
+from typing import NamedTuple
 
 import torch
 
@@ -34,6 +35,7 @@ from moemesh.worker.engine.kv_sizing import (
     MAX_AUTO_SEQS,
     auto_max_num_seqs,
     cpu_kv_budget_bytes,
+    default_token_budget,
     plan_cpu_kv_pool,
     plan_gpu_kv_pool,
 )
@@ -100,15 +102,15 @@ class WorkerProcess:
         release_free_heap()  # the load's temporaries
         log.info("backends: %s", describe_backends(model))  # which kernels run, and why (a fallback shows here)
         self.expert_load = count_expert_load(model)
-        num_blocks, max_num_seqs = engine_size(model, config)
+        size = engine_size(model, config)
         engine = Engine(
             model,
             self.tokenizer,
-            max_num_seqs=max_num_seqs,
+            max_num_seqs=size.max_num_seqs,
             max_model_len=config.max_model_len,
-            num_blocks=num_blocks,
+            num_blocks=size.num_blocks,
             block_size=config.block_size,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_batched_tokens=size.max_num_batched_tokens,
             enable_prefix_caching=config.enable_prefix_caching,
             cuda_graphs=config.cuda_graphs,
         )
@@ -257,7 +259,8 @@ class WorkerProcess:
             announce_ready(ready_fd, service="worker", address=self.server.address, node_id=self.node_id,
                            model=self.model_id, metrics_address=metrics_address,
                            kv_tokens=self.engine.blocks.num_blocks * self.engine.block_size,
-                           max_num_seqs=self.engine.max_num_seqs, **self._replica_info())
+                           max_num_seqs=self.engine.max_num_seqs,
+                           max_num_batched_tokens=self.engine.max_num_batched_tokens, **self._replica_info())
             await _first_of(stop.wait(), self.runner.failed.wait())
             await watch.stop()
             if stop_metrics is not None:
@@ -312,29 +315,39 @@ async def _first_of(*waits) -> None:
         task.cancel()
 
 
-def engine_size(model: torch.nn.Module, config: WorkerConfig) -> tuple[int, int]:
-    """The KV pool's blocks and the sequence limit of a worker's engine: as configured, else from memory (see
-    kv_sizing.py); logged."""
+class EngineSize(NamedTuple):
+    num_blocks: int  # the KV pool
+    max_num_seqs: int  # sequences in one step
+    max_num_batched_tokens: int  # tokens one step computes
+
+
+def engine_size(model: torch.nn.Module, config: WorkerConfig) -> EngineSize:
+    """The KV pool's blocks, the sequence limit and the step's token budget of a worker's engine: as configured,
+    else from memory and the compute threads (see kv_sizing.py); logged."""
     max_model_len = min(config.max_model_len, model.max_context_tokens)
-    seqs = config.max_num_seqs or min(MAX_AUTO_SEQS, config.max_num_batched_tokens)
+    budget = config.max_num_batched_tokens or max(default_token_budget(config.device, torch.get_num_threads()),
+                                                  config.max_num_seqs or 0)
+    seqs = config.max_num_seqs or min(MAX_AUTO_SEQS, budget)
     if config.num_kv_blocks:
         blocks, source = config.num_kv_blocks, "configured"
     elif config.device.startswith("cuda"):
         plan = plan_gpu_kv_pool(model, block_size=config.block_size, utilization=config.gpu_memory_utilization,
-                                max_num_seqs=seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                                max_model_len=max_model_len)
+                                max_num_seqs=seqs, max_num_batched_tokens=budget, max_model_len=max_model_len)
         log.info(plan.describe(config.block_size))
         blocks, source = plan.num_blocks, f"{config.gpu_memory_utilization:.2f} of the GPU's memory"
     else:
-        budget = cpu_kv_budget_bytes(config.cpu_kv_cache_gib)
-        blocks = plan_cpu_kv_pool(model, block_size=config.block_size, budget_bytes=budget, max_num_seqs=seqs,
+        kv_bytes = cpu_kv_budget_bytes(config.cpu_kv_cache_gib)
+        blocks = plan_cpu_kv_pool(model, block_size=config.block_size, budget_bytes=kv_bytes, max_num_seqs=seqs,
                                   max_model_len=max_model_len)
-        source = f"a budget of {budget / GIB:.2f} GiB"
+        source = f"a budget of {kv_bytes / GIB:.2f} GiB"
     if config.max_num_seqs is None:
-        seqs = min(auto_max_num_seqs(blocks, config.block_size, max_model_len), config.max_num_batched_tokens)
-    log.info("KV capacity: %d tokens in %d blocks (%s); %d sequences at once%s", blocks * config.block_size,
-             blocks, source, seqs, "" if config.max_num_seqs else " (sized from the pool)")
-    return blocks, seqs
+        seqs = min(auto_max_num_seqs(blocks, config.block_size, max_model_len), budget)
+    threads = "" if config.max_num_batched_tokens or config.device.startswith("cuda") else \
+        f" (for {torch.get_num_threads()} compute threads)"
+    log.info("KV capacity: %d tokens in %d blocks (%s); %d sequences at once%s; at most %d tokens a step%s",
+             blocks * config.block_size, blocks, source, seqs, "" if config.max_num_seqs else " (sized from the pool)",
+             budget, threads)
+    return EngineSize(blocks, seqs, budget)
 
 
 async def serve(config: WorkerConfig, ready_fd: int | None) -> None:
