@@ -224,6 +224,7 @@ static int group_by_expert(const int64_t *topk_ids, const float *topk_weights, i
 
 #define PK_TOKENS 12  /* token rows per tile: 24 accumulators */
 #define PK_AHEAD 2048 /* floats (8 KB) ahead of the tile that the weight stream is requested into L2 */
+#define PK_KC 64      /* panel rows (8 KB) an AVX2 build keeps in L1 while each group of token rows passes */
 
 /* acc_out[m][0..32) = sum over k < k_len of x[m][k] * panel[k][0..32), for m < rows (<= PK_TOKENS). */
 static inline __attribute__((always_inline)) void panel_tile(const float *const *x, int rows, const float *panel, int64_t k_len,
@@ -250,6 +251,56 @@ static inline __attribute__((always_inline)) void panel_tile(const float *const 
     for (int m = 0; m < rows; m++) {
         _mm512_storeu_ps(acc_out[m], acc[2 * m]);
         _mm512_storeu_ps(acc_out[m] + 16, acc[2 * m + 1]);
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    /* Token rows in groups of 6 and the panel's 32 columns in halves of 16: 12 accumulators, two weight
+       vectors and a broadcast fill the 16 registers (the usual 6x16 shape of an AVX2 matrix kernel). The
+       panel passes PK_KC rows at a time (8 KB, held in L1 while every group and half reads it); the first
+       pass over each block requests the stream ahead into L2, both cache lines of each row. */
+    for (int64_t k0 = 0; k0 < k_len; k0 += PK_KC) {
+        const int64_t k1 = k_len - k0 < PK_KC ? k_len : k0 + PK_KC;
+#pragma GCC unroll 2
+        for (int g = 0; g < rows; g += 6) {
+            const int group = rows - g < 6 ? rows - g : 6;
+            const float *xr[6];
+#pragma GCC unroll 6
+            for (int m = 0; m < group; m++) xr[m] = x[g + m];
+#pragma GCC unroll 2
+            for (int h = 0; h < 2; h++) {
+                __m256 acc[12];
+                if (k0 == 0) {
+#pragma GCC unroll 12
+                    for (int i = 0; i < 2 * group; i++) acc[i] = _mm256_setzero_ps();
+                } else {
+#pragma GCC unroll 6
+                    for (int m = 0; m < group; m++) {
+                        acc[2 * m] = _mm256_loadu_ps(acc_out[g + m] + 16 * h);
+                        acc[2 * m + 1] = _mm256_loadu_ps(acc_out[g + m] + 16 * h + 8);
+                    }
+                }
+                for (int64_t k = k0; k < k1; k++) {
+                    const float *w = panel + 32 * k + 16 * h;
+                    if (g == 0 && h == 0) {
+                        _mm_prefetch((const char *)(w + PK_AHEAD), _MM_HINT_T1);
+                        _mm_prefetch((const char *)(w + PK_AHEAD + 16), _MM_HINT_T1);
+                    }
+                    __m256 w0 = _mm256_loadu_ps(w), w1 = _mm256_loadu_ps(w + 8);
+                    IN_REGISTER(w0);
+                    IN_REGISTER(w1);
+#pragma GCC unroll 6
+                    for (int m = 0; m < group; m++) {
+                        const __m256 xm = _mm256_broadcast_ss(xr[m] + k);
+                        acc[2 * m] = _mm256_fmadd_ps(xm, w0, acc[2 * m]);
+                        acc[2 * m + 1] = _mm256_fmadd_ps(xm, w1, acc[2 * m + 1]);
+                    }
+                }
+#pragma GCC unroll 6
+                for (int m = 0; m < group; m++) {
+                    _mm256_storeu_ps(acc_out[g + m] + 16 * h, acc[2 * m]);
+                    _mm256_storeu_ps(acc_out[g + m] + 16 * h + 8, acc[2 * m + 1]);
+                }
+            }
+        }
     }
 #else
     for (int m = 0; m < rows; m++)

@@ -1,12 +1,15 @@
-/* Shared vector helpers of the native kernels (AVX-512 builds only). */
+/* Shared vector helpers of the native kernels (AVX-512 builds; IN_REGISTER for AVX2 builds too). */
 #ifndef MOEMESH_SIMD_H
 #define MOEMESH_SIMD_H
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 
 /* Keep a vector in a register: without this the compiler folds the load into every FMA that uses it,
    which spends a load slot per FMA and makes a loop load-bound. */
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
+#endif
+
+#if defined(__AVX512F__)
 
 /* Lane 4 * (j % 4) + j / 4 of the result is the sum of the lanes of v[j], for j < 16: a transposing
    shuffle tree, 15 adds and 30 shuffles for all sixteen, against about 8 dependent steps per horizontal
