@@ -34,6 +34,16 @@
  * `packed` set: a broadcast tile without horizontal sums, 1.08x faster at a
  * decode step and 1.15x at prefill. The checkpoint layout stays for expert
  * sizes the panels cannot hold, and its tile for the dense projections.
+ *
+ * On panels the threads do not own fixed shares: stage 1 is cut into items
+ * of (expert, PK_ITEM_PANELS panels), stage 2 into one item per output
+ * panel (all experts, so a column still has one writer), and each thread
+ * takes the next item when it finishes one. A worker shares its cores with
+ * the gateway, the scheduler and gRPC's threads, and a thread the system
+ * preempts then holds up one item instead of its half of the layer: beside
+ * a process waking 625 times a second for 0.1 ms, a 32-sequence decode step
+ * lost 1.0% instead of 6.2%, and beside 15 ms bursts every 65 ms, 10.8%
+ * instead of 13.5%, with the same time alone.
  */
 #include <math.h>
 #include <stdint.h>
@@ -225,6 +235,8 @@ static int group_by_expert(const int64_t *topk_ids, const float *topk_weights, i
 #define PK_TOKENS 12  /* token rows per tile: 24 accumulators */
 #define PK_AHEAD 2048 /* floats (8 KB) ahead of the tile that the weight stream is requested into L2 */
 #define PK_KC 64      /* panel rows (8 KB) an AVX2 build keeps in L1 while each group of token rows passes */
+#define PK_ITEM_PANELS 4 /* stage 1 panels per work item: threads take items as they go (a thread the system
+                            preempts holds up one item, not its fixed share of the layer) */
 
 /* acc_out[m][0..32) = sum over k < k_len of x[m][k] * panel[k][0..32), for m < rows (<= PK_TOKENS). */
 static inline __attribute__((always_inline)) void panel_tile(const float *const *x, int rows, const float *panel, int64_t k_len,
@@ -378,45 +390,55 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_
                          int64_t top_k, const uint8_t *wanted, int64_t num_experts, const float *w13, const float *w2,
                          int64_t hidden_size, int64_t inter, float *scratch, float *out, int packed, int num_threads) {
     const int64_t assignments = num_tokens * top_k;
-    int64_t *token_of = malloc(sizeof(int64_t) * (size_t)(assignments + 2 * num_experts + 1));
+    int64_t *token_of = malloc(sizeof(int64_t) * (size_t)(assignments + 3 * num_experts + 1));
     float *weight_of = malloc(sizeof(float) * (size_t)(assignments + 1));
     if (token_of == NULL || weight_of == NULL) {
         free(token_of), free(weight_of);
         return 1;
     }
-    int64_t *counts = token_of + assignments, *next = counts + num_experts;
+    int64_t *counts = token_of + assignments, *next = counts + num_experts, *starts = next + num_experts + 1;
     const int failed = group_by_expert(topk_ids, topk_weights, num_tokens, top_k, num_experts, token_of, weight_of, counts, next);
-    if (!failed) {
+    if (!failed && packed) {
+        for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++) starts[e] = first;
+        memset(out, 0, sizeof(float) * (size_t)(num_tokens * hidden_size));
+        const int64_t panels = inter / 16, chunks = (panels + PK_ITEM_PANELS - 1) / PK_ITEM_PANELS;
+#pragma omp parallel num_threads(num_threads)
+        {
+            /* Stage 1, items of (expert, PK_ITEM_PANELS panels); stage 2, items of one output panel for every
+               expert (a column of out has one writer). Threads take items as they finish the last one. */
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t item = 0; item < num_experts * chunks; item++) {
+                const int64_t e = item / chunks, lo = (item % chunks) * PK_ITEM_PANELS;
+                if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
+                panel_stage(x, token_of + starts[e], hidden_size, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size,
+                            lo, block_end(lo, PK_ITEM_PANELS, panels), scratch + starts[e] * inter, inter, PANEL_SWIGLU,
+                            NULL, NULL);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t p = 0; p < hidden_size / 32; p++)
+                for (int64_t e = 0; e < num_experts; e++) {
+                    if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
+                    panel_stage(scratch + starts[e] * inter, NULL, inter, counts[e], w2 + e * hidden_size * inter, inter, p,
+                                p + 1, out, hidden_size, PANEL_ADD, token_of + starts[e], weight_of + starts[e]);
+                }
+        }
+    } else if (!failed) {
         memset(out, 0, sizeof(float) * (size_t)(num_tokens * hidden_size));
 #pragma omp parallel num_threads(num_threads)
         {
             int64_t lo, hi;
-            if (packed)
-                thread_range(inter / 16, 1, &lo, &hi);
-            else
-                thread_range(inter, W_ROWS, &lo, &hi);
+            thread_range(inter, W_ROWS, &lo, &hi);
             for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++) {
                 if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
-                if (packed)
-                    panel_stage(x, token_of + first, hidden_size, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size,
-                                lo, hi, scratch + first * inter, inter, PANEL_SWIGLU, NULL, NULL);
-                else
-                    gate_up(x, token_of + first, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size, inter, lo, hi,
-                            scratch + first * 2 * inter);
+                gate_up(x, token_of + first, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size, inter, lo, hi,
+                        scratch + first * 2 * inter);
             }
 #pragma omp barrier
-            if (packed)
-                thread_range(hidden_size / 32, 1, &lo, &hi);
-            else
-                thread_range(hidden_size, W_ROWS, &lo, &hi);
+            thread_range(hidden_size, W_ROWS, &lo, &hi);
             for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++) {
                 if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
-                if (packed)
-                    panel_stage(scratch + first * inter, NULL, inter, counts[e], w2 + e * hidden_size * inter, inter, lo, hi,
-                                out, hidden_size, PANEL_ADD, token_of + first, weight_of + first);
-                else
-                    project(scratch + first * 2 * inter, NULL, 2 * inter, counts[e], w2 + e * hidden_size * inter, inter,
-                            out, token_of + first, hidden_size, weight_of + first, lo, hi);
+                project(scratch + first * 2 * inter, NULL, 2 * inter, counts[e], w2 + e * hidden_size * inter, inter,
+                        out, token_of + first, hidden_size, weight_of + first, lo, hi);
             }
         }
     }
@@ -434,8 +456,9 @@ int moemesh_linear(const float *x, int64_t rows, const float *w, int64_t in_feat
     {
         int64_t lo, hi;
         if (packed) {
-            thread_range(out_features / 32, 1, &lo, &hi);
-            panel_stage(x, NULL, in_features, rows, w, in_features, lo, hi, out, out_features, PANEL_STORE, NULL, NULL);
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t p = 0; p < out_features / 32; p++)
+                panel_stage(x, NULL, in_features, rows, w, in_features, p, p + 1, out, out_features, PANEL_STORE, NULL, NULL);
         } else {
             thread_range(out_features, W_ROWS, &lo, &hi);
             project(x, NULL, in_features, rows, w, in_features, out, NULL, out_features, NULL, lo, hi);
