@@ -40,10 +40,11 @@
  * panel (all experts, so a column still has one writer), and each thread
  * takes the next item when it finishes one. A worker shares its cores with
  * the gateway, the scheduler and gRPC's threads, and a thread the system
- * preempts then holds up one item instead of its half of the layer: beside
- * a process waking 625 times a second for 0.1 ms, a 32-sequence decode step
- * lost 1.0% instead of 6.2%, and beside 15 ms bursts every 65 ms, 10.8%
- * instead of 13.5%, with the same time alone.
+ * preempts then holds up one item instead of its half of the layer. In two
+ * runs of bench/contention_bench.py, beside a process waking 625 times a
+ * second for 0.1 ms, a 32-sequence decode step lost 1.0-5.1% instead of
+ * 6.2-8.1%, and beside 15 ms bursts every 65 ms 10.8-13.9% instead of
+ * 13.5-15.8%, with the same time alone.
  */
 #include <math.h>
 #include <stdint.h>
