@@ -14,8 +14,9 @@ spends far more time in dispatch, than the work needs:
   - `layer_ops.c`: RMSNorm with the residual add, and rotary embedding with
     the KV cache write, each one call instead of tens of small operators.
 They are plain C with OpenMP, AVX-512 intrinsics where the CPU has them
-(`simd.h`), an AVX2 form of the panel tile (experts and dense projections)
-on CPUs with AVX2 and FMA only, and portable loops elsewhere, built here rather than at install
+(`simd.h`), AVX2 forms of the panel and dot-product tiles (experts, dense
+projections, the router) on CPUs with AVX2 and FMA only, and portable loops
+elsewhere, built here rather than at install
 time so that they are tuned for the CPU they run on (`-march=native`) and
 the package stays pure Python.
 

@@ -103,6 +103,39 @@ static inline __attribute__((always_inline)) void tile_dots(const float *const *
             }
         return;
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if (k_len % 8 == 0) {
+        /* Token rows two at a time against the 4 weight rows: 8 accumulators, 4 weight vectors and a token
+           vector fit the 16 registers; the later pairs read the weight rows again from L1. */
+#pragma GCC unroll 3
+        for (int g = 0; g < rows; g += 2) {
+            const int pair = rows - g < 2 ? rows - g : 2;
+            __m256 acc[2 * W_ROWS];
+#pragma GCC unroll 8
+            for (int i = 0; i < 2 * W_ROWS; i++) acc[i] = _mm256_setzero_ps();
+            for (int64_t k = 0; k < k_len; k += 8) {
+                __m256 wv[W_ROWS];
+#pragma GCC unroll 4
+                for (int j = 0; j < W_ROWS; j++) {
+                    if (g == 0) _mm_prefetch((const char *)(w[j] + k + PREFETCH_ROWS * k_len), _MM_HINT_T1);
+                    wv[j] = _mm256_loadu_ps(w[j] + k);
+                    IN_REGISTER(wv[j]);
+                }
+#pragma GCC unroll 2
+                for (int m = 0; m < pair; m++) {
+                    __m256 xm = _mm256_loadu_ps(x[g + m] + k);
+                    IN_REGISTER(xm);
+#pragma GCC unroll 4
+                    for (int j = 0; j < W_ROWS; j++) acc[m * W_ROWS + j] = _mm256_fmadd_ps(xm, wv[j], acc[m * W_ROWS + j]);
+                }
+            }
+            float sums[2 * W_ROWS];
+            _mm256_storeu_ps(sums, hsum8(acc));
+            for (int m = 0; m < pair; m++)
+                for (int j = 0; j < W_ROWS; j++) dots[g + m][j] = sums[m * W_ROWS + j];
+        }
+        return;
+    }
 #endif
     for (int m = 0; m < rows; m++)
         for (int j = 0; j < W_ROWS; j++) {

@@ -9,6 +9,16 @@
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+/* Lane j of the result is the sum of the lanes of v[j], for j < 8: a transposing tree of horizontal adds. */
+static inline __attribute__((always_inline)) __m256 hsum8(const __m256 v[8]) {
+    const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3); /* per 128-bit half: v0..v3, v4..v7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
 #if defined(__AVX512F__)
 
 /* Lane 4 * (j % 4) + j / 4 of the result is the sum of the lanes of v[j], for j < 16: a transposing
