@@ -432,9 +432,14 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_
     }
     int64_t *counts = token_of + assignments, *next = counts + num_experts, *starts = next + num_experts + 1;
     const int failed = group_by_expert(topk_ids, topk_weights, num_tokens, top_k, num_experts, token_of, weight_of, counts, next);
-    if (!failed && packed) {
-        for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++) starts[e] = first;
-        memset(out, 0, sizeof(float) * (size_t)(num_tokens * hidden_size));
+    if (failed) {
+        free(token_of), free(weight_of);
+        return failed;
+    }
+    for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++) starts[e] = first;
+    memset(out, 0, sizeof(float) * (size_t)(num_tokens * hidden_size));
+#define IDLE(e) (counts[e] == 0 || (wanted != NULL && !wanted[e])) /* no rows, or computed elsewhere */
+    if (packed) {
         const int64_t panels = inter / 16, chunks = (panels + PK_ITEM_PANELS - 1) / PK_ITEM_PANELS;
 #pragma omp parallel num_threads(num_threads)
         {
@@ -443,39 +448,36 @@ int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_
 #pragma omp for schedule(dynamic, 1)
             for (int64_t item = 0; item < num_experts * chunks; item++) {
                 const int64_t e = item / chunks, lo = (item % chunks) * PK_ITEM_PANELS;
-                if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
+                if (IDLE(e)) continue;
                 panel_stage(x, token_of + starts[e], hidden_size, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size,
                             lo, block_end(lo, PK_ITEM_PANELS, panels), scratch + starts[e] * inter, inter, PANEL_SWIGLU,
                             NULL, NULL);
             }
 #pragma omp for schedule(dynamic, 1)
             for (int64_t p = 0; p < hidden_size / 32; p++)
-                for (int64_t e = 0; e < num_experts; e++) {
-                    if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
-                    panel_stage(scratch + starts[e] * inter, NULL, inter, counts[e], w2 + e * hidden_size * inter, inter, p,
-                                p + 1, out, hidden_size, PANEL_ADD, token_of + starts[e], weight_of + starts[e]);
-                }
+                for (int64_t e = 0; e < num_experts; e++)
+                    if (!IDLE(e))
+                        panel_stage(scratch + starts[e] * inter, NULL, inter, counts[e], w2 + e * hidden_size * inter, inter,
+                                    p, p + 1, out, hidden_size, PANEL_ADD, token_of + starts[e], weight_of + starts[e]);
         }
-    } else if (!failed) {
-        memset(out, 0, sizeof(float) * (size_t)(num_tokens * hidden_size));
+    } else {
 #pragma omp parallel num_threads(num_threads)
         {
             int64_t lo, hi;
             thread_range(inter, W_ROWS, &lo, &hi);
-            for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++) {
-                if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
-                gate_up(x, token_of + first, counts[e], w13 + e * 2 * inter * hidden_size, hidden_size, inter, lo, hi,
-                        scratch + first * 2 * inter);
-            }
+            for (int64_t e = 0; e < num_experts; e++)
+                if (!IDLE(e))
+                    gate_up(x, token_of + starts[e], counts[e], w13 + e * 2 * inter * hidden_size, hidden_size, inter, lo,
+                            hi, scratch + starts[e] * 2 * inter);
 #pragma omp barrier
             thread_range(hidden_size, W_ROWS, &lo, &hi);
-            for (int64_t e = 0, first = 0; e < num_experts; first += counts[e], e++) {
-                if (counts[e] == 0 || (wanted != NULL && !wanted[e])) continue;
-                project(scratch + first * 2 * inter, NULL, 2 * inter, counts[e], w2 + e * hidden_size * inter, inter,
-                        out, token_of + first, hidden_size, weight_of + first, lo, hi);
-            }
+            for (int64_t e = 0; e < num_experts; e++)
+                if (!IDLE(e))
+                    project(scratch + starts[e] * 2 * inter, NULL, 2 * inter, counts[e], w2 + e * hidden_size * inter,
+                            inter, out, token_of + starts[e], hidden_size, weight_of + starts[e], lo, hi);
         }
     }
+#undef IDLE
     free(token_of), free(weight_of);
     return failed;
 }
