@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import random
 import statistics
@@ -89,7 +90,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], concurrency: int, new_t
 
 # ---- the mesh, from an external OpenAI-SDK client --------------------------------------------------------------
 CLIENT = r'''
-import asyncio, json, sys, time
+import asyncio, json, resource, sys, time
 import openai
 
 async def main(base_url, prompts, concurrency, new_tokens):
@@ -121,17 +122,26 @@ async def main(base_url, prompts, concurrency, new_tokens):
                     gaps.append(now - last)
                 last = now
 
+    before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     await asyncio.gather(*[worker() for _ in range(concurrency)])
     elapsed = time.perf_counter() - start
     await client.close()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     gaps.sort(); ttfts.sort()
     print(json.dumps({"tokens_per_s": tokens / elapsed, "itl_p50": gaps[len(gaps) // 2],
-                      "ttft_p50": ttfts[len(ttfts) // 2], "chunks": len(gaps) + len(ttfts)}))
+                      "ttft_p50": ttfts[len(ttfts) // 2], "chunks": len(gaps) + len(ttfts),
+                      "client_cpu_s": usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime}))
 
 args = json.loads(sys.argv[1])
 asyncio.run(main(args["base_url"], args["prompts"], args["concurrency"], args["new_tokens"]))
 '''
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds a process has used."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_client(base_url: str, prompts: list[str], concurrency: int, new_tokens: int) -> dict:
@@ -169,9 +179,14 @@ def main() -> None:
         base_url = f"http://{mesh.http}/v1"
         try:
             run_client(base_url, prompts[:4], 4, 8)  # warm-up
+            services = {"gateway": mesh.ready["gateway"]["pid"], "scheduler": mesh.ready["scheduler"]["pid"],
+                        "worker": mesh.ready["workers"][0]["pid"]}
             for _ in range(args.repeats):  # alternating: while one side runs, the other waits
                 engine_runs.append(run_engine(engine, ids, args.concurrency, args.new_tokens))
+                before = {name: cpu_seconds(pid) for name, pid in services.items()}
                 mesh_runs.append(run_client(base_url, prompts, args.concurrency, args.new_tokens))
+                mesh_runs[-1]["cpu_s"] = {"client": mesh_runs[-1]["client_cpu_s"],
+                                          **{name: cpu_seconds(pid) - before[name] for name, pid in services.items()}}
         finally:
             stop_mesh(mesh)
     engine_tps, step = max(r[0] for r in engine_runs), min(r[1] for r in engine_runs)
@@ -183,6 +198,12 @@ def main() -> None:
     print(f"mesh, OpenAI client: {best['tokens_per_s']:7.1f} tok/s  "
           f"(runs: {mesh_list}); inter-token p50 {itl * 1e3:.1f} ms, "
           f"TTFT p50 {best['ttft_p50'] * 1e3:.0f} ms")
+    for i, run in enumerate(mesh_runs):
+        seconds = run["chunks"] / run["tokens_per_s"]
+        print(f"round {i + 1}: mesh {run['tokens_per_s']:.0f} tok/s against the engine's "
+              f"{engine_runs[i][0]:.0f} ({run['tokens_per_s'] / engine_runs[i][0]:.2f}); CPU seconds over its "
+              f"{seconds:.1f} s: " + ", ".join(f"{name} {cpu:.2f}" for name, cpu in run["cpu_s"].items()) +
+              f"; the client {run['cpu_s']['client'] / run['chunks'] * 1e6:.0f} us a chunk")
     print(f"mesh / engine: {best['tokens_per_s'] / engine_tps:.2f}  (target >= 0.90; >= 0.85 on 2 cores with the "
           f"client); inter-token p50 / engine decode step: {itl / step:.2f}  (target <= 1.15)")
 

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from moemesh.worker.ops import native
+from moemesh.worker.ops.backends import Target
+from moemesh.worker.ops.experts import NativeExperts, TorchExperts
+from moemesh.worker.ops.remote import held_rows, run_held
 from tests.support.references import reference_experts
 
 
@@ -118,7 +122,7 @@ def test_moe_experts_reject_bad_routing_and_shapes():
     with pytest.raises(ValueError, match="topk_ids"):
         native.moe_experts(x, torch.tensor([[0], [2], [1], [0]]), weights, w13, w2)
     with pytest.raises(ValueError, match="topk_ids"):
-        native.moe_experts(x, torch.tensor([[0], [-1], [1], [0]]), weights, w13, w2)
+        native.moe_experts(x, torch.tensor([[0], [-2], [1], [0]]), weights, w13, w2)
     with pytest.raises(ValueError, match="shapes"):
         native.moe_experts(x, ids, weights, w13, torch.randn(2, 16, 8))
     with pytest.raises(ValueError, match="shapes"):
@@ -126,6 +130,45 @@ def test_moe_experts_reject_bad_routing_and_shapes():
     # The kernel still serves a valid call afterwards.
     torch.testing.assert_close(native.moe_experts(x, ids, weights, w13, w2),
                                reference_experts(x, ids, weights, w13, w2), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("panels", [False, True])
+def test_moe_experts_skip_untaken_choices(panels):
+    # Expert parallelism hands a rank rows with fewer choices than k, the rest -1: one call takes them all, as
+    # if the untaken choices weighed nothing; a row with no choice at all comes out zero.
+    x, w13, w2, ids, weights = expert_layer(24, 64, 32, 6, 3, seed=9)
+    untaken = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) < 0.4
+    untaken[5] = True
+    ids, weights = ids.masked_fill(untaken, -1), weights.masked_fill(untaken, 0.5)  # their weights are ignored
+    layout = native.pack_experts(w13, w2) if panels else (w13, w2)
+    got = native.moe_experts(x, ids, weights, *layout)
+    expected = reference_experts(x, ids.clamp(min=0), weights.masked_fill(untaken, 0.0), w13, w2)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not got[5].any()
+
+
+def test_a_rank_reads_its_held_experts_once_for_rows_of_mixed_choice_counts():
+    # A rank's rows carry 1 to k of its experts' choices: the native backend takes them in one call, the
+    # PyTorch backend in one call per count, and both give the weighted sums over the held experts.
+    x, w13, w2, ids, weights = expert_layer(40, 64, 32, 8, 3, seed=11)
+    held = [1, 2, 5, 6]  # this rank's experts; rows_of maps global ids to rows of the held stack
+    rows_of = held_rows(8, held)
+    mine = np.isin(ids.numpy(), held)
+    keep = mine.any(axis=1)
+    order = np.argsort(~mine[keep], axis=1, kind="stable")  # each row's held choices first, then the others
+    local_ids = np.take_along_axis(np.where(mine[keep], ids.numpy()[keep], -1), order, axis=1)
+    local_weights = np.take_along_axis(np.where(mine[keep], weights.numpy()[keep], 0.0), order, axis=1).astype(np.float32)
+    assert len(set(np.count_nonzero(local_ids >= 0, axis=1).tolist())) > 1  # mixed counts
+    target = Target(torch.device("cpu"), torch.float32)
+    native_backend = NativeExperts.build(w13[held], w2[held], target)
+    torch_backend = TorchExperts.build(w13[held], w2[held], Target(torch.device("cpu"), torch.float32, relayout=False))
+    assert native_backend.skips_untaken and not torch_backend.skips_untaken
+    xs = x[torch.from_numpy(np.flatnonzero(keep))]
+    got = run_held(native_backend, rows_of, xs, local_ids, local_weights)
+    expected = run_held(torch_backend, rows_of, xs, local_ids, local_weights)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, reference_experts(xs, torch.from_numpy(np.maximum(local_ids, 0)),
+                                                      torch.from_numpy(local_weights), w13, w2), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -49,6 +49,7 @@ class ExpertsBackend(Backend):
     packed13: list[torch.Tensor] | None = None  # each expert's w13 packed for oneDNN, when held
     reads_plain_weights = True  # False: nothing here reads w13 and w2, so their module may release them
     relaid = False  # the weights were laid out anew for this backend
+    skips_untaken = False  # True: a topk id of -1 is a choice not taken (rows with fewer than k go in one call)
 
     @classmethod
     @abstractmethod
@@ -74,6 +75,8 @@ class NativeExperts(ExpertsBackend):
     (bench/native_bench.py); experts whose sizes the panels cannot hold keep
     the checkpoint layout.
     """
+
+    skips_untaken = True
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
         self.w13, self.w2 = w13, w2  # panels p13 [E, I/16, H, 32], p2 [E, H/32, I, 32], or the checkpoint layout

@@ -204,15 +204,22 @@ def run_held(backend: ExpertsBackend, rows_of: np.ndarray, x: torch.Tensor, ids:
 
     rows_of [E] maps a global expert id to its row of the held weights.
     ids [n, k'] (host) holds each row's valid choices first, then -1;
-    `counts` [n] is the number of valid ones (computed when not given). Rows
-    with the same count go to the backend together (at most k' calls), so no
-    padding is ever computed.
+    `counts` [n] is the number of valid ones (computed when not given). A
+    backend that skips untaken choices (-1) takes every row in one call, so
+    each expert's weights are read once; for the others, rows with the same
+    count go to the backend together (at most k' calls), so no padding is ever
+    computed. At a decode step the experts are bound by reading their weights:
+    two calls read them twice (2.8 against 1.2 ms a shard message at 32
+    sequences in bench/ep_bench.py).
     """
     if counts is None:
         counts = np.count_nonzero(ids >= 0, axis=1)
-    local = rows_of[np.maximum(ids, 0)]  # [n, k'] rows of the held weights (padding read as expert 0's)
     device = x.device
     low, high = int(counts.min()), int(counts.max())
+    if backend.skips_untaken and low != high:
+        local = np.where(ids >= 0, rows_of[np.maximum(ids, 0)], -1)  # [n, k'] rows of the held weights, -1 untaken
+        return backend(x, on_device(local, device), on_device(weights, device))
+    local = rows_of[np.maximum(ids, 0)]  # [n, k'] rows of the held weights (padding read as expert 0's)
     if low == high:
         return backend(x, on_device(local[:, :high], device), on_device(weights[:, :high], device))
     out = torch.empty_like(x)

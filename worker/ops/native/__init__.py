@@ -280,7 +280,8 @@ def moe_experts(
 ) -> torch.Tensor:
     """The weighted sum of each token's experts, in one native call: x [T, H] -> [T, H].
 
-    topk_ids [T, k] and topk_weights [T, k] are the router's choices. The
+    topk_ids [T, k] and topk_weights [T, k] are the router's choices (an id of
+    -1 is a choice not taken: its row has fewer than k). The
     weights are either as the checkpoint has them, w13 [E, 2I, H] (each
     expert's gate then up rows) and w2 [E, H, I], or the panels of
     `pack_experts` (p13 [E, I/16, H, 32], p2 [E, H/32, I, 32]), which the
@@ -313,7 +314,7 @@ def moe_experts(
         torch.get_num_threads(),
     )
     if failed == 2:
-        raise ValueError(f"topk_ids must name experts in [0, {E})")
+        raise ValueError(f"topk_ids must name experts in [0, {E}) or be -1")
     if failed:
         raise MemoryError("the experts kernel could not allocate its working memory")
     return out

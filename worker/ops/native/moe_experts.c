@@ -230,16 +230,20 @@ static void gate_up(const float *x, const int64_t *token_of, int64_t count, cons
 }
 
 /* The (token, choice) assignments grouped by expert, in token order within each (a counting sort):
-   token_of / weight_of [T * k], counts [E]. Returns 0, or 2 when an expert id is out of range. */
+   token_of / weight_of [T * k], counts [E]. An id of -1 is a choice not taken (a row with fewer choices
+   than k, as expert parallelism hands a rank) and is skipped. Returns 0, or 2 when an expert id is out of
+   range. */
 static int group_by_expert(const int64_t *topk_ids, const float *topk_weights, int64_t num_tokens, int64_t top_k,
                            int64_t num_experts, int64_t *token_of, float *weight_of, int64_t *counts, int64_t *next) {
     for (int64_t e = 0; e < num_experts; e++) counts[e] = 0;
     for (int64_t r = 0; r < num_tokens * top_k; r++) {
+        if (topk_ids[r] == -1) continue;
         if (topk_ids[r] < 0 || topk_ids[r] >= num_experts) return 2;
         counts[topk_ids[r]]++;
     }
     for (int64_t e = 0, offset = 0; e < num_experts; offset += counts[e], e++) next[e] = offset;
     for (int64_t r = 0; r < num_tokens * top_k; r++) {
+        if (topk_ids[r] == -1) continue;
         const int64_t slot = next[topk_ids[r]]++;
         token_of[slot] = r / top_k, weight_of[slot] = topk_weights[r];
     }
@@ -415,7 +419,7 @@ static void panel_stage(const float *in, const int64_t *in_rows, int64_t in_stri
     }
 }
 
-/* x [T, H]; topk_ids [T, k] (int64), topk_weights [T, k]; wanted [E] or NULL for every expert; scratch
+/* x [T, H]; topk_ids [T, k] (int64, -1 for a choice not taken), topk_weights [T, k]; wanted [E] or NULL for every expert; scratch
    [T * k, 2I]; out [T, H] (overwritten). The weights are w13 [E, 2I, H] and w2 [E, H, I] as the checkpoint
    has them, or with `packed` the panels p13 [E, I/16, H, 32] and p2 [E, H/32, I, 32] (H % 32 == 0,
    I % 16 == 0; see above).
