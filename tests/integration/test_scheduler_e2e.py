@@ -114,10 +114,16 @@ def test_deadline_expires_in_the_queue_without_reaching_a_worker(small_mesh):
     before = sum(n.routed_requests for n in nodes(small_mesh))
     with grpc.insecure_channel(small_mesh.gateway) as ch:
         stub = generation_pb2_grpc.GenerationStub(ch)
-        long_call = stub.Generate(request(PROMPTS[0], 400), timeout=120)
+        long_call = stub.Generate(request(PROMPTS[0], 900), timeout=120)
         next(long_call)  # it holds the only slot
+        # The short request's deadline must pass while the long one still runs, however fast this machine is:
+        # a quarter of the long one's remaining time at its pace so far (0.5 s at most).
+        started, received = time.monotonic(), 0
+        while received < 20:
+            received += len(next(long_call).token_ids)
+        remaining = (900 - received) * (time.monotonic() - started) / received
         with pytest.raises(grpc.RpcError) as caught:
-            collect(stub.Generate(request(PROMPTS[1], 10), timeout=0.5))
+            collect(stub.Generate(request(PROMPTS[1], 10), timeout=min(0.5, remaining / 4)))
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert collect(long_call)["finish"] == common_pb2.FINISH_REASON_LENGTH
     wait_idle(small_mesh)
