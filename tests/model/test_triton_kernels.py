@@ -90,6 +90,23 @@ def test_partial_outputs_over_a_partition_of_the_experts_sum_to_the_whole(kernel
     assert torch.equal(op(x, ids, weights, expert_ids=[]), torch.zeros_like(x))
 
 
+def test_untaken_choices_are_skipped_as_if_they_weighed_nothing(kernels):
+    # A rank of an expert-parallel replica gets rows with fewer choices than k, the rest -1: one launch takes them.
+    x, w13, w2, ids, weights = on_device(*expert_layer(17, 64, 32, top_k=3))
+    untaken = torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE) < 0.4
+    untaken[3] = True  # a row with no choice at all
+    op = TritonExperts(w13, w2, kernels=kernels["moe"])
+    assert op.skips_untaken
+    got = op(x, ids.masked_fill(untaken, -1), weights)  # the untaken choices' weights are ignored
+    expected = reference_experts(x, ids.clamp(min=0), weights.masked_fill(untaken, 0.0), w13, w2)
+    torch.testing.assert_close(got, expected, **TOLERANCES[torch.float32])
+    assert not got[3].any()
+    odd = [e for e in range(8) if e % 2]  # with a subset of the experts as well
+    expected_odd = reference_experts(x, ids.masked_fill(untaken, 0), weights.masked_fill(untaken, 0.0), w13, w2, odd)
+    torch.testing.assert_close(op(x, ids.masked_fill(untaken, -1), weights, expert_ids=odd), expected_odd,
+                               **TOLERANCES[torch.float32])
+
+
 def test_a_token_gets_the_same_output_alone_or_in_a_batch(kernels):
     x, w13, w2, ids, weights = on_device(*expert_layer(24, 64, 32, skew=True))
     op = TritonExperts(w13, w2, kernels=kernels["moe"])

@@ -270,6 +270,7 @@ class TritonExperts(ExpertsBackend):
     SwiGLU and one for down with the routing weights; CUDA, with Triton; no host sync, so graph-capturable."""
 
     graph_safe = True
+    skips_untaken = True
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, kernels: ModuleType | None = None) -> None:
         self.w13, self.w2 = w13, w2

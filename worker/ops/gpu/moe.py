@@ -62,10 +62,12 @@ class Alignment:
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_ids: Iterable[int] | None = None) -> Alignment:
-    """Sort topk_ids [T, k]'s assignments by expert, each expert's run padded to a multiple of `block_m`."""
+    """Sort topk_ids [T, k]'s assignments by expert, each expert's run padded to a multiple of `block_m`; an id
+    of -1 (a choice not taken, as expert parallelism hands a rank rows with fewer than k) is never computed."""
     flat = topk_ids.flatten()  # [T*k]
     n, device = flat.numel(), flat.device
-    if expert_ids is not None:  # other experts' assignments go to a sentinel expert E, never computed
+    flat = torch.where(flat < 0, num_experts, flat)  # untaken choices: the sentinel expert E, never computed
+    if expert_ids is not None:  # other experts' assignments go to the sentinel too
         wanted = torch.zeros(num_experts + 1, dtype=torch.bool, device=device)
         wanted[torch.tensor(sorted(set(int(e) for e in expert_ids)), dtype=torch.long, device=device)] = True
         flat = torch.where(wanted[flat], flat, num_experts)
