@@ -147,9 +147,9 @@ def test_moe_experts_skip_untaken_choices(panels):
     assert not got[5].any()
 
 
-def test_a_rank_reads_its_held_experts_once_for_rows_of_mixed_choice_counts():
-    # A rank's rows carry 1 to k of its experts' choices: the native backend takes them in one call, the
-    # PyTorch backend in one call per count, and both give the weighted sums over the held experts.
+def test_a_rank_computes_rows_of_mixed_choice_counts_in_one_call():
+    # A rank's rows carry 1 to k of its experts' choices, -1 after: run_held maps them to rows of the held stack
+    # and every backend takes them in one call, giving the weighted sums over the held experts.
     x, w13, w2, ids, weights = expert_layer(40, 64, 32, 8, 3, seed=11)
     held = [1, 2, 5, 6]  # this rank's experts; rows_of maps global ids to rows of the held stack
     rows_of = held_rows(8, held)
@@ -159,16 +159,19 @@ def test_a_rank_reads_its_held_experts_once_for_rows_of_mixed_choice_counts():
     local_ids = np.take_along_axis(np.where(mine[keep], ids.numpy()[keep], -1), order, axis=1)
     local_weights = np.take_along_axis(np.where(mine[keep], weights.numpy()[keep], 0.0), order, axis=1).astype(np.float32)
     assert len(set(np.count_nonzero(local_ids >= 0, axis=1).tolist())) > 1  # mixed counts
-    target = Target(torch.device("cpu"), torch.float32)
-    native_backend = NativeExperts.build(w13[held], w2[held], target)
-    torch_backend = TorchExperts.build(w13[held], w2[held], Target(torch.device("cpu"), torch.float32, relayout=False))
-    assert native_backend.skips_untaken and not torch_backend.skips_untaken
     xs = x[torch.from_numpy(np.flatnonzero(keep))]
-    got = run_held(native_backend, rows_of, xs, local_ids, local_weights)
-    expected = run_held(torch_backend, rows_of, xs, local_ids, local_weights)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(got, reference_experts(xs, torch.from_numpy(np.maximum(local_ids, 0)),
-                                                      torch.from_numpy(local_weights), w13, w2), rtol=1e-4, atol=1e-5)
+    expected = reference_experts(xs, torch.from_numpy(np.maximum(local_ids, 0)), torch.from_numpy(local_weights), w13, w2)
+    for backend in (NativeExperts.build(w13[held], w2[held], Target(torch.device("cpu"), torch.float32)),
+                    TorchExperts.build(w13[held], w2[held], Target(torch.device("cpu"), torch.float32, relayout=False))):
+        calls: list[int] = []
+
+        def counted(*args, _backend=backend, _calls=calls):
+            _calls.append(1)
+            return _backend(*args)
+
+        got = run_held(counted, rows_of, xs, local_ids, local_weights)
+        assert len(calls) == 1, f"{type(backend).__name__}: {len(calls)} calls"
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -203,6 +203,11 @@ def test_expert_backends_match_the_per_expert_reference(backend, relayout, hidde
     odd = [e for e in range(8) if e % 2]
     torch.testing.assert_close(op(x, ids, weights, expert_ids=odd), reference_experts(x, ids, weights, w13, w2, odd),
                                rtol=RTOL, atol=ATOL)
+    # Choices not taken (-1, as an expert-parallel rank gets them) count for nothing, whatever their weight.
+    untaken = torch.rand(ids.shape, generator=torch.Generator().manual_seed(5)) < 0.3
+    untaken[0, 0] = True
+    torch.testing.assert_close(op(x, ids.masked_fill(untaken, -1), weights),
+                               reference_experts(x, ids, weights.masked_fill(untaken, 0.0), w13, w2), rtol=RTOL, atol=ATOL)
     assert torch.equal(op(x, ids, weights, expert_ids=[]), torch.zeros_like(x))
 
 

@@ -72,17 +72,16 @@ class ExpertShardModel:
     ) -> torch.Tensor:
         """hidden [n, H], expert_ids [n, k'] (global, valid first, -1 after), weights [n, k'] -> [n, H] partial sums,
         in hidden's dtype on the CPU. InvalidRequest naming the field if the work is not for this shard."""
-        ids, counts = self._check(layer, hidden, expert_ids, weights)
+        ids = self._check(layer, hidden, expert_ids, weights)
         module = self.layers[layer]
         x = hidden.to(device=self.device, dtype=self.dtype)
         host_weights = weights.to(dtype=torch.float32).cpu().numpy()
-        out = run_held(module.backend, self.rows_of[layer], x, ids, host_weights, counts)
+        out = run_held(module.backend, self.rows_of[layer], x, ids, host_weights)
         return out.to(device="cpu", dtype=hidden.dtype)
 
     def _check(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-               weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """The work's expert ids as a host array, and each row's count of valid ones; InvalidRequest if the work is
-        not for this shard."""
+               weights: torch.Tensor) -> np.ndarray:
+        """The work's expert ids as a host array; InvalidRequest if the work is not for this shard."""
         if layer not in self.layers or not self.layers[layer].held_experts:
             raise InvalidRequest("layer", f"rank {self.rank} holds no expert of layer {layer}")
         n = hidden.shape[0]
@@ -106,7 +105,7 @@ class ExpertShardModel:
             held = set(self.layers[layer].held_experts)
             foreign = sorted({int(e) for e in ids[valid].tolist()} - held)
             raise InvalidRequest("expert_ids", f"rank {self.rank} does not hold experts {foreign} of layer {layer}")
-        return ids, np.count_nonzero(valid, axis=1)
+        return ids
 
 
 def shard_layers(layers: dict[int, tuple[str, MoEExperts]]) -> dict[int, MoEExperts]:

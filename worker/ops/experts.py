@@ -43,13 +43,15 @@ from moemesh.worker.ops.packing import pack_weight, packed_linear
 
 
 class ExpertsBackend(Backend):
-    """x [T, H], topk_ids [T, k], topk_weights [T, k] -> the weighted sum of each token's experts [T, H]."""
+    """x [T, H], topk_ids [T, k], topk_weights [T, k] -> the weighted sum of each token's experts [T, H].
+
+    An id of -1 is a choice not taken, whatever its weight: expert parallelism hands a rank rows with fewer
+    choices than k, and every backend takes them in one call."""
 
     panels: tuple[torch.Tensor, torch.Tensor] | None = None  # the native kernel's panel layout, when held
     packed13: list[torch.Tensor] | None = None  # each expert's w13 packed for oneDNN, when held
     reads_plain_weights = True  # False: nothing here reads w13 and w2, so their module may release them
     relaid = False  # the weights were laid out anew for this backend
-    skips_untaken = False  # True: a topk id of -1 is a choice not taken (rows with fewer than k go in one call)
 
     @classmethod
     @abstractmethod
@@ -75,8 +77,6 @@ class NativeExperts(ExpertsBackend):
     (bench/native_bench.py); experts whose sizes the panels cannot hold keep
     the checkpoint layout.
     """
-
-    skips_untaken = True
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor) -> None:
         self.w13, self.w2 = w13, w2  # panels p13 [E, I/16, H, 32], p2 [E, H/32, I, 32], or the checkpoint layout
@@ -117,12 +117,12 @@ class Grouping:
 
     @classmethod
     def of(cls, topk_ids: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> Grouping:
-        """Group topk_ids [T, k] and topk_weights [T, k] by expert."""
+        """Group topk_ids [T, k] and topk_weights [T, k] by expert; an id of -1 (a choice not taken) is left out."""
         k = topk_ids.shape[1]
         flat_ids = topk_ids.flatten()
-        order = flat_ids.argsort(stable=True)
+        untaken, *counts = torch.bincount(flat_ids + 1, minlength=num_experts + 1).tolist()  # one host sync
+        order = flat_ids.argsort(stable=True)[untaken:]  # the untaken (-1) sort first
         token_of, weight_of = order // k, topk_weights.flatten()[order]
-        counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # one host sync
         return cls(flat_ids, order, token_of, weight_of, counts)
 
     def expert_rows(self) -> list[slice]:
@@ -270,7 +270,6 @@ class TritonExperts(ExpertsBackend):
     SwiGLU and one for down with the routing weights; CUDA, with Triton; no host sync, so graph-capturable."""
 
     graph_safe = True
-    skips_untaken = True
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, kernels: ModuleType | None = None) -> None:
         self.w13, self.w2 = w13, w2

@@ -199,35 +199,19 @@ def held_rows(num_experts: int, held_experts: Sequence[int]) -> np.ndarray:
 
 
 def run_held(backend: ExpertsBackend, rows_of: np.ndarray, x: torch.Tensor, ids: np.ndarray,
-             weights: np.ndarray, counts: np.ndarray | None = None) -> torch.Tensor:
+             weights: np.ndarray) -> torch.Tensor:
     """The weighted sum over each row's choices among the held experts: x [n, H] -> [n, H].
 
     rows_of [E] maps a global expert id to its row of the held weights.
-    ids [n, k'] (host) holds each row's valid choices first, then -1;
-    `counts` [n] is the number of valid ones (computed when not given). A
-    backend that skips untaken choices (-1) takes every row in one call, so
-    each expert's weights are read once; for the others, rows with the same
-    count go to the backend together (at most k' calls), so no padding is ever
-    computed. At a decode step the experts are bound by reading their weights:
-    two calls read them twice (2.8 against 1.2 ms a shard message at 32
-    sequences in bench/ep_bench.py).
+    ids [n, k'] (host) holds each row's valid choices first, then -1, which
+    the backend skips: every row goes in one call, so each held expert's
+    weights are read once. (One call per choice count read them once per
+    count: at a decode step, where the experts are bound by reading their
+    weights, a shard's message at 32 sequences took 2.85 ms instead of 1.99
+    in bench/ep_bench.py.)
     """
-    if counts is None:
-        counts = np.count_nonzero(ids >= 0, axis=1)
-    device = x.device
-    low, high = int(counts.min()), int(counts.max())
-    if backend.skips_untaken and low != high:
-        local = np.where(ids >= 0, rows_of[np.maximum(ids, 0)], -1)  # [n, k'] rows of the held weights, -1 untaken
-        return backend(x, on_device(local, device), on_device(weights, device))
-    local = rows_of[np.maximum(ids, 0)]  # [n, k'] rows of the held weights (padding read as expert 0's)
-    if low == high:
-        return backend(x, on_device(local[:, :high], device), on_device(weights[:, :high], device))
-    out = torch.empty_like(x)
-    for c in np.unique(counts).tolist():
-        rows = np.flatnonzero(counts == c)
-        rows_t = on_device(rows, device)
-        out[rows_t] = backend(x[rows_t], on_device(local[rows, :c], device), on_device(weights[rows, :c], device))
-    return out
+    local = np.where(ids >= 0, rows_of[np.maximum(ids, 0)], -1)  # [n, k'] rows of the held weights, -1 untaken
+    return backend(x, on_device(local, x.device), on_device(weights, x.device))
 
 
 class Watchdog:
@@ -493,7 +477,7 @@ class RemoteExperts(ExpertsBackend):
         own = route_to_rank(owners, ids, weights, 0) if self.local is not None else None
         if own is not None:
             rows = own.rows_on(x.device)
-            held = run_held(self.local, self.layer.rows_of, x[rows], own.ids, own.weights, own.counts)
+            held = run_held(self.local, self.layer.rows_of, x[rows], own.ids, own.weights)
             out.index_add_(0, rows, held)
 
     def _send(self, step: int, x: torch.Tensor, ids: np.ndarray, weights: np.ndarray,
