@@ -419,10 +419,10 @@ static void panel_stage(const float *in, const int64_t *in_rows, int64_t in_stri
     }
 }
 
-/* x [T, H]; topk_ids [T, k] (int64, -1 for a choice not taken), topk_weights [T, k]; wanted [E] or NULL for every expert; scratch
-   [T * k, 2I]; out [T, H] (overwritten). The weights are w13 [E, 2I, H] and w2 [E, H, I] as the checkpoint
-   has them, or with `packed` the panels p13 [E, I/16, H, 32] and p2 [E, H/32, I, 32] (H % 32 == 0,
-   I % 16 == 0; see above).
+/* x [T, H]; topk_ids [T, k] (int64, -1 for a choice not taken), topk_weights [T, k]; wanted [E] or NULL
+   for every expert; scratch [T * k, 2I]; out [T, H] (overwritten). The weights are w13 [E, 2I, H] and
+   w2 [E, H, I] as the checkpoint has them, or with `packed` the panels p13 [E, I/16, H, 32] and
+   p2 [E, H/32, I, 32] (H % 32 == 0, I % 16 == 0; see above).
    Returns 0, 1 when working memory could not be allocated, 2 when an expert id is out of range. */
 int moemesh_moe_experts(const float *x, int64_t num_tokens, const int64_t *topk_ids, const float *topk_weights,
                          int64_t top_k, const uint8_t *wanted, int64_t num_experts, const float *w13, const float *w2,
