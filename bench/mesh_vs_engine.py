@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import random
 import statistics
@@ -33,6 +32,7 @@ import time
 import torch
 
 from bench.engine_bench import build_checkpoint
+from bench.scheduler_bench import cpu_seconds
 from moemesh.local import start_mesh, stop_mesh
 from moemesh.worker.engine.engine import Engine
 from moemesh.worker.engine.requests import GenerationRequest
@@ -136,12 +136,6 @@ async def main(base_url, prompts, concurrency, new_tokens):
 args = json.loads(sys.argv[1])
 asyncio.run(main(args["base_url"], args["prompts"], args["concurrency"], args["new_tokens"]))
 '''
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds a process has used."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_client(base_url: str, prompts: list[str], concurrency: int, new_tokens: int) -> dict:
