@@ -29,17 +29,28 @@ warnings.filterwarnings("ignore", message="The given buffer is not writable", ca
 
 def to_pb(tensor: torch.Tensor | np.ndarray) -> common_pb2.Tensor:
     """Encode a tensor (any device), or a host array, as a Tensor message."""
+    message = common_pb2.Tensor()
+    fill_pb(message, tensor)
+    return message
+
+
+def fill_pb(message: common_pb2.Tensor, tensor: torch.Tensor | np.ndarray) -> None:
+    """Encode a tensor, or a host array, into `message`, an empty Tensor field of a message being built: the bytes
+    are copied once, where `field=to_pb(...)` in a constructor copies them again."""
     if isinstance(tensor, np.ndarray):
         name = _NAME_BY_NUMPY.get(tensor.dtype)
         if name is None:
             raise ValueError(f"array dtype {tensor.dtype} cannot be encoded")
-        return common_pb2.Tensor(dtype=name, shape=list(tensor.shape), data=tensor.tobytes())
-    name = _NAME_BY_TORCH.get(tensor.dtype)
-    if name is None:
-        raise ValueError(f"tensor dtype {tensor.dtype} cannot be encoded")
-    cpu = tensor.detach().contiguous().cpu()
-    raw = cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu
-    return common_pb2.Tensor(dtype=name, shape=list(cpu.shape), data=raw.numpy().tobytes())
+        raw = tensor
+    else:
+        name = _NAME_BY_TORCH.get(tensor.dtype)
+        if name is None:
+            raise ValueError(f"tensor dtype {tensor.dtype} cannot be encoded")
+        cpu = tensor.detach().contiguous().cpu()
+        raw = (cpu.view(torch.int16) if cpu.dtype == torch.bfloat16 else cpu).numpy()
+    message.dtype = name
+    message.shape.extend(raw.shape)
+    message.data = raw.tobytes()
 
 
 def from_pb(message: common_pb2.Tensor, copy: bool = True) -> torch.Tensor:

@@ -9,7 +9,8 @@ import torch
 
 from moemesh.services.core import tensors
 from moemesh.worker.ops import remote
-from moemesh.worker.ops.remote import route_to_rank
+from moemesh.worker.ops import native
+from moemesh.worker.ops.remote import route_to_rank, split_by_rank
 
 
 def reference(owners, topk_ids, topk_weights, rank):
@@ -50,7 +51,7 @@ def test_routing_matches_the_reference_for_every_rank(tokens, num_experts, k, wo
         np.testing.assert_array_equal(got.rows, rows)
         np.testing.assert_array_equal(got.ids, ids)
         np.testing.assert_array_equal(got.weights, weights)
-        np.testing.assert_array_equal(got.counts, counts)
+        assert got.choices == int(counts.sum())
         assert got.ids.dtype == np.int32 and got.weights.dtype == np.float32 and got.rows.dtype == np.int64
         seen += int(counts.sum())
     assert seen == int((owners >= 0).sum()), "every choice computed somewhere goes to exactly one rank"
@@ -65,7 +66,7 @@ def test_small_and_large_batches_take_the_two_paths_and_agree(monkeypatch):
     monkeypatch.setattr(remote, "_PYTHON_ROUTING_CHOICES", 0)
     large = [route_to_rank(owners, topk_ids, topk_weights, rank) for rank in range(3)]
     for a, b in zip(small, large):
-        for field in ("rows", "ids", "weights", "counts"):
+        for field in ("rows", "ids", "weights", "choices"):
             np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
 
 
@@ -78,6 +79,42 @@ def test_a_rank_without_choices_gets_nothing_and_a_rank_with_all_gets_them_in_or
     np.testing.assert_array_equal(routed.rows, np.arange(40))
     np.testing.assert_array_equal(routed.ids, topk_ids)
     np.testing.assert_array_equal(routed.weights, topk_weights)
+
+
+needs_native = pytest.mark.skipif(not native.load_kernels().available, reason="no C compiler for the native kernels")
+
+
+@needs_native
+@pytest.mark.parametrize("tokens", [1, 5, 32, 300])
+@pytest.mark.parametrize("num_experts, k, world_size", [(8, 2, 2), (8, 2, 4), (64, 8, 3), (60, 4, 2)])
+def test_the_native_split_matches_numpy_for_every_rank(monkeypatch, tokens, num_experts, k, world_size):
+    rng = np.random.default_rng(tokens + 7 * num_experts + k)
+    owner_of = rng.integers(-1, world_size, num_experts)  # uneven, and some experts computed nowhere
+    topk_ids = torch.from_numpy(np.stack([rng.choice(num_experts, k, replace=False) for _ in range(tokens)]))
+    topk_weights = torch.from_numpy(rng.random((tokens, k), dtype=np.float32))
+    for wanted in (None, rng.random(num_experts) < 0.7):
+        fast = split_by_rank(owner_of, topk_ids, topk_weights, wanted, world_size)
+        with monkeypatch.context() as patch:
+            patch.setattr(native, "load_kernels", lambda: native.Kernels(None, "off for the test"))
+            slow = split_by_rank(owner_of, topk_ids, topk_weights, wanted, world_size)
+        assert len(fast) == len(slow) == world_size
+        for a, b in zip(fast, slow):
+            assert (a is None) == (b is None)
+            if a is not None:
+                for field in ("rows", "ids", "weights", "choices"):
+                    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+                assert a.ids.dtype == np.int32 and a.weights.dtype == np.float32 and a.rows.dtype == np.int64
+        computed = (owner_of[topk_ids.numpy()] >= 0) & (True if wanted is None else wanted[topk_ids.numpy()])
+        assert sum(r.choices for r in fast if r is not None) == int(computed.sum())
+
+
+@needs_native
+def test_the_native_split_refuses_an_expert_id_out_of_range():
+    owner_of = np.array([0, 1, 1, 0])
+    with pytest.raises(ValueError, match="topk_ids"):
+        split_by_rank(owner_of, torch.tensor([[0, 4]]), torch.ones(1, 2), None, 2)
+    with pytest.raises(ValueError, match="topk_ids"):
+        native.split_routing(torch.tensor([[0, 1]]), torch.ones(1, 2), torch.tensor([0, 2, 1, 0]), None, 2)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "int32", "int64"])

@@ -35,12 +35,14 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import torch
+from google.protobuf.message import DecodeError
 
 from moemesh.services.core import tensors
 from moemesh.services.core.auth import bearer_metadata
 from moemesh.services.core.errors import Unavailable
 from moemesh.services.core.tls import channel_credentials
 from moemesh.v1 import experts_pb2, experts_pb2_grpc
+from moemesh.worker.ops import native
 from moemesh.worker.ops.backends import Target
 from moemesh.worker.ops.experts import ExpertsBackend
 
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 # Large enough for a 2,048-token prefill chunk of a 6,144-wide model in float32 (50 MiB).
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _END = object()  # ends a link's request iterator
+EXCHANGE_METHOD = f"/{experts_pb2.DESCRIPTOR.services_by_name['ExpertShard'].full_name}/Exchange"
 
 
 class ExpertShardFailed(Unavailable):
@@ -115,7 +118,7 @@ class Routed:
     rows: np.ndarray  # [n] int64 token indices
     ids: np.ndarray  # [n, k'] int32 global expert ids, each row's valid ones first (in router order), then -1
     weights: np.ndarray  # [n, k'] float32 routing weights, 0 on padding
-    counts: np.ndarray  # [n] valid choices per row
+    choices: int  # valid (id >= 0) choices in all
 
     def rows_on(self, device: torch.device) -> torch.Tensor:
         return on_device(self.rows, device)
@@ -127,10 +130,32 @@ def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
 
 
-def host_routing(topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The router's choices as host arrays (no copy for CPU tensors; one sync for device ones)."""
-    return (topk_ids.detach().cpu().numpy(),
-            topk_weights.detach().to(dtype=torch.float32).cpu().numpy())
+def split_by_rank(owner_of: np.ndarray, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  wanted: np.ndarray | None, ranks: int) -> list[Routed | None]:
+    """A layer's routing split by the rank holding each chosen expert: rank r's share (None: no choice there).
+
+    owner_of [E] is each expert's rank (-1: computed nowhere); with `wanted`
+    [E] (bool), a choice of an unwanted expert is computed nowhere. One
+    native call on the host where the kernels are built (a few microseconds
+    for every rank of a decode step, where numpy took tens of calls per
+    rank, several times slower with the caches cold from the layer's other
+    work), else `route_to_rank` per rank. Device tensors cost one copy to
+    the host.
+    """
+    ids = topk_ids.detach().cpu()
+    weights = topk_weights.detach().to(dtype=torch.float32).cpu()
+    if ids.dtype == torch.int64 and native.load_kernels().available:
+        rows, all_ids, all_weights, counts = native.split_routing(
+            ids, weights, torch.from_numpy(owner_of), None if wanted is None else torch.from_numpy(wanted), ranks)
+        rows_of, ids_of, weights_of = rows.numpy(), all_ids.numpy(), all_weights.numpy()
+        return [Routed(rows_of[r, :n], ids_of[r, :n * width].reshape(n, width),
+                       weights_of[r, :n * width].reshape(n, width), choices) if n else None
+                for r, (n, width, choices) in enumerate(counts)]
+    host_ids, host_weights = ids.numpy(), weights.numpy()
+    owners = owner_of[host_ids]  # [T, k] rank of each choice
+    if wanted is not None:
+        owners = np.where(wanted[host_ids], owners, -1)
+    return [route_to_rank(owners, host_ids, host_weights, rank) for rank in range(ranks)]
 
 
 # Up to this many (token, choice) pairs, routing loops in Python: a few microseconds, where each numpy call costs
@@ -153,7 +178,7 @@ def route_to_rank(owners: np.ndarray, topk_ids: np.ndarray, topk_weights: np.nda
     if m == 0:
         return None
     if m == T * k:  # every choice is on `rank`
-        return Routed(np.arange(T), topk_ids.astype(np.int32), topk_weights.astype(np.float32), np.full(T, k))
+        return Routed(np.arange(T), topk_ids.astype(np.int32), topk_weights.astype(np.float32), m)
     token_of = chosen // k
     first = np.empty(m, dtype=bool)  # the first chosen pair of each token
     first[0] = True
@@ -164,13 +189,13 @@ def route_to_rank(owners: np.ndarray, topk_ids: np.ndarray, topk_weights: np.nda
     ids_of, weights_of = topk_ids.ravel()[chosen], topk_weights.ravel()[chosen]
     if n * width == m:  # every row has the same count: no padding
         return Routed(rows, ids_of.reshape(n, width).astype(np.int32),
-                      weights_of.reshape(n, width).astype(np.float32), counts)
+                      weights_of.reshape(n, width).astype(np.float32), m)
     at = (np.repeat(np.arange(n), counts), np.arange(m) - np.repeat(starts, counts))  # (row, column) of each pair
     ids = np.full((n, width), -1, dtype=np.int32)
     ids[at] = ids_of
     weights = np.zeros((n, width), dtype=np.float32)
     weights[at] = weights_of
-    return Routed(rows, ids, weights, counts)
+    return Routed(rows, ids, weights, m)
 
 
 def _route_small(owners: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndarray, rank: int) -> Routed | None:
@@ -188,7 +213,7 @@ def _route_small(owners: np.ndarray, topk_ids: np.ndarray, topk_weights: np.ndar
     ids = [[all_ids[t][j] for j in mine] + [-1] * (width - len(mine)) for t, mine in zip(rows, choices)]
     weights = [[all_weights[t][j] for j in mine] + [0.0] * (width - len(mine)) for t, mine in zip(rows, choices)]
     return Routed(np.array(rows, dtype=np.int64), np.array(ids, dtype=np.int32), np.array(weights, dtype=np.float32),
-                  np.array([len(mine) for mine in choices], dtype=np.int64))
+                  sum(map(len, choices)))
 
 
 def held_rows(num_experts: int, held_experts: Sequence[int]) -> np.ndarray:
@@ -272,8 +297,10 @@ class ShardLink:
         self.rank, self.address = rank, address
         self._channel, self._watchdog = channel, watchdog
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        stub = experts_pb2_grpc.ExpertShardStub(channel)
-        self._call = stub.Exchange(iter(self._requests.get, _END), metadata=tuple(metadata))
+        # Messages travel as the bytes `send` serialized (its size is their length: no second encoding for the
+        # statistics, none in gRPC's sending thread); answers arrive as bytes, parsed in `receive`.
+        exchange = channel.stream_stream(EXCHANGE_METHOD, request_serializer=None, response_deserializer=None)
+        self._call = exchange(iter(self._requests.get, _END), metadata=tuple(metadata))
         self._sequence = 0
         self._expired = False
 
@@ -290,16 +317,21 @@ class ShardLink:
     ) -> tuple[int, int]:
         """Queue one LayerWork; returns its sequence number and serialized size."""
         self._sequence += 1
-        work = experts_pb2.LayerWork(step=step, layer=layer, sequence=self._sequence, hidden=tensors.to_pb(hidden),
-                                     expert_ids=tensors.to_pb(ids), weights=tensors.to_pb(weights))
-        self._requests.put(work)
-        return self._sequence, work.ByteSize()
+        work = experts_pb2.LayerWork(step=step, layer=layer, sequence=self._sequence)
+        tensors.fill_pb(work.hidden, hidden)
+        tensors.fill_pb(work.expert_ids, ids)
+        tensors.fill_pb(work.weights, weights)
+        payload = work.SerializeToString()
+        self._requests.put(payload)
+        return self._sequence, len(payload)
 
-    def receive(self, sequence: int, layer: int, deadline: float, timeout: float) -> experts_pb2.LayerResult:
-        """The answer to LayerWork `sequence`, waiting until `deadline` (time.monotonic()); raises ExpertShardFailed."""
+    def receive(self, sequence: int, layer: int, deadline: float,
+                timeout: float) -> tuple[experts_pb2.LayerResult, int]:
+        """The answer to LayerWork `sequence` and its serialized size, waiting until `deadline` (time.monotonic());
+        raises ExpertShardFailed."""
         self._watchdog.arm(self, deadline)
         try:
-            answer = next(self._call)
+            payload = next(self._call)
         except StopIteration:
             raise ExpertShardFailed(f"{self} closed its stream") from None
         except grpc.RpcError as exc:
@@ -308,10 +340,14 @@ class ShardLink:
             raise ExpertShardFailed(f"{self}: stream broke: {exc.code().name}: {exc.details()}") from None
         finally:
             self._watchdog.disarm()
+        try:
+            answer = experts_pb2.LayerResult.FromString(payload)
+        except DecodeError:
+            raise ExpertShardFailed(f"{self} answered layer {layer} with bytes that are not a LayerResult") from None
         if answer.sequence != sequence or answer.layer != layer:
             raise ExpertShardFailed(f"{self} answered message {answer.sequence} (layer {answer.layer}), "
                                     f"expected {sequence} (layer {layer})")
-        return answer
+        return answer, len(payload)
 
     def expire(self) -> None:
         """The deadline of the read in progress passed: end the stream, so that the read raises."""
@@ -446,18 +482,18 @@ class RemoteExperts(ExpertsBackend):
         runs after rank 0's own experts, while the shards compute, and its result is added last."""
         layer, exchange = self.layer, self.layer.exchange
         step = exchange.begin(layer.index)
-        ids, weights = host_routing(topk_ids, topk_weights)  # [T, k] each
-        owners = layer.owners[ids]  # [T, k] rank of each choice
+        wanted = None
         if expert_ids is not None:
             wanted = np.zeros(len(layer.owners), dtype=bool)
             wanted[list(expert_ids)] = True
-            owners = np.where(wanted[ids], owners, -1)
         started = time.perf_counter()
-        sent = self._send(step, x, ids, weights, owners)
+        routed = split_by_rank(layer.owners, topk_ids, topk_weights, wanted, len(exchange.links) + 1)
+        sent = self._send(step, x, routed)
         out = torch.zeros_like(x)
         local_started = time.perf_counter()
         try:
-            self._run_local(x, ids, weights, owners, out)
+            if self.local is not None and routed[0] is not None:
+                self._run_local(x, routed[0], out)
             extra = alongside() if alongside is not None else None
         except BaseException as exc:  # the shards' answers go unread: the streams are out of step from here on
             if sent:
@@ -471,21 +507,18 @@ class RemoteExperts(ExpertsBackend):
             exchange.stats.record(done - started, max(shard_seconds, waited - local_started))
         return out if extra is None else out + extra
 
-    def _run_local(self, x: torch.Tensor, ids: np.ndarray, weights: np.ndarray, owners: np.ndarray,
-                   out: torch.Tensor) -> None:
+    def _run_local(self, x: torch.Tensor, own: Routed, out: torch.Tensor) -> None:
         """Add rank 0's own experts' weighted outputs into `out`."""
-        own = route_to_rank(owners, ids, weights, 0) if self.local is not None else None
-        if own is not None:
-            rows = own.rows_on(x.device)
-            held = run_held(self.local, self.layer.rows_of, x[rows], own.ids, own.weights)
-            out.index_add_(0, rows, held)
+        rows = own.rows_on(x.device)
+        held = run_held(self.local, self.layer.rows_of, x[rows], own.ids, own.weights)
+        out.index_add_(0, rows, held)
 
-    def _send(self, step: int, x: torch.Tensor, ids: np.ndarray, weights: np.ndarray,
-              owners: np.ndarray) -> list[tuple[ShardLink, int, torch.Tensor]]:
+    def _send(self, step: int, x: torch.Tensor,
+              routed: list[Routed | None]) -> list[tuple[ShardLink, int, torch.Tensor]]:
         """One LayerWork to each shard with rows in this layer: (link, sequence, token rows) of each."""
         exchange, sent = self.layer.exchange, []
         for rank in self.layer.ranks:
-            work = route_to_rank(owners, ids, weights, rank)
+            work = routed[rank]
             if work is None:
                 continue  # no token routed there: no message
             rows = work.rows_on(x.device)
@@ -496,7 +529,7 @@ class RemoteExperts(ExpertsBackend):
             stats.messages += 1
             stats.bytes_sent += size
             stats.rows_sent += work.rows.size
-            stats.choices_sent += int(work.counts.sum())
+            stats.choices_sent += work.choices
             sent.append((link, sequence, rows))
         return sent
 
@@ -509,11 +542,11 @@ class RemoteExperts(ExpertsBackend):
         slowest = 0.0
         for link, sequence, rows in sent:
             try:
-                answer = link.receive(sequence, self.layer.index, deadline, timeout)
+                answer, size = link.receive(sequence, self.layer.index, deadline, timeout)
             except ExpertShardFailed as failure:
                 exchange.fail(failure)
                 raise
-            exchange.stats.bytes_received += answer.ByteSize()
+            exchange.stats.bytes_received += size
             exchange.stats.shard_compute_seconds += answer.compute_seconds
             slowest = max(slowest, answer.compute_seconds)
             partial = tensors.from_pb(answer.partial, copy=False)  # [n, H], read only

@@ -141,8 +141,8 @@ class ExpertShardServicer(experts_pb2_grpc.ExpertShardServicer):
         hidden = _decode("hidden", work.hidden)
         partial = self.shard.compute(work.layer, hidden, _decode("expert_ids", work.expert_ids),
                                      _decode("weights", work.weights))
-        result = experts_pb2.LayerResult(step=work.step, layer=work.layer, sequence=work.sequence,
-                                         partial=tensors.to_pb(partial))
+        result = experts_pb2.LayerResult(step=work.step, layer=work.layer, sequence=work.sequence)
+        tensors.fill_pb(result.partial, partial)
         result.compute_seconds = time.perf_counter() - started
         return result
 

@@ -140,6 +140,9 @@ def _declare(library: ctypes.CDLL) -> None:
     fn = library.moemesh_route
     fn.argtypes = [ptr, i64, ptr, i64, i64, i64, ctypes.c_int, ptr, ptr, ptr, ctypes.c_int]
     fn.restype = ctypes.c_int
+    fn = library.moemesh_split_routing
+    fn.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    fn.restype = ctypes.c_int
     fn = library.moemesh_rms_norm
     fn.argtypes = [ptr] * 5 + [i64, i64, ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -381,6 +384,46 @@ def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool) 
         library.moemesh_route(x.data_ptr(), T, weight.data_ptr(), E, H, top_k, int(renormalize), probs.data_ptr(),
                               ids.data_ptr(), weights.data_ptr(), torch.get_num_threads())
     return ids, weights
+
+
+def split_routing(
+    topk_ids: torch.Tensor, topk_weights: torch.Tensor, owner_of: torch.Tensor, wanted: torch.Tensor | None,
+    ranks: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+    """A layer's routing split by the rank holding each chosen expert, in one native call.
+
+    topk_ids [T, k] (int64, CPU), topk_weights [T, k] (float32, CPU),
+    owner_of [E] (int64: each expert's rank, -1 for none), wanted [E] (bool or
+    uint8: False leaves the choice out) or None. Returns rows [R, T] (int64),
+    ids [R, T * k] (int32), weights [R, T * k] (float32) and, per rank,
+    [n, width, choices]: rank r's tokens are rows[r, :n], and their choices on
+    r, in router order then -1 (weight 0), are ids[r, :n * width] viewed
+    [n, width] (weights likewise).
+    """
+    library = _library()
+    T, k = topk_ids.shape
+    if topk_ids.dtype != torch.int64 or topk_weights.dtype != torch.float32 or topk_weights.shape != (T, k) \
+            or owner_of.dtype != torch.int64 or owner_of.dim() != 1:
+        raise ValueError(f"split_routing takes int64 ids and owners and float32 weights, got {topk_ids.dtype} "
+                         f"{tuple(topk_ids.shape)}, {topk_weights.dtype} {tuple(topk_weights.shape)}, "
+                         f"{owner_of.dtype} {tuple(owner_of.shape)}")
+    E = owner_of.shape[0]
+    topk_ids, topk_weights, owner_of = topk_ids.contiguous(), topk_weights.contiguous(), owner_of.contiguous()
+    if wanted is not None:
+        wanted = wanted.to(torch.uint8).contiguous()
+        if wanted.shape != (E,):
+            raise ValueError(f"wanted must be [{E}], got {tuple(wanted.shape)}")
+    rows = torch.empty(ranks, T, dtype=torch.int64)
+    ids = torch.empty(ranks, T * k, dtype=torch.int32)
+    weights = torch.empty(ranks, T * k, dtype=torch.float32)
+    counts = torch.empty(ranks, 3, dtype=torch.int64)
+    work = torch.empty(ranks, dtype=torch.int64)
+    status = library.moemesh_split_routing(topk_ids.data_ptr(), topk_weights.data_ptr(), T, k, owner_of.data_ptr(),
+                                           None if wanted is None else wanted.data_ptr(), E, ranks, rows.data_ptr(),
+                                           ids.data_ptr(), weights.data_ptr(), counts.data_ptr(), work.data_ptr())
+    if status:
+        raise ValueError(f"topk_ids: an expert id outside [0, {E}), or an owner outside [-1, {ranks})")
+    return rows, ids, weights, counts.tolist()
 
 
 def rms_norm(

@@ -545,3 +545,57 @@ int moemesh_route(const float *x, int64_t rows, const float *w, int64_t experts,
     }
     return 0;
 }
+
+/* A layer's routing split by the rank that holds each chosen expert (expert parallelism: rank 0 sends each
+   shard only its rows). topk_ids [T, k] (global expert ids), topk_weights [T, k], owner_of [E] (each expert's
+   rank, -1: computed nowhere), wanted [E] or NULL (0: the choice is not computed at all). For each rank
+   r < ranks, the tokens with a choice on r in token order: rows[r * T + i] (token index), and their choices
+   on r in router order, padded to the rank's widest row with id -1 and weight 0, as a [n, width] block at
+   ids[r * T * k] and weights[r * T * k]; counts[3 * r] = n, counts[3 * r + 1] = width, counts[3 * r + 2] =
+   the choices in it. per_rank [ranks] is work space. Returns 0, or 2 when an expert id is out of range or an
+   owner is at or above `ranks`. One pass to size each rank's block, one to fill it: a decode step's routing
+   is a few hundred numbers, which numpy handled in tens of calls per rank. */
+int moemesh_split_routing(const int64_t *topk_ids, const float *topk_weights, int64_t num_tokens, int64_t top_k,
+                          const int64_t *owner_of, const uint8_t *wanted, int64_t num_experts, int64_t ranks,
+                          int64_t *rows, int32_t *ids, float *weights, int64_t *counts, int64_t *per_rank) {
+    for (int64_t r = 0; r < 3 * ranks; r++) counts[r] = 0;
+    for (int64_t t = 0; t < num_tokens; t++) {
+        for (int64_t r = 0; r < ranks; r++) per_rank[r] = 0;
+        for (int64_t j = 0; j < top_k; j++) {
+            const int64_t e = topk_ids[t * top_k + j];
+            if (e < 0 || e >= num_experts) return 2;
+            if (wanted != NULL && !wanted[e]) continue;
+            const int64_t r = owner_of[e];
+            if (r < 0) continue;
+            if (r >= ranks) return 2;
+            per_rank[r]++;
+        }
+        for (int64_t r = 0; r < ranks; r++) {
+            if (per_rank[r] == 0) continue;
+            counts[3 * r]++;
+            counts[3 * r + 2] += per_rank[r];
+            if (per_rank[r] > counts[3 * r + 1]) counts[3 * r + 1] = per_rank[r];
+        }
+    }
+    for (int64_t r = 0; r < ranks; r++) per_rank[r] = 0; /* from here: rows filled so far */
+    for (int64_t t = 0; t < num_tokens; t++) {
+        for (int64_t j = 0; j < top_k; j++) {
+            const int64_t e = topk_ids[t * top_k + j];
+            if (wanted != NULL && !wanted[e]) continue;
+            const int64_t r = owner_of[e];
+            if (r < 0) continue;
+            const int64_t width = counts[3 * r + 1], base = r * num_tokens * top_k;
+            int64_t n = per_rank[r];
+            if (n == 0 || rows[r * num_tokens + n - 1] != t) { /* the token's first choice on r: open its row */
+                rows[r * num_tokens + n] = t;
+                for (int64_t c = 0; c < width; c++) ids[base + n * width + c] = -1, weights[base + n * width + c] = 0.0f;
+                per_rank[r] = ++n;
+            }
+            int32_t *row_ids = ids + base + (n - 1) * width;
+            int64_t c = 0;
+            while (row_ids[c] != -1) c++;
+            row_ids[c] = (int32_t)e, weights[base + (n - 1) * width + c] = topk_weights[t * top_k + j];
+        }
+    }
+    return 0;
+}
