@@ -93,10 +93,11 @@ def test_the_native_split_matches_numpy_for_every_rank(monkeypatch, tokens, num_
     topk_ids = torch.from_numpy(np.stack([rng.choice(num_experts, k, replace=False) for _ in range(tokens)]))
     topk_weights = torch.from_numpy(rng.random((tokens, k), dtype=np.float32))
     for wanted in (None, rng.random(num_experts) < 0.7):
-        fast = split_by_rank(owner_of, topk_ids, topk_weights, wanted, world_size)
+        mask = None if wanted is None else torch.from_numpy(wanted.astype(np.uint8))
+        fast = split_by_rank(torch.from_numpy(owner_of), topk_ids, topk_weights, mask, world_size)
         with monkeypatch.context() as patch:
             patch.setattr(native, "load_kernels", lambda: native.Kernels(None, "off for the test"))
-            slow = split_by_rank(owner_of, topk_ids, topk_weights, wanted, world_size)
+            slow = split_by_rank(torch.from_numpy(owner_of), topk_ids, topk_weights, mask, world_size)
         assert len(fast) == len(slow) == world_size
         for a, b in zip(fast, slow):
             assert (a is None) == (b is None)
@@ -110,9 +111,13 @@ def test_the_native_split_matches_numpy_for_every_rank(monkeypatch, tokens, num_
 
 @needs_native
 def test_the_native_split_refuses_an_expert_id_out_of_range():
-    owner_of = np.array([0, 1, 1, 0])
+    owner_of = torch.tensor([0, 1, 1, 0])
     with pytest.raises(ValueError, match="topk_ids"):
         split_by_rank(owner_of, torch.tensor([[0, 4]]), torch.ones(1, 2), None, 2)
+    with pytest.raises(ValueError, match="topk_ids"):
+        split_by_rank(owner_of, torch.tensor([[-1, 2]]), torch.ones(1, 2), None, 2)
+    with pytest.raises(ValueError, match="uint8 mask"):
+        native.split_routing(torch.tensor([[0, 1]]), torch.ones(1, 2), owner_of, torch.ones(5, dtype=torch.uint8), 2)
     with pytest.raises(ValueError, match="topk_ids"):
         native.split_routing(torch.tensor([[0, 1]]), torch.ones(1, 2), torch.tensor([0, 2, 1, 0]), None, 2)
 
@@ -128,3 +133,23 @@ def test_a_host_array_is_coded_as_the_same_tensor_message(dtype):
 def test_an_array_of_a_dtype_the_wire_lacks_is_refused():
     with pytest.raises(ValueError, match="cannot be encoded"):
         tensors.to_pb(np.zeros(3, dtype=np.uint8))
+
+
+@needs_native
+def test_a_split_of_more_tokens_after_a_smaller_one_is_still_right():
+    """The native split reuses its buffers: a larger layer after a small one grows them, and the shares of each
+    call are whole when read before the next."""
+    rng = np.random.default_rng(3)
+    owner_of = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    for tokens in (1, 2, 500, 3, 64):
+        topk_ids = torch.from_numpy(np.stack([rng.choice(8, 2, replace=False) for _ in range(tokens)]))
+        topk_weights = torch.from_numpy(rng.random((tokens, 2), dtype=np.float32))
+        owners = owner_of.numpy()[topk_ids.numpy()]
+        for rank, share in enumerate(split_by_rank(owner_of, topk_ids, topk_weights, None, 4)):
+            want = reference(owners, topk_ids.numpy(), topk_weights.numpy(), rank)
+            if want is None:
+                assert share is None
+                continue
+            np.testing.assert_array_equal(share.rows, want[0])
+            np.testing.assert_array_equal(share.ids, want[1])
+            np.testing.assert_array_equal(share.weights, want[2])

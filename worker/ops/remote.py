@@ -130,31 +130,38 @@ def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor if device.type == "cpu" else tensor.to(device, non_blocking=True)
 
 
-def split_by_rank(owner_of: np.ndarray, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                  wanted: np.ndarray | None, ranks: int) -> list[Routed | None]:
+def split_by_rank(owner_of: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                  wanted: torch.Tensor | None, ranks: int) -> list[Routed | None]:
     """A layer's routing split by the rank holding each chosen expert: rank r's share (None: no choice there).
 
-    owner_of [E] is each expert's rank (-1: computed nowhere); with `wanted`
-    [E] (bool), a choice of an unwanted expert is computed nowhere. One
-    native call on the host where the kernels are built (a few microseconds
-    for every rank of a decode step, where numpy took tens of calls per
-    rank, several times slower with the caches cold from the layer's other
-    work), else `route_to_rank` per rank. Device tensors cost one copy to
-    the host.
+    owner_of [E] (int64, CPU) is each expert's rank (-1: computed nowhere);
+    with `wanted` [E] (uint8), a choice of an expert at 0 is computed nowhere.
+    One native call on the host where the kernels are built (a few
+    microseconds for every rank of a decode step, where numpy took tens of
+    calls per rank, several times slower with the caches cold from the
+    layer's other work), else `route_to_rank` per rank. Device tensors cost
+    one copy to the host. The shares view the native call's work buffers:
+    use them before this thread splits again.
     """
     ids = topk_ids.detach().cpu()
     weights = topk_weights.detach().to(dtype=torch.float32).cpu()
     if ids.dtype == torch.int64 and native.load_kernels().available:
-        rows, all_ids, all_weights, counts = native.split_routing(
-            ids, weights, torch.from_numpy(owner_of), None if wanted is None else torch.from_numpy(wanted), ranks)
-        rows_of, ids_of, weights_of = rows.numpy(), all_ids.numpy(), all_weights.numpy()
-        return [Routed(rows_of[r, :n], ids_of[r, :n * width].reshape(n, width),
-                       weights_of[r, :n * width].reshape(n, width), choices) if n else None
-                for r, (n, width, choices) in enumerate(counts)]
+        rows, all_ids, all_weights, counts = native.split_routing(ids, weights, owner_of, wanted, ranks)
+        T, k = ids.shape
+        shares: list[Routed | None] = []
+        for r in range(ranks):
+            n, width, choices = counts[3 * r: 3 * r + 3]
+            if n:
+                at = r * T * k
+                shares.append(Routed(rows[r * T: r * T + n], all_ids[at: at + n * width].reshape(n, width),
+                                     all_weights[at: at + n * width].reshape(n, width), choices))
+            else:
+                shares.append(None)
+        return shares
     host_ids, host_weights = ids.numpy(), weights.numpy()
-    owners = owner_of[host_ids]  # [T, k] rank of each choice
+    owners = owner_of.numpy()[host_ids]  # [T, k] rank of each choice
     if wanted is not None:
-        owners = np.where(wanted[host_ids], owners, -1)
+        owners = np.where(wanted.numpy()[host_ids] != 0, owners, -1)
     return [route_to_rank(owners, host_ids, host_weights, rank) for rank in range(ranks)]
 
 
@@ -447,6 +454,9 @@ class RemoteLayer:
     rows_of: np.ndarray  # [E] row of rank 0's held weights (-1: held elsewhere)
     ranks: list[int]  # the shards holding some of this layer's experts
 
+    def __post_init__(self) -> None:
+        self.owner_of = torch.from_numpy(self.owners)  # the same memory, as the native split takes it
+
     def backend(self, local: ExpertsBackend | None) -> RemoteExperts:
         """The layer's backend: rank 0's experts on `local` (None: it holds none), the rest on the shards."""
         return RemoteExperts(self, local)
@@ -484,10 +494,10 @@ class RemoteExperts(ExpertsBackend):
         step = exchange.begin(layer.index)
         wanted = None
         if expert_ids is not None:
-            wanted = np.zeros(len(layer.owners), dtype=bool)
-            wanted[list(expert_ids)] = True
+            wanted = torch.zeros(len(layer.owners), dtype=torch.uint8)
+            wanted[list(expert_ids)] = 1
         started = time.perf_counter()
-        routed = split_by_rank(layer.owners, topk_ids, topk_weights, wanted, len(exchange.links) + 1)
+        routed = split_by_rank(layer.owner_of, topk_ids, topk_weights, wanted, len(exchange.links) + 1)
         sent = self._send(step, x, routed)
         out = torch.zeros_like(x)
         local_started = time.perf_counter()

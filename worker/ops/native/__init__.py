@@ -49,6 +49,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -386,44 +387,54 @@ def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool) 
     return ids, weights
 
 
+_split_buffers = threading.local()
+
+
 def split_routing(
     topk_ids: torch.Tensor, topk_weights: torch.Tensor, owner_of: torch.Tensor, wanted: torch.Tensor | None,
     ranks: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[int]]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     """A layer's routing split by the rank holding each chosen expert, in one native call.
 
     topk_ids [T, k] (int64, CPU), topk_weights [T, k] (float32, CPU),
-    owner_of [E] (int64: each expert's rank, -1 for none), wanted [E] (bool or
-    uint8: False leaves the choice out) or None. Returns rows [R, T] (int64),
-    ids [R, T * k] (int32), weights [R, T * k] (float32) and, per rank,
-    [n, width, choices]: rank r's tokens are rows[r, :n], and their choices on
-    r, in router order then -1 (weight 0), are ids[r, :n * width] viewed
-    [n, width] (weights likewise).
+    owner_of [E] (int64: each expert's rank, -1 for none), wanted [E] (uint8:
+    0 leaves the choice out) or None. Returns host arrays rows [R * T] (int64),
+    ids [R * T * k] (int32), weights [R * T * k] (float32) and, flat, per rank
+    [n, width, choices]: rank r's tokens are rows[r * T:][:n], and their
+    choices on r, in router order then -1 (weight 0), are ids[r * T * k:]
+    [:n * width] viewed [n, width] (weights likewise).
+
+    The arrays are this thread's work buffers, reused by its next call: a
+    layer consumes them before the next layer splits (a decode step's split
+    is a few microseconds, which fresh buffers would double).
     """
     library = _library()
     T, k = topk_ids.shape
-    if topk_ids.dtype != torch.int64 or topk_weights.dtype != torch.float32 or topk_weights.shape != (T, k) \
-            or owner_of.dtype != torch.int64 or owner_of.dim() != 1:
-        raise ValueError(f"split_routing takes int64 ids and owners and float32 weights, got {topk_ids.dtype} "
-                         f"{tuple(topk_ids.shape)}, {topk_weights.dtype} {tuple(topk_weights.shape)}, "
-                         f"{owner_of.dtype} {tuple(owner_of.shape)}")
     E = owner_of.shape[0]
+    if topk_ids.dtype != torch.int64 or topk_weights.dtype != torch.float32 or topk_weights.shape != (T, k) \
+            or owner_of.dtype != torch.int64 or owner_of.dim() != 1 \
+            or (wanted is not None and (wanted.dtype != torch.uint8 or wanted.shape != (E,))):
+        raise ValueError(f"split_routing takes int64 ids and owners, float32 weights and a uint8 mask of the "
+                         f"experts, got {topk_ids.dtype} {tuple(topk_ids.shape)}, {topk_weights.dtype} "
+                         f"{tuple(topk_weights.shape)}, {owner_of.dtype} {tuple(owner_of.shape)}"
+                         + ("" if wanted is None else f", {wanted.dtype} {tuple(wanted.shape)}"))
     topk_ids, topk_weights, owner_of = topk_ids.contiguous(), topk_weights.contiguous(), owner_of.contiguous()
-    if wanted is not None:
-        wanted = wanted.to(torch.uint8).contiguous()
-        if wanted.shape != (E,):
-            raise ValueError(f"wanted must be [{E}], got {tuple(wanted.shape)}")
-    rows = torch.empty(ranks, T, dtype=torch.int64)
-    ids = torch.empty(ranks, T * k, dtype=torch.int32)
-    weights = torch.empty(ranks, T * k, dtype=torch.float32)
-    counts = torch.empty(ranks, 3, dtype=torch.int64)
-    work = torch.empty(ranks, dtype=torch.int64)
+    buffers = getattr(_split_buffers, "arrays", None)
+    if buffers is None or buffers[0].size < ranks * T * k or buffers[3].size < 3 * ranks:
+        size = max(ranks * T * k, 2 * (0 if buffers is None else buffers[0].size))
+        counts = max(3 * ranks, 0 if buffers is None else buffers[3].size)
+        buffers = _split_buffers.arrays = (np.empty(size, dtype=np.int32), np.empty(size, dtype=np.float32),
+                                           np.empty(size, dtype=np.int64), np.empty(counts, dtype=np.int64),
+                                           np.empty(counts, dtype=np.int64))
+        _split_buffers.pointers = tuple(array.ctypes.data for array in buffers)
+    ids, weights, rows, counts, _ = buffers
+    p_ids, p_weights, p_rows, p_counts, p_work = _split_buffers.pointers
     status = library.moemesh_split_routing(topk_ids.data_ptr(), topk_weights.data_ptr(), T, k, owner_of.data_ptr(),
-                                           None if wanted is None else wanted.data_ptr(), E, ranks, rows.data_ptr(),
-                                           ids.data_ptr(), weights.data_ptr(), counts.data_ptr(), work.data_ptr())
+                                           None if wanted is None else wanted.data_ptr(), E, ranks, p_rows, p_ids,
+                                           p_weights, p_counts, p_work)
     if status:
         raise ValueError(f"topk_ids: an expert id outside [0, {E}), or an owner outside [-1, {ranks})")
-    return rows, ids, weights, counts.tolist()
+    return rows, ids, weights, counts[:3 * ranks].tolist()
 
 
 def rms_norm(
