@@ -136,13 +136,40 @@ def child_main(args: argparse.Namespace) -> None:
 
 # ---- the bare ping-pong -------------------------------------------------------------------------------------------
 
+# Between two messages the ranks read their experts' weights (tens of MiB a layer): the caches the gRPC path
+# runs in come back cold. A ping-pong whose ends read this much memory between messages pays for that too.
+WORKING_SET_BYTES = 32 * MIB
+
+
+def read_memory(seconds: float, buffer: torch.Tensor) -> None:
+    """Stream through `buffer`, a MiB at a time, for `seconds`: memory-bound work like the experts'."""
+    until = time.perf_counter() + seconds
+    chunks = buffer.split(MIB // buffer.element_size())
+    while time.perf_counter() < until:
+        for chunk in chunks:
+            chunk.sum()
+            if time.perf_counter() >= until:
+                return
+
+
 def serve_pingpong(ready_fd: int) -> None:
-    """A bidirectional stream answering each request (its first 8 bytes: the answer's size) with that many bytes."""
+    """A bidirectional stream answering each request (its first 8 bytes: the answer's size; the next 8: the
+    microseconds to read memory for first, as a shard computes) with that many bytes, the first 8 of them the
+    nanoseconds it took before answering."""
     from concurrent import futures
+
+    buffer = torch.ones(WORKING_SET_BYTES // 4)
 
     def exchange(requests, context):
         for request in requests:
-            yield bytes(int.from_bytes(request[:8], "little"))
+            think = int.from_bytes(request[8:16], "little") * 1e-6
+            started = time.perf_counter()
+            if think:
+                read_memory(think, buffer)
+            answer = bytearray(int.from_bytes(request[:8], "little"))
+            # The time it read memory, in nanoseconds, leads the answer: the client leaves it out of the trip.
+            answer[:8] = round((time.perf_counter() - started) * 1e9).to_bytes(8, "little")
+            yield bytes(answer)
 
     server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_receive_message_length", 256 * MIB),
                                                                  ("grpc.max_send_message_length", 256 * MIB)])
@@ -156,29 +183,37 @@ def serve_pingpong(ready_fd: int) -> None:
 
 
 def pingpong_seconds(addresses: Sequence[str], request_bytes: int, answer_bytes: int, rounds: int,
-                     pace: float = 0.0) -> float:
+                     pace: float = 0.0, think: float = 0.0) -> float:
     """Median round trip of one request and its answer to each of `addresses` at once (as rank 0 sends each
     shard its message, then reads the answers), with the client API the exchange uses; with `pace`, the client
     computes that many seconds (matrix products on its torch threads) before each round, as rank 0 computes a
-    layer's other work between two exchanges."""
+    layer's other work between two exchanges. With `think`, both ends work as the ranks do: each peer reads
+    memory that long before answering (as a shard computes its experts) and the client reads memory for `pace`
+    before each round; the round trip is then counted without the time the peers took before answering."""
     links = []
     for address in addresses:
         requests: queue.SimpleQueue = queue.SimpleQueue()
         channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 256 * MIB)])
         links.append((requests, channel, channel.stream_stream(PING_METHOD)(iter(requests.get, None))))
-    payload = answer_bytes.to_bytes(8, "little") + bytes(max(request_bytes - 8, 0))
+    payload = (answer_bytes.to_bytes(8, "little") + round(think * 1e6).to_bytes(8, "little")
+               + bytes(max(request_bytes - 16, 0)))
     a, b = torch.randn(128, 128), torch.randn(128, 128)
+    buffer = torch.ones(WORKING_SET_BYTES // 4) if think else None
     times = []
     for _ in range(rounds):
-        until = time.perf_counter() + pace
-        while time.perf_counter() < until:
-            torch.mm(a, b)
+        if buffer is not None:
+            read_memory(pace, buffer)
+        else:
+            until = time.perf_counter() + pace
+            while time.perf_counter() < until:
+                torch.mm(a, b)
         start = time.perf_counter()
         for requests, _, _ in links:
             requests.put(payload)
+        worked = 0.0
         for _, _, call in links:
-            next(call)
-        times.append(time.perf_counter() - start)
+            worked = max(worked, int.from_bytes(next(call)[:8], "little") * 1e-9)
+        times.append(time.perf_counter() - start - worked)
     for requests, channel, call in links:
         requests.put(None)
         call.cancel()
@@ -262,12 +297,16 @@ def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single_model, logs
                 layers = stats.exchanges / stats.steps
                 pace = max(step - layers * per_exchange, 0.0) / layers
                 paced_pong = pingpong_seconds(peers, request_size, answer_size, args.ping_rounds, pace)
+                # Both ends working between messages as the ranks do: the peers for a shard's compute per message.
+                think = statistics.median(stats.shard_seconds)
+                working_pong = pingpong_seconds(peers, request_size, answer_size, args.ping_rounds, pace, think)
                 result["by_seqs"][seqs] = {
                     "step_ms": step * 1e3, "single_step_ms": single_step * 1e3, "tokens_per_s": tps,
                     "single_tokens_per_s": single_tps,
                     "rounds_ms": [(a[0] * 1e3, b[0] * 1e3) for a, b in zip(rounds["single"], rounds["replica"])],
                     "exchange_ms": per_exchange * 1e3, "pingpong_ms": pong * 1e3, "overhead_ms": overhead * 1e3,
                     "busy_pingpong_ms": busy_pong * 1e3, "pace_ms": pace * 1e3, "paced_pingpong_ms": paced_pong * 1e3,
+                    "working_pingpong_ms": working_pong * 1e3,
                     "pingpong_peers": len(peers),
                     "shard_compute_ms_per_message": stats.shard_compute_seconds / stats.messages * 1e3,
                     "bytes_per_step": (stats.bytes_sent + stats.bytes_received) / stats.steps,
@@ -301,7 +340,9 @@ def report(replicas: list[dict], rss: dict) -> None:
                   f"{f['exchange_ms'] / f['pingpong_ms']:.2f}x; ping-pong while one rank's threads compute "
                   f"{f['busy_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['busy_pingpong_ms']:.2f}x; ping-pong at "
                   f"the layers' pace (the client computing {f['pace_ms']:.2f} ms before each round) "
-                  f"{f['paced_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['paced_pingpong_ms']:.2f}x; shard work "
+                  f"{f['paced_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['paced_pingpong_ms']:.2f}x; with both "
+                  f"ends reading memory as the ranks compute (the peer for a shard's work, left out) "
+                  f"{f['working_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['working_pingpong_ms']:.2f}x; shard work "
                   f"{f['shard_compute_ms_per_message']:.3f} "
                   f"ms/message); "
                   f"{f['bytes_per_step'] / 1024:.1f} KiB/step vs minimum {f['minimum_bytes_per_step'] / 1024:.1f} KiB "

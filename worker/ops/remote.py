@@ -100,15 +100,18 @@ class ExchangeStats:
     # compute, encode, as it reported it; or rank 0's own experts, computed meanwhile): what the exchange adds to
     # the compute, to set against a bare round trip of the same bytes.
     overheads: list[float] = field(default_factory=list)
+    shard_seconds: list[float] = field(default_factory=list)  # each exchange's longest compute a shard reported
 
-    def record(self, seconds: float, compute_seconds: float = 0.0) -> None:
+    def record(self, seconds: float, compute_seconds: float = 0.0, shard_seconds: float = 0.0) -> None:
         self.exchanges += 1
         self.exchange_seconds += seconds
         self.durations.append(seconds)
         self.overheads.append(max(seconds - compute_seconds, 0.0))
+        self.shard_seconds.append(shard_seconds)
         if len(self.durations) > 10_000:
             del self.durations[:5_000]
             del self.overheads[:5_000]
+            del self.shard_seconds[:5_000]
 
 
 @dataclass(frozen=True)
@@ -514,7 +517,7 @@ class RemoteExperts(ExpertsBackend):
             shard_seconds = self._gather(sent, out)
             done = time.perf_counter()
             exchange.stats.wait_seconds += done - waited
-            exchange.stats.record(done - started, max(shard_seconds, waited - local_started))
+            exchange.stats.record(done - started, max(shard_seconds, waited - local_started), shard_seconds)
         return out if extra is None else out + extra
 
     def _run_local(self, x: torch.Tensor, own: Routed, out: torch.Tensor) -> None:
