@@ -61,13 +61,13 @@ def from_pb(message: common_pb2.Tensor, copy: bool = True) -> torch.Tensor:
         raise ValueError(f"tensor dtype {message.dtype!r} is not one of {sorted(_TORCH_BY_NAME)}")
     shape = tuple(message.shape)
     itemsize = dtype.itemsize
-    if len(message.data) != math.prod(shape) * itemsize:
-        raise ValueError(f"tensor data has {len(message.data)} bytes, shape {shape} needs {itemsize} each")
-    if not message.data:
+    data = message.data  # each read of a bytes field makes a new copy of it: one read
+    if len(data) != math.prod(shape) * itemsize:
+        raise ValueError(f"tensor data has {len(data)} bytes, shape {shape} needs {itemsize} each")
+    if not data:
         return torch.empty(shape, dtype=dtype)  # frombuffer refuses an empty buffer
     raw_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
-    if copy:
-        flat = torch.frombuffer(bytearray(message.data), dtype=raw_dtype)
-    else:
-        flat = torch.frombuffer(message.data, dtype=raw_dtype)  # read-only view (its warning is filtered above)
-    return flat.view(dtype).reshape(shape)
+    # With `copy` the tensor owns a writable copy; without, it views `data`, read only (its warning is
+    # filtered above), which it keeps alive.
+    flat = torch.frombuffer(bytearray(data) if copy else data, dtype=raw_dtype)
+    return flat if raw_dtype == dtype and len(shape) == 1 else flat.view(dtype).reshape(shape)
