@@ -326,10 +326,13 @@ def test_process_shards_generate_the_single_process_tokens(process_replica, sing
     torch.testing.assert_close(mixed_batch_logits(process_replica.model), expected_logits, rtol=0, atol=1e-5)
     assert greedy(process_replica.model, Tokenizer.from_dir(process_replica.ckpt.path)) == expected
     stats = process_replica.exchange.stats
-    assert stats.exchanges == len(stats.durations) == len(stats.overheads) > 0
+    assert stats.exchanges == len(stats.durations) == len(stats.overheads) == len(stats.shard_seconds) > 0
     assert stats.shard_compute_seconds > 0, "the shards report their own work"
     assert all(0 <= extra <= whole for extra, whole in zip(stats.overheads, stats.durations)), \
         "what an exchange adds beyond its compute is part of it"
+    assert all(0 < shard <= whole for shard, whole in zip(stats.shard_seconds, stats.durations)), \
+        "a shard's compute in an exchange is part of it"
+    assert sum(stats.shard_seconds) <= stats.shard_compute_seconds + 1e-9, "the slowest shard of each exchange"
 
 
 def test_process_shards_report_loading_only_their_experts(process_replica):
