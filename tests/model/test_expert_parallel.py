@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -32,7 +33,14 @@ from moemesh.worker.models.layers import TopKRouter
 from moemesh.worker.models.placement import ExpertPlacement
 from moemesh.worker.models.qwen2_moe import Qwen2MoeSparseMoeBlock
 from moemesh.worker.models.registry import build_expert_shard, build_model
-from moemesh.worker.ops.remote import ExpertExchange, ExpertParallelConfig, ExpertShardFailed, ExpertShardTimeout
+from moemesh.worker.ops.remote import (
+    ExpertExchange,
+    ExpertParallelConfig,
+    ExpertShardFailed,
+    ExpertShardTimeout,
+    ShardLink,
+    Watchdog,
+)
 from moemesh.worker.server.shard import (
     EXPERT_SHARD_ACCESS,
     EXPERT_SHARD_SERVICE,
@@ -490,3 +498,39 @@ def fused_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                                                        for e in range(count)])
         fused[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down")] for e in range(count)])
     return fused
+
+
+# ---- rank 0's edge: what a shard answers --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("answer, message", [
+    (b"\xff\xff\xff\xff", "not a LayerResult"),
+    (experts_pb2.LayerResult(step=1, layer=0, sequence=7).SerializeToString(), r"answered message 7 \(layer 0\)"),
+    (experts_pb2.LayerResult(step=1, layer=3, sequence=1).SerializeToString(), r"answered message 1 \(layer 3\)"),
+])
+def test_rank_0_fails_the_exchange_on_an_answer_that_is_not_the_one_it_waits_for(answer, message):
+    """A peer on the shard's address answering bytes that do not parse, or another message's answer: the link
+    raises ExpertShardFailed naming the shard (the replica then fails over), rather than adding wrong sums."""
+    from concurrent import futures
+
+    def exchange(requests, context):
+        for _ in requests:
+            yield answer
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    handler = grpc.stream_stream_rpc_method_handler(exchange)  # raw bytes both ways
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(EXPERT_SHARD_SERVICE,
+                                                                          {"Exchange": handler})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    watchdog = Watchdog()
+    link = ShardLink(1, f"127.0.0.1:{port}", grpc.insecure_channel(f"127.0.0.1:{port}"), (), watchdog)
+    try:
+        sequence, size = link.send(1, 0, torch.randn(2, 64), np.array([[1, -1], [0, 1]], dtype=np.int32),
+                                   np.array([[1.0, 0.0], [0.5, 0.5]], dtype=np.float32))
+        assert sequence == 1 and size > 2 * 64 * 4
+        with pytest.raises(ExpertShardFailed, match=f"expert shard rank 1 at 127.0.0.1:{port}.*{message}"):
+            link.receive(sequence, 0, time.monotonic() + 10, 10)
+    finally:
+        link.close()
+        watchdog.stop()
+        server.stop(None)
