@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from moemesh.services.core import tensors
-from moemesh.worker.ops import remote
-from moemesh.worker.ops import native
+from moemesh.worker.ops import native, remote
 from moemesh.worker.ops.remote import route_to_rank, split_by_rank
 
 
