@@ -70,4 +70,4 @@ def from_pb(message: common_pb2.Tensor, copy: bool = True) -> torch.Tensor:
     # With `copy` the tensor owns a writable copy; without, it views `data`, read only (its warning is
     # filtered above), which it keeps alive.
     flat = torch.frombuffer(bytearray(data) if copy else data, dtype=raw_dtype)
-    return flat if raw_dtype == dtype and len(shape) == 1 else flat.view(dtype).reshape(shape)
+    return flat.view(dtype).reshape(shape)
