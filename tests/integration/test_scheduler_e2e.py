@@ -225,24 +225,28 @@ def test_the_mesh_is_still_whole_after_the_scheduler_tests(small_mesh):
 @pytest.mark.slow
 def test_sigterm_drains_a_worker_its_streams_finish_and_new_work_goes_elsewhere(tmp_path, monkeypatch):
     monkeypatch.setenv("MOEMESH_SCHEDULER_AFFINITY_LOAD_GUARD", "0")
-    # A model with peaked logits: the drained streams run in other batches than the clean ones, and 4 x 120 greedy
-    # tokens of a model with near-ties could differ by batch composition alone.
+    # A model with peaked logits: the drained streams run in other batches than the clean ones, and 4 x 600 greedy
+    # tokens of a model with near-ties could differ by batch composition alone. 600 tokens take half a second here.
     checkpoint = build_tiny_mixtral(tmp_path / "ckpt", max_position_embeddings=1024)
     mesh = start_mesh(tmp_path / "mesh", "--model", str(checkpoint), "--workers", "2", "--no-embeddings", "--no-http")
     try:
         with grpc.insecure_channel(mesh.gateway) as ch:
             stub = generation_pb2_grpc.GenerationStub(ch)
-            undisturbed = [stub.Generate(request(p, 120), timeout=120) for p in PROMPTS[:4]]  # all at once
+            undisturbed = [stub.Generate(request(p, 600), timeout=120) for p in PROMPTS[:4]]  # all at once
             clean = [collect(call) for call in undisturbed]
-            calls = [stub.Generate(request(p, 120), timeout=120) for p in PROMPTS[:4]]
-            firsts = [next(call) for call in calls]
-            # The victim is whichever worker the router gave the most streams (it may have given one all four).
-            busiest = max(nodes(mesh), key=lambda n: n.in_flight)
-            assert busiest.in_flight > 0
+            calls = [stub.Generate(request(p, 600), timeout=120) for p in PROMPTS[:4]]
+            # The victim is whichever worker the router gave the most streams (it may have given one all four), taken
+            # the moment all four are routed: waiting for their first tokens first could see them finished.
+            deadline, held = time.monotonic() + 30, nodes(mesh)
+            while sum(n.in_flight for n in held) < len(calls) and time.monotonic() < deadline:
+                time.sleep(0.002)
+                held = nodes(mesh)
+            busiest = max(held, key=lambda n: n.in_flight)
+            assert sum(n.in_flight for n in held) == len(calls), f"the four streams must be running: {held}"
             victim, survivor = sorted(mesh.ready["workers"], key=lambda w: w["address"] != busiest.address)
             os.kill(victim["pid"], signal.SIGTERM)
             late = collect(stub.Generate(request(PROMPTS[5], 16), timeout=60))  # during the drain
-            drained = [collect([first, *call]) for first, call in zip(firsts, calls)]
+            drained = [collect(call) for call in calls]
         assert late["finish"] == common_pb2.FINISH_REASON_LENGTH
         assert [d["ids"] for d in drained] == [c["ids"] for c in clean]
         deadline = time.monotonic() + 30
