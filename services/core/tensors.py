@@ -20,6 +20,7 @@ _TORCH_BY_NAME = {
 }
 _NAME_BY_TORCH = {v: k for k, v in _TORCH_BY_NAME.items()}
 _NAME_BY_NUMPY = {np.dtype(name): name for name in ("float32", "float16", "int32", "int64")}
+_NUMPY_BY_NAME = {name: dtype for dtype, name in _NAME_BY_NUMPY.items()}
 
 # `from_pb(copy=False)` views a message's immutable bytes, documented read-only; torch warns about such a view (once).
 # Filtered once here: a `warnings.catch_warnings()` per call would cost more than the decode and, changing the
@@ -71,3 +72,16 @@ def from_pb(message: common_pb2.Tensor, copy: bool = True) -> torch.Tensor:
     # filtered above), which it keeps alive.
     flat = torch.frombuffer(bytearray(data) if copy else data, dtype=raw_dtype)
     return flat.view(dtype).reshape(shape)
+
+
+def array_from_pb(message: common_pb2.Tensor) -> np.ndarray:
+    """Decode a Tensor message into a read-only host array viewing the message's bytes (bfloat16, which numpy
+    lacks, into a float32 copy): for small index and weight tensors, where a torch view costs several calls."""
+    dtype = _NUMPY_BY_NAME.get(message.dtype)
+    if dtype is None:
+        return from_pb(message).float().numpy() if message.dtype == "bfloat16" else from_pb(message).numpy()
+    shape = tuple(message.shape)
+    data = message.data  # each read of a bytes field makes a new copy of it: one read
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"tensor data has {len(data)} bytes, shape {shape} needs {dtype.itemsize} each")
+    return np.frombuffer(data, dtype=dtype).reshape(shape)

@@ -152,3 +152,56 @@ def test_a_split_of_more_tokens_after_a_smaller_one_is_still_right():
             np.testing.assert_array_equal(share.rows, want[0])
             np.testing.assert_array_equal(share.ids, want[1])
             np.testing.assert_array_equal(share.weights, want[2])
+
+
+def held_choices_both(monkeypatch, rows_of, ids):
+    """`held_choices` natively (int32 ids) and through numpy (the kernels off, and int64 ids)."""
+    fast = remote.held_choices(rows_of, ids.astype(np.int32))
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "load_kernels", lambda: native.Kernels(None, "off for the test"))
+        slow = remote.held_choices(rows_of, ids.astype(np.int32))
+    wide = remote.held_choices(rows_of, ids.astype(np.int64))
+    return fast, slow, wide
+
+
+@needs_native
+@pytest.mark.parametrize("tokens, k", [(1, 1), (1, 2), (7, 2), (32, 8), (300, 4)])
+def test_a_shards_choices_map_to_its_rows_natively_as_through_numpy(monkeypatch, tokens, k):
+    rng = np.random.default_rng(tokens * 10 + k)
+    held = np.sort(rng.choice(64, 24, replace=False))
+    rows_of = remote.held_rows(64, held.tolist())
+    ids = np.stack([rng.choice(held, k, replace=False) for _ in range(tokens)])
+    valid = np.arange(k)[None, :] < rng.integers(1, k + 1, tokens)[:, None]  # 1 to k valid choices, then -1
+    ids = np.where(valid, ids, -1)
+    fast, slow, wide = held_choices_both(monkeypatch, rows_of, ids)
+    want = np.where(valid, rows_of[np.maximum(ids, 0)], -1)
+    for got in (fast, slow, wide):
+        assert got is not None and got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+
+
+@needs_native
+@pytest.mark.parametrize("ids", [
+    [[3, 9]],  # 9 is not held
+    [[3, 64]],  # out of range
+    [[3, -2]],  # below -1
+    [[-1, 3]],  # a valid choice after a -1
+    [[3, 5], [-1, -1]],  # a row without a first choice
+])
+def test_choices_not_for_a_shard_are_refused_natively_and_through_numpy(monkeypatch, ids):
+    rows_of = remote.held_rows(64, [3, 5, 7])
+    assert held_choices_both(monkeypatch, rows_of, np.array(ids)) == (None, None, None)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int32", "int64"])
+def test_a_tensor_message_decodes_to_a_read_only_host_array(dtype):
+    array = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype)
+    decoded = tensors.array_from_pb(tensors.to_pb(array))
+    assert decoded.dtype == array.dtype and not decoded.flags.writeable
+    np.testing.assert_array_equal(decoded, array)
+    wide = tensors.array_from_pb(tensors.to_pb(torch.tensor([[0.5, -2.0]], dtype=torch.bfloat16)))
+    assert wide.dtype == np.float32 and wide.tolist() == [[0.5, -2.0]]
+    short = tensors.to_pb(array)
+    short.data = short.data[:-1]
+    with pytest.raises(ValueError, match="bytes"):
+        tensors.array_from_pb(short)

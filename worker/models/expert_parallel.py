@@ -16,7 +16,7 @@ from torch import nn
 from moemesh.services.core.errors import InvalidRequest
 from moemesh.worker.models.layers import MoEExperts
 from moemesh.worker.models.placement import ExpertPlacement
-from moemesh.worker.ops.remote import held_rows, run_held
+from moemesh.worker.ops.remote import held_choices, held_rows, run_rows
 
 
 def moe_experts(model: nn.Module) -> dict[int, tuple[str, MoEExperts]]:
@@ -68,44 +68,56 @@ class ExpertShardModel:
                         for index, module in layers.items()}  # [E] each, host
 
     def compute(
-        self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+        self, layer: int, hidden: torch.Tensor, expert_ids: np.ndarray | torch.Tensor,
+        weights: np.ndarray | torch.Tensor,
     ) -> torch.Tensor:
-        """hidden [n, H], expert_ids [n, k'] (global, valid first, -1 after), weights [n, k'] -> [n, H] partial sums,
-        in hidden's dtype on the CPU. InvalidRequest naming the field if the work is not for this shard."""
-        ids = self._check(layer, hidden, expert_ids, weights)
-        module = self.layers[layer]
+        """hidden [n, H], expert_ids [n, k'] (global, valid first, -1 after), weights [n, k'] (host arrays, or CPU
+        tensors) -> [n, H] partial sums, in hidden's dtype on the CPU. InvalidRequest naming the field if the
+        work is not for this shard."""
+        ids, host_weights = _host(expert_ids), _host(weights)
+        rows = self._check(layer, hidden, ids, host_weights)
         x = hidden.to(device=self.device, dtype=self.dtype)
-        host_weights = weights.to(dtype=torch.float32).cpu().numpy()
-        out = run_held(module.backend, self.rows_of[layer], x, ids, host_weights)
+        # A copy: the decoded weights view the message's bytes, and torch views writable arrays only.
+        out = run_rows(self.layers[layer].backend, x, rows, host_weights.astype(np.float32))
         return out.to(device="cpu", dtype=hidden.dtype)
 
-    def _check(self, layer: int, hidden: torch.Tensor, expert_ids: torch.Tensor,
-               weights: torch.Tensor) -> np.ndarray:
-        """The work's expert ids as a host array; InvalidRequest if the work is not for this shard."""
-        if layer not in self.layers or not self.layers[layer].held_experts:
+    def _check(self, layer: int, hidden: torch.Tensor, ids: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The work's choices as rows of the held weights (`held_choices`); InvalidRequest if the work is not for
+        this shard."""
+        module = self.layers.get(layer)
+        if module is None or not module.held_experts:
             raise InvalidRequest("layer", f"rank {self.rank} holds no expert of layer {layer}")
         n = hidden.shape[0]
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size or n == 0:
             raise InvalidRequest("hidden", f"expected [n >= 1, {self.hidden_size}], got {list(hidden.shape)}")
-        if expert_ids.dim() != 2 or expert_ids.shape[0] != n or expert_ids.is_floating_point() \
-                or expert_ids.shape[1] == 0:
-            raise InvalidRequest("expert_ids", f"expected integer [{n}, k' >= 1], got {expert_ids.dtype} "
-                                               f"{list(expert_ids.shape)}")
-        if weights.shape != expert_ids.shape or not weights.is_floating_point():
-            raise InvalidRequest("weights", f"expected float [{n}, {expert_ids.shape[1]}], got {weights.dtype} "
+        if ids.ndim != 2 or ids.shape[0] != n or ids.dtype.kind not in "iu" or ids.shape[1] == 0:
+            raise InvalidRequest("expert_ids", f"expected integer [{n}, k' >= 1], got {ids.dtype} {list(ids.shape)}")
+        if weights.shape != ids.shape or weights.dtype.kind != "f":
+            raise InvalidRequest("weights", f"expected float [{n}, {ids.shape[1]}], got {weights.dtype} "
                                             f"{list(weights.shape)}")
-        ids = expert_ids.cpu().numpy()
-        valid = ids >= 0  # [n, k']
+        rows = held_choices(self.rows_of[layer], ids)
+        if rows is None:
+            self._refuse(layer, ids)
+        return rows
+
+    def _refuse(self, layer: int, ids: np.ndarray) -> None:
+        """Raise InvalidRequest naming what is wrong with ids that `held_choices` refused."""
+        valid = ids >= 0
         if (ids < -1).any():
             raise InvalidRequest("expert_ids", "expert ids are 0 or more, and -1 marks padding")
         if not valid[:, 0].all() or (valid[:, 1:] > valid[:, :-1]).any():
             raise InvalidRequest("expert_ids", "each row needs at least one expert, the valid ones before any -1")
-        rows_of = self.rows_of[layer]  # [E] row of each held expert, -1 for the others
-        if (ids >= rows_of.shape[0]).any() or (rows_of[ids[valid]] < 0).any():
-            held = set(self.layers[layer].held_experts)
-            foreign = sorted({int(e) for e in ids[valid].tolist()} - held)
-            raise InvalidRequest("expert_ids", f"rank {self.rank} does not hold experts {foreign} of layer {layer}")
-        return ids
+        held = set(self.layers[layer].held_experts)
+        foreign = sorted({int(e) for e in ids[valid].tolist()} - held)
+        raise InvalidRequest("expert_ids", f"rank {self.rank} does not hold experts {foreign} of layer {layer}")
+
+
+def _host(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A host array of routing values (a CPU tensor's shares its memory; bfloat16, which numpy lacks, widens)."""
+    if not isinstance(values, torch.Tensor):
+        return values
+    values = values.detach().cpu()
+    return (values.float() if values.dtype == torch.bfloat16 else values).numpy()
 
 
 def shard_layers(layers: dict[int, tuple[str, MoEExperts]]) -> dict[int, MoEExperts]:

@@ -233,6 +233,23 @@ def held_rows(num_experts: int, held_experts: Sequence[int]) -> np.ndarray:
     return rows
 
 
+def held_choices(rows_of: np.ndarray, ids: np.ndarray) -> np.ndarray | None:
+    """ids [n, k'] (global expert ids, each row's valid ones first, -1 after) as rows of the held weights: [n, k']
+    int64, -1 kept. None when they are not for these weights: an id out of range or not held, a row without a
+    first choice, a valid choice after a -1. One native call where the kernels are built: a shard's checks and
+    mapping were about ten numpy calls, 67 µs a decode message with the caches cold from the layer's other work,
+    now 43 (bench/ep_bench.py's checkpoint, 2 ranks)."""
+    if ids.dtype == np.int32 and ids.ndim == 2 and native.load_kernels().available:
+        return native.map_held(ids, rows_of)
+    ids = ids.astype(np.int64, copy=False)
+    valid = ids >= 0
+    if ids.ndim != 2 or ids.shape[1] == 0 or (ids < -1).any() or not valid[:, 0].all() \
+            or (valid[:, 1:] > valid[:, :-1]).any() or (ids >= rows_of.shape[0]).any():
+        return None
+    rows = np.where(valid, rows_of[np.maximum(ids, 0)], -1)
+    return None if (rows[valid] < 0).any() else rows
+
+
 def run_held(backend: ExpertsBackend, rows_of: np.ndarray, x: torch.Tensor, ids: np.ndarray,
              weights: np.ndarray) -> torch.Tensor:
     """The weighted sum over each row's choices among the held experts: x [n, H] -> [n, H].
@@ -243,10 +260,17 @@ def run_held(backend: ExpertsBackend, rows_of: np.ndarray, x: torch.Tensor, ids:
     weights are read once. (One call per choice count read them once per
     count: at a decode step, where the experts are bound by reading their
     weights, a shard's message at 32 sequences took 2.85 ms instead of 1.99
-    in bench/ep_bench.py.)
+    in bench/ep_bench.py.) ValueError if an id is not held here.
     """
-    local = np.where(ids >= 0, rows_of[np.maximum(ids, 0)], -1)  # [n, k'] rows of the held weights, -1 untaken
-    return backend(x, on_device(local, x.device), on_device(weights, x.device))
+    local = held_choices(rows_of, ids)
+    if local is None:
+        raise ValueError("the choices name experts these weights do not hold, or are not valid first")
+    return run_rows(backend, x, local, weights)
+
+
+def run_rows(backend: ExpertsBackend, x: torch.Tensor, rows: np.ndarray, weights: np.ndarray) -> torch.Tensor:
+    """`run_held` with the choices already given as rows of the held weights (`held_choices`)."""
+    return backend(x, on_device(rows, x.device), on_device(weights, x.device))
 
 
 class Watchdog:

@@ -28,6 +28,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+import numpy as np
 import pydantic
 import torch
 from pydantic_settings import SettingsConfigDict
@@ -139,8 +140,8 @@ class ExpertShardServicer(experts_pb2_grpc.ExpertShardServicer):
         """One layer's partial sums (on the event loop for a small message, else on the compute thread)."""
         started = time.perf_counter()
         hidden = _decode("hidden", work.hidden)
-        partial = self.shard.compute(work.layer, hidden, _decode("expert_ids", work.expert_ids),
-                                     _decode("weights", work.weights))
+        partial = self.shard.compute(work.layer, hidden, _decode_host("expert_ids", work.expert_ids),
+                                     _decode_host("weights", work.weights))
         result = experts_pb2.LayerResult(step=work.step, layer=work.layer, sequence=work.sequence)
         tensors.fill_pb(result.partial, partial)
         result.compute_seconds = time.perf_counter() - started
@@ -156,6 +157,13 @@ class ExpertShardServicer(experts_pb2_grpc.ExpertShardServicer):
 def _decode(field: str, message: common_pb2.Tensor) -> torch.Tensor:
     try:
         return tensors.from_pb(message, copy=False)  # read only: the shard never writes its inputs
+    except ValueError as exc:
+        raise InvalidRequest(field, str(exc)) from None
+
+
+def _decode_host(field: str, message: common_pb2.Tensor) -> np.ndarray:
+    try:
+        return tensors.array_from_pb(message)  # read only, as above
     except ValueError as exc:
         raise InvalidRequest(field, str(exc)) from None
 

@@ -144,6 +144,9 @@ def _declare(library: ctypes.CDLL) -> None:
     fn = library.moemesh_split_routing
     fn.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr]
     fn.restype = ctypes.c_int
+    fn = library.moemesh_map_held
+    fn.argtypes = [ptr, i64, i64, ptr, i64, ptr]
+    fn.restype = ctypes.c_int
     fn = library.moemesh_rms_norm
     fn.argtypes = [ptr] * 5 + [i64, i64, ctypes.c_float, ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -435,6 +438,22 @@ def split_routing(
     if status:
         raise ValueError(f"topk_ids: an expert id outside [0, {E}), or an owner outside [-1, {ranks})")
     return rows, ids, weights, counts[:3 * ranks].tolist()
+
+
+def map_held(ids: np.ndarray, rows_of: np.ndarray) -> np.ndarray | None:
+    """A shard's choices as rows of its held weights, in one native call: ids [n, k] (int32, global expert ids,
+    each row's valid ones first, -1 after) through rows_of [E] (int64, -1: not held) -> [n, k] int64, -1 kept.
+    None when the ids are not for these weights (an id out of range or not held, a row without a first choice,
+    a valid choice after a -1)."""
+    library = _library()
+    if ids.dtype != np.int32 or ids.ndim != 2 or rows_of.dtype != np.int64 or rows_of.ndim != 1:
+        raise ValueError(f"map_held takes int32 ids [n, k] and int64 rows [E], got {ids.dtype} {ids.shape} and "
+                         f"{rows_of.dtype} {rows_of.shape}")
+    ids, rows_of = np.ascontiguousarray(ids), np.ascontiguousarray(rows_of)
+    out = np.empty(ids.shape, dtype=np.int64)
+    failed = library.moemesh_map_held(ids.ctypes.data, ids.shape[0], ids.shape[1], rows_of.ctypes.data,
+                                      rows_of.shape[0], out.ctypes.data)
+    return None if failed else out
 
 
 def rms_norm(
