@@ -33,6 +33,7 @@ from moemesh.worker.models.layers import TopKRouter
 from moemesh.worker.models.placement import ExpertPlacement
 from moemesh.worker.models.qwen2_moe import Qwen2MoeSparseMoeBlock
 from moemesh.worker.models.registry import build_expert_shard, build_model
+from moemesh.worker.ops import remote
 from moemesh.worker.ops.remote import (
     ExpertExchange,
     ExpertParallelConfig,
@@ -283,6 +284,24 @@ def test_a_shard_with_no_token_in_a_layer_gets_no_message(checkpoints, single_pr
         sent = {rank: link.messages for rank, link in replica.exchange.links.items()}
         assert sent == expected, "each shard gets exactly one message per layer where it has a token"
         assert min(sent.values()) < len(chosen), "this routing should leave some shard without a token"
+    finally:
+        replica.close()
+
+
+def test_a_share_over_the_part_size_goes_in_several_messages_and_the_sum_is_exact(
+        checkpoints, single_process, one_thread, monkeypatch):
+    # A step's share can exceed what one message may hold (a wide model's prefill chunk): it goes in parts, each
+    # answered in turn on the same stream. Here every row is its own message.
+    ckpt = open_checkpoint(checkpoints("mixtral"))
+    placement = parse_placement(ckpt, "1,0,1,1", 2)  # rank 1 holds three experts of four: most rows go there
+    _, expected, _ = single_process("mixtral")
+    monkeypatch.setattr(remote, "MESSAGE_PART_BYTES", 1)
+    replica = thread_replica(ckpt, placement)
+    try:
+        torch.testing.assert_close(mixed_batch_logits(replica.model), expected, rtol=0, atol=1e-5)
+        stats = replica.exchange.stats
+        assert stats.messages == stats.rows_sent > stats.exchanges, "one message per row"
+        assert replica.exchange.links[1].messages == stats.messages
     finally:
         replica.close()
 

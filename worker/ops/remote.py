@@ -48,8 +48,12 @@ from moemesh.worker.ops.experts import ExpertsBackend
 
 log = logging.getLogger(__name__)
 
-# Large enough for a 2,048-token prefill chunk of a 6,144-wide model in float32 (50 MiB).
+# The largest message either end accepts.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# A shard's share of a layer goes in messages of at most this many bytes of hidden states, each answered in turn
+# on the same stream: a step's share can exceed MAX_MESSAGE_BYTES (an 8,192-token budget of a 4,096-wide model in
+# bfloat16 is 64 MiB), and the answers are as large.
+MESSAGE_PART_BYTES = 16 * 1024 * 1024
 _END = object()  # ends a link's request iterator
 EXCHANGE_METHOD = f"/{experts_pb2.DESCRIPTOR.services_by_name['ExpertShard'].full_name}/Exchange"
 
@@ -125,6 +129,11 @@ class Routed:
 
     def rows_on(self, device: torch.device) -> torch.Tensor:
         return on_device(self.rows, device)
+
+    def part(self, start: int, stop: int) -> Routed:
+        """Rows [start, stop) of this share."""
+        ids = self.ids[start:stop]
+        return Routed(self.rows[start:stop], ids, self.weights[start:stop], int(np.count_nonzero(ids >= 0)))
 
 
 def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -552,31 +561,35 @@ class RemoteExperts(ExpertsBackend):
 
     def _send(self, step: int, x: torch.Tensor,
               routed: list[Routed | None]) -> list[tuple[ShardLink, int, torch.Tensor]]:
-        """One LayerWork to each shard with rows in this layer: (link, sequence, token rows) of each."""
+        """The LayerWork of each shard with rows in this layer (several for a share over MESSAGE_PART_BYTES):
+        (link, sequence, token rows) of each message, in the order sent."""
         exchange, sent = self.layer.exchange, []
+        part_rows = max(1, MESSAGE_PART_BYTES // (x.shape[1] * x.element_size()))
         for rank in self.layer.ranks:
             work = routed[rank]
             if work is None:
                 continue  # no token routed there: no message
-            rows = work.rows_on(x.device)
-            hidden = x if work.rows.size == x.shape[0] else x[rows]  # every token: no gather
             link = exchange.links[rank]
-            sequence, size = link.send(step, self.layer.index, hidden, work.ids, work.weights)
-            stats = exchange.stats
-            stats.messages += 1
-            stats.bytes_sent += size
-            stats.rows_sent += work.rows.size
-            stats.choices_sent += work.choices
-            sent.append((link, sequence, rows))
+            for start in range(0, work.rows.size, part_rows):
+                part = work if work.rows.size <= part_rows else work.part(start, start + part_rows)
+                rows = part.rows_on(x.device)
+                hidden = x if part.rows.size == x.shape[0] else x[rows]  # every token: no gather
+                sequence, size = link.send(step, self.layer.index, hidden, part.ids, part.weights)
+                stats = exchange.stats
+                stats.messages += 1
+                stats.bytes_sent += size
+                stats.rows_sent += part.rows.size
+                stats.choices_sent += part.choices
+                sent.append((link, sequence, rows))
         return sent
 
     def _gather(self, sent: list[tuple[ShardLink, int, torch.Tensor]], out: torch.Tensor) -> float:
         """Add each shard's partial sums into its token rows of `out`, waiting at most the exchange timeout;
-        returns the longest time a shard reported spending on its message."""
+        returns the longest time a shard reported spending on its messages."""
         exchange = self.layer.exchange
         timeout = exchange.config.exchange_timeout
         deadline = time.monotonic() + timeout
-        slowest = 0.0
+        spent: dict[int, float] = {}  # each shard's compute over its messages
         for link, sequence, rows in sent:
             try:
                 answer, size = link.receive(sequence, self.layer.index, deadline, timeout)
@@ -585,10 +598,10 @@ class RemoteExperts(ExpertsBackend):
                 raise
             exchange.stats.bytes_received += size
             exchange.stats.shard_compute_seconds += answer.compute_seconds
-            slowest = max(slowest, answer.compute_seconds)
+            spent[link.rank] = spent.get(link.rank, 0.0) + answer.compute_seconds
             partial = tensors.from_pb(answer.partial, copy=False)  # [n, H], read only
             out.index_add_(0, rows, partial.to(device=out.device, dtype=out.dtype))
-        return slowest
+        return max(spent.values())
 
 
 def _channel(address: str, tls_dir: pathlib.Path | None) -> grpc.Channel:
