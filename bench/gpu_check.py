@@ -22,7 +22,7 @@ expected to touch, and the KV of every sequence) over the step time, against
 a device-to-device copy measured on the same GPU. Before that it tunes the
 fused MoE kernel's block sizes for the batch sizes measured (cached for the
 workers), and it compares each Triton kernel with its PyTorch fallback (one
-layer's experts, decode attention), the engine with the Triton kernels
+layer's experts, decode attention, prefill attention), the engine with the Triton kernels
 against the engine built with MOEMESH_TRITON_KERNELS=0, and decode steps
 replayed as CUDA graphs against eager ones and against the bare replay. A
 part that fails is reported and the rest still runs. Full figures go to
@@ -284,10 +284,12 @@ def median_ms(fn, *args) -> float:
 
 
 def compare_kernels(model, levels: list[int], context: int) -> list[dict]:
-    """One layer's experts and decode attention: the Triton kernels against their PyTorch fallbacks (median ms)."""
+    """One layer's experts, decode and prefill attention: the Triton kernels against their PyTorch fallbacks
+    (median ms)."""
     from moemesh.worker.ops.attention import TorchAttention, TritonAttention
     from moemesh.worker.ops.backends import Target
     from moemesh.worker.ops.experts import TorchExperts, TritonExperts
+    from moemesh.worker.ops.gpu import attention as gpu_attention
 
     experts = next(m for m in model.modules() if isinstance(m, MoEExperts))
     E, H = experts.w13.shape[0], experts.w13.shape[2]
@@ -313,6 +315,19 @@ def compare_kernels(model, levels: list[int], context: int) -> list[dict]:
         rows.append({"op": "decode attention", "tokens": sequences, "context": context,
                      "triton_ms": median_ms(fast.attend, q, group, cache, 0, None),
                      "pytorch_ms": median_ms(slow.attend, q, group, cache, 0, None)})
+    for chunk in (512, 2048):  # one sequence's prefill chunk after a cached prefix of `context` tokens
+        blocks = -(-(context + chunk) // 16)
+        cache = model.make_cache(blocks, 16)
+        cache.k[0].normal_(), cache.v[0].normal_()
+        group = ForwardBatch.build([SequenceChunk([0] * chunk, context, list(range(blocks)))], 16, model.layer_windows,
+                                   "cuda").groups[0]
+        q = torch.randn(chunk, args.num_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
+        row = {"op": "prefill attention", "tokens": chunk, "context": context,
+               "triton_ms": median_ms(fast.attend, q, group, cache, 0, None),
+               "pytorch_ms": median_ms(slow.attend, q, group, cache, 0, None)}
+        if gpu_attention._prefill_failure:  # the kernel did not build here: "triton_ms" timed the PyTorch path
+            row["triton_failed"] = gpu_attention._prefill_failure
+        rows.append(row)
     for row in rows:
         print(json.dumps(row))
     return rows
@@ -375,8 +390,10 @@ def print_summary(report: dict, results: list[LevelResult]) -> None:
     print(f"targets: at the largest batch HBM fraction >= {TARGET_HBM_FRACTION:.0%} and engine/HF >= "
           f"{TARGET_VS_TRANSFORMERS:.0f}x; one sequence within {TARGET_ONE_SEQ_VS_BARE}x of the bare CUDA-graph step")
     for row in report["kernels"]:
-        print(f"{row['op']:>16} {row['tokens']:>5}: Triton {row['triton_ms']:.3f} ms, PyTorch {row['pytorch_ms']:.3f} ms "
-              f"({row['pytorch_ms'] / row['triton_ms']:.2f}x)")
+        print(f"{row['op']:>17} {row['tokens']:>5}: Triton {row['triton_ms']:.3f} ms, PyTorch {row['pytorch_ms']:.3f} ms "
+              f"({row['pytorch_ms'] / row['triton_ms']:.2f}x)"
+              + (f"; the kernel FAILED to build, PyTorch both times: {row['triton_failed']}" if "triton_failed" in row
+                 else ""))
     fallback = report["engine_without_triton"]
     largest = max(results, key=lambda r: r.sequences) if results else None
     if fallback and largest and largest.sequences == fallback["sequences"]:

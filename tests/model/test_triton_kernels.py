@@ -16,7 +16,9 @@ import json
 import pytest
 import torch
 
-from moemesh.worker.models.batch import SequenceChunk
+from moemesh.worker.engine.kv_cache import PagedKVCache
+from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
+from moemesh.worker.models.layers import RotaryEmbedding
 from moemesh.worker.ops.attention import TorchAttention, TritonAttention
 from moemesh.worker.ops.backends import Target
 from moemesh.worker.ops.experts import TorchExperts, TritonExperts
@@ -27,6 +29,7 @@ from tests.model.test_ops import (
     KV_HEADS,
     attention_batch,
     expert_layer,
+    randn,
     reference_attention,
 )
 from tests.support.references import reference_experts
@@ -205,3 +208,114 @@ def test_a_cache_block_size_the_kernel_cannot_walk_takes_the_pytorch_path(kernel
     with pytest.raises(ValueError, match="power of two"):
         kernels["attention"].paged_decode_attention(q[:1], cache.k[0].repeat(1, 3, 1, 1)[:, :12], cache.v[0][:, :1],
                                                     batch.groups[0].block_tables, batch.groups[0].seq_lens, None)
+
+
+# --- chunked-prefill attention ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [None, 7])
+def test_prefill_attention_reads_each_prefix_in_place_causally(kernels, dtype, window):
+    # A group of two sequences with 21 new tokens each: one after a cached prefix of 19 (its tokens span three
+    # scattered blocks, the first partly), one with none. Groups of three query heads per KV head, a head size
+    # that is not a power of two.
+    heads, kv_heads, head_dim, block, new = 6, 2, 24, 16, 21
+    g = torch.Generator().manual_seed(7)
+    k_cache = torch.randn(12, block, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(12, block, kv_heads, head_dim, generator=g).to(dtype)
+    tables = torch.tensor([[7, 3, 9, 0], [4, 11, 1, 2]])
+    lengths = torch.tensor([19 + new, new])
+    q = torch.randn(2 * new, heads, head_dim, generator=g).to(dtype)
+    got = kernels["attention"].paged_prefill_attention(*on_device(q, k_cache, v_cache, tables, lengths), new,
+                                                       window).cpu().float()
+    tol = TOLERANCES[dtype]
+    for b in range(2):
+        length = int(lengths[b])
+        slots = [int(tables[b, p // block]) * block + p % block for p in range(length)]
+        keys = k_cache.float().view(-1, kv_heads, head_dim)[slots].repeat_interleave(3, dim=1)  # [L, nh, D]
+        values = v_cache.float().view(-1, kv_heads, head_dim)[slots].repeat_interleave(3, dim=1)
+        for t in range(new):
+            pos = length - new + t
+            first = 0 if window is None else max(0, pos - window + 1)
+            scores = torch.einsum("hd,lhd->hl", q[b * new + t].float(), keys[first : pos + 1]) / head_dim**0.5
+            expected = torch.einsum("hl,lhd->hd", scores.softmax(-1), values[first : pos + 1])
+            torch.testing.assert_close(got[b * new + t], expected, **tol, msg=f"sequence {b}, token {t}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [None, 5])
+def test_triton_prefill_groups_match_the_pytorch_backend(kernels, dtype, window):
+    block = 16
+    chunks = [SequenceChunk(list(range(1, 6)), 19, [3, 1]),  # 5 new tokens after 19 cached: one group of two
+              SequenceChunk(list(range(6, 11)), 0, [2]),
+              SequenceChunk([11, 12, 13], 30, [0, 4, 5]),  # 3 new tokens: a group of its own
+              SequenceChunk([14], 7, [6])]  # a decode in the same batch
+    cache = PagedKVCache(1, 7, block, KV_HEADS, HEAD_DIM, dtype, DEVICE)
+    cache.k[0].copy_(randn(*cache.k[0].shape, seed=21))
+    cache.v[0].copy_(randn(*cache.v[0].shape, seed=22))
+    batch = ForwardBatch.build(chunks, block, [window], DEVICE)
+    N = batch.num_tokens
+    q, k, v = (randn(N, heads, HEAD_DIM, seed=seed).to(device=DEVICE, dtype=dtype)
+               for heads, seed in ((HEADS, 23), (KV_HEADS, 24), (KV_HEADS, 25)))
+    cos, sin = RotaryEmbedding(HEAD_DIM, 10000.0)(batch.positions)
+    where = Target(DEVICE, dtype)
+    op = TritonAttention(HEADS, KV_HEADS, HEAD_DIM, where, kernels=kernels["attention"])
+    rotated = op.rotate_and_store(q, k, v, cos, sin, batch.slots, cache, 0)
+    torch_op = TorchAttention(HEADS, KV_HEADS, HEAD_DIM, where)
+    assert sorted(group.num_tokens for group in batch.groups) == [1, 3, 5]
+    for group in batch.groups:
+        queries = rotated[group.start : group.stop]
+        got = op.attend(queries, group, cache, 0, window)
+        torch.testing.assert_close(got.float(), torch_op.attend(queries, group, cache, 0, window).float(),
+                                   **TOLERANCES[dtype], msg=f"a group of {group.num_tokens}-token chunks")
+
+
+def test_prefill_with_blocks_the_kernel_cannot_multiply_takes_the_pytorch_path(kernels):
+    attention = kernels["attention"]
+    assert attention.supports_prefill(16, 128) and attention.supports_prefill(32, 256)
+    assert not attention.supports_prefill(8, 64), "a block under 16 positions"
+    assert not attention.supports_prefill(24, 64), "a block that is not a power of two"
+    assert not attention.supports_prefill(16, 512), "heads over 256"
+    cache, batch, q, k, v, cos, sin = attention_batch(BATCHES["prefill"], None, torch.float32, DEVICE)  # blocks of 4
+    group = batch.groups[0]
+    with pytest.raises(ValueError, match="at least 16"):
+        attention.paged_prefill_attention(q, cache.k[0], cache.v[0], group.block_tables, group.seq_lens,
+                                          group.num_tokens, None)
+    op = TritonAttention(HEADS, KV_HEADS, HEAD_DIM, Target(DEVICE, torch.float32), kernels=attention)
+    rotated = op.rotate_and_store(q, k, v, cos, sin, batch.slots, cache, 0)
+    torch_op = TorchAttention(HEADS, KV_HEADS, HEAD_DIM, Target(DEVICE, torch.float32))
+    torch.testing.assert_close(op.attend(rotated, group, cache, 0, None), torch_op.attend(rotated, group, cache, 0, None))
+
+
+def test_a_prefill_kernel_that_does_not_fit_the_device_falls_back_once_and_for_good(kernels, monkeypatch, caplog):
+    from triton.runtime.errors import OutOfResources
+
+    attention = kernels["attention"]
+    launches = []
+
+    class Unfit:  # a kernel whose launch fails as Triton's does when a block needs more than the device has
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(grid)
+                raise OutOfResources(232448, 101376, "shared memory")
+            return launch
+
+    monkeypatch.setattr(attention, "_paged_prefill_kernel", Unfit())
+    monkeypatch.setattr(attention, "_prefill_failure", None)
+    block = 16
+    cache = PagedKVCache(1, 3, block, KV_HEADS, HEAD_DIM, torch.float32, DEVICE)
+    batch = ForwardBatch.build([SequenceChunk(list(range(1, 9)), 4, [2])], block, [None], DEVICE)
+    q, k, v = (randn(8, heads, HEAD_DIM, seed=seed).to(DEVICE) for heads, seed in ((HEADS, 31), (KV_HEADS, 32),
+                                                                                      (KV_HEADS, 33)))
+    cos, sin = RotaryEmbedding(HEAD_DIM, 10000.0)(batch.positions)
+    where = Target(DEVICE, torch.float32)
+    op = TritonAttention(HEADS, KV_HEADS, HEAD_DIM, where, kernels=attention)
+    rotated = op.rotate_and_store(q, k, v, cos, sin, batch.slots, cache, 0)
+    (group,) = batch.groups
+    expected = TorchAttention(HEADS, KV_HEADS, HEAD_DIM, where).attend(rotated, group, cache, 0, None)
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            torch.testing.assert_close(op.attend(rotated, group, cache, 0, None), expected)
+    assert len(launches) == 1, "after one failure the kernel is not launched again"
+    assert not attention.supports_prefill(block, HEAD_DIM)
+    assert [r.message for r in caplog.records if "prefill attention" in r.message] and "shared memory" in caplog.text

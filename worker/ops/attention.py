@@ -9,8 +9,8 @@ serves the target:
     and the cache write in one call; decode groups read each sequence's
     blocks in place; prefill groups as `TorchAttention`;
   - `TritonAttention` (CUDA, with Triton, unless MOEMESH_TRITON_KERNELS=0):
-    decode groups read the paged cache in place (`ops/gpu/attention.py`);
-    the rest as `TorchAttention`;
+    decode and prefill groups read the paged cache in place
+    (`ops/gpu/attention.py`); rotary and the cache write as `TorchAttention`;
   - `TorchAttention` (any device; the reference): `apply_rotary` and
     `PagedKVCache.write`; keys gathered from the cache, then SDPA with the
     group's mask.
@@ -130,11 +130,14 @@ class NativeAttention(TorchAttention):
 
 
 class TritonAttention(TorchAttention):
-    """Decode attention reading the paged cache in place (`ops/gpu/attention.py`); CUDA, with Triton.
+    """Attention reading the paged cache in place (`ops/gpu/attention.py`); CUDA, with Triton.
 
-    Rotary and the cache write, and prefill groups (T > 1), are PyTorch's, as in `TorchAttention`; so are
-    caches whose block size the kernel cannot walk (not a power of two). A decode step reads its sequence
-    lengths and block tables on the device: it can be captured in a CUDA graph.
+    Decode groups (T = 1) take the decode kernel, prefill groups (T > 1) the chunked-prefill kernel, causal over
+    each sequence's cached prefix and its new tokens. Rotary and the cache write are PyTorch's, as in
+    `TorchAttention`; so is attention over caches whose block size a kernel cannot walk (decode: not a power of
+    two; prefill: also under 16) or heads over 256, and prefill attention everywhere once its kernel failed to
+    build or fit the device. A decode step reads its sequence lengths and block tables on the device: it can be
+    captured in a CUDA graph.
     """
 
     graph_safe = True
@@ -153,11 +156,21 @@ class TritonAttention(TorchAttention):
     def attend(
         self, q: torch.Tensor, group: AttentionGroup, cache: PagedKVCache, layer: int, window: int | None
     ) -> torch.Tensor:
-        if group.num_tokens > 1 or not self.kernels.supported_block_size(cache.block_size):
+        rows = group.num_seqs * group.num_tokens
+        if group.num_tokens > 1:
+            if not self.kernels.supports_prefill(cache.block_size, self.head_dim):
+                return super().attend(q, group, cache, layer, window)
+            try:
+                out = self.kernels.paged_prefill_attention(q, cache.k[layer], cache.v[layer], group.block_tables,
+                                                           group.seq_lens, group.num_tokens, window)
+            except self.kernels.KernelUnavailable:  # it did not build or fit this device: logged once, never again
+                return super().attend(q, group, cache, layer, window)
+        elif self.kernels.supported_block_size(cache.block_size):
+            out = self.kernels.paged_decode_attention(q, cache.k[layer], cache.v[layer], group.block_tables,
+                                                      group.seq_lens, window)
+        else:
             return super().attend(q, group, cache, layer, window)
-        out = self.kernels.paged_decode_attention(q, cache.k[layer], cache.v[layer], group.block_tables,
-                                                  group.seq_lens, window)
-        return out.view(group.num_seqs, self.num_heads * self.head_dim)
+        return out.view(rows, self.num_heads * self.head_dim)
 
 
 # In order of preference: `choose_attention` builds the first entry that serves the target.

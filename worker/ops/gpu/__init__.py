@@ -2,7 +2,7 @@
 
 `moe.py`: the fused MoE layer (expert-sorted tokens, one grouped GEMM launch
 for gate+up with SwiGLU, one for down with the routing weights).
-`attention.py`: decode attention reading the paged KV cache in place.
+`attention.py`: decode and chunked-prefill attention reading the paged KV cache in place.
 These modules import Triton; the backends import them only when a CUDA
 model is built, and `triton_kernels` says whether they may.
 """
