@@ -22,7 +22,8 @@ expected to touch, and the KV of every sequence) over the step time, against
 a device-to-device copy measured on the same GPU. Before that it tunes the
 fused MoE kernel's block sizes for the batch sizes measured (cached for the
 workers), and it compares each Triton kernel with its PyTorch fallback (one
-layer's experts, decode attention, prefill attention), the engine with the Triton kernels
+layer's experts, decode and prefill attention, the residual add with the
+norm, rotary with the cache write), the engine with the Triton kernels
 against the engine built with MOEMESH_TRITON_KERNELS=0, and decode steps
 replayed as CUDA graphs against eager ones and against the bare replay. A
 part that fails is reported and the rest still runs. Full figures go to
@@ -54,7 +55,7 @@ from moemesh.worker.engine.engine import Engine
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.models.checkpoint import open_checkpoint
-from moemesh.worker.models.layers import MoEExperts
+from moemesh.worker.models.layers import MoEExperts, RMSNorm, RotaryEmbedding
 from moemesh.worker.models.registry import build_model
 from tests.support.checkpoints import build_tiny_tokenizer
 
@@ -284,12 +285,13 @@ def median_ms(fn, *args) -> float:
 
 
 def compare_kernels(model, levels: list[int], context: int) -> list[dict]:
-    """One layer's experts, decode and prefill attention: the Triton kernels against their PyTorch fallbacks
-    (median ms)."""
+    """One layer's experts, decode and prefill attention, the residual add with the norm, and rotary with the
+    cache write: the Triton kernels against their PyTorch fallbacks (median ms)."""
     from moemesh.worker.ops.attention import TorchAttention, TritonAttention
     from moemesh.worker.ops.backends import Target
     from moemesh.worker.ops.experts import TorchExperts, TritonExperts
     from moemesh.worker.ops.gpu import attention as gpu_attention
+    from moemesh.worker.ops.norm import TorchRMSNorm, TritonRMSNorm
 
     experts = next(m for m in model.modules() if isinstance(m, MoEExperts))
     E, H = experts.w13.shape[0], experts.w13.shape[2]
@@ -328,6 +330,22 @@ def compare_kernels(model, levels: list[int], context: int) -> list[dict]:
         if gpu_attention._prefill_failure:  # the kernel did not build here: "triton_ms" timed the PyTorch path
             row["triton_failed"] = gpu_attention._prefill_failure
         rows.append(row)
+    norm = next(m for m in model.modules() if isinstance(m, RMSNorm) and m.weight.numel() == H)
+    fused_norm, torch_norm = TritonRMSNorm(norm.weight, norm.eps), TorchRMSNorm(norm.weight, norm.eps)
+    for tokens in [*levels, 2048]:  # a layer's residual add and norm
+        x, residual = (torch.randn(tokens, H, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        rows.append({"op": "add + rms_norm", "tokens": tokens, "triton_ms": median_ms(fused_norm.add_norm, x, residual),
+                     "pytorch_ms": median_ms(torch_norm.add_norm, x, residual)})
+    for tokens in [*levels, 2048]:  # rotary of a layer's q and k, and the cache write of k and v
+        cache = model.make_cache(-(-tokens // 16), 16)
+        slots = torch.arange(tokens, device="cuda")
+        q = torch.randn(tokens, args.num_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
+        k, v = (torch.randn(tokens, args.num_kv_heads, args.head_dim, dtype=torch.bfloat16, device="cuda")
+                for _ in range(2))
+        cos, sin = RotaryEmbedding(args.head_dim, 10000.0)(slots)
+        rows.append({"op": "rotary + store", "tokens": tokens,
+                     "triton_ms": median_ms(fast.rotate_and_store, q, k, v, cos, sin, slots, cache, 0),
+                     "pytorch_ms": median_ms(slow.rotate_and_store, q, k, v, cos, sin, slots, cache, 0)})
     for row in rows:
         print(json.dumps(row))
     return rows

@@ -45,7 +45,7 @@ from moemesh.worker.ops.linear import (
     TorchLinear,
     choose_linear,
 )
-from moemesh.worker.ops.norm import RMS_NORM_BACKENDS, NativeRMSNorm, TorchRMSNorm, choose_rms_norm
+from moemesh.worker.ops.norm import RMS_NORM_BACKENDS, NativeRMSNorm, TorchRMSNorm, TritonRMSNorm, choose_rms_norm
 from moemesh.worker.ops.packing import packing_available
 from moemesh.worker.ops.router import ROUTER_BACKENDS, NativeRouter, TorchRouter, choose_router
 from tests.support.references import reference_experts
@@ -106,10 +106,10 @@ def test_each_operation_chooses_the_first_backend_that_serves_the_target(monkeyp
     assert chosen_types(target()) == portable, "without the native kernels, oneDNN and PyTorch serve"
     torch_only = [TorchLinear, TorchExperts, TorchAttention, TorchRMSNorm, TorchRouter]
     assert chosen_types(target(relayout=False)) == torch_only, "no re-layout: the plain weights, read by PyTorch"
-    # CUDA (any dtype): the Triton experts and decode attention where Triton is installed, else PyTorch; the
+    # CUDA (any dtype): the Triton experts, attention and norm where Triton is installed, else PyTorch; the
     # target alone decides, so no GPU is needed to check it.
     cuda = Target(torch.device("cuda"), torch.bfloat16)
-    with_triton = [TorchLinear, TritonExperts, TritonAttention, TorchRMSNorm, TorchRouter]
+    with_triton = [TorchLinear, TritonExperts, TritonAttention, TritonRMSNorm, TorchRouter]
     assert chosen_types(cuda) == (with_triton if triton_kernels() else torch_only)
     monkeypatch.setenv("MOEMESH_TRITON_KERNELS", "0")
     assert chosen_types(cuda) == torch_only, "MOEMESH_TRITON_KERNELS=0 leaves CUDA to PyTorch"

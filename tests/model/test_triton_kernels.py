@@ -22,6 +22,7 @@ from moemesh.worker.models.layers import RotaryEmbedding
 from moemesh.worker.ops.attention import TorchAttention, TritonAttention
 from moemesh.worker.ops.backends import Target
 from moemesh.worker.ops.experts import TorchExperts, TritonExperts
+from moemesh.worker.ops.norm import TorchRMSNorm, TritonRMSNorm
 from tests.model.test_ops import (
     BATCHES,
     HEAD_DIM,
@@ -319,3 +320,54 @@ def test_a_prefill_kernel_that_does_not_fit_the_device_falls_back_once_and_for_g
     assert len(launches) == 1, "after one failure the kernel is not launched again"
     assert not attention.supports_prefill(block, HEAD_DIM)
     assert [r.message for r in caplog.records if "prefill attention" in r.message] and "shared memory" in caplog.text
+
+
+# --- the fused small ops ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(5, 48), (3, 4, 16), (0, 32)], ids=["rows", "heads", "empty"])
+def test_triton_rms_norm_and_its_residual_add_match_the_pytorch_backend(dtype, shape):
+    from moemesh.worker.ops.gpu import layer_ops
+
+    dim = shape[-1]
+    weight = (1.0 + 0.1 * randn(dim, seed=41)).to(device=DEVICE, dtype=dtype)
+    x = (3.0 * randn(*shape, seed=42)).to(device=DEVICE, dtype=dtype)
+    residual = randn(*shape, seed=43).to(device=DEVICE, dtype=dtype)
+    fused, reference = TritonRMSNorm(weight, 1e-6, kernels=layer_ops), TorchRMSNorm(weight, 1e-6)
+    torch.testing.assert_close(fused(x), reference(x), **TOLERANCES[dtype])
+    got, summed = fused.add_norm(x, residual)
+    want, want_summed = reference.add_norm(x, residual)
+    assert got.shape == summed.shape == x.shape and got.dtype == summed.dtype == dtype
+    # The sum is rounded to the dtype as PyTorch rounds it; Triton's interpreter rounds float32 to bfloat16
+    # differently (a unit in the last place off), compiled kernels as PyTorch does.
+    exact = DEVICE.type == "cuda" or dtype != torch.bfloat16
+    torch.testing.assert_close(summed, want_summed, **(dict(rtol=0, atol=0) if exact else TOLERANCES[dtype]))
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", sorted(BATCHES))
+def test_triton_rotary_with_the_cache_write_matches_the_pytorch_backend(kernels, dtype, kind):
+    cache, batch, q, k, v, cos, sin = attention_batch(BATCHES[kind], None, dtype, DEVICE)
+    reference_cache = PagedKVCache(1, cache.k[0].shape[0], cache.block_size, KV_HEADS, HEAD_DIM, dtype, DEVICE)
+    reference_cache.k[0].copy_(cache.k[0]), reference_cache.v[0].copy_(cache.v[0])
+    where = Target(DEVICE, dtype)
+    fused = TritonAttention(HEADS, KV_HEADS, HEAD_DIM, where, kernels=kernels["attention"])
+    cos, sin = cos.to(DEVICE), sin.to(DEVICE)
+    got = fused.rotate_and_store(q, k, v, cos, sin, batch.slots, cache, 0)
+    want = TorchAttention(HEADS, KV_HEADS, HEAD_DIM, where).rotate_and_store(q, k, v, cos, sin, batch.slots,
+                                                                               reference_cache, 0)
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+    torch.testing.assert_close(cache.k[0], reference_cache.k[0], **TOLERANCES[dtype])  # the new keys, rotated
+    torch.testing.assert_close(cache.v[0], reference_cache.v[0], rtol=0, atol=0)  # the new values, as given
+    assert not torch.equal(cache.k[0], randn(*cache.k[0].shape, seed=13).to(device=DEVICE, dtype=dtype))
+
+
+def test_an_odd_head_size_takes_the_pytorch_rotary(kernels):
+    from moemesh.worker.ops.gpu import layer_ops
+
+    assert layer_ops.supports_rotary(128) and not layer_ops.supports_rotary(7)
+    with pytest.raises(ValueError, match="even head size"):
+        layer_ops.rotary_store(*(torch.zeros(1, 1, 7),) * 3, torch.zeros(1, 7), torch.zeros(1, 7),
+                               torch.zeros(1, dtype=torch.long), torch.zeros(1, 4, 1, 7), torch.zeros(1, 4, 1, 7))

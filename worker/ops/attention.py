@@ -9,8 +9,8 @@ serves the target:
     and the cache write in one call; decode groups read each sequence's
     blocks in place; prefill groups as `TorchAttention`;
   - `TritonAttention` (CUDA, with Triton, unless MOEMESH_TRITON_KERNELS=0):
-    decode and prefill groups read the paged cache in place
-    (`ops/gpu/attention.py`); rotary and the cache write as `TorchAttention`;
+    rotary and the cache write in one launch (`ops/gpu/layer_ops.py`); decode
+    and prefill groups read the paged cache in place (`ops/gpu/attention.py`);
   - `TorchAttention` (any device; the reference): `apply_rotary` and
     `PagedKVCache.write`; keys gathered from the cache, then SDPA with the
     group's mask.
@@ -132,26 +132,35 @@ class NativeAttention(TorchAttention):
 class TritonAttention(TorchAttention):
     """Attention reading the paged cache in place (`ops/gpu/attention.py`); CUDA, with Triton.
 
-    Decode groups (T = 1) take the decode kernel, prefill groups (T > 1) the chunked-prefill kernel, causal over
-    each sequence's cached prefix and its new tokens. Rotary and the cache write are PyTorch's, as in
-    `TorchAttention`; so is attention over caches whose block size a kernel cannot walk (decode: not a power of
-    two; prefill: also under 16) or heads over 256, and prefill attention everywhere once its kernel failed to
-    build or fit the device. A decode step reads its sequence lengths and block tables on the device: it can be
-    captured in a CUDA graph.
+    Rotary and the cache write are one launch (`ops/gpu/layer_ops.py`). Decode groups (T = 1) take the decode
+    kernel, prefill groups (T > 1) the chunked-prefill kernel, causal over each sequence's cached prefix and its
+    new tokens. Attention is PyTorch's, as in `TorchAttention`, over caches whose block size a kernel cannot walk
+    (decode: not a power of two; prefill: also under 16) or heads over 256, and for every prefill once its kernel
+    failed to build or fit the device. A decode step reads its sequence lengths and block tables on the device:
+    it can be captured in a CUDA graph.
     """
 
     graph_safe = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, target: Target,
-                 kernels: ModuleType | None = None) -> None:
+                 kernels: ModuleType | None = None, layer_ops: ModuleType | None = None) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, target)
-        if kernels is None:  # imported here: it needs Triton
+        if kernels is None:  # imported here: they need Triton
             from moemesh.worker.ops.gpu import attention as kernels
-        self.kernels = kernels
+        if layer_ops is None:
+            from moemesh.worker.ops.gpu import layer_ops
+        self.kernels, self.layer_ops = kernels, layer_ops
 
     @classmethod
     def serves(cls, target: Target) -> bool:
         return target.device.type == "cuda" and triton_kernels()
+
+    def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         slots: torch.Tensor, cache: PagedKVCache, layer: int) -> torch.Tensor:
+        if not self.layer_ops.supports_rotary(self.head_dim):
+            return super().rotate_and_store(q, k, v, cos, sin, slots, cache, layer)
+        # One launch: rotate q and k, store k and v in their cache slots (what `PagedKVCache.write` does).
+        return self.layer_ops.rotary_store(q, k, v, cos, sin, slots, cache.k[layer], cache.v[layer])
 
     def attend(
         self, q: torch.Tensor, group: AttentionGroup, cache: PagedKVCache, layer: int, window: int | None

@@ -4,21 +4,22 @@
 the target:
   - `NativeRMSNorm` (float32 on the CPU, with the native kernels): one call
     instead of several small operators, the residual add included;
+  - `TritonRMSNorm` (CUDA, with Triton, unless MOEMESH_TRITON_KERNELS=0):
+    one launch per call, the residual add included (`ops/gpu/layer_ops.py`);
   - `TorchRMSNorm` (any device; the reference): computed in float32, as
     transformers does.
-
-A Triton/CUDA backend (a fused add + norm kernel) would be one class taking
-CUDA targets, listed before `TorchRMSNorm`.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from types import ModuleType
 
 import torch
 
 from moemesh.worker.ops import native
 from moemesh.worker.ops.backends import Backend, Target, first_serving
+from moemesh.worker.ops.gpu import triton_kernels
 
 
 class RMSNormBackend(Backend):
@@ -69,8 +70,30 @@ class NativeRMSNorm(RMSNormBackend):
         return native.rms_norm(x, self.weight, self.eps, residual)
 
 
+class TritonRMSNorm(RMSNormBackend):
+    """One Triton launch for the norm, or for the residual add and the norm (`ops/gpu/layer_ops.py`); CUDA."""
+
+    graph_safe = True
+
+    def __init__(self, weight: torch.Tensor, eps: float, kernels: ModuleType | None = None) -> None:
+        super().__init__(weight, eps)
+        if kernels is None:  # imported here: it needs Triton
+            from moemesh.worker.ops.gpu import layer_ops as kernels
+        self.kernels = kernels
+
+    @classmethod
+    def serves(cls, target: Target) -> bool:
+        return target.device.type == "cuda" and triton_kernels()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernels.rms_norm(x, self.weight, self.eps)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+
+
 # In order of preference: `choose_rms_norm` builds the first entry that serves the target.
-RMS_NORM_BACKENDS: tuple[type[RMSNormBackend], ...] = (NativeRMSNorm, TorchRMSNorm)
+RMS_NORM_BACKENDS: tuple[type[RMSNormBackend], ...] = (NativeRMSNorm, TritonRMSNorm, TorchRMSNorm)
 
 
 def choose_rms_norm(weight: torch.Tensor, eps: float, target: Target) -> RMSNormBackend:

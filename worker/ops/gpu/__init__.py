@@ -3,6 +3,7 @@
 `moe.py`: the fused MoE layer (expert-sorted tokens, one grouped GEMM launch
 for gate+up with SwiGLU, one for down with the routing weights).
 `attention.py`: decode and chunked-prefill attention reading the paged KV cache in place.
+`layer_ops.py`: RMSNorm with the residual add, and rotary with the KV cache write, one launch each.
 These modules import Triton; the backends import them only when a CUDA
 model is built, and `triton_kernels` says whether they may.
 """
