@@ -246,11 +246,18 @@ def main() -> None:
               "config": GPU_BENCH_CONFIG, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "levels": [asdict(r) for r in results], "gpu_tests": tests_summary(args.tests_log),
               "tuned_moe_configs": tuned, "kernels": kernels, "engine_without_triton": fallback, "graphs": graphs,
-              "errors": errors}
+              "triton_failures": triton_failures(), "errors": errors}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2))
     print_summary(report, results)
+
+
+def triton_failures() -> dict[str, str]:
+    """The Triton kernels that could not run in this process (PyTorch served them), and why."""
+    from moemesh.worker.ops.gpu import failures
+
+    return failures()
 
 
 def guarded(errors: dict[str, str], part: str, fn, *args):
@@ -327,8 +334,8 @@ def compare_kernels(model, levels: list[int], context: int) -> list[dict]:
         row = {"op": "prefill attention", "tokens": chunk, "context": context,
                "triton_ms": median_ms(fast.attend, q, group, cache, 0, None),
                "pytorch_ms": median_ms(slow.attend, q, group, cache, 0, None)}
-        if gpu_attention._prefill_failure:  # the kernel did not build here: "triton_ms" timed the PyTorch path
-            row["triton_failed"] = gpu_attention._prefill_failure
+        if gpu_attention.unavailable(gpu_attention.PREFILL):  # it did not build: "triton_ms" timed PyTorch's path
+            row["triton_failed"] = gpu_attention.unavailable(gpu_attention.PREFILL)
         rows.append(row)
     norm = next(m for m in model.modules() if isinstance(m, RMSNorm) and m.weight.numel() == H)
     fused_norm, torch_norm = TritonRMSNorm(norm.weight, norm.eps), TorchRMSNorm(norm.weight, norm.eps)
@@ -395,6 +402,8 @@ def print_summary(report: dict, results: list[LevelResult]) -> None:
     print(f"== moemesh GPU check: {env['gpu']}, torch {env['torch']}, triton {env['triton']}, "
           f"transformers {env['transformers']}")
     print(f"gpu tests: {report['gpu_tests']}")
+    for kernel, why in report["triton_failures"].items():  # PyTorch served these in this run
+        print(f"Triton kernel FAILED to build or fit this GPU, PyTorch served it: {kernel}: {why}")
     print(f"model: random Mixtral, {report['parameters'] / 1e9:.2f}B parameters, bfloat16; "
           f"{report['prompt_tokens']} prompt + {report['new_tokens']} new tokens per sequence; "
           f"copy bandwidth {report['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")

@@ -19,6 +19,7 @@ import torch
 from moemesh.worker.engine.kv_cache import PagedKVCache
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.models.layers import RotaryEmbedding
+from moemesh.worker.ops import gpu
 from moemesh.worker.ops.attention import TorchAttention, TritonAttention
 from moemesh.worker.ops.backends import Target
 from moemesh.worker.ops.experts import TorchExperts, TritonExperts
@@ -288,6 +289,21 @@ def test_prefill_with_blocks_the_kernel_cannot_multiply_takes_the_pytorch_path(k
     torch.testing.assert_close(op.attend(rotated, group, cache, 0, None), torch_op.attend(rotated, group, cache, 0, None))
 
 
+class Unbuildable:
+    """A kernel whose launch fails as Triton's does when its code does not compile for the device."""
+
+    def __init__(self) -> None:
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            from triton.compiler.errors import CompilationError
+
+            self.launches += 1
+            raise CompilationError("kernel.py", None, "unsupported operation on this architecture")
+        return launch
+
+
 def test_a_prefill_kernel_that_does_not_fit_the_device_falls_back_once_and_for_good(kernels, monkeypatch, caplog):
     from triton.runtime.errors import OutOfResources
 
@@ -302,7 +318,7 @@ def test_a_prefill_kernel_that_does_not_fit_the_device_falls_back_once_and_for_g
             return launch
 
     monkeypatch.setattr(attention, "_paged_prefill_kernel", Unfit())
-    monkeypatch.setattr(attention, "_prefill_failure", None)
+    monkeypatch.setattr(gpu, "_failures", {})
     block = 16
     cache = PagedKVCache(1, 3, block, KV_HEADS, HEAD_DIM, torch.float32, DEVICE)
     batch = ForwardBatch.build([SequenceChunk(list(range(1, 9)), 4, [2])], block, [None], DEVICE)
@@ -320,6 +336,7 @@ def test_a_prefill_kernel_that_does_not_fit_the_device_falls_back_once_and_for_g
     assert len(launches) == 1, "after one failure the kernel is not launched again"
     assert not attention.supports_prefill(block, HEAD_DIM)
     assert [r.message for r in caplog.records if "prefill attention" in r.message] and "shared memory" in caplog.text
+    assert list(gpu.failures()) == ["prefill attention"], "the other kernels still serve"
 
 
 # --- the fused small ops ----------------------------------------------------------------------------------------
@@ -371,3 +388,29 @@ def test_an_odd_head_size_takes_the_pytorch_rotary(kernels):
     with pytest.raises(ValueError, match="even head size"):
         layer_ops.rotary_store(*(torch.zeros(1, 1, 7),) * 3, torch.zeros(1, 7), torch.zeros(1, 7),
                                torch.zeros(1, dtype=torch.long), torch.zeros(1, 4, 1, 7), torch.zeros(1, 4, 1, 7))
+
+
+def test_norm_rotary_and_experts_kernels_that_do_not_build_fall_back_to_pytorch(kernels, monkeypatch):
+    from moemesh.worker.ops.gpu import layer_ops
+
+    monkeypatch.setattr(gpu, "_failures", {})
+    broken = {name: Unbuildable() for name in ("norm", "rotary", "gate_up")}
+    monkeypatch.setattr(layer_ops, "_rms_norm_kernel", broken["norm"])
+    monkeypatch.setattr(layer_ops, "_rotary_store_kernel", broken["rotary"])
+    monkeypatch.setattr(kernels["moe"], "_gate_up_kernel", broken["gate_up"])
+    weight, x, residual = randn(32, seed=51).to(DEVICE), randn(4, 32, seed=52).to(DEVICE), randn(4, 32, seed=53).to(DEVICE)
+    norm = TritonRMSNorm(weight, 1e-6, kernels=layer_ops)
+    for _ in range(2):
+        torch.testing.assert_close(norm.add_norm(x, residual), TorchRMSNorm(weight, 1e-6).add_norm(x, residual))
+        torch.testing.assert_close(norm(x), TorchRMSNorm(weight, 1e-6)(x))
+    cache, batch, q, k, v, cos, sin = attention_batch(BATCHES["decode"], None, torch.float32, DEVICE)
+    op = TritonAttention(HEADS, KV_HEADS, HEAD_DIM, Target(DEVICE, torch.float32), kernels=kernels["attention"],
+                         layer_ops=layer_ops)
+    for _ in range(2):
+        op.rotate_and_store(q, k, v, cos.to(DEVICE), sin.to(DEVICE), batch.slots, cache, 0)
+    x, w13, w2, ids, weights = on_device(*expert_layer(4, 32, 16, 6, 2))
+    experts = TritonExperts(w13, w2, kernels=kernels["moe"])
+    for _ in range(2):
+        torch.testing.assert_close(experts(x, ids, weights), TorchExperts(w13, w2)(x, ids, weights))
+    assert {name: kernel.launches for name, kernel in broken.items()} == {"norm": 1, "rotary": 1, "gate_up": 1}
+    assert sorted(gpu.failures()) == ["fused MoE", "rms_norm", "rotary with the cache write"]

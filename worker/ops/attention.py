@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from moemesh.worker.ops import native
 from moemesh.worker.ops.backends import Backend, Target, first_serving
-from moemesh.worker.ops.gpu import triton_kernels
+from moemesh.worker.ops.gpu import KernelUnavailable, triton_kernels
 
 if TYPE_CHECKING:
     from moemesh.worker.engine.kv_cache import PagedKVCache
@@ -135,9 +135,9 @@ class TritonAttention(TorchAttention):
     Rotary and the cache write are one launch (`ops/gpu/layer_ops.py`). Decode groups (T = 1) take the decode
     kernel, prefill groups (T > 1) the chunked-prefill kernel, causal over each sequence's cached prefix and its
     new tokens. Attention is PyTorch's, as in `TorchAttention`, over caches whose block size a kernel cannot walk
-    (decode: not a power of two; prefill: also under 16) or heads over 256, and for every prefill once its kernel
-    failed to build or fit the device. A decode step reads its sequence lengths and block tables on the device:
-    it can be captured in a CUDA graph.
+    (decode: not a power of two; prefill: also under 16) or heads over 256; and PyTorch serves each of these
+    steps once its kernel failed to build or fit the device. A decode step reads its sequence lengths and block
+    tables on the device: it can be captured in a CUDA graph.
     """
 
     graph_safe = True
@@ -157,10 +157,12 @@ class TritonAttention(TorchAttention):
 
     def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          slots: torch.Tensor, cache: PagedKVCache, layer: int) -> torch.Tensor:
-        if not self.layer_ops.supports_rotary(self.head_dim):
-            return super().rotate_and_store(q, k, v, cos, sin, slots, cache, layer)
-        # One launch: rotate q and k, store k and v in their cache slots (what `PagedKVCache.write` does).
-        return self.layer_ops.rotary_store(q, k, v, cos, sin, slots, cache.k[layer], cache.v[layer])
+        if self.layer_ops.supports_rotary(self.head_dim):
+            try:  # one launch: rotate q and k, store k and v in their cache slots (what `PagedKVCache.write` does)
+                return self.layer_ops.rotary_store(q, k, v, cos, sin, slots, cache.k[layer], cache.v[layer])
+            except KernelUnavailable:
+                pass
+        return super().rotate_and_store(q, k, v, cos, sin, slots, cache, layer)
 
     def attend(
         self, q: torch.Tensor, group: AttentionGroup, cache: PagedKVCache, layer: int, window: int | None
@@ -172,11 +174,14 @@ class TritonAttention(TorchAttention):
             try:
                 out = self.kernels.paged_prefill_attention(q, cache.k[layer], cache.v[layer], group.block_tables,
                                                            group.seq_lens, group.num_tokens, window)
-            except self.kernels.KernelUnavailable:  # it did not build or fit this device: logged once, never again
+            except KernelUnavailable:  # it did not build or fit this device: logged once, never launched again
                 return super().attend(q, group, cache, layer, window)
-        elif self.kernels.supported_block_size(cache.block_size):
-            out = self.kernels.paged_decode_attention(q, cache.k[layer], cache.v[layer], group.block_tables,
-                                                      group.seq_lens, window)
+        elif self.kernels.supports_decode(cache.block_size):
+            try:
+                out = self.kernels.paged_decode_attention(q, cache.k[layer], cache.v[layer], group.block_tables,
+                                                          group.seq_lens, window)
+            except KernelUnavailable:
+                return super().attend(q, group, cache, layer, window)
         else:
             return super().attend(q, group, cache, layer, window)
         return out.view(rows, self.num_heads * self.head_dim)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from moemesh.worker.ops import native
 from moemesh.worker.ops.backends import Backend, Target, first_serving
-from moemesh.worker.ops.gpu import triton_kernels
+from moemesh.worker.ops.gpu import KernelUnavailable, triton_kernels, unavailable
 from moemesh.worker.ops.packing import pack_weight, packed_linear
 
 
@@ -267,7 +267,8 @@ class TorchExperts(GroupedExperts):
 # In order of preference: `choose_experts` builds the first entry that serves the target.
 class TritonExperts(ExpertsBackend):
     """The fused MoE kernel (`ops/gpu/moe.py`): tokens sorted by expert, one grouped GEMM launch for gate+up with
-    SwiGLU and one for down with the routing weights; CUDA, with Triton; no host sync, so graph-capturable."""
+    SwiGLU and one for down with the routing weights; CUDA, with Triton; no host sync, so graph-capturable.
+    `TorchExperts` serves instead once the kernel failed to build or fit the device."""
 
     graph_safe = True
 
@@ -292,7 +293,12 @@ class TritonExperts(ExpertsBackend):
         topk_weights: torch.Tensor,
         expert_ids: Iterable[int] | None = None,
     ) -> torch.Tensor:
-        return self.kernels.fused_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids)
+        if unavailable(self.kernels.FUSED_MOE) is None:
+            try:
+                return self.kernels.fused_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids)
+            except KernelUnavailable:  # it did not build or fit this device: logged once, PyTorch from here on
+                pass
+        return TorchExperts(self.w13, self.w2)(x, topk_ids, topk_weights, expert_ids)
 
 
 EXPERTS_BACKENDS: tuple[type[ExpertsBackend], ...] = (NativeExperts, OneDNNExperts, TritonExperts, TorchExperts)

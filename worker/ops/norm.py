@@ -19,7 +19,7 @@ import torch
 
 from moemesh.worker.ops import native
 from moemesh.worker.ops.backends import Backend, Target, first_serving
-from moemesh.worker.ops.gpu import triton_kernels
+from moemesh.worker.ops.gpu import KernelUnavailable, triton_kernels
 
 
 class RMSNormBackend(Backend):
@@ -70,8 +70,9 @@ class NativeRMSNorm(RMSNormBackend):
         return native.rms_norm(x, self.weight, self.eps, residual)
 
 
-class TritonRMSNorm(RMSNormBackend):
-    """One Triton launch for the norm, or for the residual add and the norm (`ops/gpu/layer_ops.py`); CUDA."""
+class TritonRMSNorm(TorchRMSNorm):
+    """One Triton launch for the norm, or for the residual add and the norm (`ops/gpu/layer_ops.py`); CUDA.
+    `TorchRMSNorm` serves instead once the kernel failed to build or fit the device."""
 
     graph_safe = True
 
@@ -86,10 +87,20 @@ class TritonRMSNorm(RMSNormBackend):
         return target.device.type == "cuda" and triton_kernels()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernels.rms_norm(x, self.weight, self.eps)
+        if self.kernels.norm_available():
+            try:
+                return self.kernels.rms_norm(x, self.weight, self.eps)
+            except KernelUnavailable:
+                pass
+        return super().__call__(x)
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+        if self.kernels.norm_available():
+            try:
+                return self.kernels.rms_norm(x, self.weight, self.eps, residual)
+            except KernelUnavailable:
+                pass
+        return super().add_norm(x, residual)
 
 
 # In order of preference: `choose_rms_norm` builds the first entry that serves the target.

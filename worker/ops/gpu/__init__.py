@@ -6,12 +6,21 @@ for gate+up with SwiGLU, one for down with the routing weights).
 `layer_ops.py`: RMSNorm with the residual add, and rotary with the KV cache write, one launch each.
 These modules import Triton; the backends import them only when a CUDA
 model is built, and `triton_kernels` says whether they may.
+
+Every kernel launches through `launch`: one that fails to compile or to fit
+the device (none has yet run on a GPU of every kind) is logged once, marked
+unavailable for the process, and its backend takes the PyTorch path, so that
+a first run on a new device serves, and reports, rather than fails.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 SWITCH = "MOEMESH_TRITON_KERNELS"  # "0" turns the Triton backends off (the PyTorch path serves CUDA alone)
 
@@ -19,3 +28,36 @@ SWITCH = "MOEMESH_TRITON_KERNELS"  # "0" turns the Triton backends off (the PyTo
 def triton_kernels() -> bool:
     """Whether the Triton backends may serve CUDA targets: Triton is installed and not switched off."""
     return os.environ.get(SWITCH, "1") != "0" and importlib.util.find_spec("triton") is not None
+
+
+class KernelUnavailable(RuntimeError):
+    """A Triton kernel does not build or fit this device: its backend takes the PyTorch path."""
+
+
+# Kernel name -> why it cannot run in this process, once one of its launches failed to compile or fit the device.
+_failures: dict[str, str] = {}
+
+
+def unavailable(kernel: str) -> str | None:
+    """Why `kernel` cannot run here (None: it can, as far as its launches have shown)."""
+    return _failures.get(kernel)
+
+
+def failures() -> dict[str, str]:
+    """Every kernel that could not run in this process, and why (for reports)."""
+    return dict(_failures)
+
+
+def launch(kernel: str, run: Callable[[], None]) -> None:
+    """Run `kernel`'s launches; if they fail to compile or to fit the device, mark it unavailable here, log it once
+    and raise KernelUnavailable (the caller falls back). Other errors pass through."""
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        run()
+    except (CompilationError, OutOfResources) as exc:
+        _failures[kernel] = f"{type(exc).__name__}: {exc}"
+        log.warning("the Triton %s kernel cannot run on this device; PyTorch serves it from here on: %s", kernel,
+                    _failures[kernel])
+        raise KernelUnavailable(_failures[kernel]) from exc

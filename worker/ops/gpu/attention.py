@@ -19,17 +19,14 @@ too: the backend writes them there first.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
 
+from moemesh.worker.ops.gpu import launch, unavailable
 from moemesh.worker.ops.gpu.moe import INTERPRETED, dot_precision
 
-log = logging.getLogger(__name__)
+DECODE, PREFILL = "decode attention", "prefill attention"  # the kernels' names in failure reports
 
 
 @triton.jit
@@ -81,6 +78,11 @@ def supported_block_size(block_size: int) -> bool:
     return block_size > 0 and block_size & (block_size - 1) == 0
 
 
+def supports_decode(block_size: int) -> bool:
+    """`supported_block_size`, and the decode kernel has not failed to build here."""
+    return unavailable(DECODE) is None and supported_block_size(block_size)
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -101,14 +103,14 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     q = q.contiguous()
     out = torch.empty_like(q)
-    _paged_decode_kernel[(B, num_kv_heads)](
+    launch(DECODE, lambda: _paged_decode_kernel[(B, num_kv_heads)](
         q, k_cache, v_cache, block_tables, seq_lens, out,
         head_dim**-0.5, window or 0, head_dim,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, BLOCK_G=triton.next_power_of_2(group), BLOCK_S=block_size,
         BLOCK_D=triton.next_power_of_2(head_dim), WINDOWED=window is not None,
-    )
+    ))
     return out
 
 
@@ -178,19 +180,10 @@ def _paged_prefill_kernel(
 PREFILL_ROWS = 64
 
 
-class KernelUnavailable(RuntimeError):
-    """The kernel does not build or fit on this device: the caller takes the PyTorch path."""
-
-
-# Why the prefill kernel cannot run in this process, once a launch failed to compile or to fit the device (the
-# kernel is the newest here; the first launch on a device not yet seen must not fail the engine).
-_prefill_failure: str | None = None
-
-
 def supports_prefill(block_size: int, head_dim: int) -> bool:
     """The prefill kernel multiplies a cache block's keys as one matrix: a power-of-two block of 16 positions or
     more, and heads of up to 256; and it has not failed to build here."""
-    return _prefill_failure is None and supported_block_size(block_size) and block_size >= 16 and 0 < head_dim <= 256
+    return unavailable(PREFILL) is None and supported_block_size(block_size) and block_size >= 16 and 0 < head_dim <= 256
 
 
 def paged_prefill_attention(
@@ -221,20 +214,13 @@ def paged_prefill_attention(
     block_m = max(1, PREFILL_ROWS // block_g)
     q = q.contiguous()
     out = torch.empty_like(q)
-    try:
-        _paged_prefill_kernel[(B, num_kv_heads, triton.cdiv(num_tokens, block_m))](
-            q, k_cache, v_cache, block_tables, seq_lens, out,
-            head_dim**-0.5, window or 0, head_dim, num_tokens,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-            out.stride(0), out.stride(1),
-            GROUP=group, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_S=block_size,
-            BLOCK_D=max(16, triton.next_power_of_2(head_dim)), WINDOWED=window is not None, UPCAST=INTERPRETED,
-            PRECISION=dot_precision(q.dtype),
-        )
-    except (CompilationError, OutOfResources) as exc:
-        global _prefill_failure
-        _prefill_failure = f"{type(exc).__name__}: {exc}"
-        log.warning("the Triton prefill attention kernel cannot run on this device, prefill attention takes the "
-                    "PyTorch path from here on: %s", _prefill_failure)
-        raise KernelUnavailable(_prefill_failure) from exc
+    launch(PREFILL, lambda: _paged_prefill_kernel[(B, num_kv_heads, triton.cdiv(num_tokens, block_m))](
+        q, k_cache, v_cache, block_tables, seq_lens, out,
+        head_dim**-0.5, window or 0, head_dim, num_tokens,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, BLOCK_G=block_g, BLOCK_M=block_m, BLOCK_S=block_size,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), WINDOWED=window is not None, UPCAST=INTERPRETED,
+        PRECISION=dot_precision(q.dtype),
+    ))
     return out

@@ -18,6 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
+from moemesh.worker.ops.gpu import launch, unavailable
+
+RMS_NORM, ROTARY = "rms_norm", "rotary with the cache write"  # the kernels' names in failure reports
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -54,10 +58,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     summed = torch.empty_like(rows) if residual is not None else out
     res = _rows(residual) if residual is not None else rows
     if rows.shape[0]:
-        _rms_norm_kernel[(rows.shape[0],)](
+        launch(RMS_NORM, lambda: _rms_norm_kernel[(rows.shape[0],)](
             rows, res, weight, out, summed, dim, eps, rows.stride(0), res.stride(0), out.stride(0), summed.stride(0),
             BLOCK_D=triton.next_power_of_2(dim), ADD=residual is not None,
-        )
+        ))
     if residual is None:
         return out.view(shape)
     return out.view(shape), summed.view(shape)
@@ -101,8 +105,13 @@ def _rotary_store_kernel(
 
 
 def supports_rotary(head_dim: int) -> bool:
-    """Rotary pairs the two halves of a head: an even head size."""
-    return head_dim > 0 and head_dim % 2 == 0
+    """Rotary pairs the two halves of a head: an even head size; and the kernel has not failed to build here."""
+    return unavailable(ROTARY) is None and head_dim > 0 and head_dim % 2 == 0
+
+
+def norm_available() -> bool:
+    """Whether the norm kernel has not failed to build here."""
+    return unavailable(RMS_NORM) is None
 
 
 def rotary_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -119,11 +128,11 @@ def rotary_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         cos, sin = cos.contiguous(), sin.contiguous()
         flat = k_cache.view(-1, kv_heads, head_dim)
-        _rotary_store_kernel[(N,)](
+        launch(ROTARY, lambda: _rotary_store_kernel[(N,)](
             q, k, v, cos, sin, slots, q_out, k_cache, v_cache,
             q_heads, kv_heads, head_dim,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             q_out.stride(0), q_out.stride(1), flat.stride(0), flat.stride(1),
             BLOCK_H=triton.next_power_of_2(max(q_heads, kv_heads)), BLOCK_D=triton.next_power_of_2(head_dim),
-        )
+        ))
     return q_out
