@@ -41,7 +41,7 @@ from moemesh.ray_mesh import RayMesh, start_mesh_on_ray  # noqa: E402  (needs ra
 pytestmark = pytest.mark.slow
 
 PROMPTS = [f"The scheduler admits request {i} and" for i in range(8)]
-MAX_TOKENS = 400  # long enough that the streams are still running when the replica is removed
+MAX_TOKENS = 800  # long enough that the streams are still running when the replica is removed (400 took 0.5 s)
 STREAM_DEADLINE = 90.0
 RECOVERY_BOUND = 60.0  # seconds Ray may take to restart an actor and its service on this loaded 2-core machine
 
