@@ -73,3 +73,31 @@ def test_graphs_serve_only_captured_decode_steps_that_fit(model):
 
 def test_an_engine_on_the_cpu_captures_nothing(engine):
     assert engine.graphs is None and engine.runner.graphs is None
+
+
+def test_no_graph_is_captured_once_a_triton_kernel_fell_back_to_pytorch(model, monkeypatch, caplog):
+    # The warm-up step is where kernels compile; one that could not run leaves its operation to PyTorch, whose
+    # path may read sizes on the host, so the steps run eagerly. (No GPU here: the CUDA calls are stood in for.)
+    from moemesh.worker.ops import gpu
+
+    cache = model.make_cache(9, BLOCK)
+    graphs = DecodeGraphs(model, cache, BLOCK, max_num_seqs=4, max_model_len=16, scratch_block=8)
+    warmed = []
+
+    def warm_up(batch, cache):
+        warmed.append(batch.num_tokens)
+        gpu._failures["decode attention"] = "CompilationError: unsupported on this device"
+
+    def no_capture():
+        raise AssertionError("a graph was captured although a kernel fell back")
+
+    monkeypatch.setattr(gpu, "_failures", {})
+    monkeypatch.setattr(graphs, "model", warm_up)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", no_capture)
+    with caplog.at_level("WARNING"):
+        graphs.capture()
+    assert warmed == [4] and graphs.graphs == {}, "one warm-up, then no graph"
+    assert not graphs.serves([SequenceChunk([5], 7, [0, 1])]), "decode steps run eagerly"
+    assert "decode attention" in caplog.text and "without CUDA graphs" in caplog.text

@@ -11,7 +11,9 @@ and attends to that block alone, and its logits are ignored.
 
 Only a model whose every operation is graph-safe on its backend (no host
 sync, every size on the device: the Triton backends and the plain PyTorch
-matmuls, norms and router) is captured; others run eagerly.
+matmuls, norms and router) is captured; others run eagerly. So do the steps
+of a model one of whose Triton kernels could not run on the device (the
+PyTorch path that then serves it may not be graph-safe).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from moemesh.worker.models.batch import AttentionGroup, ForwardBatch, SequenceChunk
+from moemesh.worker.ops.gpu import failures
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,11 @@ class DecodeGraphs:
             with torch.inference_mode():
                 self.model(batch, self.cache)  # warm-up: compiles kernels and settles allocations, outside the graph
                 torch.cuda.synchronize(self.device)
+                if failures():  # a kernel fell back to PyTorch, whose path may not be graph-safe: no graphs
+                    log.warning("a Triton kernel could not run on this device (%s); decode steps run without CUDA "
+                                "graphs", ", ".join(failures()))
+                    self.graphs.clear()
+                    return
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self.model(batch, self.cache)  # [rows, V]
