@@ -462,6 +462,30 @@ def test_a_shard_refuses_work_without_choices(guarded_shard):
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "k' >= 1" in raised.value.details()
 
 
+def test_a_shard_refuses_ids_and_weights_of_the_wrong_kind_or_size_and_takes_int64_ids(guarded_shard):
+    metadata = bearer_metadata("cluster-secret")
+    float_ids = layer_work([[2, 3]])
+    float_ids.expert_ids.CopyFrom(tensors.to_pb(torch.tensor([[2.0, 3.0]])))
+    integer_weights = layer_work([[2, 3]])
+    integer_weights.weights.CopyFrom(tensors.to_pb(torch.tensor([[1, 1]], dtype=torch.int32)))
+    short_ids = layer_work([[2, 3]])
+    short_ids.expert_ids.data = short_ids.expert_ids.data[:-2]
+    unknown_dtype = layer_work([[2, 3]])
+    unknown_dtype.weights.dtype = "complex64"
+    for work, field, message in [(float_ids, "expert_ids", "expected integer"), (integer_weights, "weights", "float"),
+                                 (short_ids, "expert_ids", "bytes"), (unknown_dtype, "weights", "dtype")]:
+        with pytest.raises(grpc.RpcError) as raised:
+            exchange_once(guarded_shard.address, work, metadata)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+        assert field in raised.value.details() and message in raised.value.details()
+    wide = layer_work([[2, 3], [3, -1]])
+    wide.expert_ids.CopyFrom(tensors.to_pb(torch.tensor([[2, 3], [3, -1]], dtype=torch.int64)))
+    narrow = layer_work([[2, 3], [3, -1]])
+    narrow.hidden.CopyFrom(wide.hidden)
+    answers = [tensors.from_pb(exchange_once(guarded_shard.address, w, metadata).partial) for w in (wide, narrow)]
+    torch.testing.assert_close(answers[0], answers[1], rtol=0, atol=0)  # int64 ids go through numpy, as well
+
+
 def test_a_shard_refuses_callers_without_the_cluster_token(guarded_shard):
     with pytest.raises(grpc.RpcError) as raised:
         exchange_once(guarded_shard.address, layer_work([[2, 3]]))
