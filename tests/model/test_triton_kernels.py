@@ -414,3 +414,19 @@ def test_norm_rotary_and_experts_kernels_that_do_not_build_fall_back_to_pytorch(
         torch.testing.assert_close(experts(x, ids, weights), TorchExperts(w13, w2)(x, ids, weights))
     assert {name: kernel.launches for name, kernel in broken.items()} == {"norm": 1, "rotary": 1, "gate_up": 1}
     assert sorted(gpu.failures()) == ["fused MoE", "rms_norm", "rotary with the cache write"]
+
+
+def test_only_build_failures_fall_back_other_errors_pass_through(monkeypatch):
+    monkeypatch.setattr(gpu, "_failures", {})
+
+    def fails(exc):
+        def run():
+            raise exc
+        return run
+
+    with pytest.raises(gpu.KernelUnavailable):
+        gpu.launch("lowering", fails(RuntimeError("PassManager::run failed")))
+    for error in (RuntimeError("CUDA error: an illegal memory access was encountered"), ValueError("a bad argument")):
+        with pytest.raises(type(error)):
+            gpu.launch("other", fails(error))
+    assert list(gpu.failures()) == ["lowering"], "only a build failure marks a kernel unavailable"

@@ -50,13 +50,16 @@ def failures() -> dict[str, str]:
 
 def launch(kernel: str, run: Callable[[], None]) -> None:
     """Run `kernel`'s launches; if they fail to compile or to fit the device, mark it unavailable here, log it once
-    and raise KernelUnavailable (the caller falls back). Other errors pass through."""
+    and raise KernelUnavailable (the caller falls back). Other errors pass through, the interpreter's included (a
+    kernel's bug must fail its tests, not fall back)."""
     from triton.compiler.errors import CompilationError
-    from triton.runtime.errors import OutOfResources
+    from triton.runtime.errors import OutOfResources, PTXASError
 
     try:
         run()
-    except (CompilationError, OutOfResources) as exc:
+    except (CompilationError, OutOfResources, PTXASError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "PassManager" not in str(exc):
+            raise  # a lowering pass that failed reports "PassManager::run failed"; anything else is not a build error
         _failures[kernel] = f"{type(exc).__name__}: {exc}"
         log.warning("the Triton %s kernel cannot run on this device; PyTorch serves it from here on: %s", kernel,
                     _failures[kernel])
