@@ -215,18 +215,25 @@ def test_a_cache_block_size_the_kernel_cannot_walk_takes_the_pytorch_path(kernel
 # --- chunked-prefill attention ----------------------------------------------------------------------------------
 
 
+# (query heads, KV heads, head size, block, new tokens, cached prefix of the first sequence): groups of three query
+# heads per KV head and a head size that is not a power of two, 21 new tokens over two blocks of program rows; and
+# 70 new tokens over five, in blocks of 32 positions after a prefix of 45.
+PREFILL_SHAPES = [(6, 2, 24, 16, 21, 19), (4, 2, 16, 32, 70, 45)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("window", [None, 7])
-def test_prefill_attention_reads_each_prefix_in_place_causally(kernels, dtype, window):
-    # A group of two sequences with 21 new tokens each: one after a cached prefix of 19 (its tokens span three
-    # scattered blocks, the first partly), one with none. Groups of three query heads per KV head, a head size
-    # that is not a power of two.
-    heads, kv_heads, head_dim, block, new = 6, 2, 24, 16, 21
+@pytest.mark.parametrize("window", [None, 7, 40])
+@pytest.mark.parametrize("shape", PREFILL_SHAPES, ids=["group3", "block32"])
+def test_prefill_attention_reads_each_prefix_in_place_causally(kernels, dtype, window, shape):
+    # A group of two sequences: one after a cached prefix (its tokens span scattered blocks, the first partly), one
+    # with none.
+    heads, kv_heads, head_dim, block, new, prefix = shape
+    group_size = heads // kv_heads
     g = torch.Generator().manual_seed(7)
     k_cache = torch.randn(12, block, kv_heads, head_dim, generator=g).to(dtype)
     v_cache = torch.randn(12, block, kv_heads, head_dim, generator=g).to(dtype)
-    tables = torch.tensor([[7, 3, 9, 0], [4, 11, 1, 2]])
-    lengths = torch.tensor([19 + new, new])
+    tables = torch.tensor([[7, 3, 9, 0, 5], [4, 11, 1, 2, 6]])
+    lengths = torch.tensor([prefix + new, new])
     q = torch.randn(2 * new, heads, head_dim, generator=g).to(dtype)
     got = kernels["attention"].paged_prefill_attention(*on_device(q, k_cache, v_cache, tables, lengths), new,
                                                        window).cpu().float()
@@ -234,8 +241,8 @@ def test_prefill_attention_reads_each_prefix_in_place_causally(kernels, dtype, w
     for b in range(2):
         length = int(lengths[b])
         slots = [int(tables[b, p // block]) * block + p % block for p in range(length)]
-        keys = k_cache.float().view(-1, kv_heads, head_dim)[slots].repeat_interleave(3, dim=1)  # [L, nh, D]
-        values = v_cache.float().view(-1, kv_heads, head_dim)[slots].repeat_interleave(3, dim=1)
+        keys = k_cache.float().view(-1, kv_heads, head_dim)[slots].repeat_interleave(group_size, dim=1)  # [L, nh, D]
+        values = v_cache.float().view(-1, kv_heads, head_dim)[slots].repeat_interleave(group_size, dim=1)
         for t in range(new):
             pos = length - new + t
             first = 0 if window is None else max(0, pos - window + 1)
