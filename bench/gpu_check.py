@@ -298,6 +298,7 @@ def compare_kernels(model, levels: list[int], context: int) -> list[dict]:
     from moemesh.worker.ops.backends import Target
     from moemesh.worker.ops.experts import TorchExperts, TritonExperts
     from moemesh.worker.ops.gpu import attention as gpu_attention
+    from moemesh.worker.ops.gpu import unavailable
     from moemesh.worker.ops.norm import TorchRMSNorm, TritonRMSNorm
 
     experts = next(m for m in model.modules() if isinstance(m, MoEExperts))
@@ -334,8 +335,8 @@ def compare_kernels(model, levels: list[int], context: int) -> list[dict]:
         row = {"op": "prefill attention", "tokens": chunk, "context": context,
                "triton_ms": median_ms(fast.attend, q, group, cache, 0, None),
                "pytorch_ms": median_ms(slow.attend, q, group, cache, 0, None)}
-        if gpu_attention.unavailable(gpu_attention.PREFILL):  # it did not build: "triton_ms" timed PyTorch's path
-            row["triton_failed"] = gpu_attention.unavailable(gpu_attention.PREFILL)
+        if unavailable(gpu_attention.PREFILL):  # it did not build: "triton_ms" timed PyTorch's path
+            row["triton_failed"] = unavailable(gpu_attention.PREFILL)
         rows.append(row)
     norm = next(m for m in model.modules() if isinstance(m, RMSNorm) and m.weight.numel() == H)
     fused_norm, torch_norm = TritonRMSNorm(norm.weight, norm.eps), TorchRMSNorm(norm.weight, norm.eps)

@@ -60,11 +60,7 @@ def from_pb(message: common_pb2.Tensor, copy: bool = True) -> torch.Tensor:
     dtype = _TORCH_BY_NAME.get(message.dtype)
     if dtype is None:
         raise ValueError(f"tensor dtype {message.dtype!r} is not one of {sorted(_TORCH_BY_NAME)}")
-    shape = tuple(message.shape)
-    itemsize = dtype.itemsize
-    data = message.data  # each read of a bytes field makes a new copy of it: one read
-    if len(data) != math.prod(shape) * itemsize:
-        raise ValueError(f"tensor data has {len(data)} bytes, shape {shape} needs {itemsize} each")
+    shape, data = _shape_and_data(message, dtype.itemsize)
     if not data:
         return torch.empty(shape, dtype=dtype)  # frombuffer refuses an empty buffer
     raw_dtype = torch.int16 if dtype == torch.bfloat16 else dtype
@@ -80,8 +76,14 @@ def array_from_pb(message: common_pb2.Tensor) -> np.ndarray:
     dtype = _NUMPY_BY_NAME.get(message.dtype)
     if dtype is None:
         return from_pb(message).float().numpy() if message.dtype == "bfloat16" else from_pb(message).numpy()
+    shape, data = _shape_and_data(message, dtype.itemsize)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _shape_and_data(message: common_pb2.Tensor, itemsize: int) -> tuple[tuple[int, ...], bytes]:
+    """The message's shape and bytes; ValueError unless the bytes are exactly the shape's."""
     shape = tuple(message.shape)
     data = message.data  # each read of a bytes field makes a new copy of it: one read
-    if len(data) != math.prod(shape) * dtype.itemsize:
-        raise ValueError(f"tensor data has {len(data)} bytes, shape {shape} needs {dtype.itemsize} each")
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    if len(data) != math.prod(shape) * itemsize:
+        raise ValueError(f"tensor data has {len(data)} bytes, shape {shape} needs {itemsize} each")
+    return shape, data

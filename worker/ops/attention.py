@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from moemesh.worker.ops import native
 from moemesh.worker.ops.backends import Backend, Target, first_serving
-from moemesh.worker.ops.gpu import KernelUnavailable, triton_kernels
+from moemesh.worker.ops.gpu import attempt, triton_kernels
 
 if TYPE_CHECKING:
     from moemesh.worker.engine.kv_cache import PagedKVCache
@@ -157,34 +157,26 @@ class TritonAttention(TorchAttention):
 
     def rotate_and_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          slots: torch.Tensor, cache: PagedKVCache, layer: int) -> torch.Tensor:
-        if self.layer_ops.supports_rotary(self.head_dim):
-            try:  # one launch: rotate q and k, store k and v in their cache slots (what `PagedKVCache.write` does)
-                return self.layer_ops.rotary_store(q, k, v, cos, sin, slots, cache.k[layer], cache.v[layer])
-            except KernelUnavailable:
-                pass
-        return super().rotate_and_store(q, k, v, cos, sin, slots, cache, layer)
+        ops, rotated = self.layer_ops, None
+        if ops.supports_rotary(self.head_dim):  # one launch: rotate q and k, store k and v in their cache slots
+            rotated = attempt(ops.ROTARY, lambda: ops.rotary_store(q, k, v, cos, sin, slots, cache.k[layer],
+                                                                   cache.v[layer]))
+        return super().rotate_and_store(q, k, v, cos, sin, slots, cache, layer) if rotated is None else rotated
 
     def attend(
         self, q: torch.Tensor, group: AttentionGroup, cache: PagedKVCache, layer: int, window: int | None
     ) -> torch.Tensor:
-        rows = group.num_seqs * group.num_tokens
+        kernels, keys, values, out = self.kernels, cache.k[layer], cache.v[layer], None
         if group.num_tokens > 1:
-            if not self.kernels.supports_prefill(cache.block_size, self.head_dim):
-                return super().attend(q, group, cache, layer, window)
-            try:
-                out = self.kernels.paged_prefill_attention(q, cache.k[layer], cache.v[layer], group.block_tables,
-                                                           group.seq_lens, group.num_tokens, window)
-            except KernelUnavailable:  # it did not build or fit this device: logged once, never launched again
-                return super().attend(q, group, cache, layer, window)
-        elif self.kernels.supports_decode(cache.block_size):
-            try:
-                out = self.kernels.paged_decode_attention(q, cache.k[layer], cache.v[layer], group.block_tables,
-                                                          group.seq_lens, window)
-            except KernelUnavailable:
-                return super().attend(q, group, cache, layer, window)
-        else:
+            if kernels.supports_prefill(cache.block_size, self.head_dim):
+                out = attempt(kernels.PREFILL, lambda: kernels.paged_prefill_attention(
+                    q, keys, values, group.block_tables, group.seq_lens, group.num_tokens, window))
+        elif kernels.supported_block_size(cache.block_size):
+            out = attempt(kernels.DECODE, lambda: kernels.paged_decode_attention(
+                q, keys, values, group.block_tables, group.seq_lens, window))
+        if out is None:
             return super().attend(q, group, cache, layer, window)
-        return out.view(rows, self.num_heads * self.head_dim)
+        return out.view(group.num_seqs * group.num_tokens, self.num_heads * self.head_dim)
 
 
 # In order of preference: `choose_attention` builds the first entry that serves the target.

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from moemesh.worker.ops import native
 from moemesh.worker.ops.backends import Backend, Target, first_serving
-from moemesh.worker.ops.gpu import KernelUnavailable, triton_kernels, unavailable
+from moemesh.worker.ops.gpu import attempt, triton_kernels
 from moemesh.worker.ops.packing import pack_weight, packed_linear
 
 
@@ -293,12 +293,9 @@ class TritonExperts(ExpertsBackend):
         topk_weights: torch.Tensor,
         expert_ids: Iterable[int] | None = None,
     ) -> torch.Tensor:
-        if unavailable(self.kernels.FUSED_MOE) is None:
-            try:
-                return self.kernels.fused_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids)
-            except KernelUnavailable:  # it did not build or fit this device: logged once, PyTorch from here on
-                pass
-        return TorchExperts(self.w13, self.w2)(x, topk_ids, topk_weights, expert_ids)
+        out = attempt(self.kernels.FUSED_MOE,
+                      lambda: self.kernels.fused_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids))
+        return TorchExperts(self.w13, self.w2)(x, topk_ids, topk_weights, expert_ids) if out is None else out
 
 
 EXPERTS_BACKENDS: tuple[type[ExpertsBackend], ...] = (NativeExperts, OneDNNExperts, TritonExperts, TorchExperts)

@@ -19,7 +19,7 @@ import torch
 
 from moemesh.worker.ops import native
 from moemesh.worker.ops.backends import Backend, Target, first_serving
-from moemesh.worker.ops.gpu import KernelUnavailable, triton_kernels
+from moemesh.worker.ops.gpu import attempt, triton_kernels
 
 
 class RMSNormBackend(Backend):
@@ -87,20 +87,12 @@ class TritonRMSNorm(TorchRMSNorm):
         return target.device.type == "cuda" and triton_kernels()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernels.norm_available():
-            try:
-                return self.kernels.rms_norm(x, self.weight, self.eps)
-            except KernelUnavailable:
-                pass
-        return super().__call__(x)
+        out = attempt(self.kernels.RMS_NORM, lambda: self.kernels.rms_norm(x, self.weight, self.eps))
+        return super().__call__(x) if out is None else out
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kernels.norm_available():
-            try:
-                return self.kernels.rms_norm(x, self.weight, self.eps, residual)
-            except KernelUnavailable:
-                pass
-        return super().add_norm(x, residual)
+        out = attempt(self.kernels.RMS_NORM, lambda: self.kernels.rms_norm(x, self.weight, self.eps, residual))
+        return super().add_norm(x, residual) if out is None else out
 
 
 # In order of preference: `choose_rms_norm` builds the first entry that serves the target.

@@ -9,8 +9,9 @@ model is built, and `triton_kernels` says whether they may.
 
 Every kernel launches through `launch`: one that fails to compile or to fit
 the device (none has yet run on a GPU of every kind) is logged once, marked
-unavailable for the process, and its backend takes the PyTorch path, so that
-a first run on a new device serves, and reports, rather than fails.
+unavailable for the process, and its backend, which calls it through
+`attempt`, takes the PyTorch path, so that a first run on a new device
+serves, and reports, rather than fails.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import importlib.util
 import logging
 import os
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -64,3 +68,14 @@ def launch(kernel: str, run: Callable[[], None]) -> None:
         log.warning("the Triton %s kernel cannot run on this device; PyTorch serves it from here on: %s", kernel,
                     _failures[kernel])
         raise KernelUnavailable(_failures[kernel]) from exc
+
+
+def attempt(kernel: str, call: Callable[[], T]) -> T | None:
+    """`call()`, which launches `kernel`; None when the kernel cannot run here (its build failed, now or before):
+    the backend then takes the PyTorch path."""
+    if kernel in _failures:
+        return None
+    try:
+        return call()
+    except KernelUnavailable:
+        return None

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moemesh.worker.ops.gpu import launch, unavailable
+from moemesh.worker.ops.gpu import launch
 from moemesh.worker.ops.gpu.moe import INTERPRETED, dot_precision
 
 DECODE, PREFILL = "decode attention", "prefill attention"  # the kernels' names in failure reports
@@ -77,10 +77,6 @@ def supported_block_size(block_size: int) -> bool:
     """The kernel walks a block as one vector of positions: a power of two (the default 16 is)."""
     return block_size > 0 and block_size & (block_size - 1) == 0
 
-
-def supports_decode(block_size: int) -> bool:
-    """`supported_block_size`, and the decode kernel has not failed to build here."""
-    return unavailable(DECODE) is None and supported_block_size(block_size)
 
 
 def paged_decode_attention(
@@ -182,8 +178,8 @@ PREFILL_ROWS = 64
 
 def supports_prefill(block_size: int, head_dim: int) -> bool:
     """The prefill kernel multiplies a cache block's keys as one matrix: a power-of-two block of 16 positions or
-    more, and heads of up to 256; and it has not failed to build here."""
-    return unavailable(PREFILL) is None and supported_block_size(block_size) and block_size >= 16 and 0 < head_dim <= 256
+    more, and heads of up to 256."""
+    return supported_block_size(block_size) and block_size >= 16 and 0 < head_dim <= 256
 
 
 def paged_prefill_attention(
