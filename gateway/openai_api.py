@@ -28,6 +28,7 @@ import fastapi
 import numpy as np
 from fastapi.responses import JSONResponse, Response
 
+from moemesh.gateway import json_body
 from moemesh.gateway.calls import CallContext, http_call_context
 from moemesh.gateway.deadlines import ClientGone, grace, request_timeout, until_disconnected
 from moemesh.gateway.deps import GatewayDeps
@@ -43,7 +44,7 @@ from moemesh.v1 import common_pb2, generation_pb2, models_pb2
 
 T = TypeVar("T")
 
-router = fastapi.APIRouter(prefix="/v1")
+router = json_body.router(prefix="/v1")  # bodies decoded strictly (UTF-8, no lone surrogate)
 
 _KIND_NAMES = {models_pb2.MODEL_KIND_GENERATION: "generation", models_pb2.MODEL_KIND_EMBEDDING: "embedding"}
 

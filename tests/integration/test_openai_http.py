@@ -240,6 +240,54 @@ def test_raw_bad_bodies_are_400_in_the_openai_error_shape(mesh, content, param):
     assert_healthy(mesh)
 
 
+@pytest.mark.parametrize(
+    ("path", "content", "escape"),
+    [
+        ("/v1/completions", b'{"model": "demo-moe", "prompt": "x\\ud800", "max_tokens": 2}', "\\ud800"),
+        ("/v1/chat/completions",
+         b'{"model": "demo-moe", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}', "\\udfff"),
+        ("/v1/chat/completions", b'{"model": "demo-moe", "messages": [{"role": "user", "content": "hi"}], '
+                                 b'"max_tokens": 2, "stop": ["\\ud83d\\n"]}', "\\ud83d"),
+        ("/v1/embeddings", b'{"model": "all-minilm-l6-v2", "input": ["fine", "\\ud800\\ud800"]}', "\\ud800"),
+        ("/v1/completions", b'{"model": "demo-moe", "prompt": "x", "user": "\\udc00"}', "\\udc00"),
+        ("/v1/completions", b'{"model": "demo-moe", "\\ud800": 1, "prompt": "x"}', "\\ud800"),
+    ],
+)
+def test_lone_surrogate_escapes_are_malformed_json_not_a_500(mesh, path, content, escape):
+    """A \\uD800-\\uDFFF escape without its other half decodes to a string no codec can write; it once failed the
+    request deep in the gateway with a 500 (and the connection after it)."""
+    response = httpx.post(f"http://{mesh.http}{path}", content=content, headers={"content-type": "application/json"},
+                          timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    position = content.decode().index(escape)
+    assert error["message"] == (f"malformed JSON body at position {position}: {escape} is half of a UTF-16 "
+                                "surrogate pair without the other half, not a character"), error
+    assert error["type"] == "invalid_request_error" and error["param"] is None
+    assert_healthy(mesh)
+
+
+def test_bodies_that_are_not_utf8_are_malformed_json(mesh):
+    latin1 = '{"model": "demo-moe", "prompt": "caf\xe9"}'.encode("latin-1")
+    for content, position in ((latin1, latin1.index(b"\xe9")), ('{"model": "demo-moe"}'.encode("utf-16"), 0)):
+        response = httpx.post(f"http://{mesh.http}/v1/completions", content=content,
+                              headers={"content-type": "application/json"}, timeout=30)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["message"].startswith(f"malformed JSON body at position {position}: "
+                                                              "the body is not UTF-8 (byte 0x"), response.text
+
+
+def test_escaped_surrogate_pairs_are_text(client, mesh):
+    """How json.dumps writes an emoji by default: a pair of escapes, valid, one character."""
+    content = json.dumps({"model": MODEL, "prompt": "smile \U0001F600", "max_tokens": 2, "temperature": 0}).encode()
+    assert b"\\ud83d\\ude00" in content
+    response = httpx.post(f"http://{mesh.http}/v1/completions", content=content,
+                          headers={"content-type": "application/json"}, timeout=30)
+    assert response.status_code == 200, response.text
+    same = client.completions.create(model=MODEL, prompt="smile \U0001F600", max_tokens=2, temperature=0)
+    assert response.json()["choices"][0]["text"] == same.choices[0].text
+
+
 def test_request_timeout_header_is_the_deadline(mesh):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
     started = time.monotonic()
