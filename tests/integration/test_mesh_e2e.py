@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -201,6 +202,38 @@ def test_pooled_moe_embeddings_are_a_second_embedding_model(channel):
     assert vectors[0] != vectors[1]
     alone = stub.Embed(embeddings_pb2.EmbedRequest(model="demo-moe-pooled", inputs=[texts[1]]), timeout=60)
     assert max(abs(a - b) for a, b in zip(alone.embeddings[0].values, vectors[1])) < 1e-5, "batching changed a vector"
+
+
+def test_a_large_embedding_batch_does_not_stall_the_generating_streams(channel):
+    """The worker runs an embedding batch one forward call at a time between engine steps: run whole, 256 long
+    inputs once held every stream of the worker for 10 s on the 2-core machine."""
+    arrivals: list[float] = []
+    stream = generation_pb2_grpc.GenerationStub(channel).Generate(
+        greedy_request(max_tokens=900, ignore_eos=True), timeout=120)
+
+    def read() -> None:
+        try:
+            arrivals.extend(time.monotonic() for _ in stream)
+        except grpc.RpcError as exc:  # cancelled once the embedding is done
+            assert exc.code() == grpc.StatusCode.CANCELLED, exc
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 60
+    while len(arrivals) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    inputs = [f"{i} " + "ledger entry reconciled " * 120 for i in range(64)]  # 64 inputs, truncated to 256 tokens
+    started = time.monotonic()
+    reply = embeddings_pb2_grpc.EmbeddingsStub(channel).Embed(
+        embeddings_pb2.EmbedRequest(inputs=inputs, cache_mode=common_pb2.CACHE_MODE_NO_STORE), timeout=120)
+    ended = time.monotonic()
+    stream.cancel()
+    reader.join(10)
+    assert len(reply.embeddings) == 64 and reply.usage.prompt_tokens == 64 * 256
+    during = [t for t in arrivals if started <= t <= ended]
+    gaps = [b - a for a, b in zip([started, *during], [*during, ended])]
+    assert len(during) >= 8, f"{len(during)} tokens arrived in the {ended - started:.2f} s the embedding took"
+    assert max(gaps) < (ended - started) / 4, f"a {max(gaps):.2f} s gap in {ended - started:.2f} s of embedding"
 
 
 def test_models_lists_the_demo_and_embedding_models(channel):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moemesh.services.core.errors import InvalidRequest
-from moemesh.worker.embeddings.sentence import SentenceEmbedder, default_embedding_model_dir
+from moemesh.worker.embeddings.sentence import FORWARD_TOKENS, EmbeddingJob, SentenceEmbedder, default_embedding_model_dir
 
 CAT = "The cat sits on the mat."
 CAT_PARAPHRASE = "A cat is sitting on a mat."
@@ -65,3 +65,35 @@ def test_rejects_empty_inputs_and_oversized_batches(embedder):
         embedder.embed([CAT, ""])
     with pytest.raises(InvalidRequest, match="inputs"):
         embedder.embed([CAT] * (embedder.max_batch_inputs + 1))
+
+
+def test_a_job_runs_one_forward_a_step_within_the_token_budget(embedder, monkeypatch):
+    """The worker runs an embedding batch one step at a time between engine steps (see EmbeddingJob)."""
+    texts = ["word " * 300, CAT, UNRELATED, "def main():\n    return 0", "word " * 60, CAT_PARAPHRASE]
+    whole, whole_counts = embedder.embed(texts)
+    forwards: list[list[int]] = []
+    forward = embedder.forward
+    monkeypatch.setattr(embedder, "forward", lambda ids: forwards.append([len(i) for i in ids]) or forward(ids))
+    job = EmbeddingJob(embedder, texts, normalize=True)
+    with pytest.raises(RuntimeError):
+        job.result()
+    steps = 1
+    while job.step():
+        steps += 1
+    vectors, counts = job.result()
+    assert steps == 1 + len(forwards), "the tokenization, then one forward a step"
+    assert counts == whole_counts and torch.allclose(vectors, whole, atol=1e-5)
+    assert sorted(n for lengths in forwards for n in lengths) == sorted(counts), "every input in exactly one forward"
+    for lengths in forwards:
+        assert len(lengths) == 1 or len(lengths) * max(lengths) <= FORWARD_TOKENS, lengths
+    assert [256] in forwards, "the longest input (truncated to 256 tokens) alone"
+    assert len(forwards) >= 2 and any(len(lengths) > 1 for lengths in forwards), forwards
+
+
+def test_plan_groups_inputs_by_length_up_to_the_budget(embedder):
+    counts = [300, 5, 7, 6, 100, 128, 129, 600, 1]
+    batches = embedder.plan(counts)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(counts)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(counts[i] for i in batch) <= FORWARD_TOKENS
+    assert batches == [[8, 1, 3, 2, 4], [5, 6], [0], [7]], "shortest first, as many as fit 512 padded tokens"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from moemesh.services.core.errors import InvalidRequest
-from moemesh.worker.embeddings.pooled import PooledEmbedder
+from moemesh.worker.embeddings.pooled import BATCH_TOKENS, PooledEmbedder
+from moemesh.worker.embeddings.sentence import EmbeddingJob
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.models.checkpoint import open_checkpoint
@@ -50,3 +51,17 @@ def test_long_inputs_are_truncated_and_empty_ones_refused(parts):
     assert counts == [8]
     with pytest.raises(InvalidRequest, match=r"inputs\[1\]"):
         embedder.embed(["fine", ""])
+
+
+def test_forward_calls_group_inputs_in_order_up_to_the_batch_budget(parts):
+    embedder = PooledEmbedder(*parts, "tiny", "rev", max_context_tokens=2048)
+    assert embedder.plan([100, 300, 112, 1, 600, 2048, 5]) == [[0, 1, 2], [3], [4], [5], [6]]
+    assert BATCH_TOKENS == 512, "the plan above is for 512"
+    texts = ["word " * 400, "a", "word " * 200, "b c", "word " * 300]
+    job = EmbeddingJob(embedder, texts, normalize=True)
+    steps = 1
+    while job.step():
+        steps += 1
+    vectors, counts = job.result()
+    assert steps == 1 + len(embedder.plan(counts)) > 2
+    torch.testing.assert_close(vectors, embedder.embed(texts)[0])

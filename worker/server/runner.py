@@ -75,6 +75,7 @@ class EngineRunner:
         self._build_error: BaseException | None = None
         self._built = threading.Event()
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._calls: collections.deque[tuple] = collections.deque()  # taken from the inbox, not yet run (engine thread)
         self._wake = threading.Event()
         self._subscribers: dict[str, Subscriber] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -169,19 +170,26 @@ class EngineRunner:
         self._wake.set()
 
     def _drain_inbox(self) -> None:
+        """Take every message in; then run the queued calls: one while the engine has requests (a step runs
+        between two calls, so a run of calls, a large embedding batch's forward passes, delays the generating
+        streams by one call at a time), all of them otherwise."""
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
             except queue.Empty:
-                return
+                break
             if kind == "add":
                 self._add(payload)  # type: ignore[arg-type]
             elif kind == "call":
-                self._run_call(*payload)  # type: ignore[misc]
+                self._calls.append(payload)  # type: ignore[arg-type]
             elif kind == "fail":
                 raise payload  # type: ignore[misc]
             else:
                 self.engine.abort(*payload)  # type: ignore[misc]
+        while self._calls:
+            self._run_call(*self._calls.popleft())
+            if self.engine.has_work():
+                return
 
     def _add(self, request: GenerationRequest) -> None:
         """Add one request; a refusal is that request's error, never the engine's."""
@@ -220,6 +228,8 @@ class EngineRunner:
 
     def _refuse_queued_calls(self) -> None:
         """Calls (embeddings) still queued for the failed engine get UNAVAILABLE; queued adds fail with the rest."""
+        while self._calls:
+            self._loop.call_soon_threadsafe(_settle, self._calls.popleft()[2], None, self._unavailable())
         while True:
             try:
                 kind, payload = self._inbox.get_nowait()
@@ -230,7 +240,8 @@ class EngineRunner:
 
     def _run(self) -> None:
         while not self._stopping:
-            self._wake.wait()
+            if not self._calls:  # calls left over from a drain run without waiting for news
+                self._wake.wait()
             self._wake.clear()
             self._drain_inbox()
             while self.engine.has_work() and not self._stopping:

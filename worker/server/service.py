@@ -14,14 +14,13 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-import torch
 
 from moemesh.services.core import tensors
 from moemesh.services.core.errors import InternalError, InvalidRequest, MeshError, NotFound, Unavailable, code_name
 from moemesh.services.core.logs import request_fields
 from moemesh.services.core.tracing import NO_TRACE, RequestTrace, request_trace
 from moemesh.v1 import worker_pb2, worker_pb2_grpc
-from moemesh.worker.embeddings.sentence import EmbeddingModel
+from moemesh.worker.embeddings.sentence import EmbeddingJob, EmbeddingModel
 from moemesh.worker.engine.requests import RequestOutput
 from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.server.convert import output_to_pb, request_from_pb
@@ -242,16 +241,16 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             raise NotFound(f"embedding model {request.model!r} is not served by this worker")
         if not request.inputs:
             raise InvalidRequest("inputs", "at least one input is required")
-        # On the engine thread, between steps: the process's one tensor-computing thread (see runner.py).
-        result = await self.runner.call(_embed, embedder, list(request.inputs), request.normalize)
-        return result
+        job = EmbeddingJob(embedder, list(request.inputs), request.normalize)  # checks the inputs
+        # Each step on the engine thread (the process's one tensor-computing thread, see runner.py), one between two
+        # engine steps: a large batch delays the generating streams by one forward call at a time.
+        while await self.runner.call(job.step):
+            pass
+        vectors, counts = job.result()
+        return worker_pb2.EmbedResult(vectors=tensors.to_pb(vectors), token_counts=counts)
 
 
 def _error_event(request_id: str, exc: MeshError) -> worker_pb2.RequestEvent:
     return worker_pb2.RequestEvent(request_id=request_id,
                                    error=worker_pb2.RequestError(code=exc.code, message=str(exc)))
 
-
-def _embed(embedder: EmbeddingModel, inputs: list[str], normalize: bool) -> worker_pb2.EmbedResult:
-    vectors, counts = embedder.embed(inputs, normalize)
-    return worker_pb2.EmbedResult(vectors=tensors.to_pb(vectors.to(torch.float32)), token_counts=counts)
