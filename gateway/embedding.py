@@ -53,7 +53,7 @@ async def embed(deps: GatewayDeps, request: embeddings_pb2.EmbedRequest, *, tena
 
 async def _embed(deps: GatewayDeps, request: embeddings_pb2.EmbedRequest, tenant: Tenant,
                  timeout: float | None) -> embeddings_pb2.EmbedResponse:
-    model = await deps.catalogue.resolve(request.model, models_pb2.MODEL_KIND_EMBEDDING)
+    model = await deps.catalogue.resolve(request.model, models_pb2.MODEL_KIND_EMBEDDING, tenant)
     tenant.check_model(model.id)
     inputs = list(request.inputs)
     validate_embed_inputs(inputs, model)

@@ -183,7 +183,7 @@ async def start_generation(deps: GatewayDeps, request: generation_pb2.GenerateRe
 
 async def _admit(deps: GatewayDeps, request: generation_pb2.GenerateRequest, tenant: Tenant,
                  timeout: float | None, clock: StreamClock, call: CallContext) -> Generation:
-    model = await deps.catalogue.resolve(request.model, models_pb2.MODEL_KIND_GENERATION)
+    model = await deps.catalogue.resolve(request.model, models_pb2.MODEL_KIND_GENERATION, tenant)
     tenant.check_model(model.id)
     validate_generate(request, model, deps.config)
     work = _work(request, model, tenant, timeout, call)

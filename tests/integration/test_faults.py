@@ -28,7 +28,15 @@ import redis
 
 from moemesh.local import RunningMesh, start_mesh, stop_mesh
 from moemesh.supervisor import Child, CrashLoop, Mesh, MeshOptions, RestartPolicy
-from moemesh.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from moemesh.v1 import (
+    common_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    scheduler_pb2,
+    scheduler_pb2_grpc,
+)
 from tests.support.mesh import DEMO_MODEL, Service, pid_alive
 from tests.support.redis_server import RedisServer
 
@@ -309,6 +317,41 @@ def test_a_stopped_worker_under_load_is_failed_over_and_rejoins_after_sigcont(he
     now = mesh.read_ready()["workers"][index]
     assert (now["pid"], now["restarts"]) == (victim["pid"], victim["restarts"]), "a paused worker is not killed"
     assert_identical(Load(mesh.gateway, streams()).results(), reference, "after SIGCONT")
+
+
+def listed_models(mesh: RunningMesh) -> set[str]:
+    with grpc.insecure_channel(mesh.gateway) as channel:
+        return {m.id for m in models_pb2_grpc.ModelsStub(channel).ListModels(models_pb2.ListModelsRequest(),
+                                                                                 timeout=5).models}
+
+
+def test_with_every_replica_lost_the_model_is_unavailable_not_unknown_and_served_again_on_their_return(healthy):
+    """Both workers stopped until the scheduler drops them: the model has no replica at all. The gateway saw it
+    served, so a request naming it is UNAVAILABLE (HTTP 503, which clients retry), not INVALID_ARGUMENT for an
+    unknown model (HTTP 400 model_not_found, which nobody retries); once a worker is back it is served again."""
+    mesh = healthy
+    victims = mesh.read_ready()["workers"]
+    named = request("who serves this now?", 4)
+    named.model = "demo-moe"
+    for victim in victims:
+        os.kill(victim["pid"], signal.SIGSTOP)
+    try:
+        wait_until(lambda: "demo-moe" not in listed_models(mesh), RECOVERY_BOUND, "the gateway lists the model no more")
+        with pytest.raises(grpc.RpcError) as caught:
+            generate(mesh.gateway, named)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        assert caught.value.details() == "model 'demo-moe' has no ready replica at the moment; retry"
+        typo = request("and this?", 4)
+        typo.model = "demo-mow"
+        with pytest.raises(grpc.RpcError) as caught:
+            generate(mesh.gateway, typo)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, "nothing is served: even a typo may be a model to come"
+    finally:
+        for victim in victims:
+            os.kill(victim["pid"], signal.SIGCONT)
+    wait_until(lambda: whole(mesh), RECOVERY_BOUND, "the resumed workers re-register")
+    wait_until(lambda: "demo-moe" in listed_models(mesh), RECOVERY_BOUND, "the gateway lists the model again")
+    assert generate(mesh.gateway, named)["finish"] == common_pb2.FINISH_REASON_LENGTH
 
 
 # ---- scheduler and gateway -------------------------------------------------------------------------------------------

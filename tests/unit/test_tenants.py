@@ -186,7 +186,7 @@ def test_start_generation_carries_tenant_priority_and_charges_the_limiter():
     from moemesh.v1 import common_pb2, generation_pb2, models_pb2
 
     class Catalogue:
-        async def resolve(self, model_id, kind):
+        async def resolve(self, model_id, kind, tenant):
             return models_pb2.ModelInfo(id=model_id or "demo-moe", kind=kind, max_context_tokens=512,
                                         max_output_tokens=256)
 
