@@ -11,6 +11,7 @@ import socket
 from collections.abc import Callable
 
 import fastapi
+import grpc
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
@@ -19,6 +20,7 @@ from moemesh.gateway import openai_api
 from moemesh.gateway.deps import GatewayDeps
 from moemesh.gateway.http_deps import Deps
 from moemesh.gateway.openai_errors import add_error_handlers, error_response
+from moemesh.services.core.errors import MeshError
 from moemesh.services.core.tracing import enabled as tracing_enabled
 
 health = fastapi.APIRouter()
@@ -31,9 +33,8 @@ async def healthz() -> dict:
 
 
 @health.get("/readyz")
-@health.get("/health")  # the route vLLM and TGI serve, which load balancers and benchmark tools probe
 async def readyz(response: fastapi.Response, deps: Deps) -> dict:
-    """Readiness: connected to the scheduler. Redis is reported, not required. Also served as /health."""
+    """Readiness: connected to the scheduler. Redis is reported, not required."""
     if deps.redis is None:
         cache = "disabled"
     else:
@@ -42,6 +43,24 @@ async def readyz(response: fastapi.Response, deps: Deps) -> dict:
         response.status_code = 503
         return {"status": "not ready", "redis": cache}
     return {"status": "ready", "redis": cache}
+
+
+@health.get("/health")
+async def serving(response: fastapi.Response, deps: Deps) -> dict:
+    """The route vLLM and TGI serve, which load balancers and benchmark tools (guidellm) probe before they send
+    work: /readyz, and also 503 until the mesh serves a model, since there a 200 means a request can be answered.
+    (/readyz is the gateway's own readiness: a gateway is ready while its workers load, or restart.)"""
+    body = await readyz(response, deps)
+    if body["status"] != "ready":
+        return body
+    try:
+        served = bool(await deps.catalogue.models())
+    except (MeshError, grpc.aio.AioRpcError):
+        served = False
+    if not served:
+        response.status_code = 503
+        body["status"] = "no model served yet"
+    return body
 
 
 def create_app(deps: GatewayDeps) -> fastapi.FastAPI:

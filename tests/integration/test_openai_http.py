@@ -20,6 +20,7 @@ from moemesh.v1 import (
     common_pb2,
     generation_pb2,
     generation_pb2_grpc,
+    models_pb2,
     scheduler_pb2,
     scheduler_pb2_grpc,
     worker_pb2,
@@ -359,6 +360,37 @@ async def endless(work):
 async def post(app, path: str, body, headers: dict | None = None) -> httpx.Response:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http:
         return await http.post(path, json=body, headers=headers)
+
+
+async def test_health_is_503_until_a_model_is_served_while_readyz_is_the_gateways_own_readiness():
+    """/health, where vLLM-style tools and load balancers look before they send work, says whether work can be
+    answered; /readyz (Kubernetes) only that the gateway is connected."""
+    app, client = app_for(endless)
+    catalogue, models = app.state.deps.catalogue, client.list_models
+    listing = {"answer": models_pb2.ListModelsResponse()}  # the workers are still loading
+
+    async def list_models(timeout: float = 5.0):
+        if isinstance(listing["answer"], Exception):
+            raise listing["answer"]
+        return listing["answer"]
+
+    client.list_models = list_models
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as http:
+        assert (await http.get("/readyz")).status_code == 200
+        response = await http.get("/health")
+        assert response.status_code == 503 and response.json()["status"] == "no model served yet"
+        listing["answer"] = await models()
+        catalogue._fetched_at = float("-inf")  # no need to wait out the catalogue's refresh period here
+        response = await http.get("/health")
+        assert response.status_code == 200 and response.json()["status"] == "ready"
+        listing["answer"] = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                                  grpc.aio.Metadata(), "scheduler gone")
+        catalogue._fetched_at = float("-inf")
+        assert (await http.get("/health")).status_code == 503, "an unreachable scheduler is no 500"
+        client.connected.clear()
+        response = await http.get("/health")
+        assert response.status_code == 503 and response.json()["status"] == "not ready"
+        assert (await http.get("/readyz")).status_code == 503
 
 
 @pytest.mark.parametrize(
