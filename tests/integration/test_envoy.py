@@ -92,6 +92,29 @@ def test_rest_callers_reach_the_grpc_api_through_transcoding(edge):
     assert caught.value.code == 400, "INVALID_ARGUMENT maps to 400 through the transcoder"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": {"text": "x\\ud800"}, "sampling": {"max_tokens": 2}}',  # a lone UTF-16 surrogate escape
+        b'{"prompt": {"text": "caf\xe9"}, "sampling": {"max_tokens": 2}}',  # Latin-1, not UTF-8
+        b'{"prompt": {"text": "x"}, "sampling": {"max_tokens": "many"}}',
+        b'{"prompt": ',
+        b"[1, 2]",
+        b'{"no_such_field": 1}',
+    ],
+)
+def test_malformed_rest_bodies_are_400_and_harm_nothing(edge, body):
+    request = urllib.request.Request(f"http://{edge['address']}/rest/v1/complete", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400, caught.value.read()[:300]
+    good = urllib.request.Request(f"http://{edge['address']}/rest/v1/complete", method="POST",
+                                  data=json.dumps({"prompt": {"text": "ok"}, "sampling": {"max_tokens": 2}}).encode(),
+                                  headers={"Content-Type": "application/json"})
+    assert json.loads(urllib.request.urlopen(good, timeout=60).read())["usage"]["completion_tokens"] == 2
+
+
 def test_rest_callers_get_structured_outputs_through_transcoding(edge):
     """The contract's structured field in REST's JSON names (jsonSchema, regex, choice.options)."""
     def complete(structured: dict) -> dict:
