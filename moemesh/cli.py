@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import signal
 import sys
 import tempfile
@@ -27,6 +28,14 @@ from moemesh.v1 import (
 )
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:[0-9]+)?")  # worker.server.config's, without importing the worker here
+
+
+def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--device as the workers take it, checked before any process starts."""
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise click.BadParameter(f'{value!r}: expected "cpu" or "cuda[:N]"')
+    return value
 
 
 def demo_model_dir() -> pathlib.Path:
@@ -84,7 +93,7 @@ def certs(out, hosts) -> None:
 @click.option("--redis-url", envvar="REDIS_URL", help="use this Redis instead of the embedded one [env REDIS_URL]")
 @click.option("--embeddings/--no-embeddings", default=True, show_default=True,
               help="serve the all-MiniLM-L6-v2 embedding model on each worker")
-@click.option("--device", default="cpu", show_default=True, help='"cpu" or "cuda[:N]"')
+@click.option("--device", default="cpu", show_default=True, callback=_device, help='"cpu" or "cuda[:N]"')
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True, help="auto = bf16 on CUDA, fp32 on CPU")
 @click.option("--max-num-seqs", type=click.IntRange(1, 4096), default=None,

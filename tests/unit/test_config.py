@@ -7,11 +7,16 @@ import argparse
 import json
 
 import pytest
+import torch
+from click.testing import CliRunner
 
+from moemesh.cli import main as cli_main
 from moemesh.gateway.config import GatewayConfig
 from moemesh.services.core.config import add_flags, flag_values, load_config
 from moemesh.services.scheduler.config import SchedulerConfig
 from moemesh.worker.server.config import WorkerConfig
+from moemesh.worker.server.shard import ShardConfig
+from tests.support.mesh import DEMO_MODEL
 
 
 def test_flags_override_env_which_overrides_file(tmp_path):
@@ -47,6 +52,30 @@ def test_invalid_values_raise_value_error_naming_the_field(cls, values, field):
 def test_worker_rejects_a_directory_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"model_dir: .*no config.json"):
         load_config(WorkerConfig, flags={"model_dir": str(tmp_path), "scheduler": "127.0.0.1:1"})
+
+
+@pytest.mark.parametrize("cls", [WorkerConfig, ShardConfig])
+def test_a_device_the_process_cannot_use_is_refused_at_start_naming_it(cls, monkeypatch):
+    settings = {"model_dir": str(DEMO_MODEL), "scheduler": "127.0.0.1:1"}
+    if cls is ShardConfig:
+        settings = {"model_dir": str(DEMO_MODEL), "rank": 1, "world_size": 2}
+    assert load_config(cls, flags={**settings, "device": "cpu"}).device == "cpu"
+    for device in ("tpu", "cuda:", "cuda:x", "CPU", "cuda0"):
+        with pytest.raises(ValueError, match=r"\bdevice\b"):
+            load_config(cls, flags={**settings, "device": device})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"device: .*cuda:1: no CUDA device is visible to this process"):
+        load_config(cls, flags={**settings, "device": "cuda:1"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert load_config(cls, flags={**settings, "device": "cuda"}).device == "cuda"
+    with pytest.raises(ValueError, match=r"cuda:1: this process sees 1 CUDA device\(s\), numbered from 0"):
+        load_config(cls, flags={**settings, "device": "cuda:1"})
+
+
+def test_moemesh_up_refuses_a_device_it_cannot_name_before_starting_anything():
+    result = CliRunner().invoke(cli_main, ["up", "--device", "tpu"])
+    assert result.exit_code == 2 and "Invalid value for '--device': 'tpu'" in result.output, result.output
 
 
 def test_unreadable_config_file_is_a_clear_error(tmp_path):

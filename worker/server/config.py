@@ -14,6 +14,25 @@ from moemesh.services.core.config import MetricsPort, ServiceConfig
 # worker share.
 
 
+DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]+)?)$"
+
+
+def device_present(device: str) -> str:
+    """`device` ("cpu" or "cuda[:N]") if this process can use it; ValueError saying why not (a worker told to run
+    on a GPU it cannot see fails at its start with that, not deep in PyTorch with an AssertionError)."""
+    if not device.startswith("cuda"):
+        return device
+    import torch  # here: only a worker's or shard's config asks, and only for a CUDA device
+
+    if not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"{device}: no CUDA device is visible to this process (PyTorch {torch.__version__}, {build})")
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(f"{device}: this process sees {count} CUDA device(s), numbered from 0")
+    return device
+
+
 class WorkerConfig(ServiceConfig):
     """Everything a worker process needs; built once in ``main()``."""
 
@@ -43,7 +62,7 @@ class WorkerConfig(ServiceConfig):
                                                 "the shard counts as stalled and this replica fails (restarts)")
     ep_connect_timeout: float = pydantic.Field(
         default=30.0, gt=0, le=3600, description="with ep_shards: seconds to wait at start for every shard to answer")
-    device: str = pydantic.Field(default="cpu", description='"cpu" or "cuda[:N]"')
+    device: str = pydantic.Field(default="cpu", pattern=DEVICE_PATTERN, description='"cpu" or "cuda[:N]"')
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = pydantic.Field(
         default="auto", description="weights and KV cache dtype; auto: bfloat16 on CUDA, float32 on the CPU")
     max_num_seqs: int | None = pydantic.Field(
@@ -123,6 +142,11 @@ class WorkerConfig(ServiceConfig):
     def shard_addresses(self) -> tuple[str, ...]:
         """The expert shards' addresses, rank 1 first (empty: a single-process replica)."""
         return tuple(a.strip() for a in self.ep_shards.split(",")) if self.ep_shards else ()
+
+    @pydantic.field_validator("device")
+    @classmethod
+    def _device_present(cls, value: str) -> str:
+        return device_present(value)
 
     @pydantic.field_validator("model_dir")
     @classmethod

@@ -46,6 +46,7 @@ from moemesh.worker.models.checkpoint import LoadRecord, open_checkpoint
 from moemesh.worker.models.expert_parallel import ExpertShardModel
 from moemesh.worker.models.placement import ExpertPlacement
 from moemesh.worker.models.registry import build_expert_shard, model_class, resolve_dtype
+from moemesh.worker.server.config import DEVICE_PATTERN, device_present
 from moemesh.worker.server.membership import Membership
 
 log = logging.getLogger("moemesh.shard")
@@ -72,7 +73,8 @@ class ShardConfig(ServiceConfig):
                                   '{"experts": [...], "layers": {"3": [...]}}; the same on every rank')
     host: str = pydantic.Field(default="127.0.0.1", description="address the shard's gRPC server binds")
     port: int = pydantic.Field(default=0, ge=0, le=65535, description="gRPC port (0: a free one)")
-    device: str = pydantic.Field(default="cpu", description='"cpu" or "cuda[:N]": where this shard\'s experts run')
+    device: str = pydantic.Field(default="cpu", pattern=DEVICE_PATTERN,
+                                 description='"cpu" or "cuda[:N]": where this shard\'s experts run')
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = pydantic.Field(
         default="auto", description="the experts' dtype; auto: bfloat16 on CUDA, float32 on the CPU")
     pack_weights: bool = pydantic.Field(default=True, description="on the CPU, lay expert weights out for the kernels")
@@ -91,6 +93,11 @@ class ShardConfig(ServiceConfig):
     advertise_address: str | None = pydantic.Field(
         default=None, description="this shard's address as others should dial it; default host:bound port")
     log_level: str = pydantic.Field(default="info", description="log level")
+
+    @pydantic.field_validator("device")
+    @classmethod
+    def _device_present(cls, value: str) -> str:
+        return device_present(value)
 
     @pydantic.model_validator(mode="after")
     def _rank_in_world(self) -> ShardConfig:
