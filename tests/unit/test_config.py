@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from moemesh.cli import main as cli_main
 from moemesh.gateway.config import GatewayConfig
 from moemesh.services.core.config import add_flags, flag_values, load_config
 from moemesh.services.scheduler.config import SchedulerConfig
-from moemesh.worker.server.config import WorkerConfig
+from moemesh.worker.server.config import WorkerConfig, device_present
 from moemesh.worker.server.shard import ShardConfig
 from tests.support.mesh import DEMO_MODEL
 
@@ -55,22 +57,41 @@ def test_worker_rejects_a_directory_that_is_not_a_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("cls", [WorkerConfig, ShardConfig])
-def test_a_device_the_process_cannot_use_is_refused_at_start_naming_it(cls, monkeypatch):
+def test_a_device_is_cpu_or_cuda_n(cls):
     settings = {"model_dir": str(DEMO_MODEL), "scheduler": "127.0.0.1:1"}
     if cls is ShardConfig:
         settings = {"model_dir": str(DEMO_MODEL), "rank": 1, "world_size": 2}
-    assert load_config(cls, flags={**settings, "device": "cpu"}).device == "cpu"
+    for device in ("cpu", "cuda", "cuda:3"):  # a GPU host's configuration loads anywhere: checked at start
+        assert load_config(cls, flags={**settings, "device": device}).device == device
     for device in ("tpu", "cuda:", "cuda:x", "CPU", "cuda0"):
         with pytest.raises(ValueError, match=r"\bdevice\b"):
             load_config(cls, flags={**settings, "device": device})
+
+
+def test_a_device_this_process_cannot_use_is_named_with_the_reason(monkeypatch):
+    assert device_present("cpu") == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=r"device: .*cuda:1: no CUDA device is visible to this process"):
-        load_config(cls, flags={**settings, "device": "cuda:1"})
+    with pytest.raises(ValueError, match=r"^cuda:1: no CUDA device is visible to this process \(PyTorch "):
+        device_present("cuda:1")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert load_config(cls, flags={**settings, "device": "cuda"}).device == "cuda"
-    with pytest.raises(ValueError, match=r"cuda:1: this process sees 1 CUDA device\(s\), numbered from 0"):
-        load_config(cls, flags={**settings, "device": "cuda:1"})
+    assert device_present("cuda") == "cuda" and device_present("cuda:0") == "cuda:0"
+    with pytest.raises(ValueError, match=r"^cuda:1: this process sees 1 CUDA device\(s\), numbered from 0$"):
+        device_present("cuda:1")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a process that sees no CUDA device")
+@pytest.mark.parametrize(("module", "args"), [
+    ("moemesh.worker.server.main", ["--scheduler", "127.0.0.1:1"]),
+    ("moemesh.worker.server.shard", ["--rank", "1", "--world-size", "2"]),
+])
+def test_a_worker_or_shard_told_to_use_a_gpu_it_cannot_see_stops_at_start_saying_so(module, args):
+    started = subprocess.run([sys.executable, "-m", module, "--model-dir", str(DEMO_MODEL), "--device", "cuda", *args],
+                             capture_output=True, text=True, timeout=120)
+    service = "worker" if module.endswith("main") else "shard"
+    assert started.returncode == 2, started.stderr[-2000:]
+    assert f"moemesh-{service}: device: cuda: no CUDA device is visible to this process" in started.stderr
+    assert "Traceback" not in started.stderr, started.stderr[-2000:]
 
 
 def test_moemesh_up_refuses_a_device_it_cannot_name_before_starting_anything():

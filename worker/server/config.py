@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import sys
 from typing import Literal
 
 import pydantic
@@ -18,8 +19,7 @@ DEVICE_PATTERN = r"^(cpu|cuda(:[0-9]+)?)$"
 
 
 def device_present(device: str) -> str:
-    """`device` ("cpu" or "cuda[:N]") if this process can use it; ValueError saying why not (a worker told to run
-    on a GPU it cannot see fails at its start with that, not deep in PyTorch with an AssertionError)."""
+    """`device` ("cpu" or "cuda[:N]") if this process can use it; ValueError saying why not."""
     if not device.startswith("cuda"):
         return device
     import torch  # here: only a worker's or shard's config asks, and only for a CUDA device
@@ -31,6 +31,18 @@ def device_present(device: str) -> str:
     if index >= count:
         raise ValueError(f"{device}: this process sees {count} CUDA device(s), numbered from 0")
     return device
+
+
+def require_device(service: str, device: str) -> None:
+    """Stop the process (status 2, one line saying why) if it cannot use `device`: a worker or shard told to run on
+    a GPU it cannot see stops at its start with that, not deep in PyTorch's model load with an AssertionError.
+    Checked when the service starts, not when its config is read, so that a configuration meant for a GPU host
+    still loads, and is checked, on a machine without one."""
+    try:
+        device_present(device)
+    except ValueError as exc:
+        print(f"moemesh-{service}: device: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 class WorkerConfig(ServiceConfig):
@@ -142,11 +154,6 @@ class WorkerConfig(ServiceConfig):
     def shard_addresses(self) -> tuple[str, ...]:
         """The expert shards' addresses, rank 1 first (empty: a single-process replica)."""
         return tuple(a.strip() for a in self.ep_shards.split(",")) if self.ep_shards else ()
-
-    @pydantic.field_validator("device")
-    @classmethod
-    def _device_present(cls, value: str) -> str:
-        return device_present(value)
 
     @pydantic.field_validator("model_dir")
     @classmethod

@@ -45,7 +45,7 @@ from moemesh.worker.models.expert_load import ExpertLoad, count_expert_load
 from moemesh.worker.models.registry import build_model, resolve_dtype
 from moemesh.worker.ops.remote import ExpertExchange
 from moemesh.worker.ops.report import describe_backends
-from moemesh.worker.server.config import WorkerConfig
+from moemesh.worker.server.config import WorkerConfig, require_device
 from moemesh.worker.server.membership import Membership
 from moemesh.worker.server.replica import ShardWatch, connect_exchange, replica_placement
 from moemesh.worker.server.runner import EngineFailed, EngineRunner
@@ -351,6 +351,7 @@ def engine_size(model: torch.nn.Module, config: WorkerConfig) -> EngineSize:
 
 
 async def serve(config: WorkerConfig, ready_fd: int | None) -> None:
+    require_device("worker", config.device)
     await WorkerProcess(config).run(ready_fd)
 
 

@@ -46,7 +46,7 @@ from moemesh.worker.models.checkpoint import LoadRecord, open_checkpoint
 from moemesh.worker.models.expert_parallel import ExpertShardModel
 from moemesh.worker.models.placement import ExpertPlacement
 from moemesh.worker.models.registry import build_expert_shard, model_class, resolve_dtype
-from moemesh.worker.server.config import DEVICE_PATTERN, device_present
+from moemesh.worker.server.config import DEVICE_PATTERN, require_device
 from moemesh.worker.server.membership import Membership
 
 log = logging.getLogger("moemesh.shard")
@@ -93,11 +93,6 @@ class ShardConfig(ServiceConfig):
     advertise_address: str | None = pydantic.Field(
         default=None, description="this shard's address as others should dial it; default host:bound port")
     log_level: str = pydantic.Field(default="info", description="log level")
-
-    @pydantic.field_validator("device")
-    @classmethod
-    def _device_present(cls, value: str) -> str:
-        return device_present(value)
 
     @pydantic.model_validator(mode="after")
     def _rank_in_world(self) -> ShardConfig:
@@ -211,6 +206,7 @@ def registration(config: ShardConfig, info: experts_pb2.ShardInfo, placement: Ex
 
 
 async def serve(config: ShardConfig, ready_fd: int | None) -> None:
+    require_device("shard", config.device)
     stop = stop_event_on_signals()
     credentials = server_credentials(config.tls_dir, "worker") if config.tls_dir else None
     token = config.cluster_token.get_secret_value() if config.cluster_token else None
