@@ -33,13 +33,13 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import redis.asyncio as aioredis
 from google.rpc import code_pb2
 
 from moemesh.cache.guard import REDIS_UNAVAILABLE, RedisGuard
-from moemesh.services.core.errors import MeshError, error_from_code
+from moemesh.services.core.errors import InvalidRequest, MeshError, error_from_code
 from moemesh.v1 import worker_pb2
 
 log = logging.getLogger(__name__)
@@ -79,9 +79,12 @@ class Journal:
         so `:` or `%` in a tenant or id cannot make two pairs meet."""
         return f"moemesh:journal:{quote(tenant, safe='')}:{quote(request_id, safe='')}"
 
-    async def claim(self, key: str) -> bool | None:
-        """True: this call generates; False: another call did or does (follow the journal); None: no Redis."""
-        claimed = await self._write(self._claim, key, what="claim", even_if_open=False)
+    async def claim(self, key: str, fingerprint: str) -> bool | None:
+        """True: this call generates; False: another call did or does (follow the journal); None: no Redis.
+        `fingerprint` says what is generated (the same for a retry or a resume of the request): InvalidRequest
+        naming `request_id` if the journal holds another request's, which the caller would otherwise be answered
+        with."""
+        claimed = await self._write(self._claim, key, fingerprint, what="claim", even_if_open=False)
         return None if claimed is REDIS_UNAVAILABLE else claimed
 
     async def release(self, key: str) -> None:
@@ -110,9 +113,16 @@ class Journal:
                 if event.finish_reason:
                     return
 
-    async def _claim(self, key: str) -> bool:
-        token = uuid.uuid4().hex
-        if not await self.client.set(key + ":owner", token, nx=True, ex=OWNER_TTL):
+    async def _claim(self, key: str, fingerprint: str) -> bool:
+        # The claim's value is the request's fingerprint and a token of this claim's own (a reader that sees the
+        # value change knows the journal was started afresh); it lasts as long as the journal once finished.
+        if not await self.client.set(key + ":owner", f"{fingerprint} {uuid.uuid4().hex}", nx=True, ex=OWNER_TTL):
+            held = await self.client.get(key + ":owner")
+            if held is not None and b" " in held and held.split(b" ", 1)[0] != fingerprint.encode():
+                raise InvalidRequest("request_id", f"{unquote(key.rpartition(':')[2])!r} names another request (a "
+                                                   "different model, prompt or sampling) journaled in the last "
+                                                   f"{self.ttl} s: reuse an id only to retry or resume the same "
+                                                   "request")
             return False
         if await self._finished(key):
             await self.client.expire(key + ":owner", self.ttl)  # finished: nothing to generate, replay it

@@ -13,6 +13,7 @@ tenant's rate limit, as any stream is, but no tokens: the generation it reads wa
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from moemesh.gateway.journal import Journal
 from moemesh.gateway.ratelimit import RateLimiter, estimate_tokens
 from moemesh.gateway.tenants import OPEN_TENANT, Tenant, cache_scope
 from moemesh.gateway.validation import validate_generate
-from moemesh.services.core.errors import MeshError
+from moemesh.services.core.errors import InvalidRequest, MeshError
 from moemesh.services.core.logs import bind_request
 from moemesh.services.core.tracing import span
 from moemesh.v1 import common_pb2, generation_pb2, models_pb2, worker_pb2
@@ -146,6 +147,9 @@ class Generation:
                 if index >= self.request.resume_from_index:
                     yield response
                 index += 1
+            if self.request.resume_from_index > index:  # `index` events: the caller could not have seen more
+                raise InvalidRequest("resume_from_index", f"{self.request.resume_from_index} is past the end of the "
+                                                          f"stream, which has {index} events")
         except BaseException as exc:
             status = status_name(exc)
             raise
@@ -189,7 +193,7 @@ async def _admit(deps: GatewayDeps, request: generation_pb2.GenerateRequest, ten
     work = _work(request, model, tenant, timeout, call)
     bind_request(work.client_request_id, work.trace_context)  # this call's log lines name the request
     work.cache_scope = cache_scope(tenant, deps.config.cache_shared_scope)  # salts prefix KV too, not just answers
-    journal = await _claim_journal(deps.journal, tenant, request)
+    journal = await _claim_journal(deps.journal, tenant, request, model.id)
     quota = None
     if deps.limiter is not None:
         generates = journal is None or journal.owner  # a follower reads a generation charged once: a request only
@@ -222,11 +226,19 @@ def _work(request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo, 
     return work
 
 
-async def _claim_journal(journal: Journal | None, tenant: Tenant,
-                         request: generation_pb2.GenerateRequest) -> JournalClaim | None:
-    """The journal of a request that names its own id (None: unnamed, no journal, or Redis away)."""
+async def _claim_journal(journal: Journal | None, tenant: Tenant, request: generation_pb2.GenerateRequest,
+                         model_id: str) -> JournalClaim | None:
+    """The journal of a request that names its own id (None: unnamed, no journal, or Redis away); InvalidRequest
+    naming `request_id` if the id's journal holds another request."""
     if journal is None or not request.request_id:
         return None
     key = Journal.key(tenant.id, request.request_id)
-    owner = await journal.claim(key)
+    owner = await journal.claim(key, fingerprint(request, model_id))
     return JournalClaim(journal, key, owner) if owner is not None else None
+
+
+def fingerprint(request: generation_pb2.GenerateRequest, model_id: str) -> str:
+    """What a request generates: its model, prompt and sampling (not its id, resume index, priority or cache mode,
+    which a retry or a resume may change), as 32 hex digits."""
+    what = generation_pb2.GenerateRequest(model=model_id, prompt=request.prompt, sampling=request.sampling)
+    return hashlib.sha256(what.SerializeToString(deterministic=True)).hexdigest()[:32]

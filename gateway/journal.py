@@ -8,7 +8,8 @@ same tenant and id, read the journal from the offset they ask for
 another gateway replica, reconnects with the same id and the last index it
 received and continues where it stopped, without a second generation; an
 identical retry of a finished request replays the same answer and is not
-charged again.
+charged again. The claim records the request's fingerprint (model, prompt,
+sampling): a call that names the id for another request is refused.
 
 A disconnect does not stop a journaled generation (the next call may want
 it); its deadline and max_tokens still bound it. The generating gateway

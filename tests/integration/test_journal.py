@@ -9,9 +9,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from moemesh.cache.journal import Journal
-from moemesh.services.core.errors import Overloaded, Unavailable
+from moemesh.services.core.errors import InvalidRequest, Overloaded, Unavailable
 from moemesh.v1 import common_pb2, worker_pb2
 from tests.support.redis_server import RedisServer
+
+FP = "1" * 32  # a request's fingerprint (gateway.generation.fingerprint): the same for every call here
 
 
 @pytest.fixture
@@ -45,26 +47,44 @@ def generation(events: list[worker_pb2.RequestEvent], pause: float = 0.01, error
 async def test_one_claim_generates_and_every_reader_follows_from_its_offset(server):
     journal = journal_on(server)
     key = Journal.key("acme", "po-1")
-    assert await journal.claim(key) is True
-    assert await journal.claim(key) is False, "a second call follows instead of generating"
+    assert await journal.claim(key, FP) is True
+    assert await journal.claim(key, FP) is False, "a second call follows instead of generating"
     journal.start(key, generation(answer("a", "b", "c")))
     whole, tail = await asyncio.gather(_texts(journal.follow(key)), _texts(journal.follow(key, start=2)))
     assert whole == ["a", "b", "c"] and tail == ["c"]
-    assert await journal.claim(key) is False, "a finished journal is replayed, not generated again"
+    assert await journal.claim(key, FP) is False, "a finished journal is replayed, not generated again"
     assert await _texts(journal.follow(key, start=1)) == ["b", "c"]
+
+
+async def test_an_id_whose_journal_holds_another_request_is_refused_while_running_and_once_finished(server):
+    """An id reused for a different request would be answered with the first one's events: refused instead."""
+    journal = journal_on(server)
+    key = Journal.key("acme", "po:7/ä")
+    assert await journal.claim(key, FP) is True
+    for state in ("running", "finished"):
+        with pytest.raises(InvalidRequest) as caught:
+            await journal.claim(key, "2" * 32)
+        assert caught.value.field == "request_id", state
+        assert str(caught.value).startswith("request_id: 'po:7/ä' names another request"), caught.value
+        assert await journal.claim(key, FP) is False, f"the same request follows the journal ({state})"
+        if state == "running":
+            journal.start(key, generation(answer("a")))
+            assert await _texts(journal.follow(key)) == ["a"]
+    await journal.client.set(Journal.key("acme", "po-8") + ":owner", "a-token-of-an-older-gateway", ex=60)
+    assert await journal.claim(Journal.key("acme", "po-8"), "2" * 32) is False, "a claim without a fingerprint: follow"
 
 
 async def test_journals_are_per_tenant(server):
     assert Journal.key("acme", "po-1") != Journal.key("globex", "po-1")
     journal = journal_on(server)
-    assert await journal.claim(Journal.key("acme", "po-1")) is True
-    assert await journal.claim(Journal.key("globex", "po-1")) is True
+    assert await journal.claim(Journal.key("acme", "po-1"), FP) is True
+    assert await journal.claim(Journal.key("globex", "po-1"), FP) is True
 
 
 async def test_a_failed_generation_ends_every_reader_with_its_error(server):
     journal = journal_on(server)
     key = Journal.key("acme", "po-2")
-    assert await journal.claim(key) is True
+    assert await journal.claim(key, FP) is True
     journal.start(key, generation(answer("a", "b")[:1], error=Overloaded("busy", retry_after=2.0)))
     with pytest.raises(Overloaded):
         await _texts(journal.follow(key))
@@ -75,7 +95,7 @@ async def test_redis_down_means_no_journal_quickly_and_the_circuit_opens(server)
     server.stop()
     started = time.monotonic()
     for i in range(5):
-        assert await journal.claim(Journal.key("acme", f"po-{i}")) is None, "no Redis: serve unjournaled"
+        assert await journal.claim(Journal.key("acme", f"po-{i}"), FP) is None, "no Redis: serve unjournaled"
     assert time.monotonic() - started < 3.0
     assert journal.breaker.opened_at is not None, "repeated failures open the circuit: later claims skip Redis"
 
@@ -83,7 +103,7 @@ async def test_redis_down_means_no_journal_quickly_and_the_circuit_opens(server)
 async def test_a_reader_whose_redis_went_away_gets_a_retryable_error(server):
     journal = journal_on(server, timeout=0.2)
     key = Journal.key("acme", "po-3")
-    assert await journal.claim(key) is True
+    assert await journal.claim(key, FP) is True
     server.stop()
     with pytest.raises(Unavailable):
         await _texts(journal.follow(key))
@@ -102,7 +122,7 @@ def test_tenant_and_request_ids_with_separators_never_share_a_journal():
 async def test_a_failed_append_ends_every_reader_with_unavailable_and_stops_the_generation(server):
     journal = journal_on(server)
     key = Journal.key("acme", "po-oom")
-    assert await journal.claim(key) is True
+    assert await journal.claim(key, FP) is True
     stopped = asyncio.Event()
     admin = aioredis.from_url(server.url)
 
@@ -129,7 +149,7 @@ async def test_a_failed_append_ends_every_reader_with_unavailable_and_stops_the_
     assert seen == [f"t{i}" for i in range(len(seen))] and len(seen) <= 4, "no gap: what was read is a prefix"
     await asyncio.wait_for(stopped.wait(), 2.0)  # the generation was closed, not left running
     await admin.config_set("maxmemory", 0)
-    assert await journal.claim(key) is True, "a retry with the same id generates afresh"
+    assert await journal.claim(key, FP) is True, "a retry with the same id generates afresh"
     await admin.aclose()
 
 
@@ -138,7 +158,7 @@ async def test_followers_share_a_bounded_pool_and_each_reads_the_whole_stream(se
     journal = Journal(client, block_ms=100)
     assert journal.max_followers == 2
     key = Journal.key("acme", "po-crowd")
-    assert await journal.claim(key) is True
+    assert await journal.claim(key, FP) is True
     admin = aioredis.from_url(server.url)
     baseline = len(await admin.client_list())
     peak = 0
