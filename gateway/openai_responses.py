@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+
+import orjson
 
 from moemesh.gateway.deadlines import EventStream
 from moemesh.gateway.generation import Generation
@@ -236,7 +237,7 @@ def _with_calls(finish: str, message: Message) -> str:
 # ---- streaming -----------------------------------------------------------------------------------------------------
 def sse(data: dict) -> str:
     """One server-sent event carrying `data` as compact JSON."""
-    return f"data: {json.dumps(data, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    return f"data: {orjson.dumps(data).decode()}\n\n"  # compact UTF-8, as json.dumps with those options, 10x faster
 
 
 def event_stream(generations: list[Generation], streams: list[Stream], include_usage: bool,
