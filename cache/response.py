@@ -14,7 +14,11 @@ hit costs no Redis round trip.
 
 Single-flight: while a request is being generated, identical requests to
 the same gateway join it and stream the same events as they are produced,
-so a burst of the same question costs one generation.
+so a burst of the same question costs one generation. The generation belongs
+to the flight, not to the request that started it: it runs in a task of its
+own, every request (the first one too) reads it, and it is cancelled only
+when the last reader has gone. So a caller that goes away ends nobody else's
+stream (it once left the others waiting until their deadlines).
 
 The embedding cache lives in `cache/embeddings.py` (re-exported here).
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -56,13 +61,15 @@ def response_key(scope: str, model: str, revision: str, request: generation_pb2.
 
 
 class _Flight:
-    """One generation in progress that identical requests may follow."""
+    """One generation in progress that identical requests follow, and how many of them do."""
 
     def __init__(self) -> None:
         self.events: list[worker_pb2.RequestEvent] = []
         self.done = False
         self.failed: BaseException | None = None
         self.changed = asyncio.Condition()
+        self.readers = 0
+        self.task: asyncio.Task | None = None  # the generation (ResponseCache._fly)
 
     async def publish(self, event: worker_pb2.RequestEvent | None, error: BaseException | None = None) -> None:
         async with self.changed:
@@ -221,8 +228,10 @@ class ResponseCache:
         """Events for a cacheable request, each with whether it came from the cache.
 
         A stored answer is replayed; else an identical request in progress on
-        this gateway is followed; else `generate()` runs and its finished answer
-        is stored.
+        this gateway is followed; else `generate()` runs in a flight of its own
+        (which identical requests then follow) and its finished answer is
+        stored. Closing this leaves the flight; the last reader to leave cancels
+        the generation.
         """
         if read:
             with span("cache lookup", {"moemesh.cache.tier": "response"}) as lookup:
@@ -233,27 +242,41 @@ class ResponseCache:
                 for event in stored:
                     yield event, True
                 return
-            flight = self._flights.get(key)
-            if flight is not None:
-                self.stats.joined += 1
-                async for event in flight.follow():
-                    yield event, False
-                return
-        flight = _Flight()
-        self._flights[key] = flight
+        flight = self._flights.get(key) if read else None
+        if flight is not None:
+            self.stats.joined += 1
+        else:
+            flight = _Flight()  # a no-cache request (read False) generates afresh; later requests may join it
+            self._flights[key] = flight
+            flight.task = asyncio.get_running_loop().create_task(self._fly(key, flight, generate, write))
+        flight.readers += 1
+        try:
+            async for event in flight.follow():
+                yield event, False
+            await asyncio.wait({flight.task})  # its answer stored: an identical request after this one is a hit
+        finally:
+            flight.readers -= 1
+            if not flight.readers and not flight.done:  # the last reader went away: nobody wants the rest
+                flight.task.cancel()
+
+    async def _fly(self, key: str, flight: _Flight, generate: Callable[[], AsyncIterator[worker_pb2.RequestEvent]],
+                   write: bool) -> None:
+        """Run a flight's generation, publishing every event; store its finished answer."""
         events: list[worker_pb2.RequestEvent] = []
         try:
-            async for event in generate():
-                events.append(event)
-                await flight.publish(event)
-                yield event, False
-        except BaseException as exc:
-            await flight.publish(None, exc)
+            async with contextlib.aclosing(generate()) as stream:  # leaving early cancels it upstream
+                async for event in stream:
+                    events.append(event)
+                    await flight.publish(event)
+        except asyncio.CancelledError:
+            await flight.publish(None, asyncio.CancelledError("every request following the generation went away"))
             raise
+        except Exception as exc:  # every reader gets the generation's error
+            await flight.publish(None, exc)
         finally:
             if self._flights.get(key) is flight:
                 del self._flights[key]
-            if not flight.done:  # the leader's caller went away early: followers must not hang
-                await flight.publish(None, asyncio.CancelledError("the request being followed was cancelled"))
+            if not flight.done:  # it ended without a last event: so do its readers (the caller decides what that is)
+                await flight.publish(None)
         if write and events and events[-1].finish_reason in STORED_FINISHES:
             await self.put(key, events)

@@ -9,6 +9,7 @@ several tenants, or one for all).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -61,10 +62,12 @@ class GatewayCaches:
 
 
 async def _mark_hits(pairs) -> AsyncIterator[worker_pb2.RequestEvent]:
-    """Events of `ResponseCache.serve`; a replayed answer's usage says so."""
-    async for event, cached in pairs:
-        if cached and event.finish_reason:
-            event.usage.from_response_cache = True
-            event.usage.cached_tokens = event.usage.prompt_tokens
-        yield event
+    """Events of `ResponseCache.serve`; a replayed answer's usage says so. Closing this closes `pairs` at once
+    (its reader leaves the flight), not when the garbage collector gets to it."""
+    async with contextlib.aclosing(pairs):
+        async for event, cached in pairs:
+            if cached and event.finish_reason:
+                event.usage.from_response_cache = True
+                event.usage.cached_tokens = event.usage.prompt_tokens
+            yield event
 

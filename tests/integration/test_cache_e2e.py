@@ -90,6 +90,30 @@ def test_identical_concurrent_requests_cause_one_generation(mesh):
     assert routed_requests(mesh) - before == 1, "6 identical concurrent requests must share one generation"
 
 
+def test_the_first_of_identical_requests_going_away_ends_no_other(mesh):
+    """Two identical greedy streams share one generation; the client of the first hangs up after one event. The
+    second runs to its end with the whole answer (it once waited until its deadline), and the answer is stored."""
+    request = generation_pb2.GenerateRequest(
+        prompt=common_pb2.Prompt(text="def left_early(x):"),
+        sampling=common_pb2.SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))
+    before = routed_requests(mesh)
+    with grpc.insecure_channel(mesh.gateway) as ch:
+        stub = generation_pb2_grpc.GenerationStub(ch)
+        first = stub.Generate(request, timeout=60)
+        next(first)
+        second = stub.Generate(request, timeout=60)
+        head = next(second)
+        first.cancel()
+        started = time.monotonic()
+        events = [head, *second]
+        assert time.monotonic() - started < 30, "the second stream must not wait for a deadline"
+    assert events[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH and events[-1].usage.completion_tokens == 300
+    assert sum(len(e.token_ids) for e in events) == 300
+    assert routed_requests(mesh) - before == 1, "one generation for both"
+    text, usage = run(mesh, "def left_early(x):", max_tokens=300, temperature=0.0, ignore_eos=True)
+    assert usage.from_response_cache and text == "".join(e.text for e in events)
+
+
 def test_embedding_cache_computes_only_the_new_inputs(mesh):
     with grpc.insecure_channel(mesh.gateway) as ch:
         stub = embeddings_pb2_grpc.EmbeddingsStub(ch)

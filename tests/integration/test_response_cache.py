@@ -110,6 +110,53 @@ async def test_identical_concurrent_requests_share_one_generation(server):
     assert generation.calls == 1 and cache.stats.joined == 4
 
 
+class WatchedGeneration(FakeGeneration):
+    """A FakeGeneration that records whether its stream was closed before its end (cancelled upstream)."""
+
+    closed_early = False
+
+    async def __call__(self):
+        self.calls += 1
+        sent = 0
+        try:
+            for event in self.events:
+                await asyncio.sleep(self.pause)
+                yield event
+                sent += 1
+        finally:
+            self.closed_early = sent < len(self.events)
+
+
+async def test_the_first_caller_leaving_ends_no_other_stream_and_the_last_cancels_the_generation(server):
+    """The flight's generation is its own: the request that started it going away (a closed stream, a client
+    gone) once left every request that had joined it waiting until its deadline."""
+    cache = ResponseCache(aioredis.from_url(server.url, socket_timeout=0.2))
+    generation = WatchedGeneration(answer(*"abcdefgh"), pause=0.02)
+    key = response_key("t", "m", "r", request())
+    first = cache.serve(key, generation)
+    assert (await anext(first))[0].text == "a"
+    joined = asyncio.ensure_future(asyncio.wait_for(_texts(cache.serve(key, generation)), 10))
+    await asyncio.sleep(0.05)
+    await first.aclose()  # the first caller goes away mid-answer
+    assert await joined == list("abcdefgh") and generation.calls == 1 and cache.stats.joined == 1
+    assert not generation.closed_early and await cache.get(key) is not None, "run to its end, and stored"
+
+    lonely = WatchedGeneration(answer(*"abcdefgh"), pause=0.02)
+    key = response_key("t", "m", "r", request("another"))
+    readers = [cache.serve(key, lonely) for _ in range(2)]
+    for reader in readers:
+        await anext(reader)
+    for reader in readers:
+        await reader.aclose()
+    await asyncio.sleep(0.1)
+    assert lonely.closed_early, "with no reader left, the generation is cancelled upstream"
+    assert await cache.get(key) is None and key not in cache._flights
+
+
+async def _texts(pairs) -> list[str]:
+    return [event.text async for event, _ in pairs]
+
+
 async def test_unfinished_answers_are_not_stored(server):
     cache = ResponseCache(aioredis.from_url(server.url, socket_timeout=0.2))
     events = answer("a")
