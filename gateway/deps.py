@@ -19,6 +19,7 @@ from moemesh.gateway.audit import AuditLog
 from moemesh.gateway.caches import GatewayCaches
 from moemesh.gateway.catalogue import ModelCatalogue
 from moemesh.gateway.config import GatewayConfig
+from moemesh.gateway.in_flight import InFlight
 from moemesh.gateway.journal import Journal
 from moemesh.gateway.ratelimit import RateLimiter
 from moemesh.gateway.request_metrics import RequestMetrics
@@ -41,6 +42,7 @@ class GatewayDeps:
     audit: AuditLog | None = None  # None: an AuditLog that follows config.audit_prompts
     limiter_redis: aioredis.Redis | None = None  # the limiter's own short-timeout client, closed with the rest
     request_metrics: RequestMetrics = field(default_factory=RequestMetrics)  # latency and size histograms
+    in_flight: InFlight = field(default_factory=InFlight)  # each tenant's requests in progress, against its limit
 
     def __post_init__(self) -> None:
         if self.audit is None:  # a frozen dataclass fills a derived field this way

@@ -57,8 +57,19 @@ async def _embed(deps: GatewayDeps, request: embeddings_pb2.EmbedRequest, tenant
     tenant.check_model(model.id)
     inputs = list(request.inputs)
     validate_embed_inputs(inputs, model)
-    if deps.limiter is not None:
-        await deps.limiter.check(tenant, estimate_text_tokens(inputs))
+    release = deps.in_flight.acquire(tenant)  # before any charge: a refusal here costs the tenant nothing
+    try:
+        if deps.limiter is not None:
+            await deps.limiter.check(tenant, estimate_text_tokens(inputs))
+        return await _embed_admitted(deps, request, tenant, model, inputs, timeout)
+    finally:
+        release()
+
+
+async def _embed_admitted(deps: GatewayDeps, request: embeddings_pb2.EmbedRequest, tenant: Tenant,
+                          model: models_pb2.ModelInfo, inputs: list[str],
+                          timeout: float | None) -> embeddings_pb2.EmbedResponse:
+    """An admitted request's vectors: from the tenant's cache where it may, computed for the rest."""
     normalize = request.normalize if request.HasField("normalize") else True
     use_cache = deps.caches is not None and request.cache_mode == common_pb2.CACHE_MODE_DEFAULT and model.dimensions > 0
     caches = deps.caches if use_cache else None

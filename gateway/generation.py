@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -98,7 +98,8 @@ class Generation:
 
     def __init__(self, deps: GatewayDeps, request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo,
                  work: worker_pb2.GenerationWork, tenant: str, clock: StreamClock,
-                 journal: JournalClaim | None = None, quota: Quota | None = None) -> None:
+                 journal: JournalClaim | None = None, quota: Quota | None = None,
+                 release: Callable[[], None] | None = None) -> None:
         self.deps = deps
         self.request = request
         self.model = model
@@ -108,6 +109,13 @@ class Generation:
         self.journal = journal  # set for a resumable (caller-named) request
         self.quota = quota  # set when the tenant has a tokens limit and this call generates
         self.public_id = work.client_request_id  # the caller's id (the work's is tenant-scoped)
+        self._release = release  # ends this request's count against its tenant's concurrency limit
+
+    def close(self) -> None:
+        """The request is over for its tenant's concurrency limit (idempotent): when its events end, and for a
+        generation whose events were never read (another choice of its request was refused)."""
+        if self._release is not None:
+            self._release()
 
     @property
     def request_id(self) -> str:
@@ -154,8 +162,11 @@ class Generation:
             status = status_name(exc)
             raise
         finally:
-            await events.aclose()  # sends the cancel when the caller stopped before the end
-            self._audit(status, usage, finish)
+            try:
+                await events.aclose()  # sends the cancel when the caller stopped before the end
+            finally:
+                self.close()
+                self._audit(status, usage, finish)
 
     def _audit(self, status: str, usage: common_pb2.Usage, finish: int) -> None:
         audit = self.deps.audit
@@ -194,17 +205,21 @@ async def _admit(deps: GatewayDeps, request: generation_pb2.GenerateRequest, ten
     bind_request(work.client_request_id, work.trace_context)  # this call's log lines name the request
     work.cache_scope = cache_scope(tenant, deps.config.cache_shared_scope)  # salts prefix KV too, not just answers
     journal = await _claim_journal(deps.journal, tenant, request, model.id)
-    quota = None
-    if deps.limiter is not None:
-        generates = journal is None or journal.owner  # a follower reads a generation charged once: a request only
-        try:
+    quota, release = None, None
+    try:
+        release = deps.in_flight.acquire(tenant)  # before any charge: a refusal here costs the tenant nothing
+        if deps.limiter is not None:
+            generates = journal is None or journal.owner  # a follower reads a generation charged once: a request
             charged = await deps.limiter.check(tenant, estimate_tokens(work) if generates else 0)
-        except MeshError:
-            if journal is not None and journal.owner:  # refused: nothing will generate, so free the id at once
-                await journal.journal.release(journal.key)
-            raise
-        quota = Quota(deps.limiter, tenant, charged) if generates and tenant.tokens_per_minute is not None else None
-    return Generation(deps, request, model, work, tenant.id, clock, journal, quota)
+            if generates and tenant.tokens_per_minute is not None:
+                quota = Quota(deps.limiter, tenant, charged)
+    except BaseException:
+        if release is not None:
+            release()
+        if journal is not None and journal.owner:  # refused: nothing will generate, so free the id at once
+            await journal.journal.release(journal.key)
+        raise
+    return Generation(deps, request, model, work, tenant.id, clock, journal, quota, release)
 
 
 def _work(request: generation_pb2.GenerateRequest, model: models_pb2.ModelInfo, tenant: Tenant,

@@ -103,10 +103,16 @@ async def _admit(deps: GatewayDeps, request: fastapi.Request, grpc_requests: lis
     when the client disconnects or the deadline passes. Validation errors name the OpenAI parameter."""
 
     async def run() -> tuple[list[Generation], T]:
-        with openai_names(body.param_names()):
-            generations = [await start_generation(deps, r, tenant=tenant, timeout=timeout, call=call)
-                           for r in grpc_requests]
-            return generations, await then(generations)
+        generations: list[Generation] = []
+        try:
+            with openai_names(body.param_names()):
+                for r in grpc_requests:
+                    generations.append(await start_generation(deps, r, tenant=tenant, timeout=timeout, call=call))
+                return generations, await then(generations)
+        except BaseException:  # the request failed: the choices started so far end (their events may never be read)
+            for generation in generations:
+                generation.close()
+            raise
 
     return await until_disconnected(request.receive, run(), grace(timeout))
 

@@ -10,7 +10,7 @@ The tenants file (GatewayConfig.tenants_file, JSON) holds no plain keys, only sa
       "tenants": [
         {"id": "acme", "api_key_hashes": ["sha256$<salt>$<hex digest>"], "allowed_models": ["demo-moe"],
          "priority": 5, "max_priority": 7, "requests_per_second": 10, "burst": 20, "tokens_per_minute": 60000,
-         "cache_scope": "acme-group"}
+         "max_concurrent_requests": 64, "cache_scope": "acme-group"}
       ]
     }
 
@@ -97,6 +97,8 @@ class Tenant(_Strict):
     requests_per_second: float | None = pydantic.Field(default=None, gt=0)  # None: unlimited
     burst: float | None = pydantic.Field(default=None, ge=1)  # requests bucket size; None: max(1, rps)
     tokens_per_minute: int | None = pydantic.Field(default=None, gt=0)  # None: unlimited
+    # Requests in progress at once on one gateway (gateway/in_flight.py); None: unlimited.
+    max_concurrent_requests: int | None = pydantic.Field(default=None, ge=1)
     # Tenants naming the same cache_scope share cached answers, embeddings and prefix KV; None: its own scope.
     cache_scope: str | None = pydantic.Field(default=None, min_length=1, max_length=128)
 

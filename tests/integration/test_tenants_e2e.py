@@ -27,6 +27,7 @@ TENANTS = {
         {"id": "gamma", "api_key_hashes": [hash_line("gamma-key")]},
         {"id": "beta", "api_key_hashes": [hash_line("beta-key")], "allowed_models": ["demo-moe-pooled"]},
         {"id": "limited", "api_key_hashes": [hash_line("limited-key")], "requests_per_second": 0.1, "burst": 2},
+        {"id": "capped", "api_key_hashes": [hash_line("capped-key")], "max_concurrent_requests": 2},
     ],
 }
 
@@ -168,6 +169,53 @@ def test_exceeding_requests_per_second_is_resource_exhausted_with_a_retry_after(
                if line.startswith(("moemesh_gateway_rate_limited_total", "moemesh_gateway_requests_total{"))}
     assert counted["moemesh_gateway_rate_limited_total"] >= 2, "both refusals are counted"
     assert counted['moemesh_gateway_requests_total{kind="generate",status="RESOURCE_EXHAUSTED"}'] >= 2
+
+
+def test_a_tenant_over_its_concurrent_requests_is_refused_and_its_ended_requests_count_no_more(mesh):
+    """max_concurrent_requests 2: two streams in progress, and a third request of any kind is refused at once
+    (429 / RESOURCE_EXHAUSTED, nothing charged) while other tenants are served; a stream that ends, finished or
+    cancelled, or a request refused part-way (n=3), holds nothing after."""
+    capped = [("authorization", "Bearer capped-key")]
+    long = request("def batch_job():", max_tokens=600, ignore_eos=True)
+    base = f"http://{mesh.http}/v1"
+    headers = {"Authorization": "Bearer capped-key"}
+    with grpc.insecure_channel(mesh.gateway) as ch:
+        stub = generation_pb2_grpc.GenerationStub(ch)
+        streams = [stub.Generate(long, metadata=capped, timeout=120) for _ in range(2)]
+        assert all(next(s).index == 0 for s in streams), "both streams are generating"
+        err = grpc_error(lambda: stub.Complete(request(), metadata=capped, timeout=60))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+        assert err.details() == ("tenant 'capped' has 2 requests in progress, its limit (max_concurrent_requests); "
+                                 "retry when one ends")
+        refused = httpx.post(f"{base}/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+                             headers=headers, timeout=30)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1", refused.text
+        embed = httpx.post(f"{base}/embeddings", json={"model": "demo-moe-pooled", "input": "x"}, headers=headers,
+                           timeout=30)
+        assert embed.status_code == 429, "an embedding call counts as well"
+        assert complete(mesh, "gamma-key").finish_reason, "another tenant is served meanwhile"
+        streams[0].cancel()  # a client that goes away ends its request for the count
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert complete(mesh, "capped-key").finish_reason
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, exc
+                time.sleep(0.1)
+        assert sum(1 for _ in streams[1]) > 0  # runs to its end
+    three = httpx.post(f"{base}/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2, "n": 3},
+                       headers=headers, timeout=30)
+    assert three.status_code == 429, "the third choice is over the limit: the whole request is refused"
+    with grpc.insecure_channel(mesh.gateway) as ch:  # and its first two choices hold nothing after
+        stub = generation_pb2_grpc.GenerationStub(ch)
+        again = [stub.Generate(long, metadata=capped, timeout=120) for _ in range(2)]
+        assert all(next(s).index == 0 for s in again)
+        for s in again:
+            s.cancel()
+    vectors = httpx.post(f"{base}/embeddings", json={"model": "demo-moe-pooled", "input": ["a", "b"]},
+                         headers=headers, timeout=60)
+    assert vectors.status_code == 200 and len(vectors.json()["data"]) == 2
 
 
 def test_tenants_do_not_share_cached_answers(mesh):
