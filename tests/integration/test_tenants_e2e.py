@@ -216,6 +216,26 @@ def test_a_tenant_over_its_concurrent_requests_is_refused_and_its_ended_requests
     vectors = httpx.post(f"{base}/embeddings", json={"model": "demo-moe-pooled", "input": ["a", "b"]},
                          headers=headers, timeout=60)
     assert vectors.status_code == 200 and len(vectors.json()["data"]) == 2
+    body = {"model": MODEL, "prompt": "def left(x):", "max_tokens": 600, "ignore_eos": True, "stream": True}
+    for _ in range(3):  # HTTP streams whose clients hang up mid-answer: each gives its slot back
+        with httpx.stream("POST", f"{base}/completions", json=body, headers=headers, timeout=60) as stream:
+            assert stream.status_code == 200
+            next(stream.iter_lines())
+    deadline = time.monotonic() + 30
+    with grpc.insecure_channel(mesh.gateway) as ch:  # both slots free again: two streams at once
+        stub = generation_pb2_grpc.GenerationStub(ch)
+        while True:
+            pair = [stub.Generate(request(f"def both_{i}():", max_tokens=600, ignore_eos=True), metadata=capped,
+                                  timeout=60) for i in range(2)]
+            try:
+                assert all(next(s).index == 0 for s in pair)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline, exc
+                time.sleep(0.1)
+            finally:
+                for s in pair:
+                    s.cancel()
 
 
 def test_tenants_do_not_share_cached_answers(mesh):
