@@ -265,7 +265,7 @@ class TorchExperts(GroupedExperts):
 
 
 # In order of preference: `choose_experts` builds the first entry that serves the target.
-class TritonExperts(ExpertsBackend):
+class TritonExperts(TorchExperts):
     """The fused MoE kernel (`ops/gpu/moe.py`): tokens sorted by expert, one grouped GEMM launch for gate+up with
     SwiGLU and one for down with the routing weights; CUDA, with Triton; no host sync, so graph-capturable.
     `TorchExperts` serves instead once the kernel failed to build or fit the device."""
@@ -273,7 +273,7 @@ class TritonExperts(ExpertsBackend):
     graph_safe = True
 
     def __init__(self, w13: torch.Tensor, w2: torch.Tensor, kernels: ModuleType | None = None) -> None:
-        self.w13, self.w2 = w13, w2
+        super().__init__(w13, w2)
         if kernels is None:  # imported here: the module compiles nothing until called, but needs Triton
             from moemesh.worker.ops.gpu import moe as kernels
         self.kernels = kernels
@@ -295,7 +295,7 @@ class TritonExperts(ExpertsBackend):
     ) -> torch.Tensor:
         out = attempt(self.kernels.FUSED_MOE,
                       lambda: self.kernels.fused_experts(x, topk_ids, topk_weights, self.w13, self.w2, expert_ids))
-        return TorchExperts(self.w13, self.w2)(x, topk_ids, topk_weights, expert_ids) if out is None else out
+        return super().__call__(x, topk_ids, topk_weights, expert_ids) if out is None else out
 
 
 EXPERTS_BACKENDS: tuple[type[ExpertsBackend], ...] = (NativeExperts, OneDNNExperts, TritonExperts, TorchExperts)

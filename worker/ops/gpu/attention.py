@@ -78,7 +78,6 @@ def supported_block_size(block_size: int) -> bool:
     return block_size > 0 and block_size & (block_size - 1) == 0
 
 
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
