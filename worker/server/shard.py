@@ -142,8 +142,8 @@ class ExpertShardServicer(experts_pb2_grpc.ExpertShardServicer):
         """One layer's partial sums (on the event loop for a small message, else on the compute thread)."""
         started = time.perf_counter()
         hidden = _decode("hidden", work.hidden)
-        partial = self.shard.compute(work.layer, hidden, _decode_host("expert_ids", work.expert_ids),
-                                     _decode_host("weights", work.weights))
+        partial = self.shard.compute(work.layer, hidden, _decode("expert_ids", work.expert_ids, host=True),
+                                     _decode("weights", work.weights, host=True))
         result = experts_pb2.LayerResult(step=work.step, layer=work.layer, sequence=work.sequence)
         tensors.fill_pb(result.partial, partial)
         result.compute_seconds = time.perf_counter() - started
@@ -156,16 +156,11 @@ class ExpertShardServicer(experts_pb2_grpc.ExpertShardServicer):
         return info
 
 
-def _decode(field: str, message: common_pb2.Tensor) -> torch.Tensor:
+def _decode(field: str, message: common_pb2.Tensor, host: bool = False) -> torch.Tensor | np.ndarray:
+    """A LayerWork tensor, read only (the shard never writes its inputs): a tensor, or with `host` a numpy array
+    (the ids and weights, which the shard only reads on the host); InvalidRequest naming `field` if malformed."""
     try:
-        return tensors.from_pb(message, copy=False)  # read only: the shard never writes its inputs
-    except ValueError as exc:
-        raise InvalidRequest(field, str(exc)) from None
-
-
-def _decode_host(field: str, message: common_pb2.Tensor) -> np.ndarray:
-    try:
-        return tensors.array_from_pb(message)  # read only, as above
+        return tensors.array_from_pb(message) if host else tensors.from_pb(message, copy=False)
     except ValueError as exc:
         raise InvalidRequest(field, str(exc)) from None
 
