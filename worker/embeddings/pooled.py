@@ -17,7 +17,7 @@ from moemesh.worker.engine.tokenizer import Tokenizer
 from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 
 POOLED_SUFFIX = "-pooled"
-TOKENS_PER_FORWARD = 2048  # the longest input: bounds the scratch cache and activations of one forward call
+MAX_INPUT_TOKENS = 2048  # inputs are truncated here: bounds the scratch cache and activations of a forward call
 # Tokens of the inputs one forward call groups (a longer input runs alone): about one engine step's prefill, since
 # the worker runs one forward call between two engine steps.
 BATCH_TOKENS = 512
@@ -29,7 +29,7 @@ class PooledEmbedder(EmbeddingModel):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, model_id: str, revision: str,
                  max_context_tokens: int) -> None:
-        super().__init__(model, model_id + POOLED_SUFFIX, revision, min(max_context_tokens, TOKENS_PER_FORWARD))
+        super().__init__(model, model_id + POOLED_SUFFIX, revision, min(max_context_tokens, MAX_INPUT_TOKENS))
         self._tokenizer = tokenizer
 
     @property
