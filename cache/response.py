@@ -263,6 +263,8 @@ class ResponseCache:
         finally:
             flight.readers -= 1
             if not flight.readers and not flight.done:  # the last reader went away: nobody wants the rest
+                if self._flights.get(key) is flight:  # and nobody may join it while it is cancelled
+                    del self._flights[key]
                 flight.task.cancel()
 
     async def _fly(self, key: str, flight: _Flight, generate: Callable[[], AsyncIterator[worker_pb2.RequestEvent]],
