@@ -57,6 +57,7 @@ from moemesh.worker.models.batch import ForwardBatch, SequenceChunk
 from moemesh.worker.models.checkpoint import open_checkpoint
 from moemesh.worker.models.layers import MoEExperts, RMSNorm, RotaryEmbedding
 from moemesh.worker.models.registry import build_model
+from moemesh.worker.ops.gpu import failures, unavailable
 from tests.support.checkpoints import build_tiny_tokenizer
 
 GPU_BENCH_CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
@@ -246,18 +247,11 @@ def main() -> None:
               "config": GPU_BENCH_CONFIG, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "levels": [asdict(r) for r in results], "gpu_tests": tests_summary(args.tests_log),
               "tuned_moe_configs": tuned, "kernels": kernels, "engine_without_triton": fallback, "graphs": graphs,
-              "triton_failures": triton_failures(), "errors": errors}
+              "triton_failures": failures(), "errors": errors}  # kernels PyTorch served
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "gpu-check.json").write_text(json.dumps(report, indent=2))
     print_summary(report, results)
-
-
-def triton_failures() -> dict[str, str]:
-    """The Triton kernels that could not run in this process (PyTorch served them), and why."""
-    from moemesh.worker.ops.gpu import failures
-
-    return failures()
 
 
 def guarded(errors: dict[str, str], part: str, fn, *args):
@@ -298,7 +292,6 @@ def compare_kernels(model, levels: list[int], context: int) -> list[dict]:
     from moemesh.worker.ops.backends import Target
     from moemesh.worker.ops.experts import TorchExperts, TritonExperts
     from moemesh.worker.ops.gpu import attention as gpu_attention
-    from moemesh.worker.ops.gpu import unavailable
     from moemesh.worker.ops.norm import TorchRMSNorm, TritonRMSNorm
 
     experts = next(m for m in model.modules() if isinstance(m, MoEExperts))
