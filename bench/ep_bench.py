@@ -6,12 +6,17 @@ this machine, contiguous placement):
 
   1. the engine's median step time at 1 and 32 sequences, against the
      single-process engine on the same requests, the two run in alternating
-     rounds (`--rounds`), so that a host whose speed drifts slows both;
+     rounds (`--rounds`), so that a host whose speed drifts slows both; and
+     how many threads of the ranks (or of the single process) were, on
+     average, ready to run but without a core (Linux's schedstat): where the
+     ranks outnumber the cores, this is what they lose to sharing them;
   2. the time of one layer exchange (rank 0 sending every shard its rows,
-     computing its own experts, combining the answers), against a bare gRPC
-     bidirectional ping-pong of the same request and answer sizes to as many
-     separate processes at once as an exchange has shards with work (on
-     average), over the same synchronous client API (target: <= 1.5x),
+     computing its own experts, combining the answers) beyond the compute in
+     it, against a bare gRPC bidirectional ping-pong of the same request and
+     answer sizes to as many separate processes at once as the exchange
+     messaged shards (the exchanges grouped by that number, each group
+     against its own round trip, the groups weighted by their exchanges),
+     over the same synchronous client API (target: <= 1.5x),
      idle, again while another process computes on one rank's threads
      (as a rank computes its experts while the messages travel: how much of
      the excess is the cores' contention, not the exchange's code), and at the
@@ -245,11 +250,62 @@ def busy_pingpong_seconds(addresses: Sequence[str], request_bytes: int, answer_b
 
 # ---- measurements -------------------------------------------------------------------------------------------------
 
-def engine_steps(model, tokenizer, batch: list[list[int]], new_tokens: int) -> tuple[float, float]:
-    """(median step seconds, tokens/s) of the engine running `batch` to the end."""
+def engine_steps(model, tokenizer, batch: list[list[int]], new_tokens: int,
+                 pids: Sequence[int] = ()) -> tuple[float, float, float]:
+    """(median step seconds, tokens/s, threads waiting for a core) of the engine running `batch` to the end; the
+    last is the mean number of this process's and `pids`' threads that were ready to run but had no core."""
     engine = Engine(model, tokenizer, max_num_seqs=len(batch), max_model_len=len(batch[0]) + new_tokens + 8)
+    processes = [os.getpid(), *pids]
+    waited, started = runqueue_seconds(processes), time.perf_counter()
     tokens_per_second, steps = run_engine(engine, batch, new_tokens)
-    return statistics.median(steps), tokens_per_second
+    waiting = (runqueue_seconds(processes) - waited) / (time.perf_counter() - started)
+    return statistics.median(steps), tokens_per_second, waiting
+
+
+def runqueue_seconds(pids: Sequence[int]) -> float:
+    """Seconds the threads of `pids` have spent ready to run but waiting for a core (Linux schedstat; 0 elsewhere)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = list(pathlib.Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                total += int((task / "schedstat").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # a thread that ended meanwhile
+    return total * 1e-9
+
+
+def reference_round_trips(stats: ExchangeStats, pings: Sequence[str], rounds: int, pace: float, threads: int,
+                          logs: pathlib.Path) -> dict:
+    """The exchanges' excess against bare round trips of their messages, by the number of shards an exchange
+    messaged: each group against a round trip to as many peers at once; and over all, the groups weighted by
+    their exchanges. Four round trips: idle; while another process computes on one rank's threads; at the
+    layers' pace (the client computing `pace` before each round); with both ends working as the ranks do (each
+    peer reading memory for that group's median shard compute before answering, left out of the trip)."""
+    request_size = stats.bytes_sent // stats.messages
+    answer_size = stats.bytes_received // stats.messages
+    groups: dict[int, list[int]] = {}
+    for index, peers in enumerate(stats.peers):
+        groups.setdefault(peers, []).append(index)
+    by_peers, weighted, weighted_overhead = {}, {}, 0.0
+    for peers, indices in sorted(groups.items()):
+        share = len(indices) / len(stats.peers)
+        addresses = pings[:peers]
+        think = statistics.median(stats.shard_seconds[i] for i in indices)
+        group = {
+            "share": share, "overhead": statistics.median(stats.overheads[i] for i in indices),
+            "pingpong": pingpong_seconds(addresses, request_size, answer_size, rounds),
+            "busy_pingpong": busy_pingpong_seconds(addresses, request_size, answer_size, rounds, threads, logs),
+            "paced_pingpong": pingpong_seconds(addresses, request_size, answer_size, rounds, pace),
+            "working_pingpong": pingpong_seconds(addresses, request_size, answer_size, rounds, pace, think)}
+        by_peers[peers] = {name: value * 1e3 if name != "share" else value for name, value in group.items()}
+        weighted_overhead += share * group["overhead"]
+        for kind in ("pingpong", "busy_pingpong", "paced_pingpong", "working_pingpong"):
+            weighted[kind] = weighted.get(kind, 0.0) + share * group[kind]
+    return {"by_peers": by_peers, "weighted": weighted, "weighted_overhead": weighted_overhead}
 
 
 def minimum_bytes(stats: ExchangeStats, hidden_size: int, itemsize: int) -> int:
@@ -276,38 +332,32 @@ def bench_replica(args, ckpt_dir, tokenizer, world_size: int, single_model, logs
             for seqs in args.seqs:
                 batch = prompts(seqs, args.prompt_tokens, model.vocab_size)
                 exchange.stats = ExchangeStats()
-                rounds: dict[str, list[tuple[float, float]]] = {"single": [], "replica": []}
+                rounds: dict[str, list[tuple[float, float, float]]] = {"single": [], "replica": []}
                 for _ in range(args.rounds):
                     torch.set_num_threads(all_threads)
                     rounds["single"].append(engine_steps(single_model, tokenizer, batch, args.new_tokens))
                     torch.set_num_threads(threads)
-                    rounds["replica"].append(engine_steps(model, tokenizer, batch, args.new_tokens))
+                    rounds["replica"].append(engine_steps(model, tokenizer, batch, args.new_tokens,
+                                                          [shard.process.pid for shard in shards]))
                 step, tps = (statistics.median(r[i] for r in rounds["replica"]) for i in (0, 1))
                 single_step, single_tps = (statistics.median(r[i] for r in rounds["single"]) for i in (0, 1))
                 stats = exchange.stats
                 per_exchange = statistics.median(stats.durations)
                 overhead = statistics.median(stats.overheads)
-                request_size = stats.bytes_sent // stats.messages
-                answer_size = stats.bytes_received // stats.messages
-                # The same messages: as many peers at once as an exchange has shards with work, on average.
-                peers = pings[:max(1, round(stats.messages / stats.exchanges))]
-                pong = pingpong_seconds(peers, request_size, answer_size, args.ping_rounds)
-                busy_pong = busy_pingpong_seconds(peers, request_size, answer_size, args.ping_rounds, threads, logs)
                 # What rank 0 computes between two exchanges: a step's time beyond its exchanges, per MoE layer.
                 layers = stats.exchanges / stats.steps
                 pace = max(step - layers * per_exchange, 0.0) / layers
-                paced_pong = pingpong_seconds(peers, request_size, answer_size, args.ping_rounds, pace)
-                # Both ends working between messages as the ranks do: the peers for a shard's compute per message.
-                think = statistics.median(stats.shard_seconds)
-                working_pong = pingpong_seconds(peers, request_size, answer_size, args.ping_rounds, pace, think)
+                references = reference_round_trips(stats, pings, args.ping_rounds, pace, threads, logs)
                 result["by_seqs"][seqs] = {
                     "step_ms": step * 1e3, "single_step_ms": single_step * 1e3, "tokens_per_s": tps,
                     "single_tokens_per_s": single_tps,
                     "rounds_ms": [(a[0] * 1e3, b[0] * 1e3) for a, b in zip(rounds["single"], rounds["replica"])],
-                    "exchange_ms": per_exchange * 1e3, "pingpong_ms": pong * 1e3, "overhead_ms": overhead * 1e3,
-                    "busy_pingpong_ms": busy_pong * 1e3, "pace_ms": pace * 1e3, "paced_pingpong_ms": paced_pong * 1e3,
-                    "working_pingpong_ms": working_pong * 1e3,
-                    "pingpong_peers": len(peers),
+                    "waiting_threads": statistics.median(r[2] for r in rounds["replica"]),
+                    "single_waiting_threads": statistics.median(r[2] for r in rounds["single"]),
+                    "exchange_ms": per_exchange * 1e3, "overhead_ms": overhead * 1e3, "pace_ms": pace * 1e3,
+                    "by_peers": references["by_peers"],
+                    **{f"{kind}_ms": seconds * 1e3 for kind, seconds in references["weighted"].items()},
+                    "weighted_overhead_ms": references["weighted_overhead"] * 1e3,
                     "shard_compute_ms_per_message": stats.shard_compute_seconds / stats.messages * 1e3,
                     "bytes_per_step": (stats.bytes_sent + stats.bytes_received) / stats.steps,
                     "minimum_bytes_per_step": minimum_bytes(stats, hidden, itemsize) / stats.steps,
@@ -333,20 +383,25 @@ def report(replicas: list[dict], rss: dict) -> None:
             rounds = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in f["rounds_ms"])
             print(f"{n} ranks, {seqs:3d} seqs: step {f['step_ms']:7.2f} ms against {f['single_step_ms']:.2f} ms single "
                   f"({f['step_ms'] / f['single_step_ms']:.2f}x; each round, single / replica: {rounds} ms), "
-                  f"{f['tokens_per_s']:8.1f} tok/s; exchange {f['exchange_ms']:.3f} ms, of which beyond "
-                  f"the compute in it {f['overhead_ms']:.3f} ms vs ping-pong {f['pingpong_ms']:.3f} ms "
-                  f"(to {f['pingpong_peers']} peer(s) at once) "
-                  f"({f['overhead_ms'] / f['pingpong_ms']:.2f}x, target <= 1.5; whole exchange "
-                  f"{f['exchange_ms'] / f['pingpong_ms']:.2f}x; ping-pong while one rank's threads compute "
-                  f"{f['busy_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['busy_pingpong_ms']:.2f}x; ping-pong at "
-                  f"the layers' pace (the client computing {f['pace_ms']:.2f} ms before each round) "
-                  f"{f['paced_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['paced_pingpong_ms']:.2f}x; with both "
-                  f"ends reading memory as the ranks compute (the peer for a shard's work, left out) "
-                  f"{f['working_pingpong_ms']:.3f} ms, {f['overhead_ms'] / f['working_pingpong_ms']:.2f}x; shard work "
-                  f"{f['shard_compute_ms_per_message']:.3f} "
-                  f"ms/message); "
+                  f"{f['tokens_per_s']:8.1f} tok/s; threads waiting for a core {f['waiting_threads']:.2f} on average "
+                  f"(single process {f['single_waiting_threads']:.2f})")
+            over = f["weighted_overhead_ms"]
+            print(f"    exchange {f['exchange_ms']:.3f} ms, of which beyond the compute in it {f['overhead_ms']:.3f} ms "
+                  f"(median; by shards messaged, weighted: {over:.3f} ms) against round trips to as many peers: "
+                  f"idle {f['pingpong_ms']:.3f} ms ({over / f['pingpong_ms']:.2f}x), while one rank's threads "
+                  f"compute {f['busy_pingpong_ms']:.3f} ms ({over / f['busy_pingpong_ms']:.2f}x), at the layers' "
+                  f"pace (the client computing {f['pace_ms']:.2f} ms before each round) {f['paced_pingpong_ms']:.3f} "
+                  f"ms ({over / f['paced_pingpong_ms']:.2f}x, target <= 1.5), with both ends working as the ranks "
+                  f"do {f['working_pingpong_ms']:.3f} ms ({over / f['working_pingpong_ms']:.2f}x); shard work "
+                  f"{f['shard_compute_ms_per_message']:.3f} ms/message; "
                   f"{f['bytes_per_step'] / 1024:.1f} KiB/step vs minimum {f['minimum_bytes_per_step'] / 1024:.1f} KiB "
                   f"({f['bytes_per_step'] / max(f['minimum_bytes_per_step'], 1):.2f}x)")
+            for peers, g in f["by_peers"].items():
+                print(f"    {g['share']:4.0%} of exchanges messaged {peers} shard(s): beyond the compute "
+                      f"{g['overhead']:.3f} ms; round trip idle {g['pingpong']:.3f} ({g['overhead'] / g['pingpong']:.2f}x), "
+                      f"busy {g['busy_pingpong']:.3f} ({g['overhead'] / g['busy_pingpong']:.2f}x), paced "
+                      f"{g['paced_pingpong']:.3f} ({g['overhead'] / g['paced_pingpong']:.2f}x), working "
+                      f"{g['working_pingpong']:.3f} ms ({g['overhead'] / g['working_pingpong']:.2f}x)")
         shard_mib = ", ".join(f"{r / MIB:.0f}" for r in replica["shard_rss"])
         print(f"{n} ranks resident: rank 0 {replica['rank0_rss'] / MIB:.0f} MiB, shards {shard_mib} MiB; single "
               f"process {rss['single'] / MIB:.0f} MiB; bare process {rss['bare'] / MIB:.0f} MiB")

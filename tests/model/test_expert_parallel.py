@@ -353,7 +353,11 @@ def test_process_shards_generate_the_single_process_tokens(process_replica, sing
     torch.testing.assert_close(mixed_batch_logits(process_replica.model), expected_logits, rtol=0, atol=1e-5)
     assert greedy(process_replica.model, Tokenizer.from_dir(process_replica.ckpt.path)) == expected
     stats = process_replica.exchange.stats
-    assert stats.exchanges == len(stats.durations) == len(stats.overheads) == len(stats.shard_seconds) > 0
+    assert stats.exchanges == len(stats.durations) == len(stats.overheads) == len(stats.shard_seconds) \
+        == len(stats.peers) > 0
+    shards = len(process_replica.exchange.links)
+    assert all(1 <= peers <= shards for peers in stats.peers), "each exchange messages 1 to all of the shards"
+    assert sum(stats.peers) <= stats.messages, "a shard messaged in an exchange gets at least one message"
     assert stats.shard_compute_seconds > 0, "the shards report their own work"
     assert all(0 <= extra <= whole for extra, whole in zip(stats.overheads, stats.durations)), \
         "what an exchange adds beyond its compute is part of it"

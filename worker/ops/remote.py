@@ -105,17 +105,19 @@ class ExchangeStats:
     # the compute, to set against a bare round trip of the same bytes.
     overheads: list[float] = field(default_factory=list)
     shard_seconds: list[float] = field(default_factory=list)  # each exchange's longest compute a shard reported
+    # Each exchange's number of shards messaged: its reference is a round trip to as many peers at once.
+    peers: list[int] = field(default_factory=list)
 
-    def record(self, seconds: float, compute_seconds: float = 0.0, shard_seconds: float = 0.0) -> None:
+    def record(self, seconds: float, compute_seconds: float = 0.0, shard_seconds: float = 0.0, peers: int = 1) -> None:
         self.exchanges += 1
         self.exchange_seconds += seconds
         self.durations.append(seconds)
         self.overheads.append(max(seconds - compute_seconds, 0.0))
         self.shard_seconds.append(shard_seconds)
+        self.peers.append(peers)
         if len(self.durations) > 10_000:
-            del self.durations[:5_000]
-            del self.overheads[:5_000]
-            del self.shard_seconds[:5_000]
+            for series in (self.durations, self.overheads, self.shard_seconds, self.peers):
+                del series[:5_000]
 
 
 @dataclass(frozen=True)
@@ -547,10 +549,10 @@ class RemoteExperts(ExpertsBackend):
             raise
         if sent:
             waited = time.perf_counter()
-            shard_seconds = self._gather(sent, out)
+            shard_seconds, peers = self._gather(sent, out)
             done = time.perf_counter()
             exchange.stats.wait_seconds += done - waited
-            exchange.stats.record(done - started, max(shard_seconds, waited - local_started), shard_seconds)
+            exchange.stats.record(done - started, max(shard_seconds, waited - local_started), shard_seconds, peers)
         return out if extra is None else out + extra
 
     def _run_local(self, x: torch.Tensor, own: Routed, out: torch.Tensor) -> None:
@@ -584,9 +586,9 @@ class RemoteExperts(ExpertsBackend):
                 sent.append((link, sequence, rows))
         return sent
 
-    def _gather(self, sent: list[tuple[ShardLink, int, torch.Tensor]], out: torch.Tensor) -> float:
+    def _gather(self, sent: list[tuple[ShardLink, int, torch.Tensor]], out: torch.Tensor) -> tuple[float, int]:
         """Add each shard's partial sums into its token rows of `out`, waiting at most the exchange timeout;
-        returns the longest time a shard reported spending on its messages."""
+        returns the longest time a shard reported spending on its messages, and how many shards answered."""
         exchange = self.layer.exchange
         timeout = exchange.config.exchange_timeout
         deadline = time.monotonic() + timeout
@@ -602,7 +604,7 @@ class RemoteExperts(ExpertsBackend):
             spent[link.rank] = spent.get(link.rank, 0.0) + answer.compute_seconds
             partial = tensors.from_pb(answer.partial, copy=False)  # [n, H], read only
             out.index_add_(0, rows, partial.to(device=out.device, dtype=out.dtype))
-        return max(spent.values())
+        return max(spent.values()), len(spent)
 
 
 def _channel(address: str, tls_dir: pathlib.Path | None) -> grpc.Channel:
