@@ -14,17 +14,7 @@
 # and ends with one summary. Logs and gpu-check.json go to $OUT (default /tmp/moemesh-gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/moemesh-gpu-check}"
-PYTHON="${PYTHON:-python3}"
-mkdir -p "$OUT"
-site=$(mktemp -d)
-cp -r moemesh "$site/"
-for part in gateway worker cache services protos; do ln -s "$PWD/$part" "$site/moemesh/$part"; done
-if compgen -G ".whl/*.whl" >/dev/null; then
-  "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
-    || { echo "gpu_check: installing .whl/ failed" >&2; exit 1; }
-fi
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+source bench/device_env.sh /tmp/moemesh-gpu-check
 nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
 
 timeout "${GPU_TESTS_TIMEOUT:-300}" "$PYTHON" -m pytest tests/unit/test_cuda_*.py tests/model/test_cuda_*.py \
