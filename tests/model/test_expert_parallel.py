@@ -581,3 +581,43 @@ def test_rank_0_fails_the_exchange_on_an_answer_that_is_not_the_one_it_waits_for
         link.close()
         watchdog.stop()
         server.stop(None)
+
+
+def test_rank_0_adds_a_shards_partial_sums_into_its_rows_and_refuses_the_wrong_shape():
+    """An answer's sums go into the token rows the message carried: all of them in one add, or a subset (the
+    host path of a float32 rank 0, numpy over the message's bytes), or through torch for another dtype; a
+    partial of another shape or of integers is a ValueError naming it (the exchange then fails), nothing added."""
+    torch.manual_seed(0)
+    base = torch.randn(5, 8)
+    sums = torch.randn(5, 8)
+
+    def message(values: torch.Tensor) -> experts_pb2.LayerResult:
+        result = experts_pb2.LayerResult()
+        tensors.fill_pb(result.partial, values)
+        return result
+
+    out = base.clone()
+    remote.add_partial(out, out.numpy(), torch.arange(5), None, message(sums).partial)
+    torch.testing.assert_close(out, base + sums, rtol=0, atol=0)
+
+    rows = np.array([0, 3, 4])
+    out = base.clone()
+    remote.add_partial(out, out.numpy(), torch.from_numpy(rows), rows, message(sums[:3]).partial)
+    expected = base.clone()
+    expected[rows] += sums[:3]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    half = base.to(torch.bfloat16)
+    out = half.clone()
+    remote.add_partial(out, None, torch.from_numpy(rows), rows, message(sums[:3].to(torch.bfloat16)).partial)
+    expected = half.clone()
+    expected.index_add_(0, torch.from_numpy(rows), sums[:3].to(torch.bfloat16))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+    for wrong, host in ((sums[:2], True), (sums[:3, :4], True), (sums[:3, :4], False),
+                        (torch.ones(3, 8, dtype=torch.int32), False)):
+        out = base.clone()
+        with pytest.raises(ValueError, match="partial sums of .*expected .*\\[3, 8\\]"):
+            remote.add_partial(out, out.numpy() if host else None, torch.from_numpy(rows), rows,
+                               message(wrong).partial)
+        torch.testing.assert_close(out, base, rtol=0, atol=0)
