@@ -43,6 +43,18 @@ def demo_model_dir() -> pathlib.Path:
     return pathlib.Path(__file__).resolve().parent.parent / "worker" / "demo" / "demo-moe"
 
 
+def _check_placement(model_dir: pathlib.Path, ep_size: int, ep_placement: str | None) -> None:
+    """--ep-size and --ep-placement against the checkpoint's experts, before any process starts: a map that does not
+    fit the model (or more ranks than experts) is one line here, not a shard that dies after the mesh started."""
+    from moemesh.worker.models.checkpoint import open_checkpoint  # the worker's code: only for --ep-size > 1
+    from moemesh.worker.server.shard import parse_placement
+
+    try:
+        parse_placement(open_checkpoint(model_dir), ep_placement, ep_size)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @click.group()
 @click.version_option(package_name="moemesh")
 def main() -> None:
@@ -121,8 +133,11 @@ def up(model_dir, workers, ep_size, ep_placement, port, http_port, no_http, redi
         embedding_dir = default_embedding_model_dir()
     if ep_placement and ep_size == 1:
         raise click.UsageError("--ep-placement needs --ep-size of 2 or more")
+    model_dir = (model_dir or demo_model_dir()).resolve()
+    if ep_size > 1:
+        _check_placement(model_dir, ep_size, ep_placement)
     options = MeshOptions(
-        model_dir=(model_dir or demo_model_dir()).resolve(), workers=workers, port=port,
+        model_dir=model_dir, workers=workers, port=port,
         http_port=None if no_http else http_port, redis_url=redis_url, embedding_model_dir=embedding_dir,
         device=device, dtype=dtype, max_num_seqs=max_num_seqs,
         threads_per_worker=max(1, (os.cpu_count() or 1) // (workers * ep_size)), log_dir=log_dir,
@@ -260,6 +275,9 @@ def ray_up(address, model_dir, workers, ep_size, strategy, cpus_per_rank, gpus_p
         from moemesh.ray_mesh import RayMeshOptions, serve
     except ImportError as exc:
         raise click.UsageError(f"{exc}: install Ray with pip install 'moemesh[ray]'") from None
+    model_dir = (model_dir or demo_model_dir()).resolve()
+    if ep_size > 1:
+        _check_placement(model_dir, ep_size, None)
     try:
         credentials = MeshSecrets.for_this_run(os.environ)  # MOEMESH_CLUSTER_TOKEN / MOEMESH_KV_TIER_SECRET or fresh
         embedding_dir = None
@@ -268,8 +286,8 @@ def ray_up(address, model_dir, workers, ep_size, strategy, cpus_per_rank, gpus_p
 
             embedding_dir = default_embedding_model_dir()
         options = RayMeshOptions(
-            model_dir=(model_dir or demo_model_dir()).resolve(), workers=workers, ep_size=ep_size,
-            embedding_model_dir=embedding_dir, redis_url=redis_url, port=port, http_port=None if no_http else http_port,
+            model_dir=model_dir, workers=workers, ep_size=ep_size, embedding_model_dir=embedding_dir,
+            redis_url=redis_url, port=port, http_port=None if no_http else http_port,
             scheduler_port=scheduler_port, device=device, dtype=dtype, max_num_seqs=max_num_seqs,
             cpus_per_rank=cpus_per_rank, gpus_per_rank=gpus_per_rank, strategy=strategy, max_restarts=max_restarts,
             log_dir=log_dir.resolve() if log_dir else None, tls_dir=tls_dir.resolve() if tls_dir else None)

@@ -80,23 +80,68 @@ def test_a_device_this_process_cannot_use_is_named_with_the_reason(monkeypatch):
         device_present("cuda:1")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a process that sees no CUDA device")
-@pytest.mark.parametrize(("module", "args"), [
-    ("moemesh.worker.server.main", ["--scheduler", "127.0.0.1:1"]),
-    ("moemesh.worker.server.shard", ["--rank", "1", "--world-size", "2"]),
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a process that sees no CUDA device")
+PLACEMENT_MISFIT = "ep_placement: experts lists 3 ranks, the model has 4 experts"  # the demo model has 4
+
+
+@pytest.mark.parametrize(("module", "args", "message"), [
+    pytest.param("moemesh.worker.server.main", ["--scheduler", "127.0.0.1:1", "--device", "cuda"],
+                 "device: cuda: no CUDA device is visible to this process", marks=NO_CUDA),
+    pytest.param("moemesh.worker.server.shard", ["--rank", "1", "--world-size", "2", "--device", "cuda"],
+                 "device: cuda: no CUDA device is visible to this process", marks=NO_CUDA),
+    ("moemesh.worker.server.main", ["--scheduler", "127.0.0.1:1", "--ep-shards", "127.0.0.1:1",
+                                    "--ep-placement", "0,0,9"], PLACEMENT_MISFIT),
+    ("moemesh.worker.server.shard", ["--rank", "1", "--world-size", "2", "--placement", "0,0,9"], PLACEMENT_MISFIT),
 ])
-def test_a_worker_or_shard_told_to_use_a_gpu_it_cannot_see_stops_at_start_saying_so(module, args):
-    started = subprocess.run([sys.executable, "-m", module, "--model-dir", str(DEMO_MODEL), "--device", "cuda", *args],
+def test_a_worker_or_shard_told_what_it_cannot_do_stops_at_start_saying_so(module, args, message):
+    """A GPU it cannot see, or a placement that does not fit the model: status 2 and one line, no traceback."""
+    started = subprocess.run([sys.executable, "-m", module, "--model-dir", str(DEMO_MODEL), *args],
                              capture_output=True, text=True, timeout=120)
     service = "worker" if module.endswith("main") else "shard"
     assert started.returncode == 2, started.stderr[-2000:]
-    assert f"moemesh-{service}: device: cuda: no CUDA device is visible to this process" in started.stderr
+    assert f"moemesh-{service}: {message}" in started.stderr
     assert "Traceback" not in started.stderr, started.stderr[-2000:]
 
 
 def test_moemesh_up_refuses_a_device_it_cannot_name_before_starting_anything():
     result = CliRunner().invoke(cli_main, ["up", "--device", "tpu"])
     assert result.exit_code == 2 and "Invalid value for '--device': 'tpu'" in result.output, result.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--ep-size", "2", "--ep-placement", "0,0,9"], "ep_placement: experts lists 3 ranks, the model has 4 experts"),
+    (["--ep-size", "2", "--ep-placement", "0,0,0,0"], "ep_placement: rank(s) [1] would hold no expert in any layer"),
+    (["--ep-size", "2", "--ep-placement", "{bad"], "ep_placement: not a placement"),
+    (["--ep-size", "2", "--ep-placement", '{"experts": [0, 0, 1, 1], "layers": {"0": [0, 0, 1, 7]}}'],
+     "ep_placement: layers.0 has rank(s) [7] outside 0..1"),
+    (["--ep-size", "8"], "ep_placement: 8 ranks cannot each hold one of 4 experts"),
+])
+def test_moemesh_up_refuses_a_placement_that_does_not_fit_the_model_before_starting_anything(monkeypatch, args,
+                                                                                              message):
+    """The demo model has 4 experts; a map that does not fit it used to start Redis, the scheduler and the gateway,
+    then end with a shard's traceback."""
+    def started(*_):
+        raise AssertionError("the mesh started")
+
+    monkeypatch.setattr("moemesh.cli._run_mesh", started)
+    result = CliRunner().invoke(cli_main, ["up", "--no-embeddings", *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_moemesh_ray_up_refuses_more_ranks_than_experts_before_joining_a_cluster(monkeypatch):
+    def joined(*_, **__):
+        raise AssertionError("the mesh was placed on Ray")
+
+    monkeypatch.setattr("moemesh.ray_mesh.serve", joined)
+    result = CliRunner().invoke(cli_main, ["ray", "up", "--ep-size", "8", "--no-embeddings"])
+    assert result.exit_code == 2 and "ep_placement: 8 ranks cannot each hold one of 4 experts" in result.output, \
+        result.output
+
+
+def test_a_worker_refuses_a_placement_without_shards():
+    with pytest.raises(ValueError, match="ep_placement: needs ep_shards"):
+        load_config(WorkerConfig, flags={"model_dir": str(DEMO_MODEL), "scheduler": "127.0.0.1:1",
+                                         "ep_placement": "0,0,1,1"})
 
 
 def test_unreadable_config_file_is_a_clear_error(tmp_path):

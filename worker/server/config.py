@@ -139,6 +139,12 @@ class WorkerConfig(ServiceConfig):
             )
         return self
 
+    @pydantic.model_validator(mode="after")
+    def _placement_spreads_over_shards(self) -> WorkerConfig:
+        if self.ep_placement and not self.ep_shards:
+            raise ValueError("ep_placement: needs ep_shards (a placement spreads experts over shard processes)")
+        return self
+
     @pydantic.field_validator("ep_shards")
     @classmethod
     def _shards_are_addresses(cls, value: str | None) -> str | None:

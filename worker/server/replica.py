@@ -22,18 +22,17 @@ from moemesh.worker.models.checkpoint import Checkpoint
 from moemesh.worker.models.placement import ExpertPlacement
 from moemesh.worker.ops.remote import ExpertExchange, ExpertParallelConfig, ExpertShardFailed
 from moemesh.worker.server.config import WorkerConfig
-from moemesh.worker.server.shard import EXPERT_SHARD_SERVICE, parse_placement
+from moemesh.worker.server.shard import EXPERT_SHARD_SERVICE, require_placement
 
 log = logging.getLogger(__name__)
 
 
 def replica_placement(config: WorkerConfig, checkpoint: Checkpoint) -> ExpertPlacement | None:
-    """The replica's expert placement (None for a single-process worker); ValueError naming ep_placement."""
+    """The replica's expert placement (None for a single-process worker); a placement that does not fit the
+    checkpoint stops the process (status 2, one line naming ep_placement)."""
     if not config.shard_addresses:
-        if config.ep_placement:
-            raise ValueError("ep_placement: needs ep_shards (a placement spreads experts over shard processes)")
-        return None
-    return parse_placement(checkpoint, config.ep_placement, len(config.shard_addresses) + 1)
+        return None  # the config refuses ep_placement without ep_shards
+    return require_placement("worker", checkpoint, config.ep_placement, len(config.shard_addresses) + 1)
 
 
 def connect_exchange(config: WorkerConfig, checkpoint: Checkpoint, placement: ExpertPlacement) -> ExpertExchange:

@@ -109,6 +109,16 @@ def parse_placement(ckpt, text: str | None, world_size: int) -> ExpertPlacement:
     return ExpertPlacement.parse(text, args.num_experts, world_size)
 
 
+def require_placement(service: str, ckpt, text: str | None, world_size: int) -> ExpertPlacement:
+    """The placement `text` gives the checkpoint's experts, or stop the process (status 2, one line naming
+    ep_placement): a map that does not fit the model stops a rank at its start, not in a traceback from its load."""
+    try:
+        return parse_placement(ckpt, text, world_size)
+    except ValueError as exc:
+        print(f"moemesh-{service}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def held_experts(placement: ExpertPlacement, rank: int) -> list[int]:
     """The experts `rank` holds in the placement's default map (what a rank registers)."""
     return [expert for expert, owner in enumerate(placement.owners) if owner == rank]
@@ -202,6 +212,8 @@ def registration(config: ShardConfig, info: experts_pb2.ShardInfo, placement: Ex
 
 async def serve(config: ShardConfig, ready_fd: int | None) -> None:
     require_device("shard", config.device)
+    require_placement("shard", open_checkpoint(config.model_dir, config.model_id), config.placement,
+                      config.world_size)
     stop = stop_event_on_signals()
     credentials = server_credentials(config.tls_dir, "worker") if config.tls_dir else None
     token = config.cluster_token.get_secret_value() if config.cluster_token else None
