@@ -184,12 +184,11 @@ def resident_bytes() -> int:
         return 0
 
 
-def load_shard(config: ShardConfig) -> tuple[ExpertShardModel, experts_pb2.ShardInfo]:
-    """Load this rank's experts and describe them."""
+def load_shard(config: ShardConfig, ckpt, placement: ExpertPlacement) -> tuple[ExpertShardModel,
+                                                                               experts_pb2.ShardInfo]:
+    """Load this rank's experts of `ckpt` (config.model_dir, opened) under `placement` and describe them."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    ckpt = open_checkpoint(config.model_dir, config.model_id)
-    placement = parse_placement(ckpt, config.placement, config.world_size)
     dtype = resolve_dtype(config.dtype, config.device)
     record = LoadRecord()
     shard = build_expert_shard(ckpt, placement, config.rank, dtype, config.device, config.pack_weights, record=record)
@@ -212,15 +211,15 @@ def registration(config: ShardConfig, info: experts_pb2.ShardInfo, placement: Ex
 
 async def serve(config: ShardConfig, ready_fd: int | None) -> None:
     require_device("shard", config.device)
-    require_placement("shard", open_checkpoint(config.model_dir, config.model_id), config.placement,
-                      config.world_size)
+    ckpt = open_checkpoint(config.model_dir, config.model_id)
+    placement = require_placement("shard", ckpt, config.placement, config.world_size)
     stop = stop_event_on_signals()
     credentials = server_credentials(config.tls_dir, "worker") if config.tls_dir else None
     token = config.cluster_token.get_secret_value() if config.cluster_token else None
     auth = ClusterAuthInterceptor(token, {EXPERT_SHARD_SERVICE: EXPERT_SHARD_ACCESS},
                                   mutual_tls=config.tls_dir is not None)
     server = GrpcServer(config.host, config.port, credentials=credentials, interceptors=[auth], grace=1.0)
-    shard, info = await asyncio.to_thread(load_shard, config)
+    shard, info = await asyncio.to_thread(load_shard, config, ckpt, placement)
     servicer = ExpertShardServicer(shard, info)
     server.add(experts_pb2_grpc.add_ExpertShardServicer_to_server, servicer, EXPERT_SHARD_SERVICE)
     await server.start()
